@@ -1,0 +1,13 @@
+"""dc_kernels: fused Triton kernels for the Dense Connector (arXiv 2405.13800).
+
+Public API:
+    ConnectorSpec                -- which hidden states are read and how they are combined
+    dense_connector_features()  -- the features the original feeds its projector
+"""
+
+from .functional import BACKEND_ENV, dense_connector_features
+from .spec import ConnectorSpec
+from .validation import check_hidden_states
+
+__all__ = ["ConnectorSpec", "dense_connector_features", "check_hidden_states", "BACKEND_ENV"]
+__version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""The pure-PyTorch path: no ``torch.stack``, no copies of whole layers, fp32 accumulation.
+
+Used on CPU, where Triton is unavailable, and as the fallback of ``backend="auto"``. Every result
+is written straight into the preallocated output; a group is summed into one fp32 buffer
+(``[B, T', C]``, reused across groups) that is rounded once into the output dtype. fp32 and fp64
+inputs accumulate directly in their output slab. The ops are built from differentiable torch
+ops, so autograd works through them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..spec import ConnectorSpec
+
+__all__ = ["features_torch", "accumulation_dtype"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; everything narrower accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_features(hs, spec, tok0, out):
+    C = hs[spec.final_layer].shape[2]
+    acc_dtype = accumulation_dtype(out.dtype)
+    out[..., :C].copy_(hs[spec.final_layer][:, tok0:])
+    buf = None
+    for g, (start, stop) in enumerate(spec.groups):
+        dst = out[..., (g + 1) * C:(g + 2) * C]
+        if stop - start == 1:
+            dst.copy_(hs[start][:, tok0:])
+            continue
+        if out.dtype == acc_dtype:
+            acc = dst
+        else:
+            if buf is None:
+                buf = torch.empty(dst.shape, dtype=acc_dtype, device=out.device)
+            acc = buf
+        acc.copy_(hs[start][:, tok0:])
+        for i in range(start + 1, stop):
+            acc.add_(hs[i][:, tok0:])  # promotes to the accumulator dtype, no layer copy
+        acc.div_(stop - start)
+        if acc is not dst:
+            dst.copy_(acc)  # the single rounding to the output dtype
+
+
+def _token_features(hs, spec, tok0, out):
+    base = hs[spec.final_layer][:, tok0:]
+    kept = base.shape[1]
+    p = spec.pool_size
+    tp = kept // p
+    acc_dtype = accumulation_dtype(out.dtype)
+    out[:, :kept].copy_(base)
+    if tp == 0:
+        return
+    for g, (start, stop) in enumerate(spec.groups):
+        acc = None
+        for i in range(start, stop):
+            # [B, tp, p, C] view of the tokens that fill whole windows; sum each window in fp32
+            win = hs[i][:, tok0:tok0 + tp * p].unflatten(1, (tp, p))
+            s = torch.sum(win, dim=2, dtype=acc_dtype)
+            acc = s if acc is None else acc.add_(s)
+        acc.div_((stop - start) * p)
+        out[:, kept + g * tp:kept + (g + 1) * tp].copy_(acc)
+
+
+def features_torch(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
+                   batch: int, tokens: int, channels: int) -> torch.Tensor:
+    """Dense Connector features on the torch backend (inputs already validated).
+
+    Returns ``[B, spec.out_tokens(T), spec.out_channels(C)]`` in the input dtype.
+    """
+    ref = hidden_states[spec.final_layer]
+    out = torch.empty(batch, spec.out_tokens(tokens), spec.out_channels(channels),
+                      dtype=ref.dtype, device=ref.device)
+    tok0 = spec.token_offset
+    if spec.connector_type == "sti":
+        _token_features(hidden_states, spec, tok0, out)
+    else:
+        _channel_features(hidden_states, spec, tok0, out)
+    return out

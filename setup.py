@@ -1,0 +1,4 @@
+"""Shim for legacy tools; the metadata lives in pyproject.toml."""
+from setuptools import setup
+
+setup()
