@@ -3,11 +3,12 @@
 Public API:
     ConnectorSpec                -- which hidden states are read and how they are combined
     dense_connector_features()  -- the features the original feeds its projector
+    dense_connector_linear()    -- the projector's first layer (+bias, GELU) on them, fused
 """
 
-from .functional import BACKEND_ENV, dense_connector_features
+from .functional import BACKEND_ENV, dense_connector_features, dense_connector_linear
 from .spec import ConnectorSpec
 from .validation import check_hidden_states
 
-__all__ = ["ConnectorSpec", "dense_connector_features", "check_hidden_states", "BACKEND_ENV"]
+__all__ = ["ConnectorSpec", "dense_connector_features", "dense_connector_linear", "check_hidden_states", "BACKEND_ENV"]
 __version__ = "0.1.0"

@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+
+import torch.nn.functional as F
 
 from .ops.torch_ops import features_torch
 from .spec import ConnectorSpec
 from .validation import check_hidden_states
 
-__all__ = ["dense_connector_features", "resolve_backend", "BACKENDS", "BACKEND_ENV"]
+__all__ = ["dense_connector_features", "dense_connector_linear", "resolve_backend", "BACKENDS",
+           "BACKEND_ENV", "ACTIVATIONS", "PATHS"]
 
 BACKENDS = ("auto", "torch", "triton")
 #: Environment variable that forces the backend chosen by ``backend="auto"``.
 BACKEND_ENV = "DC_KERNELS_BACKEND"
+ACTIVATIONS = (None, "gelu")
+PATHS = ("auto", "fused", "two-pass")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_ops():
+    if not _triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    from .ops import triton_dc
+    return triton_dc
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``"auto"`` into a concrete backend; validate explicit choices.
 
-    ``"auto"`` honours ``$DC_KERNELS_BACKEND`` (``torch`` or ``triton``) when set, and otherwise
-    falls back to ``"torch"`` (the Triton kernels are not implemented yet).
+    ``"auto"`` honours ``$DC_KERNELS_BACKEND`` (``torch`` or ``triton``) when set; otherwise it
+    picks ``"triton"`` for CUDA tensors when triton imports and ``"torch"`` for everything else.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -33,8 +53,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 raise ValueError(
                     f"${BACKEND_ENV}={forced!r}: expected 'torch' or 'triton' (or unset)")
             return forced
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    return backend
+
+
+def _auto_fallback(backend: str, requested: str, spec: ConnectorSpec, dtype: torch.dtype) -> str:
+    # "auto" never picks a Triton path that does not exist: STI (its own kernels are still to
+    # come) and fp64 stay on torch. An explicit backend="triton" gets a clear error instead.
+    if requested == "auto" and backend == "triton" and (
+            spec.connector_type == "sti" or dtype == torch.float64):
         return "torch"
     return backend
+
+
+def _check_triton_spec(spec: ConnectorSpec) -> None:
+    if spec.connector_type == "sti":
+        raise NotImplementedError(
+            "the Triton backend does not implement STI specs yet; use backend='torch'")
 
 
 def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
@@ -57,11 +92,73 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
 
     Raises:
         TypeError / ValueError: malformed inputs (see :func:`check_hidden_states`).
-        NotImplementedError: ``backend="triton"`` (kernels not implemented yet).
+        NotImplementedError: ``backend="triton"`` with an STI spec (not implemented yet).
     """
     info = check_hidden_states(hidden_states, spec)
-    backend = resolve_backend(backend, info.device)
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend of dense_connector_features is not "
-                                  "implemented yet; use backend='torch'")
+    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, spec, info.dtype)
+    if chosen == "triton":
+        _check_triton_spec(spec)
+        return _triton_ops().features_triton(hidden_states, spec, info.batch, info.tokens,
+                                             info.channels)
     return features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
+
+
+def _check_linear_params(weight, bias, activation, path, spec, info) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    k = spec.out_channels(info.channels)
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(
+            f"weight must be [N, {k}] (nn.Linear layout; the features are {k} wide for this "
+            f"spec and C={info.channels}), got shape {tuple(weight.shape)}")
+    if weight.dtype != info.dtype or weight.device != info.device:
+        raise ValueError(
+            f"weight is {weight.dtype} on {weight.device}; the hidden states are {info.dtype} on "
+            f"{info.device}: they must match")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != info.dtype or bias.device != info.device:
+            raise ValueError(
+                f"bias is {bias.dtype} on {bias.device}; the hidden states are {info.dtype} on "
+                f"{info.device}: they must match")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
+                           weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                           activation: Optional[str] = None, backend: str = "auto",
+                           path: str = "auto") -> torch.Tensor:
+    """The projector's first layer on the Dense Connector features, fused.
+
+    Computes ``activation(dense_connector_features(hidden_states, spec) @ weight.T + bias)``.
+    On the Triton backend the features are built inside the GEMM's K loop (``path="fused"``) or
+    written once by the features kernel and fed to the same GEMM (``path="two-pass"``);
+    ``path="auto"`` chooses from the shape (``dc_kernels.ops.triton_dc.choose_linear_path``).
+
+    Args:
+        hidden_states, spec, backend: as for :func:`dense_connector_features`.
+        weight: ``[N, spec.out_channels(C)]``, laid out as ``nn.Linear`` stores it; same dtype and
+            device as the hidden states.
+        bias: ``[N]`` or None.
+        activation: None or ``"gelu"`` (exact erf, as ``nn.GELU()``).
+        path: ``"auto"``, ``"fused"`` or ``"two-pass"`` (Triton backend only).
+
+    Returns:
+        ``[B, spec.out_tokens(T), N]`` in the input dtype; fp32 accumulation.
+    """
+    info = check_hidden_states(hidden_states, spec)
+    _check_linear_params(weight, bias, activation, path, spec, info)
+    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, spec, info.dtype)
+    if chosen == "triton":
+        _check_triton_spec(spec)
+        return _triton_ops().linear_triton(hidden_states, spec, info.batch, info.tokens,
+                                           info.channels, weight, bias, activation, path)
+    feats = features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
+    y = F.linear(feats, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
