@@ -1,0 +1,151 @@
+"""Shared helpers for the dc_kernels test suite (CPU now; Triton/GPU tests reuse them later).
+
+Everything here is backend-agnostic:
+
+* :func:`make_hidden_states` builds a Hugging Face-like tuple of ``[B, T, C]`` hidden states,
+  deterministically from a seed, on any device.
+* :func:`tolerances_vs_fp64` / :func:`assert_close_to_fp64` state how far a result that
+  accumulates in fp32 and rounds ONCE to the output dtype may be from the exact (float64)
+  features.
+* :func:`assert_close_to_original` is the looser bound against the original Dense Connector's
+  arithmetic (which rounds several times in the input dtype).
+* :func:`accumulation_terms` and :func:`max_abs` supply the two numbers the bounds need.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+# Unit roundoff u = 2^-p of each dtype (p = significand bits incl. the implicit one): rounding
+# to nearest moves a value by at most u * |value| (half an ulp), outside the subnormal range.
+UNIT_ROUNDOFF = {
+    torch.bfloat16: 2.0 ** -8,
+    torch.float16: 2.0 ** -11,
+    torch.float32: 2.0 ** -24,
+    torch.float64: 2.0 ** -53,
+}
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype the project promises: fp64 for fp64, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_hidden_states(n: int, B: int, T: int, C: int, dtype: torch.dtype = torch.float32,
+                       seed: int = 0, *, device="cpu", scale: float = 1.0,
+                       requires_grad: bool = False) -> Tuple[torch.Tensor, ...]:
+    """A tuple of ``n`` independent ``[B, T, C]`` hidden states, like ``output_hidden_states``.
+
+    Values are ``scale * N(0, 1)`` drawn in fp32 on the CPU from ``torch.Generator(seed)`` and
+    then cast to ``dtype`` and moved to ``device``, so the same seed gives the same values (up
+    to the cast) on every device and for every dtype. Each tensor is contiguous and a separate
+    allocation (a leaf that requires grad if ``requires_grad``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        h = (torch.randn(B, T, C, generator=g) * scale).to(dtype=dtype, device=device)
+        out.append(h.requires_grad_(requires_grad) if requires_grad else h)
+    return tuple(out)
+
+
+def max_abs(tensors: Sequence[torch.Tensor]) -> float:
+    """Largest |value| over a sequence of tensors (0.0 if all are empty)."""
+    m = 0.0
+    for t in tensors:
+        if t.numel():
+            m = max(m, t.detach().abs().max().double().item())
+    return m
+
+
+def accumulation_terms(spec) -> int:
+    """Most input values summed into one output value for a ConnectorSpec-like object.
+
+    ``len(group)`` for DCI/SCI, ``len(group) * pool_size`` for STI (each pooled token averages
+    ``pool_size`` tokens of every layer of its group); at least 1 (the copied base features).
+    """
+    per_value = spec.pool_size if spec.connector_type == "sti" else 1
+    return max([1] + [(stop - start) * per_value for start, stop in spec.groups])
+
+
+def tolerances_vs_fp64(dtype: torch.dtype, *, terms: int = 32,
+                       magnitude: float = 1.0) -> Tuple[float, float]:
+    """``(rtol, atol)`` for "accumulate in fp32 (fp64 for fp64), round once to ``dtype``".
+
+    Justification. An output value is y = (1/k) * sum of k inputs x_j with |x_j| <= M
+    (``terms`` = k, ``magnitude`` = M); the inputs are exact in the output dtype, so the only
+    errors are the implementation's own:
+
+    * accumulation in the accumulator dtype (unit roundoff u_acc = 2^-24, or 2^-53 for fp64),
+      summed in ANY order: |error of the sum| <= (k - 1) u_acc sum|x_j| <= k^2 u_acc M, i.e.
+      <= k u_acc M on the mean, plus u_acc |y| for rounding the division. This is absolute (it
+      scales with the data, not with |y|, which cancellation can make tiny), hence atol.
+    * ONE rounding of the accumulated y' to the output dtype: <= u_out |y'| -- half an ulp:
+      bf16 u = 2^-8, fp16 u = 2^-11, fp32 u = 2^-24, fp64 u = 2^-53. Hence rtol = u_out + u_acc
+      (for fp32 that is 2 * 2^-24 ~ 1.2e-7; the k-scaled part lives in atol: k 2^-24 M).
+    * values in the subnormal range round with an absolute error up to half the subnormal
+      spacing, smallest_normal * u_out (2^-25 for fp16); added to atol.
+
+    The 1.01 factor absorbs second-order terms (u_out * accumulation error). A result that
+    rounds twice in a narrow dtype, or accumulates in it, exceeds rtol by ~2x on random data.
+    """
+    if dtype not in UNIT_ROUNDOFF:
+        raise ValueError(f"no tolerance for {dtype}")
+    u_out = UNIT_ROUNDOFF[dtype]
+    u_acc = UNIT_ROUNDOFF[accumulator_dtype(dtype)]
+    rtol = u_out + u_acc
+    atol = 1.01 * max(terms, 1) * u_acc * magnitude + torch.finfo(dtype).smallest_normal * u_out
+    return rtol, atol
+
+
+def assert_close_to_fp64(actual: torch.Tensor, exact_fp64: torch.Tensor, dtype: torch.dtype,
+                         *, terms: int = 32, magnitude: Optional[float] = None) -> None:
+    """Assert ``actual`` (in ``dtype``) is within the single-rounding bound of the exact result.
+
+    Args:
+        actual: the computed features; must have dtype ``dtype`` and ``exact_fp64``'s shape.
+        exact_fp64: the exact features in float64 (e.g. ``reference.features_fp64``).
+        dtype: the dtype of the inputs and of ``actual``.
+        terms: most inputs averaged into one output value (see :func:`accumulation_terms`);
+            the default 32 covers every preset except STI.
+        magnitude: the largest |input| (see :func:`max_abs`); defaults to
+            ``max(1, max|exact_fp64|)``, which is right for data of magnitude ~1 -- pass it
+            explicitly when the inputs may be larger than the outputs.
+
+    See :func:`tolerances_vs_fp64` for the justification of the bounds.
+    """
+    assert actual.dtype == dtype, f"dtype {actual.dtype}, expected {dtype}"
+    assert exact_fp64.dtype == torch.float64
+    assert actual.shape == exact_fp64.shape, f"shape {tuple(actual.shape)} != " \
+                                             f"{tuple(exact_fp64.shape)}"
+    if magnitude is None:
+        magnitude = max(1.0, max_abs([exact_fp64]))
+    rtol, atol = tolerances_vs_fp64(dtype, terms=terms, magnitude=magnitude)
+    torch.testing.assert_close(actual.detach().double().cpu(), exact_fp64.detach().cpu(),
+                               rtol=rtol, atol=atol, equal_nan=False)
+
+
+def assert_close_to_original(actual: torch.Tensor, original: torch.Tensor, dtype: torch.dtype,
+                             *, terms: int = 32, magnitude: float = 1.0) -> None:
+    """Looser check against the original's arithmetic (``reference.features_from_spec``).
+
+    The original rounds to ``dtype`` up to three times per value (the stacked sum -- torch's
+    CPU/GPU reductions accumulate in fp32 internally and round the sum once, an error of
+    u |sum| <= u k M, i.e. u M on the mean --, the divide, and for STI the AvgPool1d), so it is
+    within about 2 u M + u |y| (+ fp32 accumulation) of the exact value, and ``actual`` within
+    u |y| (+ fp32 accumulation). Their difference is bounded by rtol = 2 u, atol = 3 u M + the
+    two accumulation errors, 2 k u_acc M. (Valid while the original does not overflow: its
+    fp16 stacked sum of k values near the fp16 maximum is inf, the fp32-accumulated mean not.)
+    """
+    assert actual.dtype == original.dtype == dtype
+    assert actual.shape == original.shape
+    u = UNIT_ROUNDOFF[dtype]
+    u_acc = UNIT_ROUNDOFF[accumulator_dtype(dtype)]
+    atol = 3 * u * magnitude + 2.02 * max(terms, 1) * u_acc * magnitude
+    torch.testing.assert_close(actual.double(), original.double(), rtol=2 * u, atol=atol)
+
