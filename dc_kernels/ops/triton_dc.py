@@ -48,9 +48,32 @@ def interpreting() -> bool:
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _row_offsets(b, t, stride_b, stride_t):
-    # int64 so that layers over 2^31 elements address correctly
-    return b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+def _tile_offsets(stride_b, stride_t, stride_c, b, t, o_c, OFF64: tl.constexpr):
+    # element offsets of a [rows, channels] tile of one [B, T, C] layer; int64 when some tensor
+    # spans 2^31 elements or more
+    if OFF64:
+        o_row = b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    else:
+        o_row = b * stride_b + t * stride_t
+    return o_row[:, None] + (o_c * stride_c)[None, :]
+
+
+@triton.jit
+def _group_sum(layers, stride_b, stride_t, stride_c, START: tl.constexpr, SIZE: tl.constexpr,
+               o_x, b, t, o_c, mask, UNIFORM: tl.constexpr, OFF64: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # fp32 sum of layers[START:START + SIZE] over one tile. UNIFORM: every layer has the strides
+    # of the base layer, so the base tile's offsets ``o_x`` serve them all (one offset tile live
+    # instead of one per layer: no register spills with 12-13 layers per group)
+    b_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for i in tl.static_range(SIZE):
+        if UNIFORM:
+            o_i = o_x
+        else:
+            o_i = _tile_offsets(stride_b[START + i], stride_t[START + i], stride_c[START + i],
+                                b, t, o_c, OFF64)
+        b_sum += tl.load(layers[START + i] + o_i, mask=mask, other=0.0).to(tl.float32)
+    return b_sum
 
 
 @triton.jit
@@ -59,6 +82,7 @@ def _features_kernel(
     out, stride_om,  # out is [M, (G+1)*C] with unit channel stride
     M, C, T_KEEP,
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
+    UNIFORM: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -70,24 +94,21 @@ def _features_kernel(
     mask = m_m[:, None] & m_c[None, :]
     b = o_m // T_KEEP
     t = o_m % T_KEEP + TOK0
-    p_out = out + o_m.to(tl.int64)[:, None] * stride_om + o_c[None, :]
+    if OFF64:
+        p_out = out + o_m.to(tl.int64)[:, None] * stride_om + o_c[None, :]
+    else:
+        p_out = out + o_m[:, None] * stride_om + o_c[None, :]
 
     # slab 0: the base features, copied as they are
-    p_x = layers[0] + _row_offsets(b, t, stride_b[0], stride_t[0])[:, None] \
-        + (o_c * stride_c[0])[None, :]
-    b_x = tl.load(p_x, mask=mask)
+    o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t, o_c, OFF64)
+    b_x = tl.load(layers[0] + o_x, mask=mask)
     tl.store(p_out, b_x.to(out.dtype.element_ty), mask=mask)
 
     # slab g + 1: the mean of group g, fp32 accumulation, one rounding
     for g in tl.static_range(len(SIZES)):
-        b_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for i in tl.static_range(SIZES[g]):
-            j: tl.constexpr = STARTS[g] + i
-            p_x = layers[j] + _row_offsets(b, t, stride_b[j], stride_t[j])[:, None] \
-                + (o_c * stride_c[j])[None, :]
-            b_acc += tl.load(p_x, mask=mask).to(tl.float32)
-        b_acc = b_acc / SIZES[g]
-        tl.store(p_out + (g + 1) * C, b_acc.to(out.dtype.element_ty), mask=mask)
+        b_sum = _group_sum(layers, stride_b, stride_t, stride_c, STARTS[g], SIZES[g], o_x, b, t,
+                           o_c, mask, UNIFORM, OFF64, BLOCK_M, BLOCK_C)
+        tl.store(p_out + (g + 1) * C, (b_sum / SIZES[g]).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -98,6 +119,7 @@ def _linear_kernel(
     M, N, C, T_KEEP,
     M_BUCKET,  # autotune key only
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
+    UNIFORM: tl.constexpr, OFF64: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,  # 0 none, 1 exact-erf GELU
     DOT_FP32: tl.constexpr,  # interpreter: fp32 dot operands (no bf16 math on CPU)
     INPUT_PRECISION: tl.constexpr,  # "ieee" unless the caller allows tf32
@@ -123,7 +145,10 @@ def _linear_kernel(
     b = o_m // T_KEEP
     t = o_m % T_KEEP + TOK0
     dtype = layers[0].dtype.element_ty
-    p_w = w + o_n.to(tl.int64)[None, :] * stride_wn
+    if OFF64:
+        o_wn = o_n.to(tl.int64) * stride_wn
+    else:
+        o_wn = o_n * stride_wn
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(len(SIZES) + 1):
@@ -131,19 +156,18 @@ def _linear_kernel(
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_k = o_k < C
             mask_a = m_m[:, None] & m_k[None, :]
+            o_a = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t, o_k, OFF64)
             if s == 0:
-                p_a = layers[0] + _row_offsets(b, t, stride_b[0], stride_t[0])[:, None] \
-                    + (o_k * stride_c[0])[None, :]
-                b_a = tl.load(p_a, mask=mask_a, other=0.0)
+                b_a = tl.load(layers[0] + o_a, mask=mask_a, other=0.0)
             else:
-                b_sum = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-                for i in tl.static_range(SIZES[s - 1]):
-                    j: tl.constexpr = STARTS[s - 1] + i
-                    p_a = layers[j] + _row_offsets(b, t, stride_b[j], stride_t[j])[:, None] \
-                        + (o_k * stride_c[j])[None, :]
-                    b_sum += tl.load(p_a, mask=mask_a, other=0.0).to(tl.float32)
+                b_sum = _group_sum(layers, stride_b, stride_t, stride_c, STARTS[s - 1],
+                                   SIZES[s - 1], o_a, b, t, o_k, mask_a, UNIFORM, OFF64,
+                                   BLOCK_M, BLOCK_K)
                 b_a = (b_sum / SIZES[s - 1]).to(dtype)  # the features' single rounding
-            b_w = tl.load(p_w + (s * C + o_k).to(tl.int64)[:, None] * stride_wk,
+            o_wk = s * C + o_k
+            if OFF64:
+                o_wk = o_wk.to(tl.int64)
+            b_w = tl.load(w + o_wn[None, :] + (o_wk * stride_wk)[:, None],
                           mask=m_k[:, None] & m_n[None, :], other=0.0)
             if DOT_FP32:
                 b_acc = tl.dot(b_a.to(tl.float32), b_w.to(tl.float32), b_acc,
@@ -155,7 +179,10 @@ def _linear_kernel(
         b_acc += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 1:
         b_acc = 0.5 * b_acc * (1.0 + tl.erf(b_acc * 0.7071067811865476))
-    p_out = out + o_m.to(tl.int64)[:, None] * stride_om + o_n[None, :]
+    if OFF64:
+        p_out = out + o_m.to(tl.int64)[:, None] * stride_om + o_n[None, :]
+    else:
+        p_out = out + o_m[:, None] * stride_om + o_n[None, :]
     tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
@@ -165,26 +192,38 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
                          num_warps=warps, num_stages=stages)
 
 
-#: GPU autotune space of the linear kernel (16-bit operands); keyed on shape.
-LINEAR_CONFIGS_16 = [
-    _cfg(128, 256, 64, 8, 3),
+# Every config below compiles for sm_80 and sm_90 without register spills and within shared
+# memory (tests/test_aot_compile.py checks each one). The fused kernel sums 12-13 layer tiles per
+# K step, so it takes a narrower K block than a plain GEMM, and for fp32 a single stage (the
+# pipeliner would otherwise multi-buffer every layer's tile in shared memory).
+#: Fused kernel (features built in the K loop), 16-bit operands.
+FUSED_CONFIGS_16 = [
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(64, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 8, 3),
+    _cfg(64, 64, 32, 8, 3),
+]
+#: Fused kernel, fp32 operands.
+FUSED_CONFIGS_32 = [
+    _cfg(64, 64, 32, 4, 1),
+    _cfg(64, 64, 16, 4, 1),
+]
+#: Plain GEMM (second pass of the two-pass path), 16-bit operands.
+GEMM_CONFIGS_16 = [
     _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 128, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
     _cfg(64, 64, 64, 4, 3),
 ]
-#: fp32 operands take twice the shared memory per element: half the K block.
-LINEAR_CONFIGS_32 = [
-    _cfg(128, 128, 32, 8, 3),
-    _cfg(64, 128, 32, 4, 4),
-    _cfg(128, 64, 32, 4, 4),
+#: Plain GEMM, fp32 operands (twice the bytes per element: half the K block).
+GEMM_CONFIGS_32 = [
     _cfg(64, 64, 32, 4, 3),
 ]
 #: The interpreter cannot benchmark configs: one small config, ragged edges exercised.
 LINEAR_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, group_m=2)
 
-FEATURES_CONFIG = {"BLOCK_M": 32, "BLOCK_C": 128, "num_warps": 4}
+#: Features kernel: small tiles keep 13 in-flight layer tiles in registers (no spills, any
+#: strides); each thread still loads 16 contiguous bytes of a bf16 layer.
+FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 4}
 FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4}
 
 _LINEAR_KEY = ["M_BUCKET", "N", "C"]
@@ -194,8 +233,12 @@ def _autotuned(configs):
     return triton.autotune(configs=configs, key=_LINEAR_KEY)(_linear_kernel)
 
 
-_linear_16 = _autotuned(LINEAR_CONFIGS_16)
-_linear_32 = _autotuned(LINEAR_CONFIGS_32)
+_AUTOTUNED = {
+    ("fused", 16): _autotuned(FUSED_CONFIGS_16),
+    ("fused", 32): _autotuned(FUSED_CONFIGS_32),
+    ("gemm", 16): _autotuned(GEMM_CONFIGS_16),
+    ("gemm", 32): _autotuned(GEMM_CONFIGS_32),
+}
 
 
 # --------------------------------------------------------------------------- launchers
@@ -220,6 +263,28 @@ def _strides(entries):
             tuple(e.stride(2) for e in entries))
 
 
+def _span(t: torch.Tensor) -> int:
+    # one past the largest element offset a kernel may form for ``t``
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
+
+
+def _layout_flags(entries, *others) -> dict:
+    """UNIFORM: every layer entry has the base's strides (the common case: Hugging Face's
+    hidden states); OFF64: some tensor spans 2^31 elements or more, so offsets need int64."""
+    uniform = all(e.stride() == entries[0].stride() for e in entries)
+    off64 = max(_span(t) for t in (*entries, *others)) >= 2 ** 31 - 1
+    return {"UNIFORM": uniform, "OFF64": off64 or _FORCE_OFF64}
+
+
+#: Tests set this to run the int64-offset code paths on small tensors.
+_FORCE_OFF64 = False
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every output of this module is allocated here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _check_cuda_or_interpret(device: torch.device) -> None:
     if device.type != "cuda" and not interpreting():
         raise ValueError(
@@ -242,7 +307,7 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     _check_dtype(base.dtype)
     t_keep = spec.tokens_kept(tokens)
     width = spec.out_channels(channels)
-    out = torch.empty(batch, t_keep, width, dtype=base.dtype, device=base.device)
+    out = _empty((batch, t_keep, width), base.dtype, base.device)
     M = batch * t_keep
     if M == 0 or channels == 0:
         return out
@@ -252,12 +317,13 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]))
     _features_kernel[grid](
         tuple(entries), sb, st, sc, out, width, M, channels, t_keep,
-        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
+        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, **_layout_flags(entries, out),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return out
 
 
-def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, activation, out):
+def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, activation, out,
+                   flags):
     N = weight.shape[0]
     sb, st, sc = _strides(entries)
     dtype = entries[0].dtype
@@ -265,7 +331,7 @@ def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
     args = (tuple(entries), sb, st, sc, weight, weight.stride(0), weight.stride(1),
             bias if bias is not None else weight, out, out.stride(0), M, N, C, t_keep,
             triton.next_power_of_2(M))
-    meta = dict(TOK0=tok0, STARTS=starts, SIZES=sizes, HAS_BIAS=bias is not None,
+    meta = dict(TOK0=tok0, STARTS=starts, SIZES=sizes, **flags, HAS_BIAS=bias is not None,
                 ACTIVATION=ACTIVATIONS[activation], DOT_FP32=interpreting(),
                 INPUT_PRECISION="tf32" if allow_tf32 else "ieee")
     if interpreting():
@@ -278,13 +344,17 @@ def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
     def grid(m):
         return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
 
-    kernel = _linear_32 if dtype == torch.float32 else _linear_16
-    kernel[grid](*args, **meta)
+    bits = 32 if dtype == torch.float32 else 16
+    _AUTOTUNED[("gemm" if not sizes else "fused", bits)][grid](*args, **meta)
 
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
-                       element_size: int) -> str:
+                       element_size: int, uniform: bool = True, off64: bool = False) -> str:
     """Pick ``"fused"`` or ``"two-pass"`` for ``act(features @ W^T + b)``.
+
+    The fused kernel is built (and checked spill-free) for layers that share one stride set and
+    tensors under 2^31 elements; other layouts (``uniform=False``: views with differing strides;
+    ``off64=True``) always take the two-pass path.
 
     Bytes of each path (DESIGN.md section 2), with L distinct layers read and K = slabs * C:
 
@@ -301,6 +371,8 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     H100's 50 MiB L2) is an estimate still to be replaced by GPU measurements recorded in
     ``benchmarks/results/``.
     """
+    if not uniform or off64:
+        return "two-pass"
     layer_bytes = num_layers_read * M * C * element_size
     l2_budget = 24 * 2 ** 20
     return "fused" if layer_bytes <= l2_budget else "two-pass"
@@ -312,7 +384,9 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     """``act(features @ weight.T + bias)`` on the Triton backend (inputs already validated).
 
     ``path``: ``"fused"`` (features built in the GEMM's K loop), ``"two-pass"`` (features
-    kernel, then the same GEMM over them) or ``"auto"`` (:func:`choose_linear_path`).
+    kernel, then the same GEMM over them) or ``"auto"`` (:func:`choose_linear_path`). A layout
+    the fused kernel is not built for (see :func:`choose_linear_path`) runs two-pass even when
+    ``"fused"`` is asked for; the result is the same.
     """
     base = hidden_states[spec.final_layer]
     _check_cuda_or_interpret(base.device)
@@ -320,22 +394,24 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     t_keep = spec.tokens_kept(tokens)
     M = batch * t_keep
     N = weight.shape[0]
-    out = torch.empty(batch, t_keep, N, dtype=base.dtype, device=base.device)
+    out = _empty((batch, t_keep, N), base.dtype, base.device)
     if M == 0 or N == 0:
         return out
     out2d = out.view(M, N)
+    if path not in ("auto", "fused", "two-pass"):
+        raise ValueError(f"path must be 'auto', 'fused' or 'two-pass', got {path!r}")
     entries, starts, sizes = layer_entries(hidden_states, spec)
-    if path == "auto":
-        path = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
-                                  base.element_size())
+    flags = _layout_flags(entries, weight, out2d)
+    fusable = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
+                                 base.element_size(), flags["UNIFORM"], flags["OFF64"])
+    if path == "auto" or fusable == "two-pass":
+        path = fusable
     if path == "fused":
         _launch_linear(entries, starts, sizes, M, channels, t_keep, spec.token_offset,
-                       weight, bias, activation, out2d)
-    elif path == "two-pass":
-        feats = features_triton(hidden_states, spec, batch, tokens, channels)
-        K = feats.shape[-1]
-        a = feats.view(1, M, K)
-        _launch_linear([a], (), (), M, K, M, 0, weight, bias, activation, out2d)
+                       weight, bias, activation, out2d, flags)
     else:
-        raise ValueError(f"path must be 'auto', 'fused' or 'two-pass', got {path!r}")
+        feats = features_triton(hidden_states, spec, batch, tokens, channels)
+        a = feats.view(1, M, feats.shape[-1])
+        _launch_linear([a], (), (), M, a.shape[-1], M, 0, weight, bias, activation, out2d,
+                       _layout_flags([a], weight, out2d))
     return out
