@@ -22,7 +22,8 @@ from triton.compiler import ASTSource
 
 from . import triton_dc
 
-__all__ = ["CompileReport", "compile_linear", "compile_features", "SHARED_LIMIT"]
+__all__ = ["CompileReport", "compile_linear", "compile_features", "SHARED_LIMIT", "aot_cases",
+           "build_case"]
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
@@ -107,3 +108,100 @@ def compile_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict,
     const = dict(TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes), UNIFORM=uniform,
                  OFF64=off64, BLOCK_M=config["BLOCK_M"], BLOCK_C=config["BLOCK_C"])
     return _build(triton_dc._features_kernel, sig, const, arch, config["num_warps"], 1)
+
+
+# --------------------------------------------------------------------------- the full matrix
+ARCHS = (80, 90)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _siglip_layout():
+    # SigLIP's DCI: two groups of 13 layers, the most layer tiles any preset keeps in flight
+    from ..spec import ConnectorSpec
+    spec = ConnectorSpec.preset("siglip", "dci")
+    _, starts, sizes = triton_dc.layer_entries([None] * spec.num_hidden_states, spec)
+    return starts, sizes
+
+
+def _config_list(kind: str, dtype_name: str):
+    bits = 32 if dtype_name == "fp32" else 16
+    return {("fused", 16): triton_dc.FUSED_CONFIGS_16, ("fused", 32): triton_dc.FUSED_CONFIGS_32,
+            ("gemm", 16): triton_dc.GEMM_CONFIGS_16, ("gemm", 32): triton_dc.GEMM_CONFIGS_32,
+            }[(kind, bits)]
+
+
+def aot_cases():
+    """Every (kernel, arch, dtype, config, layout) a launcher can pick, as JSON-able dicts.
+
+    ``wgmma`` says whether the build must use wgmma on sm_90 (16-bit or tf32 tensor-core dots).
+    """
+    cases = []
+    for arch in ARCHS:
+        for dt in DTYPES:
+            for i, _ in enumerate(_config_list("fused", dt)):
+                # the fused kernel runs only with uniform strides and 32-bit offsets
+                cases.append(dict(kernel="fused", arch=arch, dtype=dt, config=i, uniform=True,
+                                  off64=False, precision="ieee", wgmma=dt != "fp32"))
+            for i, _ in enumerate(_config_list("gemm", dt)):
+                for off64 in (False, True):
+                    cases.append(dict(kernel="gemm", arch=arch, dtype=dt, config=i, uniform=True,
+                                      off64=off64, precision="ieee", wgmma=dt != "fp32"))
+            if dt == "fp32":  # torch.backends.cuda.matmul.allow_tf32: tensor cores
+                for kind in ("fused", "gemm"):
+                    for i, _ in enumerate(_config_list(kind, dt)):
+                        cases.append(dict(kernel=kind, arch=arch, dtype=dt, config=i,
+                                          uniform=True, off64=False, precision="tf32",
+                                          wgmma=True))
+            for uniform in (True, False):
+                for off64 in (False, True):
+                    cases.append(dict(kernel="features", arch=arch, dtype=dt, config=0,
+                                      uniform=uniform, off64=off64, precision="ieee",
+                                      wgmma=False))
+    for c in cases:
+        c["id"] = "{kernel}-sm{arch}-{dtype}-cfg{config}-{precision}{u}{o}".format(
+            u="" if c["uniform"] else "-strided", o="-off64" if c["off64"] else "", **c)
+    return cases
+
+
+def build_case(case: dict) -> dict:
+    """Compile one case of :func:`aot_cases`; returns its report (without the PTX) or error."""
+    starts, sizes = _siglip_layout()
+    dtype = DTYPES[case["dtype"]]
+    try:
+        if case["kernel"] == "features":
+            r = compile_features(case["arch"], dtype, starts, sizes, triton_dc.FEATURES_CONFIG,
+                                 uniform=case["uniform"], off64=case["off64"])
+        else:
+            cfg = _config_list(case["kernel"], case["dtype"])[case["config"]]
+            fused = case["kernel"] == "fused"
+            r = compile_linear(case["arch"], dtype, starts if fused else (),
+                               sizes if fused else (), cfg, tok0=1 if fused else 0,
+                               uniform=case["uniform"], off64=case["off64"],
+                               input_precision=case["precision"])
+    except Exception as e:  # reported per case by the tests
+        return dict(case, error=f"{type(e).__name__}: {e}")
+    return dict(case, registers=r.registers, spill_stores=r.spill_stores,
+                spill_loads=r.spill_loads, shared=r.shared, has_wgmma=r.wgmma,
+                shared_limit=SHARED_LIMIT[case["arch"]])
+
+
+def main() -> None:
+    """``python -m dc_kernels.ops.triton_aot``: build every case, print JSON reports.
+
+    Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels the compiler
+    needs); builds run in parallel over the machine's cores.
+    """
+    import json
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler")
+    cases = aot_cases()
+    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        reports = list(pool.map(build_case, cases))
+    json.dump(reports, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()

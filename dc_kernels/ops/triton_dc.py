@@ -216,7 +216,8 @@ GEMM_CONFIGS_16 = [
 ]
 #: Plain GEMM, fp32 operands (twice the bytes per element: half the K block).
 GEMM_CONFIGS_32 = [
-    _cfg(64, 64, 32, 4, 3),
+    _cfg(64, 128, 32, 8, 3),
+    _cfg(64, 64, 16, 4, 3),
 ]
 #: The interpreter cannot benchmark configs: one small config, ragged edges exercised.
 LINEAR_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, group_m=2)
