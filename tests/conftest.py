@@ -14,9 +14,17 @@ Everything here is backend-agnostic:
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+from dc_kernels import ConnectorSpec
+
+# Without a GPU the Triton kernels run on the CPU interpreter. Set before anything imports
+# triton: ``triton.jit`` reads it when the kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Unit roundoff u = 2^-p of each dtype (p = significand bits incl. the implicit one): rounding
 # to nearest moves a value by at most u * |value| (half an ulp), outside the subnormal range.
@@ -149,3 +157,45 @@ def assert_close_to_original(actual: torch.Tensor, original: torch.Tensor, dtype
     atol = 3 * u * magnitude + 2.02 * max(terms, 1) * u_acc * magnitude
     torch.testing.assert_close(actual.double(), original.double(), rtol=2 * u, atol=atol)
 
+
+# --------------------------------------------------------------------------- shared cases
+# Custom specs beyond the presets: name -> (spec, number of hidden states to feed it).
+CUSTOM_SPECS = {
+    # three groups (the DESIGN's custom example), fed exactly min_hidden_states
+    "dci_3groups": (ConnectorSpec("dci", final_layer=23, groups=((0, 8), (8, 16), (16, 24)),
+                                  drop_cls=True), 24),
+    # layer 2 and 3 in two groups; (3, 4) is a DCI group of one layer; base inside a group
+    "dci_overlap_single": (ConnectorSpec("dci", final_layer=3, groups=((0, 4), (2, 6), (3, 4))),
+                           6),
+    # base outside and after the groups, a tuple longer than needed (no num_hidden_states)
+    "dci_longer_tuple": (ConnectorSpec("dci", final_layer=9, groups=((1, 4), (4, 5)),
+                                       drop_cls=True), 14),
+    "sci_4layers": (ConnectorSpec("sci", final_layer=0, groups=((5, 6), (1, 2), (5, 6), (3, 4))),
+                    7),
+    "sti_pool3_multilayer": (ConnectorSpec("sti", final_layer=6, groups=((0, 3), (2, 7)),
+                                           drop_cls=True, pool_size=3), 8),
+    "sti_pool1": (ConnectorSpec("sti", final_layer=2, groups=((0, 3),), pool_size=1), 3),
+    "sti_3groups_fixed": (ConnectorSpec("sti", final_layer=4, groups=((0, 2), (1, 4), (4, 5)),
+                                        pool_size=4, num_hidden_states=6), 6),
+}
+
+
+def strided_layer(kind, B, T, Cc, dtype, g):
+    """A [B, T, C] view with an unusual layout, filled with fresh random values."""
+    if kind == "every_other_channel":
+        return torch.randn(B, T, 2 * Cc, generator=g).to(dtype)[:, :, ::2]
+    if kind == "channel_window":
+        return torch.randn(B, T, Cc + 9, generator=g).to(dtype)[..., 5:5 + Cc]
+    if kind == "transposed_tc":
+        return torch.randn(B, Cc, T, generator=g).to(dtype).transpose(1, 2)
+    if kind == "transposed_bt":
+        return torch.randn(T, B, Cc, generator=g).to(dtype).transpose(0, 1)
+    if kind == "expanded_batch":
+        return torch.randn(1, T, Cc, generator=g).to(dtype).expand(B, T, Cc)
+    if kind == "token_stride":
+        return torch.randn(B, 2 * T, Cc, generator=g).to(dtype)[:, 1::2]
+    raise AssertionError(kind)
+
+
+LAYOUTS = ("every_other_channel", "channel_window", "transposed_tc", "transposed_bt",
+           "expanded_batch", "token_stride")

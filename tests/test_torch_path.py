@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import reference
 from conftest import (ALL_FLOAT_DTYPES, UNIT_ROUNDOFF, accumulation_terms,
                       assert_close_to_fp64, assert_close_to_original, make_hidden_states,
-                      max_abs, tolerances_vs_fp64)
+                      max_abs, tolerances_vs_fp64, CUSTOM_SPECS, LAYOUTS, strided_layer)
 from dc_kernels import BACKEND_ENV, ConnectorSpec, dense_connector_features
 
 ENCODER_TOKENS = {"clip": 17, "siglip": 29}  # ragged: 16 kept (clip); 29 = 3 * 8 + 5 (siglip)
@@ -104,26 +104,6 @@ def test_auto_backend_honours_env_torch(monkeypatch):
 
 
 # --------------------------------------------------------------------------- custom specs
-CUSTOM_SPECS = {
-    # three groups (the DESIGN's custom example), fed exactly min_hidden_states
-    "dci_3groups": (ConnectorSpec("dci", final_layer=23, groups=((0, 8), (8, 16), (16, 24)),
-                                  drop_cls=True), 24),
-    # layer 2 and 3 in two groups; (3, 4) is a DCI group of one layer; base inside a group
-    "dci_overlap_single": (ConnectorSpec("dci", final_layer=3, groups=((0, 4), (2, 6), (3, 4))),
-                           6),
-    # base outside and after the groups, a tuple longer than needed (no num_hidden_states)
-    "dci_longer_tuple": (ConnectorSpec("dci", final_layer=9, groups=((1, 4), (4, 5)),
-                                       drop_cls=True), 14),
-    "sci_4layers": (ConnectorSpec("sci", final_layer=0, groups=((5, 6), (1, 2), (5, 6), (3, 4))),
-                    7),
-    "sti_pool3_multilayer": (ConnectorSpec("sti", final_layer=6, groups=((0, 3), (2, 7)),
-                                           drop_cls=True, pool_size=3), 8),
-    "sti_pool1": (ConnectorSpec("sti", final_layer=2, groups=((0, 3),), pool_size=1), 3),
-    "sti_3groups_fixed": (ConnectorSpec("sti", final_layer=4, groups=((0, 2), (1, 4), (4, 5)),
-                                        pool_size=4, num_hidden_states=6), 6),
-}
-
-
 @pytest.mark.parametrize("B", (1, 3))
 @pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("name", sorted(CUSTOM_SPECS))
@@ -184,27 +164,6 @@ def test_tolerance_rejects_the_originals_double_rounding(connector, dtype):
 
 
 # --------------------------------------------------------------------------- layouts
-def _strided_layer(kind, B, T, Cc, dtype, g):
-    """A [B, T, C] view with an unusual layout, filled with fresh random values."""
-    if kind == "every_other_channel":
-        return torch.randn(B, T, 2 * Cc, generator=g).to(dtype)[:, :, ::2]
-    if kind == "channel_window":
-        return torch.randn(B, T, Cc + 9, generator=g).to(dtype)[..., 5:5 + Cc]
-    if kind == "transposed_tc":
-        return torch.randn(B, Cc, T, generator=g).to(dtype).transpose(1, 2)
-    if kind == "transposed_bt":
-        return torch.randn(T, B, Cc, generator=g).to(dtype).transpose(0, 1)
-    if kind == "expanded_batch":
-        return torch.randn(1, T, Cc, generator=g).to(dtype).expand(B, T, Cc)
-    if kind == "token_stride":
-        return torch.randn(B, 2 * T, Cc, generator=g).to(dtype)[:, 1::2]
-    raise AssertionError(kind)
-
-
-LAYOUTS = ("every_other_channel", "channel_window", "transposed_tc", "transposed_bt",
-           "expanded_batch", "token_stride")
-
-
 @pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("encoder, connector", [("clip", "dci"), ("clip", "sci"),
                                                 ("clip", "sti"), ("siglip", "sti"),
@@ -213,9 +172,9 @@ def test_strided_views(encoder, connector, dtype):
     spec = ConnectorSpec.preset(encoder, connector)
     B, T, Cc = 3, ENCODER_TOKENS[encoder], 7
     g = torch.Generator().manual_seed(8)
-    hs = [_strided_layer(LAYOUTS[i % len(LAYOUTS)], B, T, Cc, dtype, g)
+    hs = [strided_layer(LAYOUTS[i % len(LAYOUTS)], B, T, Cc, dtype, g)
           for i in range(spec.num_hidden_states)]
-    hs[spec.final_layer] = _strided_layer("transposed_tc", B, T, Cc, dtype, g)
+    hs[spec.final_layer] = strided_layer("transposed_tc", B, T, Cc, dtype, g)
     hs[5] = hs[3]  # the same tensor object at two indices
     assert sum(not h.is_contiguous() for h in hs) >= spec.num_hidden_states - 1
     hs = tuple(hs)

@@ -92,7 +92,7 @@ def compile_linear(arch: int, dtype: torch.dtype, starts, sizes, config: triton.
                 "stride_om": "i32", "M": "i32", "N": "i32", "C": "i32", "T_KEEP": "i32",
                 "M_BUCKET": "i32"})
     const = dict(TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes), UNIFORM=uniform,
-                 OFF64=off64, HAS_BIAS=has_bias, ACTIVATION=activation, DOT_FP32=False,
+                 OFF64=off64, EMULATE_RNE=False, HAS_BIAS=has_bias, ACTIVATION=activation, DOT_FP32=False,
                  INPUT_PRECISION=input_precision, **config.kwargs)
     return _build(triton_dc._linear_kernel, sig, const, arch, config.num_warps,
                   config.num_stages)
@@ -106,7 +106,7 @@ def compile_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict,
     sig.update({"out": "*" + _TRITON_TYPE[dtype], "stride_om": "i32", "M": "i32", "C": "i32",
                 "T_KEEP": "i32"})
     const = dict(TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes), UNIFORM=uniform,
-                 OFF64=off64, BLOCK_M=config["BLOCK_M"], BLOCK_C=config["BLOCK_C"])
+                 OFF64=off64, EMULATE_RNE=False, BLOCK_M=config["BLOCK_M"], BLOCK_C=config["BLOCK_C"])
     return _build(triton_dc._features_kernel, sig, const, arch, config["num_warps"], 1)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "features_triton",
     "linear_triton",
     "choose_linear_path",
+    "estimate_linear_times",
     "layer_entries",
 ]
 
@@ -56,6 +57,17 @@ def _tile_offsets(stride_b, stride_t, stride_c, b, t, o_c, OFF64: tl.constexpr):
     else:
         o_row = b * stride_b + t * stride_t
     return o_row[:, None] + (o_c * stride_c)[None, :]
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    # fp32 -> dtype, round to nearest even. The CPU interpreter truncates fp32 -> bf16; there
+    # (EMULATE_RNE) the rounding is done on the bits first, so that the cast is exact.
+    if EMULATE_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -82,7 +94,7 @@ def _features_kernel(
     out, stride_om,  # out is [M, (G+1)*C] with unit channel stride
     M, C, T_KEEP,
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
-    UNIFORM: tl.constexpr, OFF64: tl.constexpr,
+    UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -108,7 +120,8 @@ def _features_kernel(
     for g in tl.static_range(len(SIZES)):
         b_sum = _group_sum(layers, stride_b, stride_t, stride_c, STARTS[g], SIZES[g], o_x, b, t,
                            o_c, mask, UNIFORM, OFF64, BLOCK_M, BLOCK_C)
-        tl.store(p_out + (g + 1) * C, (b_sum / SIZES[g]).to(out.dtype.element_ty), mask=mask)
+        b_mean = _round(b_sum / SIZES[g], out.dtype.element_ty, EMULATE_RNE)
+        tl.store(p_out + (g + 1) * C, b_mean, mask=mask)
 
 
 @triton.jit
@@ -119,7 +132,7 @@ def _linear_kernel(
     M, N, C, T_KEEP,
     M_BUCKET,  # autotune key only
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
-    UNIFORM: tl.constexpr, OFF64: tl.constexpr,
+    UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,  # 0 none, 1 exact-erf GELU
     DOT_FP32: tl.constexpr,  # interpreter: fp32 dot operands (no bf16 math on CPU)
     INPUT_PRECISION: tl.constexpr,  # "ieee" unless the caller allows tf32
@@ -163,7 +176,8 @@ def _linear_kernel(
                 b_sum = _group_sum(layers, stride_b, stride_t, stride_c, STARTS[s - 1],
                                    SIZES[s - 1], o_a, b, t, o_k, mask_a, UNIFORM, OFF64,
                                    BLOCK_M, BLOCK_K)
-                b_a = (b_sum / SIZES[s - 1]).to(dtype)  # the features' single rounding
+                # the features' single rounding, as the features kernel does it
+                b_a = _round(b_sum / SIZES[s - 1], dtype, EMULATE_RNE)
             o_wk = s * C + o_k
             if OFF64:
                 o_wk = o_wk.to(tl.int64)
@@ -183,7 +197,8 @@ def _linear_kernel(
         p_out = out + o_m.to(tl.int64)[:, None] * stride_om + o_n[None, :]
     else:
         p_out = out + o_m[:, None] * stride_om + o_n[None, :]
-    tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    tl.store(p_out, _round(b_acc, out.dtype.element_ty, EMULATE_RNE),
+             mask=m_m[:, None] & m_n[None, :])
 
 
 # --------------------------------------------------------------------------- configs
@@ -274,7 +289,7 @@ def _layout_flags(entries, *others) -> dict:
     hidden states); OFF64: some tensor spans 2^31 elements or more, so offsets need int64."""
     uniform = all(e.stride() == entries[0].stride() for e in entries)
     off64 = max(_span(t) for t in (*entries, *others)) >= 2 ** 31 - 1
-    return {"UNIFORM": uniform, "OFF64": off64 or _FORCE_OFF64}
+    return {"UNIFORM": uniform, "OFF64": off64 or _FORCE_OFF64, "EMULATE_RNE": interpreting()}
 
 
 #: Tests set this to run the int64-offset code paths on small tensors.
@@ -349,34 +364,58 @@ def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
     _AUTOTUNED[("gemm" if not sizes else "fused", bits)][grid](*args, **meta)
 
 
+#: Ceilings the path rule assumes (H100 SXM; DESIGN.md section 2): DRAM copy bandwidth, L2
+#: bandwidth, dense 16-bit tensor-core rate, and the cost of one extra launch. Estimates until
+#: GPU measurements recorded under benchmarks/results/ replace them.
+PATH_MODEL = {"dram_bytes_per_s": 3.0e12, "l2_bytes_per_s": 7.0e12, "flop_per_s": 8.0e14,
+              "launch_s": 4e-6, "fused_block_n": 128}
+
+
+def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
+                          element_size: int) -> dict:
+    """Roofline estimates (seconds) of both paths, from :data:`PATH_MODEL`.
+
+    With L distinct layers read, K = slabs * C and e bytes per element:
+
+    * two-pass: the features kernel moves ``(L*M*C + M*K) e`` through DRAM; the GEMM reads A and
+      W and writes the output, ``(M*K + K*N + M*N) e``, or is compute-bound at ``2 M K N``
+      FLOPs; plus one extra launch.
+    * fused: DRAM sees only the floor ``(L*M*C + K*N + M*N) e``, but every N-tile of the fused
+      kernel rebuilds its row tile's features: ``ceil(N / BLOCK_N) * L*M*C*e`` bytes from L2
+      (the row tiles that run together share them there, thanks to the grouped order).
+    """
+    m = PATH_MODEL
+    e = element_size
+    K = num_slabs * C
+    layers = num_layers_read * M * C * e
+    flops_t = 2.0 * M * K * N / m["flop_per_s"]
+    two_pass = ((layers + M * K * e) / m["dram_bytes_per_s"]
+                + max((M * K + K * N + M * N) * e / m["dram_bytes_per_s"], flops_t)
+                + m["launch_s"])
+    rereads = -(-N // m["fused_block_n"]) * layers
+    fused = max((layers + (K * N + M * N) * e) / m["dram_bytes_per_s"],
+                rereads / m["l2_bytes_per_s"], flops_t)
+    return {"fused": fused, "two-pass": two_pass}
+
+
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
                        element_size: int, uniform: bool = True, off64: bool = False) -> str:
-    """Pick ``"fused"`` or ``"two-pass"`` for ``act(features @ W^T + b)``.
+    """Pick ``"fused"`` or ``"two-pass"`` for ``act(features @ W^T + b)``: the faster estimate.
 
-    The fused kernel is built (and checked spill-free) for layers that share one stride set and
-    tensors under 2^31 elements; other layouts (``uniform=False``: views with differing strides;
-    ``off64=True``) always take the two-pass path.
+    The fused kernel saves the features' DRAM round trip and a launch, but rebuilds each row
+    tile's features once per N-tile, so its L2 traffic grows with ``N / BLOCK_N`` (32 for a
+    4096-wide LLM): with the model's ceilings it wins only for narrow outputs, and the
+    two-pass path takes the usual LLM widths (see :func:`estimate_linear_times`). The constants
+    are estimates, to be revisited with the GPU bundle's fused-vs-two-pass timings.
 
-    Bytes of each path (DESIGN.md section 2), with L distinct layers read and K = slabs * C:
-
-    * two-pass moves ``L*M*C`` (read layers) + ``2*M*K`` (write A, read A back) + ``K*N`` + ``M*N``
-      elements through DRAM: the A round trip is the extra.
-    * fused moves the DRAM floor ``L*M*C + K*N + M*N`` once, but every N-tile re-reads its
-      M-tile's layers: ``ceil(N / BLOCK_N) * L*M*C`` elements from L2, and it sums
-      ``L/slabs`` tiles per K step instead of loading one.
-
-    The re-read traffic only stays in L2 while the layer rows of the concurrently running row
-    tiles fit it; beyond that it spills to DRAM and the fused kernel becomes memory-bound at
-    several times the two-pass bytes. So: fused while the layers of the whole problem fit a
-    conservative L2 budget (1-4 CLIP images), two-pass beyond. The budget (24 MiB, half of an
-    H100's 50 MiB L2) is an estimate still to be replaced by GPU measurements recorded in
-    ``benchmarks/results/``.
+    The fused kernel is also built (and checked spill-free) only for layers that share one
+    stride set and tensors under 2^31 elements; other layouts (``uniform=False``: views with
+    differing strides; ``off64=True``) always take the two-pass path.
     """
     if not uniform or off64:
         return "two-pass"
-    layer_bytes = num_layers_read * M * C * element_size
-    l2_budget = 24 * 2 ** 20
-    return "fused" if layer_bytes <= l2_budget else "two-pass"
+    t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size)
+    return "fused" if t["fused"] <= t["two-pass"] else "two-pass"
 
 
 def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,

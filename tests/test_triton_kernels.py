@@ -1,0 +1,318 @@
+"""Triton kernels (features, fused linear, two-pass) against the reference.
+
+Runs the real kernels: compiled on a CUDA device when there is one, otherwise on the Triton CPU
+interpreter (conftest sets TRITON_INTERPRET=1). Shapes are small and ragged (T', C and N are not
+multiples of the blocks: the interpreter config uses 16/32 blocks), outputs are poisoned with NaN
+before every launch so an element a kernel never writes fails the comparison.
+
+Tolerances:
+* features: the kernels accumulate in fp32 in the same order as the torch path and round once,
+  so they must equal it bit for bit, and be within the single-rounding bound of fp64.
+* linear: both paths compute ``round(act(A @ W^T + b))`` with A the features rounded to the
+  input dtype. Against an fp64 GEMM on that same rounded A, the error is one rounding of the
+  output (u |y|) plus fp32 accumulation over K terms (K u32 sum|a w|, bounded elementwise with
+  |A| @ |W|^T); GELU is 1-Lipschitz-ish (|gelu'| <= 1.13) so the pre-activation error carries.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import reference
+from conftest import (CUSTOM_SPECS, LAYOUTS, UNIT_ROUNDOFF, accumulation_terms,
+                      assert_close_to_fp64, make_hidden_states, max_abs, strided_layer)
+from dc_kernels import ConnectorSpec, dense_connector_features, dense_connector_linear
+from dc_kernels.ops import torch_ops
+from dc_kernels.ops import triton_dc
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PATHS = ("fused", "two-pass")
+TOKENS = {"clip": 21, "siglip": 19}  # T' = 20 / 19: ragged against BLOCK_M 16 and 32
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN: unwritten elements cannot pass."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(triton_dc, "_empty", nan_empty)
+
+
+def _hs(spec, B, T, C, dtype, seed):
+    return make_hidden_states(spec.required_hidden_states, B, T, C, dtype, seed, device=DEVICE)
+
+
+def _features_exact(hs, spec):
+    return reference.features_fp64(hs, spec)
+
+
+def _check_features(hs, spec, dtype):
+    out = dense_connector_features(hs, spec, backend="triton")
+    B, T, C = hs[spec.final_layer].shape
+    assert out.shape == (B, spec.out_tokens(T), spec.out_channels(C))
+    assert out.dtype == dtype
+    assert_close_to_fp64(out, _features_exact(hs, spec), dtype,
+                         terms=accumulation_terms(spec), magnitude=max(1.0, max_abs(hs)))
+    want = dense_connector_features(hs, spec, backend="torch")
+    assert torch.equal(out, want), "Triton features differ from the torch path's bits"
+    return out
+
+
+def _linear_tolerance(a64, w64, b64, dtype):
+    k = a64.shape[-1]
+    u_out = UNIT_ROUNDOFF[dtype]
+    u32 = UNIT_ROUNDOFF[torch.float32]
+    scale = (a64.abs() @ w64.abs().T)
+    if b64 is not None:
+        scale = scale + b64.abs()
+    # 1.13 = max |gelu'|; 2x margin over the first-order bound for the tf32-free fp32 dot
+    worst = float(scale.max()) if scale.numel() else 0.0
+    return 2 * u_out, 2 * 1.13 * (k + 2) * u32 * worst + 1e-30
+
+
+def _check_linear(hs, spec, w, b, activation, path, dtype):
+    out = dense_connector_linear(hs, spec, w, b, activation, backend="triton", path=path)
+    B, T, C = hs[spec.final_layer].shape
+    assert out.shape == (B, spec.out_tokens(T), w.shape[0])
+    assert out.dtype == dtype
+    a64 = dense_connector_features(hs, spec, backend="torch").double()  # rounded once
+    w64 = w.double()
+    b64 = b.double() if b is not None else None
+    y = torch.nn.functional.linear(a64, w64, b64)
+    if activation == "gelu":
+        y = torch.nn.functional.gelu(y)
+    rtol, atol = _linear_tolerance(a64.reshape(-1, a64.shape[-1]), w64, b64, dtype)
+    torch.testing.assert_close(out.double(), y, rtol=rtol, atol=atol)
+    return out
+
+
+def _weights(spec, C, N, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    K = spec.out_channels(C)
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if bias else None
+    return w, b
+
+
+# --------------------------------------------------------------------------- features kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("connector", ("dci", "sci"))
+@pytest.mark.parametrize("encoder", ("clip", "siglip"))
+def test_features_presets(encoder, connector, dtype):
+    spec = ConnectorSpec.preset(encoder, connector)
+    hs = _hs(spec, 2, TOKENS[encoder], 40, dtype, seed=1)
+    _check_features(hs, spec, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", [n for n in sorted(CUSTOM_SPECS) if not n.startswith("sti")])
+def test_features_custom_specs(name, dtype):
+    spec, n = CUSTOM_SPECS[name]
+    hs = make_hidden_states(n, 3, 11, 19, dtype, seed=2, device=DEVICE)
+    _check_features(hs, spec, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_features_strided_views(layout, dtype):
+    # every layer a view with unusual strides (the kernels read them in place: UNIFORM=False
+    # when strides differ from the base's)
+    spec = ConnectorSpec("dci", final_layer=5, groups=((0, 3), (3, 6)), drop_cls=True)
+    g = torch.Generator().manual_seed(3)
+    hs = [strided_layer(LAYOUTS[(i + LAYOUTS.index(layout)) % len(LAYOUTS)], 2, 13, 17, dtype,
+                        g).to(DEVICE) for i in range(6)]
+    _check_features(hs, spec, dtype)
+
+
+def test_features_uniform_views_of_one_buffer():
+    # HF-like but non-contiguous: every layer a slice of one [L, B, T, 2C] buffer (same strides)
+    spec = ConnectorSpec.preset("clip", "dci")
+    big = torch.randn(25, 2, 9, 2 * 24, device=DEVICE).to(torch.bfloat16)
+    hs = tuple(big[i, :, :, 24:] for i in range(25))
+    _check_features(hs, spec, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_features_int64_offsets(monkeypatch, dtype):
+    # the OFF64 code path (taken for tensors of 2^31+ elements) on small tensors
+    monkeypatch.setattr(triton_dc, "_FORCE_OFF64", True)
+    spec = ConnectorSpec.preset("clip", "dci")
+    _check_features(_hs(spec, 2, 18, 20, dtype, seed=4), spec, dtype)
+
+
+@pytest.mark.parametrize("T", (1, 2))
+def test_features_tiny_and_empty(T):
+    spec = ConnectorSpec.preset("clip", "sci")  # T=1: only CLS, T' = 0 -> empty output
+    _check_features(_hs(spec, 2, T, 8, torch.float16, seed=5), spec, torch.float16)
+    _check_features(_hs(spec, 0, 5, 8, torch.float16, seed=5), spec, torch.float16)  # B = 0
+
+
+# --------------------------------------------------------------------------- linear kernels
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("encoder,connector", [("clip", "dci"), ("siglip", "dci"),
+                                               ("clip", "sci")])
+def test_linear_presets(encoder, connector, dtype, path):
+    spec = ConnectorSpec.preset(encoder, connector)
+    hs = _hs(spec, 2, TOKENS[encoder], 24, dtype, seed=6)
+    w, b = _weights(spec, 24, 37, dtype, seed=7)
+    _check_linear(hs, spec, w, b, "gelu", path, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bias", (True, False))
+@pytest.mark.parametrize("activation", (None, "gelu"))
+def test_linear_epilogues(activation, bias, path):
+    spec = ConnectorSpec("dci", final_layer=5, groups=((0, 3), (3, 6)), drop_cls=True)
+    hs = _hs(spec, 1, 34, 20, torch.bfloat16, seed=8)
+    w, b = _weights(spec, 20, 33, torch.bfloat16, seed=9, bias=bias)
+    _check_linear(hs, spec, w, b, activation, path, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["dci_3groups", "dci_overlap_single", "sci_4layers"])
+def test_linear_custom_specs(name):
+    spec, n = CUSTOM_SPECS[name]
+    hs = make_hidden_states(n, 2, 9, 18, torch.float16, seed=10, device=DEVICE)
+    w, b = _weights(spec, 18, 21, torch.float16, seed=11)
+    fused = _check_linear(hs, spec, w, b, "gelu", "fused", torch.float16)
+    two = _check_linear(hs, spec, w, b, "gelu", "two-pass", torch.float16)
+    # same A (rounded once) in both: they differ only in fp32 accumulation order
+    torch.testing.assert_close(fused, two, rtol=2 * UNIT_ROUNDOFF[torch.float16], atol=1e-3)
+
+
+def test_linear_strided_views_take_two_pass_and_are_correct():
+    spec = ConnectorSpec("dci", final_layer=5, groups=((0, 3), (3, 6)), drop_cls=True)
+    g = torch.Generator().manual_seed(12)
+    hs = [strided_layer(LAYOUTS[i % len(LAYOUTS)], 2, 10, 16, torch.bfloat16, g).to(DEVICE)
+          for i in range(6)]
+    w, b = _weights(spec, 16, 20, torch.bfloat16, seed=13)
+    _check_linear(hs, spec, w, b, "gelu", "fused", torch.bfloat16)  # not fusable: two-pass
+    assert triton_dc.choose_linear_path(18, 16, 20, 6, 3, 2, uniform=False) == "two-pass"
+
+
+def test_linear_int64_offsets(monkeypatch):
+    monkeypatch.setattr(triton_dc, "_FORCE_OFF64", True)
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 2, 12, 16, torch.bfloat16, seed=14)
+    w, b = _weights(spec, 16, 20, torch.bfloat16, seed=15)
+    _check_linear(hs, spec, w, b, "gelu", "auto", torch.bfloat16)
+
+
+def test_linear_empty_rows_and_zero_width():
+    spec = ConnectorSpec.preset("clip", "dci")
+    w, b = _weights(spec, 8, 5, torch.float32, seed=16)
+    out = dense_connector_linear(_hs(spec, 0, 9, 8, torch.float32, 17), spec, w, b, "gelu",
+                                 backend="triton")
+    assert out.shape == (0, 8, 5)
+    out = dense_connector_linear(_hs(spec, 2, 1, 8, torch.float32, 17), spec, w, b, "gelu",
+                                 backend="triton")  # only CLS: no rows
+    assert out.shape == (2, 0, 5)
+    w0, b0 = _weights(spec, 8, 0, torch.float32, seed=16)  # N = 0
+    out = dense_connector_linear(_hs(spec, 2, 4, 8, torch.float32, 17), spec, w0, b0,
+                                 backend="triton")
+    assert out.shape == (2, 3, 0)
+
+
+def test_linear_matches_original_projector_layer():
+    # end to end: the original's features through nn.Linear + nn.GELU in fp32
+    spec = ConnectorSpec.preset("siglip", "dci")
+    hs = _hs(spec, 2, 19, 16, torch.float32, seed=18)
+    proj = reference.build_projector(spec.out_channels(16), 24).to(DEVICE)
+    feats = reference.dense_connector(reference.select_image_features(hs, True), hs, True, "dci")
+    want = proj[1](proj[0](feats))
+    for path in PATHS:
+        got = dense_connector_linear(hs, spec, proj[0].weight.detach(), proj[0].bias.detach(),
+                                     "gelu", backend="triton", path=path)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- property-based
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(st.data())
+def test_random_shapes_and_specs(data):
+    n_layers = data.draw(st.integers(2, 8), label="layers")
+    n_groups = data.draw(st.integers(1, 3), label="groups")
+    groups = []
+    for _ in range(n_groups):
+        a = data.draw(st.integers(0, n_layers - 1))
+        b = data.draw(st.integers(a + 1, n_layers))
+        groups.append((a, b))
+    spec = ConnectorSpec("dci", final_layer=data.draw(st.integers(0, n_layers - 1)),
+                         groups=tuple(groups), drop_cls=data.draw(st.booleans()))
+    B = data.draw(st.integers(1, 3), label="B")
+    T = data.draw(st.integers(1, 40), label="T")
+    C = data.draw(st.integers(1, 40), label="C")
+    N = data.draw(st.integers(1, 40), label="N")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    hs = make_hidden_states(n_layers, B, T, C, dtype, seed, device=DEVICE)
+    _check_features(hs, spec, dtype)
+    w, b = _weights(spec, C, N, dtype, seed + 1)
+    _check_linear(hs, spec, w, b, data.draw(st.sampled_from((None, "gelu"))),
+                  data.draw(st.sampled_from(PATHS)), dtype)
+
+
+# --------------------------------------------------------------------------- dispatch, errors
+def test_dispatch_rule():
+    choose = triton_dc.choose_linear_path
+    # a narrow output (one N-tile): no re-reads, the fused kernel saves the A round trip
+    assert choose(576, 1024, 128, 24, 3, 2) == "fused"
+    # CLIP DCI -> 4096: 32 N-tiles each rebuild the features from L2: two-pass
+    assert choose(576, 1024, 4096, 24, 3, 2) == "two-pass"
+    assert choose(16 * 576, 1024, 4096, 24, 3, 2) == "two-pass"
+    # layouts the fused kernel is not built for
+    assert choose(576, 1024, 128, 24, 3, 2, off64=True) == "two-pass"
+    assert choose(576, 1024, 128, 24, 3, 2, uniform=False) == "two-pass"
+    # the choice is the smaller estimate
+    for M, N in ((576, 128), (576, 4096), (9216, 256)):
+        t = triton_dc.estimate_linear_times(M, 1024, N, 24, 3, 2)
+        assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
+
+
+def test_triton_backend_rejects_sti_and_fp64():
+    spec = ConnectorSpec.preset("clip", "sti")
+    hs = _hs(spec, 1, 17, 8, torch.float32, 19)
+    with pytest.raises(NotImplementedError, match="STI"):
+        dense_connector_features(hs, spec, backend="triton")
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 1, 17, 8, torch.float64, 19)
+    with pytest.raises(ValueError, match="float64"):
+        dense_connector_features(hs, spec, backend="triton")
+    # auto never picks a path that does not exist
+    assert dense_connector_features(hs, spec, backend="auto").dtype == torch.float64
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors are only refused off the interpreter")
+def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_dc, "interpreting", lambda: False)
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 1, 17, 8, torch.float32, 20)
+    with pytest.raises(ValueError, match="CUDA"):
+        dense_connector_features(hs, spec, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_linear_parameter_errors(backend):
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 1, 9, 8, torch.float32, 21)
+    w, b = _weights(spec, 8, 6, torch.float32, 22)
+    cases = [
+        (dict(weight=w[:, :-1]), ValueError, r"weight must be \[N, 24\]"),
+        (dict(weight=w.T), ValueError, "weight must be"),
+        (dict(weight=w.double()), ValueError, "weight is torch.float64"),
+        (dict(weight=w.tolist()), TypeError, "weight must be a torch.Tensor"),
+        (dict(bias=b[:-1]), ValueError, r"bias must be \[6\]"),
+        (dict(bias=b.half()), ValueError, "bias is torch.float16"),
+        (dict(bias=3.0), TypeError, "bias must be a torch.Tensor"),
+        (dict(activation="relu"), ValueError, "activation must be one of"),
+        (dict(path="three-pass"), ValueError, "path must be one of"),
+    ]
+    for kw, exc, msg in cases:
+        args = dict(weight=w, bias=b, activation="gelu", path="auto")
+        args.update(kw)
+        with pytest.raises(exc, match=msg):
+            dense_connector_linear(hs, spec, args["weight"], args["bias"], args["activation"],
+                                   backend=backend, path=args["path"])
