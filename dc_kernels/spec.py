@@ -11,6 +11,7 @@ encoder layer ``i``. All indices in a spec are non-negative positions in that tu
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -36,7 +37,18 @@ _STI_POOL = 8
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    # ints and integer scalars (numpy.int64 from a config file), never bools
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _as_int(x):
+    return operator.index(x) if _is_int(x) else x
 
 
 @dataclass(frozen=True)
@@ -79,8 +91,11 @@ class ConnectorSpec:
         if not _is_int(self.final_layer) or self.final_layer < 0:
             raise ValueError(
                 f"final_layer must be a non-negative hidden-state index, got {self.final_layer!r}")
+        object.__setattr__(self, "final_layer", _as_int(self.final_layer))
+        object.__setattr__(self, "pool_size", _as_int(self.pool_size))
+        object.__setattr__(self, "num_hidden_states", _as_int(self.num_hidden_states))
         try:
-            groups = tuple(tuple(g) for g in self.groups)
+            groups = tuple(tuple(_as_int(v) for v in g) for g in self.groups)
         except TypeError:
             raise ValueError(
                 f"groups must be a sequence of (start, stop) pairs, got {self.groups!r}") from None

@@ -43,6 +43,9 @@ def check_hidden_states(hidden_states: Sequence[torch.Tensor],
     for i, h in enumerate(hidden_states):
         if not isinstance(h, torch.Tensor):
             raise TypeError(f"hidden_states[{i}] must be a torch.Tensor, got {type(h).__name__}")
+        if h.layout != torch.strided:
+            raise ValueError(f"hidden_states[{i}] has layout {h.layout}; dense (strided) tensors "
+                             "are required")
     spec.check_num_hidden_states(len(hidden_states))
     ref = hidden_states[spec.final_layer]
     if ref.dim() != 3:

@@ -196,3 +196,11 @@ def test_explicit_torch_backend_ignores_env(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "garbage")
     with pytest.raises(_WorkStarted):
         dense_connector_features(tuple(clip_states()), CLIP_DCI, backend="torch")
+
+
+@pytest.mark.parametrize("index", (3, 23))
+def test_sparse_entry(index):
+    hs = list(make_hidden_states(25, 2, 17, 4))
+    hs[index] = hs[index].to_sparse()
+    with pytest.raises(ValueError, match=re.escape(f"hidden_states[{index}] has layout")):
+        dense_connector_features(hs, CLIP_DCI)

@@ -187,3 +187,14 @@ def test_spec_is_hashable_and_compares_by_value():
     assert CLIP_SCI != SIGLIP_SCI and CLIP_SCI != CLIP_STI
     assert ConnectorSpec("dci", 3, ((0, 2),)) != ConnectorSpec("dci", 3, ((0, 2),),
                                                                num_hidden_states=4)
+
+
+def test_integer_scalars_are_accepted_and_normalised():
+    # e.g. indices read from a numpy array or a config file
+    np = pytest.importorskip("numpy")
+    spec = ConnectorSpec("dci", final_layer=np.int64(5), groups=((np.int32(0), 3), (3, 6)),
+                         pool_size=np.int16(4), num_hidden_states=np.int64(7))
+    assert spec == ConnectorSpec("dci", 5, ((0, 3), (3, 6)), pool_size=4, num_hidden_states=7)
+    assert type(spec.final_layer) is int and type(spec.groups[0][0]) is int
+    with pytest.raises(ValueError, match="final_layer"):
+        ConnectorSpec("dci", final_layer=np.float64(5.0), groups=((0, 3),))
