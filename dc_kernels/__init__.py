@@ -4,11 +4,14 @@ Public API:
     ConnectorSpec                -- which hidden states are read and how they are combined
     dense_connector_features()  -- the features the original feeds its projector
     dense_connector_linear()    -- the projector's first layer (+bias, GELU) on them, fused
+    DenseConnector               -- drop-in features + mm_projector module (original checkpoints)
 """
 
 from .functional import BACKEND_ENV, dense_connector_features, dense_connector_linear
+from .modules import DenseConnector, load_mm_projector_state_dict
 from .spec import ConnectorSpec
 from .validation import check_hidden_states
 
-__all__ = ["ConnectorSpec", "dense_connector_features", "dense_connector_linear", "check_hidden_states", "BACKEND_ENV"]
+__all__ = ["ConnectorSpec", "DenseConnector", "dense_connector_features", "dense_connector_linear",
+           "check_hidden_states", "load_mm_projector_state_dict", "BACKEND_ENV"]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ import torch
 
 import torch.nn.functional as F
 
+from .autograd import features_op, linear_op, spec_args
 from .ops.torch_ops import features_torch
 from .spec import ConnectorSpec
 from .validation import check_hidden_states
@@ -98,9 +99,31 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, spec, info.dtype)
     if chosen == "triton":
         _check_triton_spec(spec)
-        return _triton_ops().features_triton(hidden_states, spec, info.batch, info.tokens,
-                                             info.channels)
+        _triton_ops().check_launchable(info.device, info.dtype)
+        return features_op(list(hidden_states), *spec_args(spec))
     return features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
+
+
+def _autocast(hidden_states, weight, bias):
+    """Under ``torch.autocast``, behave as ``nn.Linear`` does: run in the autocast dtype.
+
+    ``nn.Linear`` is on autocast's lower-precision list: when autocast is enabled for the
+    device of the input, its input, weight and bias are cast to the autocast dtype (bf16/fp16)
+    and so is its output. The same rule applies here to the hidden states, weight and bias
+    (hidden states already in that dtype, the usual case with a bf16 ViT, are not copied).
+    """
+    if not isinstance(weight, torch.Tensor) or not isinstance(hidden_states, (tuple, list)):
+        return hidden_states, weight, bias  # malformed: validation reports it
+    device_type = weight.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden_states, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
+            return t.to(dtype)
+        return t
+    return [cast(h) for h in hidden_states], cast(weight), cast(bias)
 
 
 def _check_linear_params(weight, bias, activation, path, spec, info) -> None:
@@ -152,13 +175,15 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     Returns:
         ``[B, spec.out_tokens(T), N]`` in the input dtype; fp32 accumulation.
     """
+    hidden_states, weight, bias = _autocast(hidden_states, weight, bias)
     info = check_hidden_states(hidden_states, spec)
     _check_linear_params(weight, bias, activation, path, spec, info)
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, spec, info.dtype)
     if chosen == "triton":
         _check_triton_spec(spec)
-        return _triton_ops().linear_triton(hidden_states, spec, info.batch, info.tokens,
-                                           info.channels, weight, bias, activation, path)
+        _triton_ops().check_launchable(info.device, info.dtype)
+        return linear_op(list(hidden_states), *spec_args(spec), weight, bias,
+                         activation or "none", path)
     feats = features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
     y = F.linear(feats, weight, bias)
     return F.gelu(y) if activation == "gelu" else y

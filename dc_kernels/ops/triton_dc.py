@@ -36,6 +36,7 @@ __all__ = [
     "choose_linear_path",
     "estimate_linear_times",
     "layer_entries",
+    "check_launchable",
 ]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -317,6 +318,12 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(
             f"the Triton backend supports {', '.join(map(str, TRITON_DTYPES))}; got {dtype} "
             "(use backend='torch')")
+
+
+def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError unless the Triton kernels can run on this device and dtype."""
+    _check_cuda_or_interpret(device)
+    _check_dtype(dtype)
 
 
 def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,

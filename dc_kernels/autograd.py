@@ -1,0 +1,165 @@
+"""The Triton ops as ``torch.library`` custom ops, with fake (meta) kernels and autograd.
+
+Registering them lets ``torch.compile(..., fullgraph=True)`` trace through the Triton backend
+(the kernels stay opaque calls, their output shapes come from the fake kernels) and gives them
+backward formulas:
+
+* ``dc_kernels::features(hidden_states, ...) -> A``: the gradient of A's slab 0 goes to the base
+  layer, slab ``g``'s gradient, scaled by ``1/len(group g)``, to every member of group ``g``; a
+  layer in several slabs gets the sum; CLS positions get zero; layers the spec does not read
+  get None.
+* ``dc_kernels::linear(hidden_states, ..., weight, bias) -> act(A @ W^T + b)``: backward
+  recomputes A with the features kernel (nothing of size ``[M, K]`` is kept between forward and
+  backward) and the pre-activation ``Z = A @ W^T + b`` with cuBLAS, then
+  ``dZ = dY * gelu'(Z)``, ``dW = dZ^T A``, ``db = sum(dZ)``, ``dA = dZ W`` scattered as above.
+
+Specs cross the op boundary as plain ints (``final_layer``, flattened group bounds,
+``drop_cls``); DCI and SCI share the kernels, so the op rebuilds a DCI spec.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .spec import ConnectorSpec
+
+__all__ = ["features_op", "linear_op", "spec_args", "scatter_to_layers"]
+
+
+def spec_args(spec: ConnectorSpec):
+    """``(final_layer, group_bounds, drop_cls)``: a channel spec as custom-op arguments."""
+    bounds = [v for g in spec.groups for v in g]
+    return spec.final_layer, bounds, spec.drop_cls
+
+
+def _spec(final_layer: int, group_bounds: Sequence[int], drop_cls: bool) -> ConnectorSpec:
+    groups = tuple((group_bounds[i], group_bounds[i + 1]) for i in range(0, len(group_bounds), 2))
+    return ConnectorSpec("dci", final_layer=final_layer, groups=groups, drop_cls=drop_cls)
+
+
+def _triton():
+    from .ops import triton_dc
+    return triton_dc
+
+
+def scatter_to_layers(grad_a: torch.Tensor, spec: ConnectorSpec, shapes: Sequence[torch.Size],
+                      needs_grad: Sequence[bool]) -> List[Optional[torch.Tensor]]:
+    """Gradients of the hidden states from the gradient of the channel features ``A``.
+
+    ``grad_a`` is ``[B, T', (G+1)C]``; ``shapes`` and ``needs_grad`` describe the hidden states.
+    Returns one entry per hidden state: a ``[B, T, C]`` tensor for every layer the spec reads
+    whose ``needs_grad`` is set, else None.
+    """
+    C = shapes[spec.final_layer][-1]
+    tok0 = spec.token_offset
+    grads: List[Optional[torch.Tensor]] = [None] * len(shapes)
+
+    def add(i, g):
+        if not needs_grad[i]:
+            return
+        if grads[i] is None:
+            grads[i] = torch.zeros(shapes[i], dtype=grad_a.dtype, device=grad_a.device)
+        grads[i][:, tok0:] += g
+
+    add(spec.final_layer, grad_a[..., :C])
+    for s, (start, stop) in enumerate(spec.groups, start=1):
+        g = grad_a[..., s * C:(s + 1) * C]
+        if stop - start > 1:
+            g = g / (stop - start)
+        for i in range(start, stop):
+            add(i, g)
+    return grads
+
+
+def _features_shape(hidden_states, spec):
+    B, T, C = hidden_states[spec.final_layer].shape
+    return B, spec.tokens_kept(T), spec.out_channels(C)
+
+
+# --------------------------------------------------------------------------- features
+@torch.library.custom_op("dc_kernels::features", mutates_args=())
+def features_op(hidden_states: List[torch.Tensor], final_layer: int, group_bounds: List[int],
+                drop_cls: bool) -> torch.Tensor:
+    """Channel features (DCI/SCI) with the one-pass Triton kernel. Inputs validated by caller."""
+    spec = _spec(final_layer, group_bounds, drop_cls)
+    B, T, C = hidden_states[final_layer].shape
+    return _triton().features_triton(hidden_states, spec, B, T, C)
+
+
+@features_op.register_fake
+def _(hidden_states, final_layer, group_bounds, drop_cls):
+    spec = _spec(final_layer, group_bounds, drop_cls)
+    base = hidden_states[final_layer]
+    return base.new_empty(_features_shape(hidden_states, spec))
+
+
+def _features_setup(ctx, inputs, output):
+    hidden_states, final_layer, group_bounds, drop_cls = inputs
+    ctx.spec = _spec(final_layer, group_bounds, drop_cls)
+    ctx.needs = [h.requires_grad for h in hidden_states]
+    ctx.shapes = [h.shape for h in hidden_states]
+
+
+def _features_backward(ctx, grad):
+    grads = scatter_to_layers(grad, ctx.spec, ctx.shapes, ctx.needs)
+    return grads, None, None, None
+
+
+features_op.register_autograd(_features_backward, setup_context=_features_setup)
+
+
+# --------------------------------------------------------------------------- linear
+@torch.library.custom_op("dc_kernels::linear", mutates_args=())
+def linear_op(hidden_states: List[torch.Tensor], final_layer: int, group_bounds: List[int],
+              drop_cls: bool, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              activation: str, path: str) -> torch.Tensor:
+    """``act(features @ weight.T + bias)`` on Triton (``activation`` "none" or "gelu")."""
+    spec = _spec(final_layer, group_bounds, drop_cls)
+    B, T, C = hidden_states[final_layer].shape
+    act = None if activation == "none" else activation
+    return _triton().linear_triton(hidden_states, spec, B, T, C, weight, bias, act, path)
+
+
+@linear_op.register_fake
+def _(hidden_states, final_layer, group_bounds, drop_cls, weight, bias, activation, path):
+    spec = _spec(final_layer, group_bounds, drop_cls)
+    B, Tk, _ = _features_shape(hidden_states, spec)
+    return weight.new_empty((B, Tk, weight.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden_states, final_layer, group_bounds, drop_cls, weight, bias, activation, path = inputs
+    ctx.spec_args = (final_layer, list(group_bounds), drop_cls)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.needs = [h.requires_grad for h in hidden_states]
+    ctx.weight_needs = weight.requires_grad
+    ctx.bias_needs = bias is not None and bias.requires_grad
+    ctx.n = len(hidden_states)
+    saved = list(hidden_states) + [weight] + ([bias] if bias is not None else [])
+    ctx.save_for_backward(*saved)
+
+
+def _linear_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    hidden_states, weight = list(saved[:ctx.n]), saved[ctx.n]
+    bias = saved[ctx.n + 1] if ctx.has_bias else None
+    a = features_op(hidden_states, *ctx.spec_args)  # recomputed: [B, T', K]
+    a2 = a.reshape(-1, a.shape[-1])
+    dz = grad.reshape(-1, grad.shape[-1])
+    if ctx.activation == "gelu":
+        z = torch.nn.functional.linear(a2, weight, bias)
+        dz = torch.ops.aten.gelu_backward(dz, z)
+    grad_w = dz.t() @ a2 if ctx.weight_needs else None
+    grad_b = dz.sum(0) if ctx.bias_needs else None
+    grads_hs = [None] * ctx.n
+    if any(ctx.needs):
+        grad_a = (dz @ weight).reshape(a.shape)
+        grads_hs = scatter_to_layers(grad_a, _spec(*ctx.spec_args),
+                                     [h.shape for h in hidden_states], ctx.needs)
+    return grads_hs, None, None, None, grad_w, grad_b, None, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
