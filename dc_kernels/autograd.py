@@ -14,7 +14,8 @@ backward formulas:
   ``dZ = dY * gelu'(Z)``, ``dW = dZ^T A``, ``db = sum(dZ)``, ``dA = dZ W`` scattered as above.
 
 Specs cross the op boundary as plain ints (``final_layer``, flattened group bounds,
-``drop_cls``); DCI and SCI share the kernels, so the op rebuilds a DCI spec.
+``drop_cls``, the STI pool or 0); DCI and SCI share the kernels, so the op rebuilds a DCI spec
+for both.
 """
 
 from __future__ import annotations
@@ -29,13 +30,21 @@ __all__ = ["features_op", "linear_op", "spec_args", "scatter_to_layers"]
 
 
 def spec_args(spec: ConnectorSpec):
-    """``(final_layer, group_bounds, drop_cls)``: a channel spec as custom-op arguments."""
+    """``(final_layer, group_bounds, drop_cls, sti_pool)``: a spec as custom-op arguments.
+
+    ``sti_pool`` is the STI pool size, 0 for channel specs (DCI and SCI share the kernels).
+    """
     bounds = [v for g in spec.groups for v in g]
-    return spec.final_layer, bounds, spec.drop_cls
+    pool = spec.pool_size if spec.connector_type == "sti" else 0
+    return spec.final_layer, bounds, spec.drop_cls, pool
 
 
-def _spec(final_layer: int, group_bounds: Sequence[int], drop_cls: bool) -> ConnectorSpec:
+def _spec(final_layer: int, group_bounds: Sequence[int], drop_cls: bool,
+          sti_pool: int) -> ConnectorSpec:
     groups = tuple((group_bounds[i], group_bounds[i + 1]) for i in range(0, len(group_bounds), 2))
+    if sti_pool:
+        return ConnectorSpec("sti", final_layer=final_layer, groups=groups, drop_cls=drop_cls,
+                             pool_size=sti_pool)
     return ConnectorSpec("dci", final_layer=final_layer, groups=groups, drop_cls=drop_cls)
 
 
@@ -46,11 +55,13 @@ def _triton():
 
 def scatter_to_layers(grad_a: torch.Tensor, spec: ConnectorSpec, shapes: Sequence[torch.Size],
                       needs_grad: Sequence[bool]) -> List[Optional[torch.Tensor]]:
-    """Gradients of the hidden states from the gradient of the channel features ``A``.
+    """Gradients of the hidden states from the gradient of the features ``A``.
 
-    ``grad_a`` is ``[B, T', (G+1)C]``; ``shapes`` and ``needs_grad`` describe the hidden states.
-    Returns one entry per hidden state: a ``[B, T, C]`` tensor for every layer the spec reads
-    whose ``needs_grad`` is set, else None.
+    ``grad_a`` is ``[B, T', (G+1)C]`` (DCI/SCI) or ``[B, T' + G*TP, C]`` (STI); ``shapes`` and
+    ``needs_grad`` describe the hidden states. Returns one entry per hidden state: a
+    ``[B, T, C]`` tensor for every layer the spec reads whose ``needs_grad`` is set, else None.
+    An STI pooled row's gradient, divided by ``len(group) * pool``, goes to each of its
+    ``pool`` source tokens in every member layer.
     """
     C = shapes[spec.final_layer][-1]
     tok0 = spec.token_offset
@@ -61,7 +72,18 @@ def scatter_to_layers(grad_a: torch.Tensor, spec: ConnectorSpec, shapes: Sequenc
             return
         if grads[i] is None:
             grads[i] = torch.zeros(shapes[i], dtype=grad_a.dtype, device=grad_a.device)
-        grads[i][:, tok0:] += g
+        grads[i][:, tok0:tok0 + g.shape[1]] += g
+
+    if spec.connector_type == "sti":
+        kept = spec.tokens_kept(shapes[spec.final_layer][1])
+        tp, p = kept // spec.pool_size, spec.pool_size
+        add(spec.final_layer, grad_a[:, :kept])
+        for s, (start, stop) in enumerate(spec.groups):
+            g = grad_a[:, kept + s * tp:kept + (s + 1) * tp] / ((stop - start) * p)
+            g = g.repeat_interleave(p, dim=1)  # [B, tp * p, C]: every source token
+            for i in range(start, stop):
+                add(i, g)
+        return grads
 
     add(spec.final_layer, grad_a[..., :C])
     for s, (start, stop) in enumerate(spec.groups, start=1):
@@ -75,36 +97,36 @@ def scatter_to_layers(grad_a: torch.Tensor, spec: ConnectorSpec, shapes: Sequenc
 
 def _features_shape(hidden_states, spec):
     B, T, C = hidden_states[spec.final_layer].shape
-    return B, spec.tokens_kept(T), spec.out_channels(C)
+    return B, spec.out_tokens(T), spec.out_channels(C)
 
 
 # --------------------------------------------------------------------------- features
 @torch.library.custom_op("dc_kernels::features", mutates_args=())
 def features_op(hidden_states: List[torch.Tensor], final_layer: int, group_bounds: List[int],
-                drop_cls: bool) -> torch.Tensor:
-    """Channel features (DCI/SCI) with the one-pass Triton kernel. Inputs validated by caller."""
-    spec = _spec(final_layer, group_bounds, drop_cls)
+                drop_cls: bool, sti_pool: int) -> torch.Tensor:
+    """Features with the one-pass Triton kernels. Inputs validated by the caller."""
+    spec = _spec(final_layer, group_bounds, drop_cls, sti_pool)
     B, T, C = hidden_states[final_layer].shape
     return _triton().features_triton(hidden_states, spec, B, T, C)
 
 
 @features_op.register_fake
-def _(hidden_states, final_layer, group_bounds, drop_cls):
-    spec = _spec(final_layer, group_bounds, drop_cls)
+def _(hidden_states, final_layer, group_bounds, drop_cls, sti_pool):
+    spec = _spec(final_layer, group_bounds, drop_cls, sti_pool)
     base = hidden_states[final_layer]
     return base.new_empty(_features_shape(hidden_states, spec))
 
 
 def _features_setup(ctx, inputs, output):
-    hidden_states, final_layer, group_bounds, drop_cls = inputs
-    ctx.spec = _spec(final_layer, group_bounds, drop_cls)
+    hidden_states, final_layer, group_bounds, drop_cls, sti_pool = inputs
+    ctx.spec = _spec(final_layer, group_bounds, drop_cls, sti_pool)
     ctx.needs = [h.requires_grad for h in hidden_states]
     ctx.shapes = [h.shape for h in hidden_states]
 
 
 def _features_backward(ctx, grad):
     grads = scatter_to_layers(grad, ctx.spec, ctx.shapes, ctx.needs)
-    return grads, None, None, None
+    return grads, None, None, None, None
 
 
 features_op.register_autograd(_features_backward, setup_context=_features_setup)
@@ -113,25 +135,27 @@ features_op.register_autograd(_features_backward, setup_context=_features_setup)
 # --------------------------------------------------------------------------- linear
 @torch.library.custom_op("dc_kernels::linear", mutates_args=())
 def linear_op(hidden_states: List[torch.Tensor], final_layer: int, group_bounds: List[int],
-              drop_cls: bool, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              drop_cls: bool, sti_pool: int, weight: torch.Tensor, bias: Optional[torch.Tensor],
               activation: str, path: str) -> torch.Tensor:
     """``act(features @ weight.T + bias)`` on Triton (``activation`` "none" or "gelu")."""
-    spec = _spec(final_layer, group_bounds, drop_cls)
+    spec = _spec(final_layer, group_bounds, drop_cls, sti_pool)
     B, T, C = hidden_states[final_layer].shape
     act = None if activation == "none" else activation
     return _triton().linear_triton(hidden_states, spec, B, T, C, weight, bias, act, path)
 
 
 @linear_op.register_fake
-def _(hidden_states, final_layer, group_bounds, drop_cls, weight, bias, activation, path):
-    spec = _spec(final_layer, group_bounds, drop_cls)
+def _(hidden_states, final_layer, group_bounds, drop_cls, sti_pool, weight, bias, activation,
+      path):
+    spec = _spec(final_layer, group_bounds, drop_cls, sti_pool)
     B, Tk, _ = _features_shape(hidden_states, spec)
     return weight.new_empty((B, Tk, weight.shape[0]))
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden_states, final_layer, group_bounds, drop_cls, weight, bias, activation, path = inputs
-    ctx.spec_args = (final_layer, list(group_bounds), drop_cls)
+    (hidden_states, final_layer, group_bounds, drop_cls, sti_pool, weight, bias, activation,
+     path) = inputs
+    ctx.spec_args = (final_layer, list(group_bounds), drop_cls, sti_pool)
     ctx.activation = activation
     ctx.has_bias = bias is not None
     ctx.needs = [h.requires_grad for h in hidden_states]
@@ -159,7 +183,7 @@ def _linear_backward(ctx, grad):
         grad_a = (dz @ weight).reshape(a.shape)
         grads_hs = scatter_to_layers(grad_a, _spec(*ctx.spec_args),
                                      [h.shape for h in hidden_states], ctx.needs)
-    return grads_hs, None, None, None, grad_w, grad_b, None, None
+    return grads_hs, None, None, None, None, grad_w, grad_b, None, None
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -58,19 +58,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _auto_fallback(backend: str, requested: str, spec: ConnectorSpec, dtype: torch.dtype) -> str:
-    # "auto" never picks a Triton path that does not exist: STI (its own kernels are still to
-    # come) and fp64 stay on torch. An explicit backend="triton" gets a clear error instead.
-    if requested == "auto" and backend == "triton" and (
-            spec.connector_type == "sti" or dtype == torch.float64):
+def _auto_fallback(backend: str, requested: str, dtype: torch.dtype) -> str:
+    # "auto" never picks a Triton path that does not exist: fp64 stays on torch. An explicit
+    # backend="triton" gets a clear error instead.
+    if requested == "auto" and backend == "triton" and dtype == torch.float64:
         return "torch"
     return backend
-
-
-def _check_triton_spec(spec: ConnectorSpec) -> None:
-    if spec.connector_type == "sti":
-        raise NotImplementedError(
-            "the Triton backend does not implement STI specs yet; use backend='torch'")
 
 
 def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
@@ -93,12 +86,10 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
 
     Raises:
         TypeError / ValueError: malformed inputs (see :func:`check_hidden_states`).
-        NotImplementedError: ``backend="triton"`` with an STI spec (not implemented yet).
     """
     info = check_hidden_states(hidden_states, spec)
-    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, spec, info.dtype)
+    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
-        _check_triton_spec(spec)
         _triton_ops().check_launchable(info.device, info.dtype)
         return features_op(list(hidden_states), *spec_args(spec))
     return features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
@@ -178,9 +169,8 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     hidden_states, weight, bias = _autocast(hidden_states, weight, bias)
     info = check_hidden_states(hidden_states, spec)
     _check_linear_params(weight, bias, activation, path, spec, info)
-    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, spec, info.dtype)
+    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
-        _check_triton_spec(spec)
         _triton_ops().check_launchable(info.device, info.dtype)
         return linear_op(list(hidden_states), *spec_args(spec), weight, bias,
                          activation or "none", path)

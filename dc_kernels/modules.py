@@ -63,8 +63,8 @@ class DenseConnector(nn.Module):
     ``load_state_dict(original_projector.state_dict(), strict=True)`` works.
 
     The first Linear (and the GELU after it) runs through :func:`dense_connector_linear`
-    (features built inside the GEMM on the Triton backend); the rest are ordinary ``nn`` layers.
-    STI specs and the identity projector compute the features first, then the projector.
+    (features built inside the GEMM, or by the one-pass features kernel, on the Triton backend);
+    the rest are ordinary ``nn`` layers. The identity projector returns the features.
     """
 
     def __init__(self, spec: ConnectorSpec, vision_hidden_size: int, hidden_size: int,
@@ -133,14 +133,8 @@ class DenseConnector(nn.Module):
             return dense_connector_features(hidden_states, self.spec, backend=self.backend)
         weight, bias = self._first_linear()
         deeper = len(self._linears) > 1
-        if self.spec.connector_type == "sti":
-            # STI has no fused kernel yet: features, then the projector's first layer
-            x = dense_connector_features(hidden_states, self.spec, backend=self.backend)
-            x = F.linear(x, weight, bias)
-            x = F.gelu(x) if deeper else x
-        else:
-            x = dense_connector_linear(hidden_states, self.spec, weight, bias,
-                                       "gelu" if deeper else None, backend=self.backend)
+        x = dense_connector_linear(hidden_states, self.spec, weight, bias,
+                                   "gelu" if deeper else None, backend=self.backend)
         for i, lin in enumerate(self._linears[1:], start=1):
             x = lin(x)
             if i < len(self._linears) - 1:

@@ -22,8 +22,8 @@ from triton.compiler import ASTSource
 
 from . import triton_dc
 
-__all__ = ["CompileReport", "compile_linear", "compile_features", "SHARED_LIMIT", "aot_cases",
-           "build_case"]
+__all__ = ["CompileReport", "compile_linear", "compile_features", "compile_sti_features",
+           "SHARED_LIMIT", "aot_cases", "build_case"]
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
@@ -110,6 +110,19 @@ def compile_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict,
     return _build(triton_dc._features_kernel, sig, const, arch, config["num_warps"], 1)
 
 
+def compile_sti_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict, *,
+                         pool=8, tok0=1, uniform=True, off64=False) -> CompileReport:
+    """Build ``_sti_features_kernel`` for ``sm_{arch}``."""
+    n = 1 + sum(sizes)
+    sig = _layer_sig(dtype, n)
+    sig.update({"out": "*" + _TRITON_TYPE[dtype], "stride_ob": "i32", "stride_ot": "i32",
+                "B": "i32", "C": "i32", "T_KEEP": "i32", "TP": "i32"})
+    const = dict(POOL=pool, TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes),
+                 UNIFORM=uniform, OFF64=off64, EMULATE_RNE=False, BLOCK_M=config["BLOCK_M"],
+                 BLOCK_C=config["BLOCK_C"])
+    return _build(triton_dc._sti_features_kernel, sig, const, arch, config["num_warps"], 1)
+
+
 # --------------------------------------------------------------------------- the full matrix
 ARCHS = (80, 90)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -152,11 +165,12 @@ def aot_cases():
                         cases.append(dict(kernel=kind, arch=arch, dtype=dt, config=i,
                                           uniform=True, off64=False, precision="tf32",
                                           wgmma=True))
-            for uniform in (True, False):
-                for off64 in (False, True):
-                    cases.append(dict(kernel="features", arch=arch, dtype=dt, config=0,
-                                      uniform=uniform, off64=off64, precision="ieee",
-                                      wgmma=False))
+            for kernel in ("features", "sti-features"):
+                for uniform in (True, False):
+                    for off64 in (False, True):
+                        cases.append(dict(kernel=kernel, arch=arch, dtype=dt, config=0,
+                                          uniform=uniform, off64=off64, precision="ieee",
+                                          wgmma=False))
     for c in cases:
         c["id"] = "{kernel}-sm{arch}-{dtype}-cfg{config}-{precision}{u}{o}".format(
             u="" if c["uniform"] else "-strided", o="-off64" if c["off64"] else "", **c)
@@ -171,6 +185,11 @@ def build_case(case: dict) -> dict:
         if case["kernel"] == "features":
             r = compile_features(case["arch"], dtype, starts, sizes, triton_dc.FEATURES_CONFIG,
                                  uniform=case["uniform"], off64=case["off64"])
+        elif case["kernel"] == "sti-features":
+            # pooled groups of 13 layers (a custom STI spec; the presets pool single layers)
+            r = compile_sti_features(case["arch"], dtype, starts, sizes,
+                                     triton_dc.FEATURES_CONFIG, uniform=case["uniform"],
+                                     off64=case["off64"])
         else:
             cfg = _config_list(case["kernel"], case["dtype"])[case["config"]]
             fused = case["kernel"] == "fused"

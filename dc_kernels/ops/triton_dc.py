@@ -126,6 +126,52 @@ def _features_kernel(
 
 
 @triton.jit
+def _sti_features_kernel(
+    layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
+    out, stride_ob, stride_ot,  # out is [B, T' + G*TP, C] with unit channel stride
+    B, C, T_KEEP, TP,  # TP: pooled tokens per group and image
+    POOL: tl.constexpr, TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
+    UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # STI: axis 2 picks the segment. Segment 0 copies the base tokens (B*T' rows); segment
+    # g + 1 writes group g's pooled tokens (B*TP rows): each the mean over POOL consecutive
+    # tokens of every member layer, fp32 accumulation, one rounding. Rows land in the
+    # original's order: per image, all base tokens, then group 0's pooled tokens, then group 1's.
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    seg = tl.program_id(2)
+    o_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    if seg == 0:
+        mask = (o_r < B * T_KEEP)[:, None] & m_c[None, :]
+        b = o_r // T_KEEP
+        t = o_r % T_KEEP
+        o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t + TOK0, o_c, OFF64)
+        b_x = tl.load(layers[0] + o_x, mask=mask)
+        o_out = _tile_offsets(stride_ob, stride_ot, 1, b, t, o_c, OFF64)
+        tl.store(out + o_out, b_x.to(out.dtype.element_ty), mask=mask)
+    else:
+        mask = (o_r < B * TP)[:, None] & m_c[None, :]
+        b = o_r // TP
+        j = o_r % TP
+        for g in tl.static_range(len(SIZES)):
+            if seg == g + 1:
+                b_sum = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+                for q in range(POOL):
+                    t = TOK0 + j * POOL + q
+                    o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t, o_c, OFF64)
+                    b_sum += _group_sum(layers, stride_b, stride_t, stride_c, STARTS[g],
+                                        SIZES[g], o_x, b, t, o_c, mask, UNIFORM, OFF64,
+                                        BLOCK_M, BLOCK_C)
+                b_mean = _round(b_sum / (SIZES[g] * POOL), out.dtype.element_ty, EMULATE_RNE)
+                o_out = _tile_offsets(stride_ob, stride_ot, 1, b, T_KEEP + g * TP + j, o_c,
+                                      OFF64)
+                tl.store(out + o_out, b_mean, mask=mask)
+
+
+@triton.jit
 def _linear_kernel(
     layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
     w, stride_wn, stride_wk,  # weight [N, (G+1)*C] as nn.Linear stores it
@@ -326,12 +372,39 @@ def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
     _check_dtype(dtype)
 
 
+def _sti_features(hidden_states, spec, batch, tokens, channels):
+    base = hidden_states[spec.final_layer]
+    t_keep = spec.tokens_kept(tokens)
+    tp = spec.pooled_tokens(tokens)
+    out = _empty((batch, spec.out_tokens(tokens), channels), base.dtype, base.device)
+    if out.numel() == 0:
+        return out
+    entries, starts, sizes = layer_entries(hidden_states, spec)
+    sb, st, sc = _strides(entries)
+    cfg = FEATURES_CONFIG_INTERPRET if interpreting() else FEATURES_CONFIG
+    rows = max(batch * t_keep, batch * tp)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]),
+            1 + (spec.num_groups if tp > 0 else 0))
+    _sti_features_kernel[grid](
+        tuple(entries), sb, st, sc, out, out.stride(0), out.stride(1), batch, channels, t_keep,
+        tp, POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
+        **_layout_flags(entries, out), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+        num_warps=cfg["num_warps"])
+    return out
+
+
 def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                     batch: int, tokens: int, channels: int) -> torch.Tensor:
-    """DCI/SCI features with the one-pass Triton kernel (inputs already validated)."""
+    """Features with the one-pass Triton kernels (inputs already validated).
+
+    DCI/SCI: ``_features_kernel`` writes ``[B, T', (G+1)C]``; STI: ``_sti_features_kernel``
+    writes ``[B, T' + G*(T' // pool), C]``.
+    """
     base = hidden_states[spec.final_layer]
     _check_cuda_or_interpret(base.device)
     _check_dtype(base.dtype)
+    if spec.connector_type == "sti":
+        return _sti_features(hidden_states, spec, batch, tokens, channels)
     t_keep = spec.tokens_kept(tokens)
     width = spec.out_channels(channels)
     out = _empty((batch, t_keep, width), base.dtype, base.device)
@@ -410,7 +483,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
 
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
-                       element_size: int, uniform: bool = True, off64: bool = False) -> str:
+                       element_size: int, uniform: bool = True, off64: bool = False,
+                       sti: bool = False) -> str:
     """Pick ``"fused"`` or ``"two-pass"`` for ``act(features @ W^T + b)``: the faster estimate.
 
     The fused kernel saves the features' DRAM round trip and a launch, but rebuilds each row
@@ -422,8 +496,12 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     The fused kernel is also built (and checked spill-free) only for layers that share one
     stride set and tensors under 2^31 elements; other layouts (``uniform=False``: views with
     differing strides; ``off64=True``) always take the two-pass path.
+
+    STI (``sti=True``) is always two-pass: its features are only ``(1 + G / pool)`` times a
+    layer (1.25x for the presets), so writing and re-reading them costs little, while building
+    a pooled row inside the GEMM would re-read ``pool`` tokens of every group member per N-tile.
     """
-    if not uniform or off64:
+    if not uniform or off64 or sti:
         return "two-pass"
     t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size)
     return "fused" if t["fused"] <= t["two-pass"] else "two-pass"
@@ -443,9 +521,10 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     _check_cuda_or_interpret(base.device)
     _check_dtype(base.dtype)
     t_keep = spec.tokens_kept(tokens)
-    M = batch * t_keep
+    rows = spec.out_tokens(tokens)
+    M = batch * rows
     N = weight.shape[0]
-    out = _empty((batch, t_keep, N), base.dtype, base.device)
+    out = _empty((batch, rows, N), base.dtype, base.device)
     if M == 0 or N == 0:
         return out
     out2d = out.view(M, N)
@@ -454,7 +533,8 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     entries, starts, sizes = layer_entries(hidden_states, spec)
     flags = _layout_flags(entries, weight, out2d)
     fusable = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
-                                 base.element_size(), flags["UNIFORM"], flags["OFF64"])
+                                 base.element_size(), flags["UNIFORM"], flags["OFF64"],
+                                 sti=spec.connector_type == "sti")
     if path == "auto" or fusable == "two-pass":
         path = fusable
     if path == "fused":
