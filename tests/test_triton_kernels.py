@@ -315,6 +315,27 @@ def test_random_shapes_and_specs(data):
                   data.draw(st.sampled_from(PATHS)), dtype)
 
 
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(st.data())
+def test_random_sti_specs(data):
+    n_layers = data.draw(st.integers(1, 6), label="layers")
+    groups = []
+    for _ in range(data.draw(st.integers(1, 3), label="groups")):
+        a = data.draw(st.integers(0, n_layers - 1))
+        groups.append((a, data.draw(st.integers(a + 1, n_layers))))
+    spec = ConnectorSpec("sti", final_layer=data.draw(st.integers(0, n_layers - 1)),
+                         groups=tuple(groups), drop_cls=data.draw(st.booleans()),
+                         pool_size=data.draw(st.integers(1, 9), label="pool"))
+    B, T, C = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 40)),
+               data.draw(st.integers(1, 33)))
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    hs = make_hidden_states(n_layers, B, T, C, dtype, seed, device=DEVICE)
+    _check_features(hs, spec, dtype)
+    w, b = _weights(spec, C, data.draw(st.integers(1, 30), label="N"), dtype, seed + 1)
+    _check_linear(hs, spec, w, b, "gelu", "auto", dtype)
+
+
 # --------------------------------------------------------------------------- dispatch, errors
 def test_dispatch_rule():
     choose = triton_dc.choose_linear_path

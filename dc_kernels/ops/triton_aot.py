@@ -188,7 +188,7 @@ def build_case(case: dict) -> dict:
         elif case["kernel"] == "sti-features":
             # pooled groups of 13 layers (a custom STI spec; the presets pool single layers)
             r = compile_sti_features(case["arch"], dtype, starts, sizes,
-                                     triton_dc.FEATURES_CONFIG, uniform=case["uniform"],
+                                     triton_dc.STI_FEATURES_CONFIG, uniform=case["uniform"],
                                      off64=case["off64"])
         else:
             cfg = _config_list(case["kernel"], case["dtype"])[case["config"]]

@@ -292,6 +292,10 @@ LINEAR_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, group_m=2)
 #: strides); each thread still loads 16 contiguous bytes of a bf16 layer.
 FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 4}
 FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4}
+#: STI features kernel: base copy and every group's pooling share one program body, so the
+#: register budget is set by the widest group; 8 warps over 16x64 keep 13-layer groups with
+#: arbitrary strides and int64 offsets spill-free.
+STI_FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 8}
 
 _LINEAR_KEY = ["M_BUCKET", "N", "C"]
 
@@ -381,7 +385,7 @@ def _sti_features(hidden_states, spec, batch, tokens, channels):
         return out
     entries, starts, sizes = layer_entries(hidden_states, spec)
     sb, st, sc = _strides(entries)
-    cfg = FEATURES_CONFIG_INTERPRET if interpreting() else FEATURES_CONFIG
+    cfg = FEATURES_CONFIG_INTERPRET if interpreting() else STI_FEATURES_CONFIG
     rows = max(batch * t_keep, batch * tp)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]),
             1 + (spec.num_groups if tp > 0 else 0))
