@@ -124,8 +124,44 @@ def _features_setup(ctx, inputs, output):
     ctx.shapes = [h.shape for h in hidden_states]
 
 
+@torch.library.custom_op("dc_kernels::scatter_grad", mutates_args=())
+def scatter_grad_op(grad_a: torch.Tensor, final_layer: int, group_bounds: List[int],
+                    drop_cls: bool, tokens: int, num_hidden_states: int,
+                    wanted: List[int]) -> List[torch.Tensor]:
+    """Gradients of the hidden states listed in ``wanted`` (channel specs), Triton kernel."""
+    from .ops.triton_scatter import scatter_grad_triton
+    spec = _spec(final_layer, group_bounds, drop_cls, 0)
+    B, C = grad_a.shape[0], grad_a.shape[-1] // (spec.num_groups + 1)
+    shapes = [torch.Size((B, tokens, C))] * num_hidden_states
+    needs = [i in wanted for i in range(num_hidden_states)]
+    grads = scatter_grad_triton(grad_a, spec, shapes, needs)
+    return [grads[i] for i in wanted]
+
+
+@scatter_grad_op.register_fake
+def _(grad_a, final_layer, group_bounds, drop_cls, tokens, num_hidden_states, wanted):
+    C = grad_a.shape[-1] // (len(group_bounds) // 2 + 1)
+    return [grad_a.new_empty((grad_a.shape[0], tokens, C)) for _ in wanted]
+
+
+def _scatter(grad_a, spec, shapes, needs):
+    # the one-pass Triton kernel for channel specs, the torch formulation for STI
+    if spec.connector_type == "sti":
+        return scatter_to_layers(grad_a, spec, shapes, needs)
+    read = set(spec.used_layers)
+    wanted = [i for i in range(len(shapes)) if needs[i] and i in read]
+    grads: List[Optional[torch.Tensor]] = [None] * len(shapes)
+    if wanted:
+        final_layer, bounds, drop_cls, _ = spec_args(spec)
+        outs = scatter_grad_op(grad_a, final_layer, bounds, drop_cls,
+                               shapes[spec.final_layer][1], len(shapes), wanted)
+        for i, g in zip(wanted, outs):
+            grads[i] = g
+    return grads
+
+
 def _features_backward(ctx, grad):
-    grads = scatter_to_layers(grad, ctx.spec, ctx.shapes, ctx.needs)
+    grads = _scatter(grad, ctx.spec, ctx.shapes, ctx.needs)
     return grads, None, None, None, None
 
 
@@ -181,8 +217,8 @@ def _linear_backward(ctx, grad):
     grads_hs = [None] * ctx.n
     if any(ctx.needs):
         grad_a = (dz @ weight).reshape(a.shape)
-        grads_hs = scatter_to_layers(grad_a, _spec(*ctx.spec_args),
-                                     [h.shape for h in hidden_states], ctx.needs)
+        grads_hs = _scatter(grad_a, _spec(*ctx.spec_args), [h.shape for h in hidden_states],
+                            ctx.needs)
     return grads_hs, None, None, None, None, grad_w, grad_b, None, None
 
 

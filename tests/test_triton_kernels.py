@@ -336,6 +336,51 @@ def test_random_sti_specs(data):
     _check_linear(hs, spec, w, b, "gelu", "auto", dtype)
 
 
+# --------------------------------------------------------------------------- backward scatter
+def _scatter_case(spec, n, B, T, C, dtype, seed, needs=None):
+    from dc_kernels.autograd import scatter_to_layers
+    from dc_kernels.ops.triton_scatter import scatter_grad_triton
+    g = torch.Generator().manual_seed(seed)
+    grad_a = torch.randn(B, spec.tokens_kept(T), spec.out_channels(C), generator=g).to(dtype)
+    shapes = [torch.Size((B, T, C))] * n
+    needs = needs or [True] * n
+    got = scatter_grad_triton(grad_a.to(DEVICE), spec, shapes, needs)
+    exact = scatter_to_layers(grad_a.double(), spec, shapes, needs)  # fp64 formulation
+    read = set(spec.used_layers)
+    for i in range(n):
+        if i not in read or not needs[i]:
+            assert got[i] is None, f"layer {i} should get no gradient"
+            continue
+        assert got[i].dtype == dtype and got[i].shape == (B, T, C)
+        # each element: a sum of at most 2 scaled slab values in fp32, rounded once
+        assert_close_to_fp64(got[i], exact[i], dtype, terms=2)
+        if spec.drop_cls:
+            assert not got[i][:, 0].any(), "CLS position must get a zero gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("encoder,connector", [("clip", "dci"), ("siglip", "dci"),
+                                               ("clip", "sci")])
+def test_scatter_grad_presets(encoder, connector, dtype):
+    spec = ConnectorSpec.preset(encoder, connector)
+    _scatter_case(spec, spec.num_hidden_states, 2, 13, 20, dtype, seed=40)
+
+
+@pytest.mark.parametrize("name", ["dci_3groups", "dci_overlap_single", "sci_4layers",
+                                  "dci_longer_tuple"])
+def test_scatter_grad_custom_and_partial(name):
+    spec, n = CUSTOM_SPECS[name]
+    _scatter_case(spec, n, 3, 9, 17, torch.bfloat16, seed=41)
+    needs = [i % 2 == 0 for i in range(n)]  # only some layers require grad
+    _scatter_case(spec, n, 3, 9, 17, torch.float32, seed=42, needs=needs)
+
+
+def test_scatter_grad_int64_offsets(monkeypatch):
+    monkeypatch.setattr(triton_dc, "_FORCE_OFF64", True)
+    spec = ConnectorSpec.preset("clip", "dci")
+    _scatter_case(spec, 25, 2, 11, 12, torch.float16, seed=43)
+
+
 # --------------------------------------------------------------------------- dispatch, errors
 def test_dispatch_rule():
     choose = triton_dc.choose_linear_path

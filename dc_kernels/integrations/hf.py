@@ -225,7 +225,7 @@ class DenseConnectorVisionTower(nn.Module):
             raise TypeError(f"drop_last_layer must be a bool or None, got {drop_last_layer!r}")
         transformer = _resolve_transformer(vision_model)
         self.encoder_type = _tower_kind(vision_model, transformer)
-        self.drop_last_layer = (self.encoder_type == "siglip") if drop_last_layer is None \
+        self.drop_last_layer = False if drop_last_layer is None \
             else drop_last_layer
         self.streaming = streaming
         self.vision_model = vision_model

@@ -123,6 +123,20 @@ def compile_sti_features(arch: int, dtype: torch.dtype, starts, sizes, config: d
     return _build(triton_dc._sti_features_kernel, sig, const, arch, config["num_warps"], 1)
 
 
+def compile_scatter(arch: int, dtype: torch.dtype, slabs, num_groups: int, config: dict, *,
+                    tok0=1, off64=False) -> CompileReport:
+    """Build ``_scatter_grad_kernel`` for ``sm_{arch}``; ``slabs[i]``: the slabs output i reads."""
+    from .triton_scatter import _scatter_grad_kernel
+    t = "*" + _TRITON_TYPE[dtype]
+    sig = {"grad_a": t, "stride_ab": "i32", "stride_at": "i32", "grads": (t,) * len(slabs),
+           "stride_gb": "i32", "stride_gt": "i32", "M": "i32", "T": "i32", "T_KEEP": "i32",
+           "C": "i32"}
+    const = dict(TOK0=tok0, SLABS=tuple(tuple(x) for x in slabs),
+                 SLAB_SCALE=(1.0,) + (0.5,) * num_groups, OFF64=off64, EMULATE_RNE=False,
+                 BLOCK_M=config["BLOCK_M"], BLOCK_C=config["BLOCK_C"])
+    return _build(_scatter_grad_kernel, sig, const, arch, config["num_warps"], 1)
+
+
 # --------------------------------------------------------------------------- the full matrix
 ARCHS = (80, 90)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -165,6 +179,9 @@ def aot_cases():
                         cases.append(dict(kernel=kind, arch=arch, dtype=dt, config=i,
                                           uniform=True, off64=False, precision="tf32",
                                           wgmma=True))
+            for off64 in (False, True):
+                cases.append(dict(kernel="scatter", arch=arch, dtype=dt, config=0, uniform=True,
+                                  off64=off64, precision="ieee", wgmma=False))
             for kernel in ("features", "sti-features"):
                 for uniform in (True, False):
                     for off64 in (False, True):
@@ -185,6 +202,14 @@ def build_case(case: dict) -> dict:
         if case["kernel"] == "features":
             r = compile_features(case["arch"], dtype, starts, sizes, triton_dc.FEATURES_CONFIG,
                                  uniform=case["uniform"], off64=case["off64"])
+        elif case["kernel"] == "scatter":
+            # CLIP DCI: 24 layer gradients, layer 23 from both the base slab and group 2
+            from ..spec import ConnectorSpec
+            from .triton_scatter import SCATTER_CONFIG, layer_slabs
+            spec = ConnectorSpec.preset("clip", "dci")
+            slabs = [s for s in layer_slabs(spec, spec.num_hidden_states) if s]
+            r = compile_scatter(case["arch"], dtype, slabs, spec.num_groups, SCATTER_CONFIG,
+                                off64=case["off64"])
         elif case["kernel"] == "sti-features":
             # pooled groups of 13 layers (a custom STI spec; the presets pool single layers)
             r = compile_sti_features(case["arch"], dtype, starts, sizes,
