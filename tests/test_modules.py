@@ -219,14 +219,14 @@ def test_compile_inductor_triton_op():
 
 
 # --------------------------------------------------------------------------- autocast, env
-def test_autocast_behaves_like_nn_linear():
-    # CPU autocast (bf16): nn.Linear casts input, weight and bias and returns bf16
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_behaves_like_nn_linear(backend):
+    # autocast (bf16): nn.Linear casts input, weight and bias and returns bf16
     spec, proj, hs = _setup("clip", "dci", torch.float32)
-    if DEVICE != "cpu":
-        pytest.skip("CPU autocast rule; the CUDA rule is the same code path")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         want = nn.functional.gelu(proj[0](dense_connector_features(hs, spec)))
-        got = dense_connector_linear(hs, spec, proj[0].weight, proj[0].bias, "gelu")
+        got = dense_connector_linear(hs, spec, proj[0].weight, proj[0].bias, "gelu",
+                                     backend=backend)
     assert want.dtype == got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
 

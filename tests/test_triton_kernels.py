@@ -408,11 +408,10 @@ def test_triton_backend_rejects_fp64():
     assert dense_connector_features(hs, spec, backend="auto").dtype == torch.float64
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors are only refused off the interpreter")
 def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
     monkeypatch.setattr(triton_dc, "interpreting", lambda: False)
     spec = ConnectorSpec.preset("clip", "dci")
-    hs = _hs(spec, 1, 17, 8, torch.float32, 20)
+    hs = make_hidden_states(spec.num_hidden_states, 1, 17, 8, torch.float32, 20)  # CPU
     with pytest.raises(ValueError, match="CUDA"):
         dense_connector_features(hs, spec, backend="triton")
 
