@@ -191,7 +191,7 @@ def test_spec_is_hashable_and_compares_by_value():
 
 def test_integer_scalars_are_accepted_and_normalised():
     # e.g. indices read from a numpy array or a config file
-    np = pytest.importorskip("numpy")
+    import numpy as np
     spec = ConnectorSpec("dci", final_layer=np.int64(5), groups=((np.int32(0), 3), (3, 6)),
                          pool_size=np.int16(4), num_hidden_states=np.int64(7))
     assert spec == ConnectorSpec("dci", 5, ((0, 3), (3, 6)), pool_size=4, num_hidden_states=7)

@@ -1,12 +1,15 @@
-"""Triton kernels for DCI/SCI: a one-pass features kernel and a fused first projector layer.
+"""Triton kernels of the forward pass: one-pass features kernels and the fused first layer.
 
-Both kernels read the hidden states **in place**: the layers are a tuple-of-tensors kernel
+The kernels read the hidden states **in place**: the layers are a tuple-of-tensors kernel
 argument (entry 0 the base layer, then every group's members in order; a layer in two groups is
 simply passed twice), each with its own strides, and CLS is dropped by a token offset. Nothing is
 stacked or copied. Sums are accumulated in fp32 and rounded once.
 
 * ``_features_kernel``: each program owns ``BLOCK_M`` rows x ``BLOCK_C`` channels, loads the base
   tile and every group member once and writes its part of every slab of ``A = [B, T', (G+1)C]``.
+* ``_sti_features_kernel``: STI, tokens instead of channels: copies the base tokens and writes
+  each group's pooled tokens (mean over ``pool`` consecutive tokens of every member layer) in
+  the original's row order.
 * ``_linear_kernel``: ``act(A @ W^T + b)`` where the K loop builds ``A`` on the fly: K-slab 0 is the
   base tile, K-slab ``g`` sums group ``g``'s layer tiles and scales by ``1/len``, rounded to the
   input dtype (so fused and two-pass agree bit for bit in A). Bias and exact-erf GELU in the
@@ -14,7 +17,8 @@ stacked or copied. Sums are accumulated in fp32 and rounded once.
   the second pass of the two-pass path.
 
 Launchers check their inputs (the public functions validate first); :func:`choose_linear_path`
-holds the fused-vs-two-pass rule.
+holds the fused-vs-two-pass rule. The backward's gradient scatter lives in ``triton_scatter``,
+the autograd wiring in ``dc_kernels/autograd.py``.
 """
 
 from __future__ import annotations
