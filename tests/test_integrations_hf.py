@@ -12,6 +12,7 @@ The ground truth is the original pipeline: the tower run by transformers with
 """
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import reference
 from conftest import CUSTOM_SPECS, make_hidden_states
 from dc_kernels import (BACKEND_ENV, ConnectorSpec, DenseConnector, DenseConnectorVisionTower,
                         StreamingFeatures, dense_connector_features, patch_llava)
-from dc_kernels.integrations import hf, project_features
+from dc_kernels.integrations import project_features
 
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, SiglipVisionConfig, SiglipVisionModel)
@@ -347,6 +348,40 @@ def test_hooks_removed_on_exception(failure, monkeypatch):
     # ... and are gone now
     assert all(len(layer._forward_hooks) == 0 for layer in layers)
     assert all(len(layer._forward_pre_hooks) == 0 for layer in layers)
+
+
+def test_concurrent_streaming_forwards_do_not_mix(monkeypatch):
+    # The hooks are on shared layers: while one streaming forward runs, another thread runs
+    # the same tower. Each call must see only its own layer outputs.
+    tower = _tower("clip")
+    wrapper = DenseConnectorVisionTower(tower, DenseConnector(ConnectorSpec.preset("clip"),
+                                                              WIDTH, LLM))
+    pixels_a, pixels_b = _pixels(seed=1), _pixels(seed=2)
+    with torch.no_grad():
+        want_a, want_b = wrapper(pixels_a), wrapper(pixels_b)
+    results = {}
+    layer = tower.encoder.layers[3]
+    original_forward = layer.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread() and "b" not in results:
+            def other():
+                try:
+                    with torch.no_grad():
+                        results["b"] = wrapper(pixels_b)
+                except Exception as e:  # reported below
+                    results["b"] = e
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+        return original_forward(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", forward)
+    with torch.no_grad():
+        got_a = wrapper(pixels_a)
+    assert isinstance(results["b"], torch.Tensor), repr(results["b"])
+    assert torch.equal(got_a, want_a)
+    assert torch.equal(results["b"], want_b)
 
 
 def test_transformers_recording_hooks_stay_quiet():

@@ -15,6 +15,7 @@ follow the 4.x conventions (extra positional mask arguments, tuple outputs).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import os
 import types
@@ -33,6 +34,11 @@ __all__ = ["DenseConnectorVisionTower", "patch_llava", "project_features",
 
 #: ``model_type`` of the vision configs the tower wrapper understands.
 SUPPORTED_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+# The accumulator of the streaming forward running in this context (thread / task). Hooks are
+# module-wide: a forward of the same layers in another thread (or nested) must not feed them.
+_ACTIVE_STREAM: contextvars.ContextVar = contextvars.ContextVar("dc_kernels_stream",
+                                                                default=None)
 
 
 # --------------------------------------------------------------------------- tower helpers
@@ -160,8 +166,10 @@ def project_features(connector: DenseConnector, features: torch.Tensor) -> torch
             f"{features.dtype}: convert one of them (e.g. connector.to(tower.dtype))")
     linears = connector._linears
     x = F.linear(features, weight, bias)
+    del features  # a caller passing a temporary frees the features here
     for lin in linears[1:]:
-        x = lin(F.gelu(x))
+        x = F.gelu(x)  # one statement each: at most two [M, H] tensors alive
+        x = lin(x)
     return x
 
 
@@ -225,7 +233,7 @@ class DenseConnectorVisionTower(nn.Module):
             raise TypeError(f"drop_last_layer must be a bool or None, got {drop_last_layer!r}")
         transformer = _resolve_transformer(vision_model)
         self.encoder_type = _tower_kind(vision_model, transformer)
-        self.drop_last_layer = False if drop_last_layer is None \
+        self.drop_last_layer = (self.encoder_type == "siglip") if drop_last_layer is None \
             else drop_last_layer
         self.streaming = streaming
         self.vision_model = vision_model
@@ -328,8 +336,9 @@ class DenseConnectorVisionTower(nn.Module):
 
         Equals ``dense_connector_features(self.hidden_states(pixel_values), spec,
         backend="torch")`` bit for bit, without keeping the hidden states. The hooks live only
-        during this call (removed in ``finally``); layers after the last one the spec reads are
-        not run.
+        during this call (removed in ``finally``) and feed only this call: a forward of the same
+        tower in another thread at the same time is not mixed in. Layers after the last one the
+        spec reads are not run.
         """
         self._check_pixels(pixel_values)
         transformer = self._transformer
@@ -340,9 +349,11 @@ class DenseConnectorVisionTower(nn.Module):
 
         def make_hook(index):
             def hook(module, args, output):
-                acc.add(index, _layer_output(output))
+                if _ACTIVE_STREAM.get() is acc:  # not a forward of another thread / call
+                    acc.add(index, _layer_output(output))
             return hook
 
+        token = _ACTIVE_STREAM.set(acc)
         try:
             for k in range(run):
                 handles.append(layers[k].register_forward_hook(make_hook(k + 1)))
@@ -356,6 +367,7 @@ class DenseConnectorVisionTower(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+            _ACTIVE_STREAM.reset(token)
 
     def forward(self, pixel_values: torch.Tensor,
                 interpolate_pos_encoding: bool = False) -> torch.Tensor:
