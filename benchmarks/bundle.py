@@ -1,0 +1,215 @@
+"""The GPU bundle: one command that, on a CUDA machine, produces the committed evidence.
+
+1. runs the project's test suite (``pytest tests -q``) with compiled kernels (no
+   ``TRITON_INTERPRET``) and keeps its summary line;
+2. runs the issue-3 table: CLIP-L/336 -> 4096, bf16, 1 and 16 images, ops ``features`` and
+   ``linear``, every provider (eager reference, ``torch.compile`` max-autotune, dc_kernels auto,
+   fused and two-pass), with the copy bandwidth and matmul peak measured in the same run;
+3. checks the issue-3 targets (PASS/FAIL each) and writes
+   ``<out>/<date>-<card-slug>.md`` and ``.json`` (card, torch, triton, python, date, the pytest
+   summary, the table, the checks).
+
+It refuses to run without CUDA. Budget: under 10 minutes on an H100 (tests are stopped at
+``test_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from .cases import Case, SHAPES
+from .costs import floor_cost, floor_seconds
+from .machine import slug
+from .providers import PROVIDERS
+from .report import markdown_report, print_table, write_json, write_text
+from .runner import Row, RunResult, Selection, run
+
+__all__ = ["BUNDLE_SELECTION", "ISSUE3_BYTES_PER_S", "ISSUE3_FLOP_PER_S", "TargetCheck",
+           "run_test_suite", "target_checks", "run_bundle", "REPO_ROOT", "RESULTS_DIR"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+
+SHAPE = "clip336-4096"
+BUNDLE_SELECTION = Selection(shapes=[SHAPE], images=[1, 16], ops=["features", "linear"],
+                             providers=list(PROVIDERS), budget_s=0.1)
+#: The fixed ceilings of issue 3's floor (H100: ~3.0 TB/s copy, ~800 TFLOP/s bf16 matmul).
+ISSUE3_BYTES_PER_S = 3.0e12
+ISSUE3_FLOP_PER_S = 8.0e14
+_DC_PROVIDERS = ("dc_kernels", "dc_kernels-fused", "dc_kernels-two-pass")
+
+
+@dataclass
+class TargetCheck:
+    """One issue-3 target: what was measured, the target, PASS / FAIL / MISSING."""
+
+    name: str
+    target: str
+    measured: str
+    status: str
+    detail: str = ""
+
+
+def run_test_suite(timeout_s: float) -> dict:
+    """``pytest tests -q`` in a subprocess from the repository root, TRITON_INTERPRET unset.
+
+    Returns ``{"returncode", "summary", "seconds", "tail"}``; returncode None on a timeout.
+    """
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+        out, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
+            else (e.stdout or "")
+        code = None
+    seconds = time.perf_counter() - start
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    summary = next((ln.strip("= ") for ln in reversed(lines)
+                    if re.search(r"\b(passed|failed|error|errors|no tests ran)\b", ln)), None)
+    if summary is None and lines:
+        summary = lines[-1].strip()
+    if code is None:
+        summary = f"timed out after {timeout_s:.0f} s" + (f" (last: {summary})" if summary
+                                                          else "")
+    return {"command": "pytest tests -q (TRITON_INTERPRET unset)", "returncode": code,
+            "summary": _scrub(summary or "(no summary line)"), "seconds": round(seconds, 1),
+            "tail": _scrub("\n".join(lines[-40:]))}
+
+
+def _scrub(text: str) -> str:
+    """Drop this machine's absolute paths from pytest output before it goes in a result file."""
+    text = text.replace(REPO_ROOT + os.sep, "").replace(REPO_ROOT, ".")
+    return re.sub(r"/[^\s:'\"]*/(site|dist)-packages/", "<site-packages>/", text)
+
+
+def _find(rows: List[Row], op: str, images: int, provider: str) -> Optional[Row]:
+    return next((r for r in rows if (r.op, r.images, r.provider) == (op, images, provider)),
+                None)
+
+
+def _status(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def target_checks(result: RunResult) -> List[TargetCheck]:
+    """The four issue-3 targets, from the bundle's rows and measured ceilings."""
+    rows, checks = result.rows, []
+
+    # 1. one image: best dc_kernels path within 1.3x of the issue's fixed-ceiling floor
+    dc1 = [r for r in (_find(rows, "linear", 1, p) for p in _DC_PROVIDERS) if r]
+    case1 = Case(SHAPES[SHAPE], 1)
+    floor1 = floor_seconds(floor_cost("linear", case1, 2), ISSUE3_BYTES_PER_S,  # bf16: 2 B
+                           ISSUE3_FLOP_PER_S) * 1e3
+    name1 = "1 image, linear+bias+GELU: best dc_kernels time / floor"
+    if dc1:
+        best = min(dc1, key=lambda r: r.median_ms)
+        ratio = best.median_ms / floor1
+        checks.append(TargetCheck(
+            name1, "<= 1.3x of max(bytes / 3.0 TB/s, FLOPs / 800 TFLOP/s)",
+            f"{ratio:.2f}x ({best.median_ms * 1e3:.1f} us vs {floor1 * 1e3:.1f} us)",
+            _status(ratio <= 1.3),
+            f"best: {best.provider}; vs the floor of this run's measured ceilings: "
+            f"{best.pct_of_floor:.0f}% of floor"))
+    else:
+        checks.append(TargetCheck(name1, "<= 1.3x", "not measured", "MISSING"))
+
+    # 2-3. sixteen images: dc_kernels (auto) against compile and eager
+    dc16 = _find(rows, "linear", 16, "dc_kernels")
+    paths = ", ".join(f"{r.provider} {r.speedup_vs_compile:.2f}x / {r.speedup_vs_reference:.2f}x"
+                      for r in (_find(rows, "linear", 16, p) for p in _DC_PROVIDERS[1:])
+                      if r and r.speedup_vs_compile and r.speedup_vs_reference)
+    for key, label, target in (("speedup_vs_compile", "reference+compile (max-autotune)", 1.4),
+                               ("speedup_vs_reference", "eager reference", 2.5)):
+        name = f"16 images, linear+bias+GELU: dc_kernels speedup vs {label}"
+        value = getattr(dc16, key) if dc16 else None
+        if value is None:
+            checks.append(TargetCheck(name, f">= {target}x", "not measured", "MISSING"))
+        else:
+            checks.append(TargetCheck(name, f">= {target}x", f"{value:.2f}x",
+                                      _status(value >= target),
+                                      f"{dc16.note}; explicit paths (vs compile / vs eager): "
+                                      f"{paths or 'n/a'}"))
+
+    # 4. features kernel bandwidth against the copy bandwidth measured in this run
+    copy = result.ceilings.copy_bytes_per_s / 1e9
+    f16 = _find(rows, "features", 16, "dc_kernels")
+    f1 = _find(rows, "features", 1, "dc_kernels")
+    name4 = "features kernel (16 images): GB/s as % of measured copy bandwidth"
+    if f16:
+        pct = 100.0 * f16.gbps / copy
+        checks.append(TargetCheck(
+            name4, ">= 85%", f"{pct:.0f}% ({f16.gbps:.4g} of {copy:.4g} GB/s)", _status(pct >= 85),
+            f"1 image: {100.0 * f1.gbps / copy:.0f}% ({f1.gbps:.4g} GB/s)" if f1 else ""))
+    else:
+        checks.append(TargetCheck(name4, ">= 85%", "not measured", "MISSING"))
+    return checks
+
+
+def _checks_markdown(tests: dict, checks: List[TargetCheck], failure: Optional[str]) -> str:
+    lines = ["## Test suite", "",
+             f"`{tests['command']}`: **{tests['summary']}** ({tests['seconds']} s, exit "
+             f"{tests['returncode']})", ""]
+    if tests["returncode"] != 0:
+        lines += ["<details><summary>last lines of the pytest output</summary>", "", "```",
+                  tests["tail"], "```", "", "</details>", ""]
+    lines += ["## Issue-3 targets (CLIP-L/336 -> 4096, bf16)", "",
+              "| check | target | measured | status | detail |", "|---|---|---|---|---|"]
+    lines += [f"| {c.name} | {c.target} | {c.measured} | **{c.status}** | {c.detail} |"
+              for c in checks]
+    if failure:
+        lines += ["", f"**CORRECTNESS FAILURE, the table is partial:** {failure}"]
+    return "\n".join(lines)
+
+
+def run_bundle(out_dir: Optional[str], test_timeout_s: float,
+               log: Callable[[str], None]) -> int:
+    """Run the bundle; returns the exit code (0: tests passed and every row was correct)."""
+    if not torch.cuda.is_available():
+        log("--gpu-bundle needs a CUDA GPU: torch.cuda.is_available() is False here "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). Run it on a "
+            "GPU machine; on CPU use `python -m benchmarks --quick`.")
+        return 2
+    from .accuracy import CorrectnessError
+    device = torch.device("cuda")
+    start = time.perf_counter()
+    log(f"[bundle] running the test suite (timeout {test_timeout_s:.0f} s) ...")
+    tests = run_test_suite(test_timeout_s)
+    log(f"[bundle] tests: {tests['summary']} ({tests['seconds']} s)")
+    log("[bundle] running the issue-3 table ...")
+    failure = None
+    try:
+        result = run(BUNDLE_SELECTION, device, torch.bfloat16, log)
+    except CorrectnessError as e:
+        failure, result = str(e), e.partial
+        log(f"[bundle] CORRECTNESS FAILURE: {failure}")
+    checks = target_checks(result)
+    m = result.machine
+    stem = f"{m['date']}-{slug(m['device_name'])}"
+    folder = out_dir or RESULTS_DIR
+    title = f"dc_kernels GPU bundle: {m['device_name']}, {m['date']}"
+    md = markdown_report(result, title, [_checks_markdown(tests, checks, failure)])
+    write_text(os.path.join(folder, stem + ".md"), md)
+    write_json(os.path.join(folder, stem + ".json"), result,
+               {"bundle": True, "tests": tests, "targets": [asdict(c) for c in checks],
+                "correctness_failure": failure,
+                "issue3_ceilings": {"bytes_per_s": ISSUE3_BYTES_PER_S,
+                                    "flop_per_s": ISSUE3_FLOP_PER_S}})
+    print_table(result, sys.stdout)
+    for c in checks:
+        print(f"{c.status:7s} {c.name}: {c.measured} (target {c.target})")
+    log(f"[bundle] tests: {tests['summary']}; wrote {stem}.md and {stem}.json in "
+        f"{os.path.relpath(folder)}; {time.perf_counter() - start:.0f} s in all")
+    return 0 if tests["returncode"] == 0 and failure is None else 1

@@ -1,0 +1,162 @@
+"""``python -m benchmarks``: the command line.
+
+Examples::
+
+    python -m benchmarks --quick                       # CPU-friendly subset, about a minute
+    python -m benchmarks --device cuda --json r.json --markdown r.md --plot r.png
+    python -m benchmarks --ops linear --filter clip336-4096/16img
+    python -m benchmarks --gpu-bundle                  # tests + issue-3 table + result files
+
+Exit codes: 0 success; 1 GPU bundle with failing tests; 2 bad arguments or no CUDA where CUDA
+is required; 3 a provider returned a wrong result (nothing of it is timed or written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+from .accuracy import CorrectnessError
+from .cases import DTYPES, IMAGES, OPS, QUICK_IMAGES, SHAPES
+from .providers import PROVIDERS, QUICK_PROVIDERS, unavailable_reason
+from .report import markdown_report, plot_speedups, print_table, write_json, write_text
+from .runner import Selection, plan, run
+
+__all__ = ["build_parser", "main"]
+
+QUICK_SHAPES = ("clip336-4096",)
+QUICK_OPS = ("features", "linear")
+DEFAULT_SHAPES = tuple(SHAPES)
+
+
+def _csv(kind: str, known: Sequence[str]):
+    def parse(text: str) -> List[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {bad}; choose from {list(known)}")
+        return items
+    return parse
+
+
+def _int_csv(text: str) -> List[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"image counts must be >= 1, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (see the module docstring and benchmarks/README.md)."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark dc_kernels against the original Dense Connector (eager and "
+                    "torch.compile). Every row is checked for correctness before it is timed.")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available (default)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-friendly subset: clip336-4096, 1 and 4 images, features and linear, "
+                        "providers reference, reference+compile, dc_kernels (and the Triton "
+                        "paths on CUDA)")
+    p.add_argument("--shapes", type=_csv("shape", tuple(SHAPES)), default=None,
+                   help=f"comma-separated, from {', '.join(SHAPES)} (default: all)")
+    p.add_argument("--images", type=_int_csv, default=None,
+                   help=f"comma-separated image counts (default: {','.join(map(str, IMAGES))})")
+    p.add_argument("--ops", type=_csv("op", OPS), default=None,
+                   help=f"comma-separated, from {', '.join(OPS)} (default: all)")
+    p.add_argument("--providers", type=_csv("provider", PROVIDERS), default=None,
+                   help=f"comma-separated, from {', '.join(PROVIDERS)} (default: all that run "
+                        "on the device)")
+    p.add_argument("--filter", default=None, metavar="SUBSTR",
+                   help="keep rows whose name op/shape/<n>img/provider contains SUBSTR")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="time per measurement (CPU sampling; do_bench rep on CUDA). Default: "
+                        "0.1 on cuda, 1.0 on cpu, 0.5 with --quick on cpu")
+    p.add_argument("--json", metavar="PATH", help="write every row field as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write a markdown report")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of speedup vs images "
+                                                  "(needs matplotlib)")
+    p.add_argument("--gpu-bundle", action="store_true",
+                   help="CUDA only: run the test suite and the issue-3 table, check the targets, "
+                        "write <date>-<card>.md/.json under benchmarks/results (or --out)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="--gpu-bundle: folder for the result files")
+    p.add_argument("--test-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="--gpu-bundle: stop the test suite after this long (default 300)")
+    return p
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _resolve_device(name: str) -> Optional[torch.device]:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        return None
+    return torch.device(name)
+
+
+def _selection(args, device: torch.device) -> Selection:
+    quick = args.quick
+    providers = args.providers
+    if providers is None:
+        pool = QUICK_PROVIDERS if quick and device.type != "cuda" else PROVIDERS
+        # the providers that run on this device for at least one op
+        providers = [p for p in pool if any(unavailable_reason(p, op, device) is None
+                                            for op in OPS)]
+    budget = args.budget
+    if budget is None:
+        budget = 0.1 if device.type == "cuda" else (0.5 if quick else 1.0)
+    return Selection(
+        shapes=args.shapes or (QUICK_SHAPES if quick else DEFAULT_SHAPES),
+        images=args.images or (QUICK_IMAGES if quick else IMAGES),
+        ops=args.ops or (QUICK_OPS if quick else OPS),
+        providers=providers, filter=args.filter, budget_s=budget)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv``, run, print the table; see the module docstring for exit codes."""
+    args = build_parser().parse_args(argv)
+    if args.gpu_bundle:
+        from .bundle import run_bundle
+        return run_bundle(args.out, args.test_timeout, _log)
+    device = _resolve_device(args.device)
+    if device is None:
+        _log("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        return 2
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    selection = _selection(args, device)
+    if not plan(selection, device)[0]:
+        _log("nothing to run: the selection and --filter leave no row (row names look like "
+             "linear/clip336-4096/16img/dc_kernels)")
+        return 2
+    try:
+        result = run(selection, device, DTYPES[dtype_name], _log)
+    except CorrectnessError as e:
+        _log("=" * 78)
+        _log(f"CORRECTNESS FAILURE: {e}")
+        _log("A provider returned a wrong result; its time is not reported. Nothing written.")
+        _log("=" * 78)
+        return 3
+    print_table(result, sys.stdout)
+    title = f"dc_kernels benchmark: {result.machine['device_name']}, {result.dtype}" + \
+        (" (--quick)" if args.quick else "")
+    if args.markdown:
+        write_text(args.markdown, markdown_report(result, title))
+        _log(f"markdown written to {args.markdown}")
+    if args.json:
+        write_json(args.json, result, {"quick": bool(args.quick)})
+        _log(f"JSON written to {args.json}")
+    if args.plot:
+        _log(plot_speedups(result, args.plot))
+    return 0

@@ -1,0 +1,201 @@
+"""The implementations compared ("providers") and the callables each one times.
+
+* ``reference``: the original's eager code -- ``reference.dense_connector`` for the features,
+  then the original's ``nn.Sequential`` projector (``nn.Linear``, ``nn.GELU``, ``nn.Linear``).
+* ``reference+compile``: ``torch.compile`` of that same callable (``mode=
+  "max-autotune-no-cudagraphs"`` on CUDA, the default mode on CPU; static shapes, and dynamo's
+  caches reset first so every case compiles fresh instead of hitting the recompile limit).
+* ``dc_kernels``: ``dense_connector_features`` / ``dense_connector_linear`` with
+  ``backend="auto"`` (torch on CPU, Triton on CUDA); the connector's second Linear is
+  ``F.linear``.
+* ``dc_kernels-fused`` / ``dc_kernels-two-pass`` (CUDA only, ops with a first layer, forward
+  only): ``dense_connector_linear(..., backend="triton", path=...)``.
+
+Forward ops run under ``torch.no_grad()`` (inference, as LLaVA runs the connector).
+``linear-fwd-bwd`` keeps grad mode on: the hidden states do not require grad, the first
+layer's weight and bias do, and the timed unit is the forward plus
+``torch.autograd.grad(y.sum(), (weight, bias))``. Whether the Triton path carries autograd is
+probed once per device (:func:`triton_has_autograd`): if it does, ``dc_kernels`` and the
+explicit paths run it; if not, ``dc_kernels`` runs ``backend="torch"`` for this op (its row
+says so) and the explicit paths are not run.
+
+Every callable takes no argument and returns a tuple of tensors: ``(features,)``, ``(y,)`` or
+``(y, dW, db)``, which :mod:`benchmarks.accuracy` checks against the reference's.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import reference
+from dc_kernels import dense_connector_features, dense_connector_linear
+from dc_kernels.functional import resolve_backend
+
+from .cases import OPS, Inputs
+
+__all__ = ["PROVIDERS", "QUICK_PROVIDERS", "Prepared", "unavailable_reason", "prepare",
+           "reference_features", "triton_has_autograd", "compile_mode"]
+
+PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
+             "dc_kernels-two-pass")
+QUICK_PROVIDERS = ("reference", "reference+compile", "dc_kernels")
+_PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass"}
+_FORWARD_OPS = ("features", "linear", "connector")
+
+Outputs = Tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Prepared:
+    """A provider ready to run one op on one case.
+
+    Attributes:
+        fn: the timed unit; returns the outputs to check.
+        note: what the row should say about it (backend, path, compile mode), or "".
+        compiles: the first call compiles (its time is reported apart, never timed).
+    """
+
+    fn: Callable[[], Outputs]
+    note: str = ""
+    compiles: bool = False
+
+
+def compile_mode(device: torch.device) -> Optional[str]:
+    """``torch.compile`` mode of the ``reference+compile`` provider on ``device``."""
+    return "max-autotune-no-cudagraphs" if device.type == "cuda" else None
+
+
+def unavailable_reason(provider: str, op: str, device: torch.device) -> Optional[str]:
+    """Why ``provider`` cannot run ``op`` on ``device``, or None when it can."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if provider in _PATHS:
+        if device.type != "cuda":
+            return "the Triton paths need CUDA"
+        if op == "features":
+            return "the features op has a single Triton kernel (see the dc_kernels row)"
+        if op == "linear-fwd-bwd" and not triton_has_autograd(device):
+            return "the Triton path has no autograd yet"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_has_autograd(device: torch.device) -> bool:
+    """Does ``dense_connector_linear(backend="triton")`` return an output that carries grad?
+
+    Probed once per device on a tiny input with a weight that requires grad (False off CUDA:
+    there the benchmarks never run the Triton backend).
+    """
+    return device.type == "cuda" and _probe_autograd(device)
+
+
+def _probe_autograd(device: torch.device) -> bool:
+    from dc_kernels import ConnectorSpec
+    spec = ConnectorSpec("sci", final_layer=0, groups=((1, 2),))
+    hs = tuple(torch.randn(1, 4, 16, device=device) for _ in range(2))
+    w = torch.randn(8, 32, device=device, requires_grad=True)
+    with torch.enable_grad():
+        y = dense_connector_linear(hs, spec, w, None, "gelu", backend="triton")
+    return y.requires_grad
+
+
+def reference_features(inputs: Inputs) -> torch.Tensor:
+    """The original's features: ``reference.dense_connector`` on its base features."""
+    shape = inputs.case.shape
+    hs = inputs.hidden_states
+    base = reference.select_image_features(hs, shape.is_siglip)
+    return reference.dense_connector(base, hs, shape.is_siglip, shape.connector)
+
+
+def _reference_forward(op: str, inputs: Inputs) -> Callable[[], torch.Tensor]:
+    proj = inputs.projector
+
+    def features():
+        return reference_features(inputs)
+
+    def linear():
+        return proj[1](proj[0](reference_features(inputs)))
+
+    def connector():
+        return proj(reference_features(inputs))
+
+    return {"features": features, "linear": linear, "connector": connector,
+            "linear-fwd-bwd": linear}[op]
+
+
+def _dc_forward(op: str, inputs: Inputs, backend: str, path: str) -> Callable[[], torch.Tensor]:
+    hs, spec = inputs.hidden_states, inputs.spec
+
+    def features():
+        return dense_connector_features(hs, spec, backend=backend)
+
+    def linear():
+        return dense_connector_linear(hs, spec, inputs.w1, inputs.b1, "gelu", backend=backend,
+                                      path=path)
+
+    def connector():
+        return F.linear(linear(), inputs.w2, inputs.b2)
+
+    return {"features": features, "linear": linear, "connector": connector,
+            "linear-fwd-bwd": linear}[op]
+
+
+def _timed_unit(op: str, forward: Callable[[], torch.Tensor], inputs: Inputs
+                ) -> Callable[[], Outputs]:
+    if op in _FORWARD_OPS:
+        def run():
+            with torch.no_grad():
+                return (forward(),)
+        return run
+    params = (inputs.w1, inputs.b1)
+
+    def run_fwd_bwd():
+        with torch.enable_grad():
+            y = forward()
+            dw, db = torch.autograd.grad(y.sum(), params)
+        return (y.detach(), dw, db)
+    return run_fwd_bwd
+
+
+def _dc_note(op: str, inputs: Inputs, device: torch.device) -> Tuple[str, str]:
+    """(backend argument, note) of the auto ``dc_kernels`` provider: what it actually runs."""
+    resolved = resolve_backend("auto", device)  # honours $DC_KERNELS_BACKEND
+    if resolved == "triton" and op == "linear-fwd-bwd" and not triton_has_autograd(device):
+        return "torch", "backend=torch (the Triton path has no autograd)"
+    if resolved != "triton" or op == "features":
+        return "auto", f"backend={resolved} (auto)"
+    from dc_kernels.ops.triton_dc import choose_linear_path
+    case = inputs.case
+    path = choose_linear_path(case.rows, case.shape.channels, case.shape.hidden,
+                              case.layers_read, inputs.spec.num_groups + 1,
+                              inputs.hidden_states[0].element_size())
+    return "auto", f"backend=triton, auto path={path}"
+
+
+def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
+    """The timed unit of ``provider`` running ``op`` on ``inputs`` (not yet called)."""
+    device = inputs.hidden_states[0].device
+    reason = unavailable_reason(provider, op, device)
+    if reason:
+        raise ValueError(f"{provider} cannot run {op} on {device.type}: {reason}")
+    if provider == "reference":
+        return Prepared(_timed_unit(op, _reference_forward(op, inputs), inputs))
+    if provider == "reference+compile":
+        torch._dynamo.reset()  # fresh caches: no recompile limit, no automatic dynamic shapes
+        mode = compile_mode(device)
+        compiled = torch.compile(_reference_forward(op, inputs), mode=mode, dynamic=False)
+        return Prepared(_timed_unit(op, compiled, inputs), f"mode={mode or 'default'}",
+                        compiles=True)
+    if provider == "dc_kernels":
+        backend, note = _dc_note(op, inputs, device)
+        return Prepared(_timed_unit(op, _dc_forward(op, inputs, backend, "auto"), inputs), note)
+    path = _PATHS[provider]
+    return Prepared(_timed_unit(op, _dc_forward(op, inputs, "triton", path), inputs),
+                    f"backend=triton, path={path}")

@@ -1,0 +1,245 @@
+"""Run a selection of (shape, images, op, provider) and collect one row per timed combination.
+
+For every case (shape x images) the inputs are built once; for every op the eager reference
+runs first and gives the yardstick (:mod:`benchmarks.accuracy`); then every provider is
+prepared, called once (compiling if it compiles), **checked**, timed, and measured for peak
+memory. A wrong result raises :class:`benchmarks.accuracy.CorrectnessError` before any time of
+that provider is recorded (the partial result rides on the exception as ``.partial``).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import accuracy
+from .cases import OPS, SHAPES, Case, make_inputs
+from .ceilings import Ceilings, measure_ceilings
+from .costs import floor_cost, floor_seconds
+from .machine import machine_info
+from .memory import METHOD as MEMORY_METHOD
+from .memory import peak_memory_bytes
+from .providers import PROVIDERS, prepare, unavailable_reason
+from .timing import synchronize, time_fn
+
+__all__ = ["Selection", "Row", "RunResult", "row_name", "plan", "run"]
+
+
+@dataclass
+class Selection:
+    """What to run. ``filter`` keeps rows whose name (:func:`row_name`) contains it."""
+
+    shapes: Sequence[str]
+    images: Sequence[int]
+    ops: Sequence[str] = OPS
+    providers: Sequence[str] = PROVIDERS
+    filter: Optional[str] = None
+    budget_s: float = 1.0  # per timing (CPU sampling time; do_bench's rep on CUDA)
+
+    def validate(self) -> None:
+        """Raise ValueError on unknown names or non-positive image counts."""
+        for kind, names, known in (("shape", self.shapes, SHAPES), ("op", self.ops, OPS),
+                                   ("provider", self.providers, PROVIDERS)):
+            bad = [n for n in names if n not in known]
+            if bad:
+                raise ValueError(f"unknown {kind}(s) {bad}; choose from {list(known)}")
+        if any(int(i) < 1 for i in self.images):
+            raise ValueError(f"images must be >= 1, got {list(self.images)}")
+
+
+@dataclass
+class Row:
+    """One timed (provider, op, shape, images). Times in ms, memory in MiB; None = not
+    applicable (e.g. FLOP/s of the features op, speedup when the baseline was not run)."""
+
+    name: str
+    provider: str
+    op: str
+    shape: str
+    images: int
+    batch: int
+    rows: int  # M
+    k: int
+    n: int
+    dtype: str
+    device: str
+    device_name: str
+    note: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    timing: str
+    first_call_s: float  # compile time included for reference+compile
+    floor_bytes: int
+    floor_flops: int
+    tflops: Optional[float]
+    gbps: float
+    floor_ms: float
+    pct_of_floor: float
+    peak_mib: Optional[float]
+    other_cpu_load: Optional[float]  # CPU: share of the cores other processes used meanwhile
+    max_abs_err: float  # vs the eager reference
+    err_over_bound: float  # worst element-wise error / bound (accuracy.py)
+    max_abs_err_exact: float  # vs the exact result (fp64 features, fp32/fp64 GEMMs)
+    rel_err_exact: float  # ||out - exact|| / ||exact||
+    rel_err_limit: float  # the norm-wise limit it met
+    speedup_vs_reference: Optional[float] = None
+    speedup_vs_compile: Optional[float] = None
+
+
+@dataclass
+class RunResult:
+    """Rows plus everything needed to read them: machine, dtype, ceilings, methods."""
+
+    machine: dict
+    dtype: str
+    ceilings: Ceilings
+    selection: dict
+    rows: List[Row] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    methods: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"machine": self.machine, "dtype": self.dtype,
+                "ceilings": self.ceilings.as_dict(), "selection": self.selection,
+                "methods": self.methods, "elapsed_s": round(self.elapsed_s, 1),
+                "rows": [asdict(r) for r in self.rows], "skipped": self.skipped}
+
+
+def row_name(op: str, shape: str, images: int, provider: str) -> str:
+    """``op/shape/<images>img/provider``, e.g. ``linear/clip336-4096/16img/dc_kernels``."""
+    return f"{op}/{shape}/{images}img/{provider}"
+
+
+def plan(selection: Selection, device: torch.device):
+    """``([(case, op, [providers])], skipped)`` after the filter and availability."""
+    tasks, skipped = [], []
+    for shape in selection.shapes:
+        for images in selection.images:
+            case = Case(SHAPES[shape], int(images))
+            for op in selection.ops:
+                chosen = []
+                for provider in selection.providers:
+                    name = row_name(op, shape, images, provider)
+                    if selection.filter and selection.filter not in name:
+                        continue
+                    reason = unavailable_reason(provider, op, device)
+                    if reason:
+                        skipped.append(f"{name}: {reason}")
+                    else:
+                        chosen.append(provider)
+                if chosen:
+                    tasks.append((case, op, chosen))
+    return tasks, skipped
+
+
+def _fill_speedups(rows: List[Row]) -> None:
+    base = {r.provider: r.median_ms for r in rows}
+    for r in rows:
+        if "reference" in base:
+            r.speedup_vs_reference = base["reference"] / r.median_ms
+        if "reference+compile" in base:
+            r.speedup_vs_compile = base["reference+compile"] / r.median_ms
+
+
+def _measure_row(provider, op, inputs, stick, ceilings, dtype_name, device, device_label,
+                 budget_s) -> Row:
+    case = inputs.case
+    label = row_name(op, case.shape.name, case.images, provider)
+    prepared = prepare(provider, op, inputs)
+    t0 = time.perf_counter()
+    outputs = prepared.fn()
+    synchronize(device)
+    first_call_s = time.perf_counter() - t0
+    checked = accuracy.check(outputs, stick, label)
+    del outputs
+    timing = time_fn(prepared.fn, device, budget_s)
+    peak = peak_memory_bytes(prepared.fn, device)
+    cost = floor_cost(op, case, inputs.hidden_states[0].element_size())
+    floor_s = floor_seconds(cost, ceilings.copy_bytes_per_s, ceilings.matmul_flop_per_s)
+    t = timing.median_s
+    note = prepared.note
+    if prepared.compiles:
+        note += f", first call (compiles) {first_call_s:.1f} s"
+    return Row(
+        name=label, provider=provider, op=op, shape=case.shape.name, images=case.images,
+        batch=case.batch, rows=case.rows, k=case.features_width, n=case.shape.hidden,
+        dtype=dtype_name, device=device.type, device_name=device_label, note=note,
+        median_ms=t * 1e3, p20_ms=timing.p20_s * 1e3, p80_ms=timing.p80_s * 1e3,
+        timing=timing.method, first_call_s=first_call_s,
+        floor_bytes=cost.bytes, floor_flops=cost.flops,
+        tflops=cost.flops / t / 1e12 if cost.flops else None, gbps=cost.bytes / t / 1e9,
+        floor_ms=floor_s * 1e3, pct_of_floor=100.0 * floor_s / t,
+        peak_mib=None if peak is None else peak / 2 ** 20, other_cpu_load=timing.other_load,
+        max_abs_err=checked.max_abs_error, err_over_bound=checked.worst_ratio,
+        max_abs_err_exact=checked.max_abs_error_exact, rel_err_exact=checked.rel_error_exact,
+        rel_err_limit=checked.rel_error_limit)
+
+
+def _free(device: torch.device) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(selection: Selection, device: torch.device, dtype: torch.dtype,
+        log: Callable[[str], None] = lambda s: None) -> RunResult:
+    """Run ``selection`` on ``device`` in ``dtype``; ``log`` receives one line per row."""
+    selection.validate()
+    start = time.perf_counter()
+    dtype_name = str(dtype).replace("torch.", "")
+    tasks, skipped = plan(selection, device)
+    total = sum(len(p) for _, _, p in tasks)
+    log(f"measuring the ceilings (copy bandwidth, {dtype_name} matmul) on {device.type} ...")
+    ceilings = measure_ceilings(device, dtype, max(selection.budget_s, 0.2))
+    log(f"copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
+        f"{ceilings.matmul_flop_per_s / 1e12:.2f} TFLOP/s; {total} rows to run")
+    result = RunResult(
+        machine=machine_info(device), dtype=dtype_name, ceilings=ceilings,
+        selection={"shapes": list(selection.shapes), "images": list(selection.images),
+                   "ops": list(selection.ops), "providers": list(selection.providers),
+                   "filter": selection.filter, "budget_s": selection.budget_s},
+        skipped=skipped,
+        methods={"peak_memory": MEMORY_METHOD[device.type],
+                 "timing": "triton.testing.do_bench, median and p20/p80" if device.type ==
+                 "cuda" else "time.perf_counter per call after warm-up, median and p20/p80"})
+    done = 0
+    current_case, inputs = None, None
+    try:
+        for case, op, providers in tasks:
+            rows = []
+            try:
+                if case != current_case:
+                    inputs = None
+                    _free(device)
+                    current_case = case
+                    inputs = make_inputs(case, dtype, device)
+                stick = accuracy.yardstick(op, inputs, prepare("reference", op, inputs).fn())
+                for provider in providers:
+                    done += 1
+                    row = _measure_row(provider, op, inputs, stick, ceilings, dtype_name,
+                                       device, result.machine["device_name"], selection.budget_s)
+                    rows.append(row)
+                    log(f"[{done}/{total}] {row.name}: {row.median_ms:.3f} ms "
+                        f"(check ok, err/bound {row.err_over_bound:.2g})")
+            except torch.cuda.OutOfMemoryError:
+                message = f"{row_name(op, case.shape.name, case.images, '*')}: out of memory"
+                result.skipped.append(message)
+                log(f"skipped {message}")
+            stick = None
+            _fill_speedups(rows)
+            result.rows.extend(rows)
+    except accuracy.CorrectnessError as e:
+        e.partial = result
+        raise
+    finally:
+        inputs = stick = None
+        _free(device)
+        result.elapsed_s = time.perf_counter() - start
+    return result
