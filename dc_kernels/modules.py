@@ -135,11 +135,36 @@ class DenseConnector(nn.Module):
         deeper = len(self._linears) > 1
         x = dense_connector_linear(hidden_states, self.spec, weight, bias,
                                    "gelu" if deeper else None, backend=self.backend)
+        return self._after_first_layer(x)
+
+    def _after_first_layer(self, x: torch.Tensor) -> torch.Tensor:
+        # x: the first Linear's output, after its GELU when more Linears follow
         for i, lin in enumerate(self._linears[1:], start=1):
             x = lin(x)
             if i < len(self._linears) - 1:
                 x = F.gelu(x)
         return x
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply the projector alone to ready-made features ``[..., spec.out_channels(C)]``.
+
+        What the original's ``mm_projector(features)`` returns; used where the features come
+        from elsewhere (e.g. the streaming vision tower). Under ``torch.autocast`` the Linears run
+        in the autocast dtype, as ``nn.Linear`` does; otherwise the features' dtype must match
+        the weights' (ValueError).
+        """
+        if self.projector_type == "identity":
+            return features
+        weight, bias = self._first_linear()
+        if not torch.is_autocast_enabled(features.device.type) and weight.dtype != features.dtype:
+            raise ValueError(
+                f"the projector's weights are {weight.dtype}, the features {features.dtype}: "
+                "convert one of them (e.g. connector.to(features.dtype))")
+        x = F.linear(features, weight, bias)
+        del features  # a caller passing a temporary frees the features here
+        if len(self._linears) > 1:
+            x = F.gelu(x)
+        return self._after_first_layer(x)
 
     def extra_repr(self) -> str:
         return (f"spec={self.spec}, vision_hidden_size={self.vision_hidden_size}, "

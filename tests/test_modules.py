@@ -279,3 +279,15 @@ def test_module_errors():
                                                           nn.Linear(24, 24)))
     with pytest.raises(TypeError, match="ConnectorSpec"):
         DenseConnector("clip", 16, 24)
+
+
+@pytest.mark.parametrize("ptype", ("linear", "mlp2x_gelu", "mlp3x_gelu", "identity"))
+def test_project_applies_the_projector_alone(ptype):
+    spec, proj, hs = _setup("clip", "dci", torch.float32, ptype=ptype)
+    m = DenseConnector(spec, 16, 24, ptype).to(DEVICE)
+    m.load_state_dict(proj.state_dict())
+    feats = reference.dense_connector(reference.select_image_features(hs, False), hs, False)
+    torch.testing.assert_close(m.project(feats), proj(feats), **TOL[torch.float32])
+    if ptype != "identity":
+        with pytest.raises(ValueError, match="weights are torch.float32"):
+            m.project(feats.double())

@@ -23,7 +23,6 @@ from typing import List, Mapping, Optional, Union
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from ..modules import DenseConnector
 from ..spec import ConnectorSpec
@@ -152,25 +151,10 @@ def project_features(connector: DenseConnector, features: torch.Tensor) -> torch
     ``mlpNx_gelu`` exact GELU and the following Linears. Under ``torch.autocast`` the Linears run
     in the autocast dtype, as ``nn.Linear`` does.
     """
-    # TODO: use DenseConnector.project(features) once dc_kernels.modules provides it.
     if not isinstance(connector, DenseConnector):
         raise TypeError(f"connector must be a dc_kernels.DenseConnector, got "
                         f"{type(connector).__name__}")
-    if connector.projector_type == "identity":
-        return features
-    weight, bias = connector._first_linear()
-    device_type = features.device.type
-    if not torch.is_autocast_enabled(device_type) and weight.dtype != features.dtype:
-        raise ValueError(
-            f"the projector's weights are {weight.dtype}; the vision tower produces "
-            f"{features.dtype}: convert one of them (e.g. connector.to(tower.dtype))")
-    linears = connector._linears
-    x = F.linear(features, weight, bias)
-    del features  # a caller passing a temporary frees the features here
-    for lin in linears[1:]:
-        x = F.gelu(x)  # one statement each: at most two [M, H] tensors alive
-        x = lin(x)
-    return x
+    return connector.project(features)
 
 
 # --------------------------------------------------------------------------- the tower
