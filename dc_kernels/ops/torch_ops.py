@@ -23,28 +23,44 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: CPU: the group sums run over token chunks whose fp32 accumulator is about this size, so the
+#: accumulator stays in cache across a group's layers (one pass over memory per layer, not a
+#: read-modify-write of a whole [B, T', C] buffer per layer).
+CPU_CHUNK_BYTES = 1 << 20
+
+
+def _token_chunks(tokens: int, batch: int, channels: int, device: torch.device):
+    if device.type != "cpu":
+        return [(0, tokens)]  # one launch per op on accelerators
+    step = max(1, CPU_CHUNK_BYTES // max(1, 4 * batch * channels))
+    return [(t, min(tokens, t + step)) for t in range(0, tokens, step)]
+
+
 def _channel_features(hs, spec, tok0, out):
+    B, kept, _ = out.shape
     C = hs[spec.final_layer].shape[2]
     acc_dtype = accumulation_dtype(out.dtype)
     out[..., :C].copy_(hs[spec.final_layer][:, tok0:])
     buf = None
-    for g, (start, stop) in enumerate(spec.groups):
-        dst = out[..., (g + 1) * C:(g + 2) * C]
-        if stop - start == 1:
-            dst.copy_(hs[start][:, tok0:])
-            continue
-        if out.dtype == acc_dtype:
-            acc = dst
-        else:
-            if buf is None:
-                buf = torch.empty(dst.shape, dtype=acc_dtype, device=out.device)
-            acc = buf
-        acc.copy_(hs[start][:, tok0:])
-        for i in range(start + 1, stop):
-            acc.add_(hs[i][:, tok0:])  # promotes to the accumulator dtype, no layer copy
-        acc.div_(stop - start)
-        if acc is not dst:
-            dst.copy_(acc)  # the single rounding to the output dtype
+    for t0, t1 in _token_chunks(kept, B, C, out.device):
+        rows = slice(tok0 + t0, tok0 + t1)
+        for g, (start, stop) in enumerate(spec.groups):
+            dst = out[:, t0:t1, (g + 1) * C:(g + 2) * C]
+            if stop - start == 1:
+                dst.copy_(hs[start][:, rows])
+                continue
+            if out.dtype == acc_dtype:
+                acc = dst
+            else:
+                if buf is None:
+                    buf = torch.empty(dst.shape, dtype=acc_dtype, device=out.device)
+                acc = buf[:, :t1 - t0]
+            acc.copy_(hs[start][:, rows])
+            for i in range(start + 1, stop):
+                acc.add_(hs[i][:, rows])  # promotes to the accumulator dtype
+            acc.div_(stop - start)
+            if acc is not dst:
+                dst.copy_(acc)  # the single rounding to the output dtype
 
 
 def _token_features(hs, spec, tok0, out):
