@@ -45,7 +45,7 @@ class Shape:
     Args:
         name: the preset's name (``clip336-4096``, ...).
         encoder: ``"clip"`` or ``"siglip"`` (a :meth:`ConnectorSpec.preset` encoder).
-        connector: ``"dci"`` or ``"sci"``.
+        connector: ``"dci"``, ``"sci"`` or ``"sti"``.
         hidden: the LLM width H, the projector's output width.
         crops: crops per image (1; AnyRes runs 5 crops per image through the connector).
     """
@@ -84,6 +84,8 @@ SHAPES = {s.name: s for s in (
     Shape("siglip384-4096", "siglip", "dci", 4096),
     Shape("clip336-4096-anyres", "clip", "dci", 4096, crops=5),
     Shape("clip336-4096-sci", "clip", "sci", 4096),
+    Shape("clip336-4096-sti", "clip", "sti", 4096),
+    Shape("siglip384-4096-sti", "siglip", "sti", 4096),
 )}
 
 
@@ -101,12 +103,18 @@ class Case:
 
     @property
     def rows(self) -> int:
-        """M: rows of the features, ``B * T'``."""
+        """M: rows of the features, ``B * T'`` (STI: ``B * (T' + G * (T' // pool))``)."""
+        return self.batch * self.shape.spec.out_tokens(self.shape.tokens)
+
+    @property
+    def layer_rows(self) -> int:
+        """Rows read from each hidden state, ``B * T'`` (CLS dropped)."""
         return self.batch * self.shape.spec.tokens_kept(self.shape.tokens)
 
     @property
     def features_width(self) -> int:
-        """K: width of the features, ``(G + 1) * C`` (the original's ``mm_hidden_size``)."""
+        """K: width of the features, ``(G + 1) * C`` (STI: ``C``; the original's
+        ``mm_hidden_size``)."""
         return self.shape.spec.out_channels(self.shape.channels)
 
     @property

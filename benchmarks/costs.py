@@ -1,7 +1,8 @@
 """The floor: the fewest bytes and FLOPs each op needs (DESIGN.md section 2).
 
 With L distinct hidden states read, M rows, C channels, K = (G + 1) C, N = H and e bytes per
-element, every input is read once and every output written once:
+element, every input is read once and every output written once (``L*M*C`` below reads each layer
+once: for STI, whose M counts the pooled rows too, that term uses the B*T' rows of a layer):
 
 ==================  ======================================================  =============
 op                  bytes                                                   FLOPs
@@ -41,7 +42,7 @@ def floor_cost(op: str, case: Case, element_size: int) -> Cost:
     e = element_size
     M, C, K, N, L = (case.rows, case.shape.channels, case.features_width, case.shape.hidden,
                      case.layers_read)
-    layers = L * M * C * e
+    layers = L * case.layer_rows * C * e  # STI reads B*T' rows per layer, writes M rows
     if op == "features":
         return Cost(layers + M * K * e, 0)
     if op == "linear":

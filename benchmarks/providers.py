@@ -175,7 +175,8 @@ def _dc_note(op: str, inputs: Inputs, device: torch.device) -> Tuple[str, str]:
     case = inputs.case
     path = choose_linear_path(case.rows, case.shape.channels, case.shape.hidden,
                               case.layers_read, inputs.spec.num_groups + 1,
-                              inputs.hidden_states[0].element_size())
+                              inputs.hidden_states[0].element_size(),
+                              sti=inputs.spec.connector_type == "sti")
     return "auto", f"backend=triton, auto path={path}"
 
 

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..ops.torch_ops import accumulation_dtype
+from ..ops.torch_ops import accumulation_dtype, window_sums
 from ..spec import ConnectorSpec
 from ..validation import SUPPORTED_DTYPES
 
@@ -176,8 +176,7 @@ class StreamingFeatures:
         tp = kept // p
         if tp == 0:  # too few tokens for one window: the group adds no token
             return
-        win = x[:, :tp * p].unflatten(1, (tp, p))
-        s = torch.sum(win, dim=2, dtype=accumulation_dtype(self._out.dtype))
+        s = window_sums(x, p, accumulation_dtype(self._out.dtype))
         acc = s if index == start else self._acc[g].add_(s)
         if index == stop - 1:
             acc.div_((stop - start) * p)

@@ -15,7 +15,7 @@ import torch
 
 from ..spec import ConnectorSpec
 
-__all__ = ["features_torch", "accumulation_dtype"]
+__all__ = ["features_torch", "accumulation_dtype", "window_sums"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,6 +63,22 @@ def _channel_features(hs, spec, tok0, out):
                 dst.copy_(acc)  # the single rounding to the output dtype
 
 
+def window_sums(x: torch.Tensor, pool: int, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T // pool, C]`` sums of ``pool`` consecutive tokens of ``x = [B, T, C]``.
+
+    The remainder is dropped. Windows are summed in ``acc_dtype`` in cache-sized token chunks:
+    each chunk is converted once (a narrow-dtype reduction with a wider ``dtype=`` is several
+    times slower on CPU) and the temporary stays about ``CPU_CHUNK_BYTES``.
+    """
+    B, T, C = x.shape
+    tp = T // pool
+    out = torch.empty((B, tp, C), dtype=acc_dtype, device=x.device)
+    for j0, j1 in _token_chunks(tp, B, C * pool, x.device):
+        win = x[:, j0 * pool:j1 * pool].unflatten(1, (j1 - j0, pool))
+        out[:, j0:j1].copy_(win.to(acc_dtype).sum(2))  # copy_, not out=: keeps autograd
+    return out
+
+
 def _token_features(hs, spec, tok0, out):
     base = hs[spec.final_layer][:, tok0:]
     kept = base.shape[1]
@@ -75,9 +91,7 @@ def _token_features(hs, spec, tok0, out):
     for g, (start, stop) in enumerate(spec.groups):
         acc = None
         for i in range(start, stop):
-            # [B, tp, p, C] view of the tokens that fill whole windows; sum each window in fp32
-            win = hs[i][:, tok0:tok0 + tp * p].unflatten(1, (tp, p))
-            s = torch.sum(win, dim=2, dtype=acc_dtype)
+            s = window_sums(hs[i][:, tok0:], p, acc_dtype)
             acc = s if acc is None else acc.add_(s)
         acc.div_((stop - start) * p)
         out[:, kept + g * tp:kept + (g + 1) * tp].copy_(acc)
