@@ -6,7 +6,6 @@ import os
 from typing import Optional, Sequence
 
 import torch
-
 import torch.nn.functional as F
 
 from .autograd import features_op, linear_op, spec_args
