@@ -59,12 +59,17 @@ class TargetCheck:
 
 
 def run_test_suite(timeout_s: float) -> dict:
-    """``pytest tests -q`` in a subprocess from the repository root, TRITON_INTERPRET unset.
+    """``pytest tests -q`` in a subprocess from the repository root, TRITON_INTERPRET unset,
+    one autotune config per kernel (``DC_KERNELS_AUTOTUNE=0``).
 
     Returns ``{"returncode", "summary", "seconds", "tail"}``; returncode None on a timeout.
     """
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    # one autotune config per kernel: the tests check numerics on many small variants, and
+    # benchmarking every config of each would not fit the bundle's time (all configs are built
+    # ahead of time by tests/test_aot_compile.py)
+    env["DC_KERNELS_AUTOTUNE"] = "0"
     cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"]
     start = time.perf_counter()
     try:
@@ -84,7 +89,8 @@ def run_test_suite(timeout_s: float) -> dict:
     if code is None:
         summary = f"timed out after {timeout_s:.0f} s" + (f" (last: {summary})" if summary
                                                           else "")
-    return {"command": "pytest tests -q (TRITON_INTERPRET unset)", "returncode": code,
+    return {"command": "pytest tests -q (TRITON_INTERPRET unset, DC_KERNELS_AUTOTUNE=0)",
+            "returncode": code,
             "summary": _scrub(summary or "(no summary line)"), "seconds": round(seconds, 1),
             "tail": _scrub("\n".join(lines[-40:]))}
 

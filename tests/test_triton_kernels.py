@@ -15,6 +15,7 @@ Tolerances:
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -438,3 +439,18 @@ def test_linear_parameter_errors(backend):
         with pytest.raises(exc, match=msg):
             dense_connector_linear(hs, spec, args["weight"], args["bias"], args["activation"],
                                    backend=backend, path=args["path"])
+
+
+def test_autotune_env_keeps_one_config():
+    import subprocess
+    import sys
+    code = ("from dc_kernels.ops import triton_dc as T; "
+            "print(sorted({len(k.configs) for k in T._AUTOTUNED.values()}))")
+    for value, want in (("0", "[1]"), ("1", None)):
+        env = dict(os.environ, DC_KERNELS_AUTOTUNE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        if want:
+            assert out == want
+        else:
+            assert out != "[1]"  # the full lists
