@@ -417,8 +417,7 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     writes ``[B, T' + G*(T' // pool), C]``.
     """
     base = hidden_states[spec.final_layer]
-    _check_cuda_or_interpret(base.device)
-    _check_dtype(base.dtype)
+    check_launchable(base.device, base.dtype)
     if spec.connector_type == "sti":
         return _sti_features(hidden_states, spec, batch, tokens, channels)
     t_keep = spec.tokens_kept(tokens)
@@ -534,8 +533,7 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     ``"fused"`` is asked for; the result is the same.
     """
     base = hidden_states[spec.final_layer]
-    _check_cuda_or_interpret(base.device)
-    _check_dtype(base.dtype)
+    check_launchable(base.device, base.dtype)
     t_keep = spec.tokens_kept(tokens)
     rows = spec.out_tokens(tokens)
     M = batch * rows
