@@ -48,11 +48,10 @@ def test_kernel_compiles_without_spills(reports, case):
 
 def test_every_launchable_config_is_covered():
     from dc_kernels.ops import triton_dc as K
-    for kind, lists in (("fused", (K.FUSED_CONFIGS_16, K.FUSED_CONFIGS_32)),
-                        ("gemm", (K.GEMM_CONFIGS_16, K.GEMM_CONFIGS_32))):
-        for dt, cfgs in zip(("bf16", "fp32"), lists):
-            built = {c["config"] for c in CASES if c["kernel"] == kind and c["dtype"] == dt}
-            assert built == set(range(len(cfgs)))
+    for (kind, bits), cfgs in K.CONFIG_LISTS.items():
+        dt = "fp32" if bits == 32 else "bf16"
+        built = {c["config"] for c in CASES if c["kernel"] == kind and c["dtype"] == dt}
+        assert built == set(range(len(cfgs)))
 
 
 def test_presets_fit_the_compiled_layout():

@@ -151,10 +151,7 @@ def _siglip_layout():
 
 
 def _config_list(kind: str, dtype_name: str):
-    bits = 32 if dtype_name == "fp32" else 16
-    return {("fused", 16): triton_dc.FUSED_CONFIGS_16, ("fused", 32): triton_dc.FUSED_CONFIGS_32,
-            ("gemm", 16): triton_dc.GEMM_CONFIGS_16, ("gemm", 32): triton_dc.GEMM_CONFIGS_32,
-            }[(kind, bits)]
+    return triton_dc.CONFIG_LISTS[(kind, 32 if dtype_name == "fp32" else 16)]
 
 
 def aot_cases():

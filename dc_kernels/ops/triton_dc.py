@@ -316,12 +316,14 @@ def _autotuned(configs):
     return triton.autotune(configs=configs, key=_LINEAR_KEY)(_linear_kernel)
 
 
-_AUTOTUNED = {
-    ("fused", 16): _autotuned(FUSED_CONFIGS_16),
-    ("fused", 32): _autotuned(FUSED_CONFIGS_32),
-    ("gemm", 16): _autotuned(GEMM_CONFIGS_16),
-    ("gemm", 32): _autotuned(GEMM_CONFIGS_32),
+#: (kernel, operand bits) -> autotune configs; "gemm" is the linear kernel without groups.
+CONFIG_LISTS = {
+    ("fused", 16): FUSED_CONFIGS_16,
+    ("fused", 32): FUSED_CONFIGS_32,
+    ("gemm", 16): GEMM_CONFIGS_16,
+    ("gemm", 32): GEMM_CONFIGS_32,
 }
+_AUTOTUNED = {key: _autotuned(configs) for key, configs in CONFIG_LISTS.items()}
 
 
 # --------------------------------------------------------------------------- launchers
