@@ -171,7 +171,7 @@ def _dc_note(op: str, inputs: Inputs, device: torch.device) -> Tuple[str, str]:
         return "torch", "backend=torch (the Triton path has no autograd)"
     if resolved != "triton" or op == "features":
         return "auto", f"backend={resolved} (auto)"
-    from dc_kernels.ops.triton_dc import choose_linear_path
+    from dc_kernels.ops.path import choose_linear_path
     case = inputs.case
     path = choose_linear_path(case.rows, case.shape.channels, case.shape.hidden,
                               case.layers_read, inputs.spec.num_groups + 1,

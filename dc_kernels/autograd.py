@@ -48,9 +48,14 @@ def _spec(final_layer: int, group_bounds: Sequence[int], drop_cls: bool,
     return ConnectorSpec("dci", final_layer=final_layer, groups=groups, drop_cls=drop_cls)
 
 
-def _triton():
-    from .ops import triton_dc
-    return triton_dc
+def _features_ops():
+    from .ops import features
+    return features
+
+
+def _linear_ops():
+    from .ops import linear
+    return linear
 
 
 def scatter_to_layers(grad_a: torch.Tensor, spec: ConnectorSpec, shapes: Sequence[torch.Size],
@@ -107,7 +112,7 @@ def features_op(hidden_states: List[torch.Tensor], final_layer: int, group_bound
     """Features with the one-pass Triton kernels. Inputs validated by the caller."""
     spec = _spec(final_layer, group_bounds, drop_cls, sti_pool)
     B, T, C = hidden_states[final_layer].shape
-    return _triton().features_triton(hidden_states, spec, B, T, C)
+    return _features_ops().features_triton(hidden_states, spec, B, T, C)
 
 
 @features_op.register_fake
@@ -129,7 +134,7 @@ def scatter_grad_op(grad_a: torch.Tensor, final_layer: int, group_bounds: List[i
                     drop_cls: bool, tokens: int, num_hidden_states: int,
                     wanted: List[int]) -> List[torch.Tensor]:
     """Gradients of the hidden states listed in ``wanted`` (channel specs), Triton kernel."""
-    from .ops.triton_scatter import scatter_grad_triton
+    from .ops.scatter import scatter_grad_triton
     spec = _spec(final_layer, group_bounds, drop_cls, 0)
     B, C = grad_a.shape[0], grad_a.shape[-1] // (spec.num_groups + 1)
     shapes = [torch.Size((B, tokens, C))] * num_hidden_states
@@ -177,7 +182,7 @@ def linear_op(hidden_states: List[torch.Tensor], final_layer: int, group_bounds:
     spec = _spec(final_layer, group_bounds, drop_cls, sti_pool)
     B, T, C = hidden_states[final_layer].shape
     act = None if activation == "none" else activation
-    return _triton().linear_triton(hidden_states, spec, B, T, C, weight, bias, act, path)
+    return _linear_ops().linear_triton(hidden_states, spec, B, T, C, weight, bias, act, path)
 
 
 @linear_op.register_fake

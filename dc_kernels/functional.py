@@ -34,8 +34,8 @@ def _triton_available() -> bool:
 def _triton_ops():
     if not _triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
-    from .ops import triton_dc
-    return triton_dc
+    from .ops import common
+    return common
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -152,7 +152,7 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     Computes ``activation(dense_connector_features(hidden_states, spec) @ weight.T + bias)``.
     On the Triton backend the features are built inside the GEMM's K loop (``path="fused"``) or
     written once by the features kernel and fed to the same GEMM (``path="two-pass"``);
-    ``path="auto"`` chooses from the shape (``dc_kernels.ops.triton_dc.choose_linear_path``).
+    ``path="auto"`` chooses from the shape (``dc_kernels.ops.path.choose_linear_path``).
 
     Args:
         hidden_states, spec, backend: as for :func:`dense_connector_features`.

@@ -27,7 +27,7 @@ MM_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
 
 def _projector_layout(projector: nn.Module):
     """``(type, [Linear, ...])`` of an original projector; ValueError for anything else."""
-    from reference import IdentityMap
+    from .reference import IdentityMap
     if isinstance(projector, nn.Linear):
         return "linear", [projector]
     if isinstance(projector, IdentityMap) or isinstance(projector, nn.Identity):
@@ -81,7 +81,7 @@ class DenseConnector(nn.Module):
         self.backend = backend
         mm_hidden_size = spec.out_channels(self.vision_hidden_size)
         if _projector is None:
-            from reference import build_projector
+            from .reference import build_projector
             _projector = build_projector(mm_hidden_size, self.hidden_size, projector_type)
         kind, linears = _projector_layout(_projector)
         self.projector_type = kind

@@ -12,7 +12,7 @@ import reference
 from conftest import make_hidden_states
 from dc_kernels import (BACKEND_ENV, ConnectorSpec, DenseConnector, dense_connector_features,
                         dense_connector_linear)
-from dc_kernels.ops import triton_dc
+from dc_kernels.ops import common, linear as linear_ops, path as path_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "triton")
@@ -25,7 +25,7 @@ def _env(monkeypatch):
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(triton_dc, "_empty", nan_empty)
+    monkeypatch.setattr(common, "empty", nan_empty)
 
 
 def _original(hs, spec, projector, is_siglip):
@@ -235,8 +235,8 @@ def test_env_forces_backend(monkeypatch):
     spec, proj, hs = _setup("clip", "dci", torch.float32)
     m = DenseConnector.from_projector(spec, proj)
     calls = []
-    real = triton_dc.linear_triton
-    monkeypatch.setattr(triton_dc, "linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = linear_ops.linear_triton
+    monkeypatch.setattr(linear_ops, "linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv(BACKEND_ENV, "triton")
     a = m(hs)
     assert calls, "DC_KERNELS_BACKEND=triton did not reach the Triton launcher"

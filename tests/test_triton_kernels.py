@@ -26,7 +26,7 @@ from conftest import (CUSTOM_SPECS, LAYOUTS, UNIT_ROUNDOFF, accumulation_terms,
                       assert_close_to_fp64, make_hidden_states, max_abs, strided_layer)
 from dc_kernels import ConnectorSpec, dense_connector_features, dense_connector_linear
 from dc_kernels.ops import torch_ops
-from dc_kernels.ops import triton_dc
+from dc_kernels.ops import common, linear as linear_ops, path as path_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,7 +39,7 @@ def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN: unwritten elements cannot pass."""
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(triton_dc, "_empty", nan_empty)
+    monkeypatch.setattr(common, "empty", nan_empty)
 
 
 def _hs(spec, B, T, C, dtype, seed):
@@ -143,7 +143,7 @@ def test_features_uniform_views_of_one_buffer():
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 def test_features_int64_offsets(monkeypatch, dtype):
     # the OFF64 code path (taken for tensors of 2^31+ elements) on small tensors
-    monkeypatch.setattr(triton_dc, "_FORCE_OFF64", True)
+    monkeypatch.setattr(common, "FORCE_OFF64", True)
     spec = ConnectorSpec.preset("clip", "dci")
     _check_features(_hs(spec, 2, 18, 20, dtype, seed=4), spec, dtype)
 
@@ -189,7 +189,7 @@ def test_sti_features_strided_views(layout):
 
 
 def test_sti_features_int64_offsets(monkeypatch):
-    monkeypatch.setattr(triton_dc, "_FORCE_OFF64", True)
+    monkeypatch.setattr(common, "FORCE_OFF64", True)
     spec = ConnectorSpec.preset("siglip", "sti")
     _check_features(_hs(spec, 2, 19, 12, torch.float16, seed=33), spec, torch.float16)
 
@@ -251,11 +251,11 @@ def test_linear_strided_views_take_two_pass_and_are_correct():
           for i in range(6)]
     w, b = _weights(spec, 16, 20, torch.bfloat16, seed=13)
     _check_linear(hs, spec, w, b, "gelu", "fused", torch.bfloat16)  # not fusable: two-pass
-    assert triton_dc.choose_linear_path(18, 16, 20, 6, 3, 2, uniform=False) == "two-pass"
+    assert path_ops.choose_linear_path(18, 16, 20, 6, 3, 2, uniform=False) == "two-pass"
 
 
 def test_linear_int64_offsets(monkeypatch):
-    monkeypatch.setattr(triton_dc, "_FORCE_OFF64", True)
+    monkeypatch.setattr(common, "FORCE_OFF64", True)
     spec = ConnectorSpec.preset("clip", "dci")
     hs = _hs(spec, 2, 12, 16, torch.bfloat16, seed=14)
     w, b = _weights(spec, 16, 20, torch.bfloat16, seed=15)
@@ -340,7 +340,7 @@ def test_random_sti_specs(data):
 # --------------------------------------------------------------------------- backward scatter
 def _scatter_case(spec, n, B, T, C, dtype, seed, needs=None):
     from dc_kernels.autograd import scatter_to_layers
-    from dc_kernels.ops.triton_scatter import scatter_grad_triton
+    from dc_kernels.ops.scatter import scatter_grad_triton
     g = torch.Generator().manual_seed(seed)
     grad_a = torch.randn(B, spec.tokens_kept(T), spec.out_channels(C), generator=g).to(dtype)
     shapes = [torch.Size((B, T, C))] * n
@@ -377,14 +377,14 @@ def test_scatter_grad_custom_and_partial(name):
 
 
 def test_scatter_grad_int64_offsets(monkeypatch):
-    monkeypatch.setattr(triton_dc, "_FORCE_OFF64", True)
+    monkeypatch.setattr(common, "FORCE_OFF64", True)
     spec = ConnectorSpec.preset("clip", "dci")
     _scatter_case(spec, 25, 2, 11, 12, torch.float16, seed=43)
 
 
 # --------------------------------------------------------------------------- dispatch, errors
 def test_dispatch_rule():
-    choose = triton_dc.choose_linear_path
+    choose = path_ops.choose_linear_path
     # a narrow output (one N-tile): no re-reads, the fused kernel saves the A round trip
     assert choose(576, 1024, 128, 24, 3, 2) == "fused"
     # CLIP DCI -> 4096: 32 N-tiles each rebuild the features from L2: two-pass
@@ -396,7 +396,7 @@ def test_dispatch_rule():
     assert choose(576, 1024, 128, 3, 1, 2, sti=True) == "two-pass"
     # the choice is the smaller estimate
     for M, N in ((576, 128), (576, 4096), (9216, 256)):
-        t = triton_dc.estimate_linear_times(M, 1024, N, 24, 3, 2)
+        t = path_ops.estimate_linear_times(M, 1024, N, 24, 3, 2)
         assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
 
 
@@ -410,7 +410,7 @@ def test_triton_backend_rejects_fp64():
 
 
 def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
-    monkeypatch.setattr(triton_dc, "interpreting", lambda: False)
+    monkeypatch.setattr(common, "interpreting", lambda: False)
     spec = ConnectorSpec.preset("clip", "dci")
     hs = make_hidden_states(spec.num_hidden_states, 1, 17, 8, torch.float32, 20)  # CPU
     with pytest.raises(ValueError, match="CUDA"):
@@ -444,7 +444,7 @@ def test_linear_parameter_errors(backend):
 def test_autotune_env_keeps_one_config():
     import subprocess
     import sys
-    code = ("from dc_kernels.ops import triton_dc as T; "
+    code = ("from dc_kernels.ops import linear as T; "
             "print(sorted({len(k.configs) for k in T._AUTOTUNED.values()}))")
     for value, want in (("0", "[1]"), ("1", None)):
         env = dict(os.environ, DC_KERNELS_AUTOTUNE=value)

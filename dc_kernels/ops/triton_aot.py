@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import triton_dc
+from . import common, features, linear
 
 __all__ = ["CompileReport", "compile_linear", "compile_features", "compile_sti_features",
            "SHARED_LIMIT", "aot_cases", "build_case"]
@@ -94,7 +94,7 @@ def compile_linear(arch: int, dtype: torch.dtype, starts, sizes, config: triton.
     const = dict(TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes), UNIFORM=uniform,
                  OFF64=off64, EMULATE_RNE=False, HAS_BIAS=has_bias, ACTIVATION=activation, DOT_FP32=False,
                  INPUT_PRECISION=input_precision, **config.kwargs)
-    return _build(triton_dc._linear_kernel, sig, const, arch, config.num_warps,
+    return _build(linear._linear_kernel, sig, const, arch, config.num_warps,
                   config.num_stages)
 
 
@@ -107,7 +107,7 @@ def compile_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict,
                 "T_KEEP": "i32"})
     const = dict(TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes), UNIFORM=uniform,
                  OFF64=off64, EMULATE_RNE=False, BLOCK_M=config["BLOCK_M"], BLOCK_C=config["BLOCK_C"])
-    return _build(triton_dc._features_kernel, sig, const, arch, config["num_warps"], 1)
+    return _build(features._features_kernel, sig, const, arch, config["num_warps"], 1)
 
 
 def compile_sti_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict, *,
@@ -120,13 +120,13 @@ def compile_sti_features(arch: int, dtype: torch.dtype, starts, sizes, config: d
     const = dict(POOL=pool, TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes),
                  UNIFORM=uniform, OFF64=off64, EMULATE_RNE=False, BLOCK_M=config["BLOCK_M"],
                  BLOCK_C=config["BLOCK_C"])
-    return _build(triton_dc._sti_features_kernel, sig, const, arch, config["num_warps"], 1)
+    return _build(features._sti_features_kernel, sig, const, arch, config["num_warps"], 1)
 
 
 def compile_scatter(arch: int, dtype: torch.dtype, slabs, num_groups: int, config: dict, *,
                     tok0=1, off64=False) -> CompileReport:
     """Build ``_scatter_grad_kernel`` for ``sm_{arch}``; ``slabs[i]``: the slabs output i reads."""
-    from .triton_scatter import _scatter_grad_kernel
+    from .scatter import _scatter_grad_kernel
     t = "*" + _TRITON_TYPE[dtype]
     sig = {"grad_a": t, "stride_ab": "i32", "stride_at": "i32", "grads": (t,) * len(slabs),
            "stride_gb": "i32", "stride_gt": "i32", "M": "i32", "T": "i32", "T_KEEP": "i32",
@@ -146,12 +146,12 @@ def _siglip_layout():
     # SigLIP's DCI: two groups of 13 layers, the most layer tiles any preset keeps in flight
     from ..spec import ConnectorSpec
     spec = ConnectorSpec.preset("siglip", "dci")
-    _, starts, sizes = triton_dc.layer_entries([None] * spec.num_hidden_states, spec)
+    _, starts, sizes = common.layer_entries([None] * spec.num_hidden_states, spec)
     return starts, sizes
 
 
 def _config_list(kind: str, dtype_name: str):
-    return triton_dc.CONFIG_LISTS[(kind, 32 if dtype_name == "fp32" else 16)]
+    return linear.CONFIG_LISTS[(kind, 32 if dtype_name == "fp32" else 16)]
 
 
 def aot_cases():
@@ -197,12 +197,12 @@ def build_case(case: dict) -> dict:
     dtype = DTYPES[case["dtype"]]
     try:
         if case["kernel"] == "features":
-            r = compile_features(case["arch"], dtype, starts, sizes, triton_dc.FEATURES_CONFIG,
+            r = compile_features(case["arch"], dtype, starts, sizes, features.FEATURES_CONFIG,
                                  uniform=case["uniform"], off64=case["off64"])
         elif case["kernel"] == "scatter":
             # CLIP DCI: 24 layer gradients, layer 23 from both the base slab and group 2
             from ..spec import ConnectorSpec
-            from .triton_scatter import SCATTER_CONFIG, layer_slabs
+            from .scatter import SCATTER_CONFIG, layer_slabs
             spec = ConnectorSpec.preset("clip", "dci")
             slabs = [s for s in layer_slabs(spec, spec.num_hidden_states) if s]
             r = compile_scatter(case["arch"], dtype, slabs, spec.num_groups, SCATTER_CONFIG,
@@ -210,7 +210,7 @@ def build_case(case: dict) -> dict:
         elif case["kernel"] == "sti-features":
             # pooled groups of 13 layers (a custom STI spec; the presets pool single layers)
             r = compile_sti_features(case["arch"], dtype, starts, sizes,
-                                     triton_dc.STI_FEATURES_CONFIG, uniform=case["uniform"],
+                                     features.STI_FEATURES_CONFIG, uniform=case["uniform"],
                                      off64=case["off64"])
         else:
             cfg = _config_list(case["kernel"], case["dtype"])[case["config"]]

@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from ..spec import ConnectorSpec
-from . import triton_dc
-from .triton_dc import (FEATURES_CONFIG, FEATURES_CONFIG_INTERPRET, _round, _span, _tile_offsets,
-                        check_launchable, interpreting)
+from . import common
+from .common import _round, _tile_offsets
+from .features import FEATURES_CONFIG, FEATURES_CONFIG_INTERPRET
 
 __all__ = ["scatter_grad_triton", "SCATTER_CONFIG"]
 
@@ -74,14 +74,14 @@ def scatter_grad_triton(grad_a: torch.Tensor, spec: ConnectorSpec, shapes: Seque
     """
     if spec.connector_type == "sti":
         raise ValueError("scatter_grad_triton handles channel (DCI/SCI) specs only")
-    check_launchable(grad_a.device, grad_a.dtype)
+    common.check_launchable(grad_a.device, grad_a.dtype)
     B, T, C = shapes[spec.final_layer]
     slabs = layer_slabs(spec, len(shapes))
     wanted = [i for i in range(len(shapes)) if slabs[i] and needs_grad[i]]
     grads: List[Optional[torch.Tensor]] = [None] * len(shapes)
     if not wanted:
         return grads
-    outs = [triton_dc._empty((B, T, C), grad_a.dtype, grad_a.device) for _ in wanted]
+    outs = [common.empty((B, T, C), grad_a.dtype, grad_a.device) for _ in wanted]
     for i, o in zip(wanted, outs):
         grads[i] = o
     M = B * T
@@ -90,13 +90,13 @@ def scatter_grad_triton(grad_a: torch.Tensor, spec: ConnectorSpec, shapes: Seque
     if grad_a.stride(-1) != 1:
         grad_a = grad_a.contiguous()
     scale = (1.0,) + tuple(1.0 / (stop - start) for start, stop in spec.groups)
-    off64 = max(_span(grad_a), _span(outs[0])) >= 2 ** 31 - 1
-    cfg = FEATURES_CONFIG_INTERPRET if interpreting() else SCATTER_CONFIG
+    off64 = max(common.span(grad_a), common.span(outs[0])) >= 2 ** 31 - 1
+    cfg = FEATURES_CONFIG_INTERPRET if common.interpreting() else SCATTER_CONFIG
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
     _scatter_grad_kernel[grid](
         grad_a, grad_a.stride(0), grad_a.stride(1), tuple(outs), outs[0].stride(0),
         outs[0].stride(1), M, T, spec.tokens_kept(T), C, TOK0=spec.token_offset,
         SLABS=tuple(tuple(slabs[i]) for i in wanted), SLAB_SCALE=scale,
-        OFF64=off64 or triton_dc._FORCE_OFF64, EMULATE_RNE=interpreting(),
+        OFF64=off64 or common.FORCE_OFF64, EMULATE_RNE=common.interpreting(),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return grads

@@ -1,0 +1,145 @@
+"""What every Triton kernel family of dc_kernels shares: device checks, layout facts, the
+``@triton.jit`` helpers that address hidden-state tiles, and the one output allocator.
+
+The kernels read the hidden states **in place**: the layers are a tuple-of-tensors kernel
+argument (entry 0 the base layer, then every group's members in order; a layer in two groups is
+simply passed twice), each with its own strides, and CLS is dropped by a token offset. Nothing is
+stacked or copied. Sums are accumulated in fp32 and rounded once.
+
+Host-side helpers here are looked up through the module at call time (``common.empty``,
+``common.interpreting``, ``common.FORCE_OFF64``), so tests can patch them in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import ConnectorSpec
+
+__all__ = ["TRITON_DTYPES", "ACTIVATIONS", "AUTOTUNE_ENV", "interpreting", "autotune_enabled",
+           "layer_entries", "strides", "span", "layout_flags", "empty", "check_launchable"]
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: activation name -> the kernels' ``ACTIVATION`` constexpr
+ACTIVATIONS = {None: 0, "gelu": 1}
+
+#: ``DC_KERNELS_AUTOTUNE=0`` keeps only the first config of each autotune list (read at import):
+#: GPU test runs check numerics on many small shapes and specs, where benchmarking every config
+#: of every new variant would cost minutes. Every config is still built ahead of time.
+AUTOTUNE_ENV = "DC_KERNELS_AUTOTUNE"
+
+#: Tests set this to run the int64-offset code paths on small tensors.
+FORCE_OFF64 = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """False when ``$DC_KERNELS_AUTOTUNE`` is ``0``."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
+
+
+# --------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _tile_offsets(stride_b, stride_t, stride_c, b, t, o_c, OFF64: tl.constexpr):
+    # element offsets of a [rows, channels] tile of one [B, T, C] layer; int64 when some tensor
+    # spans 2^31 elements or more
+    if OFF64:
+        o_row = b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    else:
+        o_row = b * stride_b + t * stride_t
+    return o_row[:, None] + (o_c * stride_c)[None, :]
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    # fp32 -> dtype, round to nearest even. The CPU interpreter truncates fp32 -> bf16; there
+    # (EMULATE_RNE) the rounding is done on the bits first, so that the cast is exact.
+    if EMULATE_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _group_sum(layers, stride_b, stride_t, stride_c, START: tl.constexpr, SIZE: tl.constexpr,
+               o_x, b, t, o_c, mask, UNIFORM: tl.constexpr, OFF64: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # fp32 sum of layers[START:START + SIZE] over one tile. UNIFORM: every layer has the strides
+    # of the base layer, so the base tile's offsets ``o_x`` serve them all (one offset tile live
+    # instead of one per layer: no register spills with 12-13 layers per group)
+    b_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for i in tl.static_range(SIZE):
+        if UNIFORM:
+            o_i = o_x
+        else:
+            o_i = _tile_offsets(stride_b[START + i], stride_t[START + i], stride_c[START + i],
+                                b, t, o_c, OFF64)
+        b_sum += tl.load(layers[START + i] + o_i, mask=mask, other=0.0).to(tl.float32)
+    return b_sum
+
+
+# --------------------------------------------------------------------------- host helpers
+def layer_entries(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
+                  ) -> Tuple[List[torch.Tensor], Tuple[int, ...], Tuple[int, ...]]:
+    """Flatten a spec into the kernels' layer tuple: ``[base, group 0 members, ...]``.
+
+    Returns the tensors (views, never copies), the start of each group in that list and each
+    group's size.
+    """
+    entries = [hidden_states[spec.final_layer]]
+    starts, sizes = [], []
+    for start, stop in spec.groups:
+        starts.append(len(entries))
+        sizes.append(stop - start)
+        entries.extend(hidden_states[i] for i in range(start, stop))
+    return entries, tuple(starts), tuple(sizes)
+
+
+def strides(entries) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
+    """The ``(stride_b, stride_t, stride_c)`` tuples of the kernels' layer arguments."""
+    return (tuple(e.stride(0) for e in entries), tuple(e.stride(1) for e in entries),
+            tuple(e.stride(2) for e in entries))
+
+
+def span(t: torch.Tensor) -> int:
+    """One past the largest element offset a kernel may form for ``t``."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
+
+
+def layout_flags(entries, *others) -> dict:
+    """The layout constexprs of the layer kernels.
+
+    UNIFORM: every layer entry has the base's strides (the common case: Hugging Face's hidden
+    states); OFF64: some tensor spans 2^31 elements or more, so offsets need int64;
+    EMULATE_RNE: the interpreter's fp32 -> bf16 cast truncates, so rounding is done on the bits.
+    """
+    uniform = all(e.stride() == entries[0].stride() for e in entries)
+    off64 = max(span(t) for t in (*entries, *others)) >= 2 ** 31 - 1
+    return {"UNIFORM": uniform, "OFF64": off64 or FORCE_OFF64, "EMULATE_RNE": interpreting()}
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Every kernel output of dc_kernels is allocated here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError unless the Triton kernels can run on this device and dtype."""
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"the Triton backend needs CUDA tensors (got {device}); use backend='torch', or "
+            "set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter")
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"the Triton backend supports {', '.join(map(str, TRITON_DTYPES))}; got {dtype} "
+            "(use backend='torch')")
