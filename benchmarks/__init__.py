@@ -6,7 +6,7 @@ the columns, the floor and how the ceilings and peak memory are measured.
 Modules (each small, one job):
 
 * :mod:`benchmarks.cases`     -- shape presets, cases (shape x images) and their inputs
-* :mod:`benchmarks.costs`     -- floor bytes and FLOPs of every op (DESIGN.md section 2)
+* :mod:`benchmarks.costs`     -- floor bytes and FLOPs of every op (docs/DESIGN.md §2)
 * :mod:`benchmarks.providers` -- the callables compared: reference, compile, dc_kernels paths
 * :mod:`benchmarks.accuracy`  -- the correctness check run before any timing
 * :mod:`benchmarks.timing`    -- one timing function (do_bench on GPU, perf_counter on CPU)

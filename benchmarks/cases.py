@@ -32,7 +32,7 @@ QUICK_IMAGES = (1, 4)
 #: ``--dtype`` names.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-#: Tokens per hidden state (T, CLS included) and channels (C) of each tower (DESIGN.md section 1):
+#: Tokens per hidden state (T, CLS included) and channels (C) of each tower (docs/DESIGN.md §1):
 #: CLIP ViT-L/14-336 has 1 CLS + 24 x 24 patches of width 1024, SigLIP so400m/14-384 27 x 27
 #: patches of width 1152 and no CLS.
 ENCODER_DIMS = {"clip": (577, 1024), "siglip": (729, 1152)}

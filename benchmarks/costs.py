@@ -1,4 +1,4 @@
-"""The floor: the fewest bytes and FLOPs each op needs (DESIGN.md section 2).
+"""The floor: the fewest bytes and FLOPs each op needs (docs/DESIGN.md §2).
 
 With L distinct hidden states read, M rows, C channels, K = (G + 1) C, N = H and e bytes per
 element, every input is read once and every output written once (``L*M*C`` below reads each layer
@@ -13,7 +13,7 @@ connector           ``L*M*C*e + K*N*e + N*N*e + M*N*e``                     ``2*
 linear-fwd-bwd      ``L*M*C*e + 2*K*N*e + 2*N*e`` (read W, write dW, db)     ``4*M*K*N``
 ==================  ======================================================  =============
 
-Biases (N elements) are left out of the forward floors, as in DESIGN.md. The floor time is
+Biases (N elements) are left out of the forward floors, as in docs/DESIGN.md. The floor time is
 ``max(bytes / bandwidth, FLOPs / peak)``; :func:`floor_seconds` computes it from whatever
 ceilings it is given (measured ones in the table, the issue's fixed ones in the GPU bundle).
 """

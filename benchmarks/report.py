@@ -85,7 +85,7 @@ def header_lines(result: RunResult) -> List[str]:
         f"- timing: {result.methods.get('timing', '')}",
         f"- peak memory: {result.methods.get('peak_memory', '')}",
         "- floor = max(floor bytes / copy bandwidth, FLOPs / matmul peak) with the ceilings "
-        "above; floor bytes and FLOPs as in DESIGN.md section 2 (benchmarks/costs.py); "
+        "above; floor bytes and FLOPs as in docs/DESIGN.md §2 (benchmarks/costs.py); "
         "'% floor' = floor / median",
         "- every row was checked before it was timed (benchmarks/accuracy.py): element-wise "
         "against the eager reference within a worst-case rounding bound, and norm-wise against "

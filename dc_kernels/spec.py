@@ -20,7 +20,7 @@ __all__ = ["ConnectorSpec", "CONNECTOR_TYPES", "ENCODERS"]
 CONNECTOR_TYPES = ("dci", "sci", "sti")
 ENCODERS = ("clip", "siglip")
 
-# Facts of the original (see DESIGN.md section 1), per encoder:
+# Facts of the original (see docs/DESIGN.md §1), per encoder:
 #   num_hidden_states: length of the hidden-state tuple the original sees
 #   final_layer: index of the base features (CLIP: select_layer -2 of 25 -> 23; SigLIP: -1 of 27)
 #   drop_cls: CLIP prepends a CLS token that the original drops from every layer

@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = ["PATH_MODEL", "estimate_linear_times", "choose_linear_path"]
 
 
-#: Ceilings the path rule assumes (H100 SXM; DESIGN.md section 2): DRAM copy bandwidth, L2
+#: Ceilings the path rule assumes (H100 SXM; docs/DESIGN.md §2): DRAM copy bandwidth, L2
 #: bandwidth, dense 16-bit tensor-core rate, and the cost of one extra launch. Estimates until
 #: GPU measurements recorded under benchmarks/results/ replace them.
 PATH_MODEL = {"dram_bytes_per_s": 3.0e12, "l2_bytes_per_s": 7.0e12, "flop_per_s": 8.0e14,
