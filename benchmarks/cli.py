@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --device cuda --json r.json --markdown r.md --plot r.png
     python -m benchmarks --ops linear --filter clip336-4096/16img
     python -m benchmarks --gpu-bundle                  # tests + issue-3 table + result files
+    python -m benchmarks --static                      # static cost model (no GPU needed)
 
 Exit codes: 0 success; 1 GPU bundle with failing tests; 2 bad arguments or no CUDA where CUDA
 is required; 3 a provider returned a wrong result (nothing of it is timed or written).
@@ -87,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-bundle", action="store_true",
                    help="CUDA only: run the test suite and the issue-3 table, check the targets, "
                         "write <date>-<card>.md/.json under benchmarks/results (or --out)")
+    p.add_argument("--static", action="store_true",
+                   help="no GPU needed: build every benchmark kernel as the JIT specializes it "
+                        "for sm_90 and sm_80, estimate GPU times from the SASS (static cost "
+                        "model), write <date>-static-sm<arch>.{md,json} under "
+                        "benchmarks/results (or --out) and the path model's calibration")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="--gpu-bundle: folder for the result files")
+                   help="--gpu-bundle / --static: folder for the result files")
     p.add_argument("--test-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="--gpu-bundle: stop the test suite after this long (default 300)")
     return p
@@ -130,6 +136,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.gpu_bundle:
         from .bundle import run_bundle
         return run_bundle(args.out, args.test_timeout, _log)
+    if args.static:
+        import os
+        from .static import run_static
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            _log("--static builds the real kernels: unset TRITON_INTERPRET")
+            return 2
+        out = args.out or os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "benchmarks", "results")
+        for path in run_static(out, log=_log):
+            _log(f"written {path}")
+        return 0
     device = _resolve_device(args.device)
     if device is None:
         _log("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")

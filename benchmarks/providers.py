@@ -8,8 +8,11 @@
 * ``dc_kernels``: ``dense_connector_features`` / ``dense_connector_linear`` with
   ``backend="auto"`` (torch on CPU, Triton on CUDA); the connector's second Linear is
   ``F.linear``.
-* ``dc_kernels-fused`` / ``dc_kernels-two-pass`` (CUDA only, ops with a first layer, forward
-  only): ``dense_connector_linear(..., backend="triton", path=...)``.
+* ``dc_kernels-fused`` / ``dc_kernels-two-pass`` / ``dc_kernels-overlap`` (CUDA only, ops with
+  a first layer): ``dense_connector_linear(..., backend="triton", path=...)``.
+* ``dc_kernels+cublas`` (CUDA only, ops with a first layer): dc_kernels' features, then the
+  vendor GEMM: ``torch.addmm(b1, A, W1^T)`` + ``F.gelu`` -- where our GEMM stands against
+  cuBLAS on the same A.
 
 Forward ops run under ``torch.no_grad()`` (inference, as LLaVA runs the connector).
 ``linear-fwd-bwd`` keeps grad mode on: the hidden states do not require grad, the first
@@ -42,9 +45,11 @@ __all__ = ["PROVIDERS", "QUICK_PROVIDERS", "Prepared", "unavailable_reason", "pr
            "reference_features", "triton_has_autograd", "compile_mode"]
 
 PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
-             "dc_kernels-two-pass")
+             "dc_kernels-two-pass", "dc_kernels-overlap", "dc_kernels+cublas")
 QUICK_PROVIDERS = ("reference", "reference+compile", "dc_kernels")
-_PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass"}
+_PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
+          "dc_kernels-overlap": "overlap"}
+_CUBLAS = "dc_kernels+cublas"
 _FORWARD_OPS = ("features", "linear", "connector")
 
 Outputs = Tuple[torch.Tensor, ...]
@@ -76,7 +81,7 @@ def unavailable_reason(provider: str, op: str, device: torch.device) -> Optional
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if provider in _PATHS:
+    if provider in _PATHS or provider == _CUBLAS:
         if device.type != "cuda":
             return "the Triton paths need CUDA"
         if op == "features":
@@ -147,6 +152,20 @@ def _dc_forward(op: str, inputs: Inputs, backend: str, path: str) -> Callable[[]
             "linear-fwd-bwd": linear}[op]
 
 
+def _cublas_forward(op: str, inputs: Inputs) -> Callable[[], torch.Tensor]:
+    hs, spec = inputs.hidden_states, inputs.spec
+
+    def linear():
+        a = dense_connector_features(hs, spec, backend="triton")
+        y = torch.addmm(inputs.b1, a.view(-1, a.shape[-1]), inputs.w1.t())
+        return F.gelu(y).view(*a.shape[:-1], -1)
+
+    def connector():
+        return F.linear(linear(), inputs.w2, inputs.b2)
+
+    return {"linear": linear, "connector": connector, "linear-fwd-bwd": linear}[op]
+
+
 def _timed_unit(op: str, forward: Callable[[], torch.Tensor], inputs: Inputs
                 ) -> Callable[[], Outputs]:
     if op in _FORWARD_OPS:
@@ -197,6 +216,9 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
     if provider == "dc_kernels":
         backend, note = _dc_note(op, inputs, device)
         return Prepared(_timed_unit(op, _dc_forward(op, inputs, backend, "auto"), inputs), note)
+    if provider == _CUBLAS:
+        return Prepared(_timed_unit(op, _cublas_forward(op, inputs), inputs),
+                        "dc_kernels features (Triton) + torch.addmm (cuBLAS) + F.gelu")
     path = _PATHS[provider]
     return Prepared(_timed_unit(op, _dc_forward(op, inputs, "triton", path), inputs),
                     f"backend=triton, path={path}")

@@ -20,7 +20,7 @@ BACKENDS = ("auto", "torch", "triton")
 #: Environment variable that forces the backend chosen by ``backend="auto"``.
 BACKEND_ENV = "DC_KERNELS_BACKEND"
 ACTIVATIONS = (None, "gelu")
-PATHS = ("auto", "fused", "two-pass")
+PATHS = ("auto", "fused", "two-pass", "overlap")
 
 
 def _triton_available() -> bool:
@@ -150,9 +150,11 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     """The projector's first layer on the Dense Connector features, fused.
 
     Computes ``activation(dense_connector_features(hidden_states, spec) @ weight.T + bias)``.
-    On the Triton backend the features are built inside the GEMM's K loop (``path="fused"``) or
-    written once by the features kernel and fed to the same GEMM (``path="two-pass"``);
-    ``path="auto"`` chooses from the shape (``dc_kernels.ops.path.choose_linear_path``).
+    On the Triton backend the features are built inside the GEMM's K loop (``path="fused"``),
+    written once by the features kernel and fed to a GEMM (``path="two-pass"``; a persistent
+    TMA kernel on Hopper), or written in row chunks on a side stream while the GEMM consumes
+    the previous chunk (``path="overlap"``); ``path="auto"`` chooses from the shape
+    (``dc_kernels.ops.path.choose_linear_path``). Every path computes the same A.
 
     Args:
         hidden_states, spec, backend: as for :func:`dense_connector_features`.
@@ -160,7 +162,7 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
             device as the hidden states.
         bias: ``[N]`` or None.
         activation: None or ``"gelu"`` (exact erf, as ``nn.GELU()``).
-        path: ``"auto"``, ``"fused"`` or ``"two-pass"`` (Triton backend only).
+        path: ``"auto"``, ``"fused"``, ``"two-pass"`` or ``"overlap"`` (Triton backend only).
 
     Returns:
         ``[B, spec.out_tokens(T), N]`` in the input dtype; fp32 accumulation.

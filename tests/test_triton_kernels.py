@@ -103,10 +103,19 @@ def _weights(spec, C, N, dtype, seed, bias=True):
 
 
 # --------------------------------------------------------------------------- features kernel
+@pytest.fixture(params=("tma", "ldg"))
+def features_kernel(request, monkeypatch):
+    """Both DCI/SCI features kernels: the persistent TMA one (sm_90+, TMA-compatible layouts)
+    and the LDG one (everything else)."""
+    from dc_kernels.ops import features
+    monkeypatch.setattr(features, "USE_TMA", request.param == "tma")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("connector", ("dci", "sci"))
 @pytest.mark.parametrize("encoder", ("clip", "siglip"))
-def test_features_presets(encoder, connector, dtype):
+def test_features_presets(encoder, connector, dtype, features_kernel):
     spec = ConnectorSpec.preset(encoder, connector)
     hs = _hs(spec, 2, TOKENS[encoder], 40, dtype, seed=1)
     _check_features(hs, spec, dtype)
@@ -114,7 +123,7 @@ def test_features_presets(encoder, connector, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", [n for n in sorted(CUSTOM_SPECS) if not n.startswith("sti")])
-def test_features_custom_specs(name, dtype):
+def test_features_custom_specs(name, dtype, features_kernel):
     spec, n = CUSTOM_SPECS[name]
     hs = make_hidden_states(n, 3, 11, 19, dtype, seed=2, device=DEVICE)
     _check_features(hs, spec, dtype)
@@ -290,6 +299,85 @@ def test_linear_matches_original_projector_layer():
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
 
 
+# --------------------------------------------------------------------------- second pass, overlap
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_two_pass_uses_tma_gemm_where_layout_allows(monkeypatch, dtype):
+    # C = 24 (K = 72) and N = 40: rows of 16-byte multiples, the TMA kernel's layout; the
+    # persistent grid (3 programs under the interpreter) walks more tiles than programs
+    calls = _count_calls(monkeypatch, linear_ops, "gemm_tma")
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 3, 23, 24, dtype, seed=31)
+    w, b = _weights(spec, 24, 40, dtype, seed=32)
+    _check_linear(hs, spec, w, b, "gelu", "two-pass", dtype)
+    assert calls, "the TMA GEMM was not used"
+    # a weight whose rows are not 16-byte multiples takes the cp.async kernel, same contract
+    w2, b2 = _weights(spec, 24, 21, dtype, seed=33)
+    calls.clear()
+    _check_linear(hs, spec, w2[:, :], b2, None, "two-pass", dtype)
+    assert not calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", (16, 23, 1000))
+def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel):
+    # row chunks of any size (ragged last chunk; one chunk when chunk >= M) give the two-pass
+    # result bit for bit: the same A, and every output row from the same GEMM arithmetic
+    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", chunk)
+    spec = ConnectorSpec.preset("siglip", "dci")
+    hs = _hs(spec, 3, 19, 24, dtype, seed=34)
+    w, b = _weights(spec, 24, 40, dtype, seed=35)
+    over = _check_linear(hs, spec, w, b, "gelu", "overlap", dtype)
+    two = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="two-pass")
+    assert torch.equal(over, two)
+
+
+def test_overlap_on_sti_runs_two_pass():
+    spec = ConnectorSpec.preset("clip", "sti")
+    hs = _hs(spec, 2, 33, 16, torch.float32, seed=36)
+    w, b = _weights(spec, 16, 24, torch.float32, seed=37)
+    _check_linear(hs, spec, w, b, "gelu", "overlap", torch.float32)
+
+
+def test_features_row_range_writes_only_those_rows():
+    from dc_kernels.ops.features import features_triton
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 2, 13, 20, torch.bfloat16, seed=38)
+    full = dense_connector_features(hs, spec, backend="triton")
+    out = torch.full_like(full, float("nan"))
+    features_triton(hs, spec, 2, 13, 20, out=out, rows=(5, 17))
+    flat, ref = out.view(-1, full.shape[-1]), full.view(-1, full.shape[-1])
+    assert torch.equal(flat[5:17], ref[5:17])
+    assert torch.isnan(flat[:5]).all() and torch.isnan(flat[17:]).all()
+    with pytest.raises(ValueError, match="outside"):
+        features_triton(hs, spec, 2, 13, 20, out=out, rows=(3, 25))
+
+
+def test_config_pruning_keeps_shared_memory_within_the_limit():
+    # the bound the launcher prunes by; the AOT tests check it against every real build
+    for configs in linear_ops.CONFIG_LISTS.values():
+        for limit in (166912, 232448):
+            for group in (1, 12, 13):
+                kept = linear_ops.prune_configs(configs, group, 2, limit, aligned=True)
+                assert kept
+                fits = [c for c in configs
+                        if linear_ops.shared_bytes_bound(c, group, 2) <= limit]
+                assert kept == (fits or kept)
+        odd = linear_ops.prune_configs(configs, 1, 2, 232448, aligned=False)
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128 for c in odd) or \
+            len(odd) == 1
+
+
 # --------------------------------------------------------------------------- property-based
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(st.data())
@@ -387,17 +475,28 @@ def test_dispatch_rule():
     choose = path_ops.choose_linear_path
     # a narrow output (one N-tile): no re-reads, the fused kernel saves the A round trip
     assert choose(576, 1024, 128, 24, 3, 2) == "fused"
-    # CLIP DCI -> 4096: 32 N-tiles each rebuild the features from L2: two-pass
-    assert choose(576, 1024, 4096, 24, 3, 2) == "two-pass"
-    assert choose(16 * 576, 1024, 4096, 24, 3, 2) == "two-pass"
+    # CLIP DCI -> 4096: 32 N-tiles each rebuild the features: not fused
+    assert choose(576, 1024, 4096, 24, 3, 2) == "two-pass"  # one overlap chunk: two-pass
+    # many rows: the features pass hides under the GEMM
+    assert choose(16 * 576, 1024, 4096, 24, 3, 2) == "overlap"
+    assert choose(16 * 576, 1024, 4096, 24, 3, 2, cuda=False) == "two-pass"  # no streams
     # layouts the fused kernel is not built for
     assert choose(576, 1024, 128, 24, 3, 2, off64=True) == "two-pass"
     assert choose(576, 1024, 128, 24, 3, 2, uniform=False) == "two-pass"
     assert choose(576, 1024, 128, 3, 1, 2, sti=True) == "two-pass"
-    # the choice is the smaller estimate
-    for M, N in ((576, 128), (576, 4096), (9216, 256)):
+    # the choice is the smallest estimate among the paths that run
+    for M, N in ((576, 128), (576, 4096), (9216, 256), (9216, 4096)):
         t = path_ops.estimate_linear_times(M, 1024, N, 24, 3, 2)
         assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
+
+
+def test_calibration_file_is_complete(tmp_path):
+    cal = path_ops.load_calibration()
+    assert cal["source"], "the calibration must say where its numbers come from"
+    bad = tmp_path / "cal.json"
+    bad.write_text('{"dram_bytes_per_s": 1}')
+    with pytest.raises(ValueError, match="lacks"):
+        path_ops.load_calibration(str(bad))
 
 
 def test_triton_backend_rejects_fp64():

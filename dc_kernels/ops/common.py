@@ -71,20 +71,45 @@ def _round(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
+def _member_tile(layers, stride_b, stride_t, stride_c, I: tl.constexpr, o_x, b, t, o_c, mask,
+                 UNIFORM: tl.constexpr, OFF64: tl.constexpr):
+    # one member layer's tile, widened to fp32 (zeros where masked)
+    if UNIFORM:
+        o_i = o_x
+    else:
+        o_i = _tile_offsets(stride_b[I], stride_t[I], stride_c[I], b, t, o_c, OFF64)
+    return tl.load(layers[I] + o_i, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _group_sum(layers, stride_b, stride_t, stride_c, START: tl.constexpr, SIZE: tl.constexpr,
                o_x, b, t, o_c, mask, UNIFORM: tl.constexpr, OFF64: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # fp32 sum of layers[START:START + SIZE] over one tile. UNIFORM: every layer has the strides
-    # of the base layer, so the base tile's offsets ``o_x`` serve them all (one offset tile live
-    # instead of one per layer: no register spills with 12-13 layers per group)
+    # fp32 sum of layers[START:START + SIZE] over one tile, added in layer order (the torch
+    # path's order: bit-equal results). Loads are issued four at a time before their adds, so
+    # a warp keeps several tiles in flight (memory-bound: bytes in flight set the bandwidth).
+    # UNIFORM: every layer has the base's strides, so the base tile's offsets ``o_x`` serve
+    # them all (one offset tile live instead of one per layer: no spills with 13-layer groups)
     b_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for i in tl.static_range(SIZE):
-        if UNIFORM:
-            o_i = o_x
-        else:
-            o_i = _tile_offsets(stride_b[START + i], stride_t[START + i], stride_c[START + i],
-                                b, t, o_c, OFF64)
-        b_sum += tl.load(layers[START + i] + o_i, mask=mask, other=0.0).to(tl.float32)
+    for i in tl.static_range(0, SIZE, 4):
+        x0 = _member_tile(layers, stride_b, stride_t, stride_c, START + i, o_x, b, t, o_c, mask,
+                          UNIFORM, OFF64)
+        if i + 1 < SIZE:
+            x1 = _member_tile(layers, stride_b, stride_t, stride_c, START + i + 1, o_x, b, t,
+                              o_c, mask, UNIFORM, OFF64)
+        if i + 2 < SIZE:
+            x2 = _member_tile(layers, stride_b, stride_t, stride_c, START + i + 2, o_x, b, t,
+                              o_c, mask, UNIFORM, OFF64)
+        if i + 3 < SIZE:
+            x3 = _member_tile(layers, stride_b, stride_t, stride_c, START + i + 3, o_x, b, t,
+                              o_c, mask, UNIFORM, OFF64)
+        b_sum += x0
+        if i + 1 < SIZE:
+            b_sum += x1
+        if i + 2 < SIZE:
+            b_sum += x2
+        if i + 3 < SIZE:
+            b_sum += x3
     return b_sum
 
 

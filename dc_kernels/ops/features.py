@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -22,21 +22,27 @@ from ..spec import ConnectorSpec
 from . import common
 from .common import _group_sum, _round, _tile_offsets
 
-__all__ = ["features_triton", "FEATURES_CONFIG", "FEATURES_CONFIG_INTERPRET",
-           "STI_FEATURES_CONFIG"]
+__all__ = ["features_triton", "features_tma", "features_tma_eligible", "row_tiles",
+           "row_of_tile", "FEATURES_CONFIG", "FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG",
+           "FEATURES_TMA_CONFIG", "FEATURES_TMA_CONFIG_BESIDE"]
 
 @triton.jit
 def _features_kernel(
     layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
     out, stride_om,  # out is [M, (G+1)*C] with unit channel stride
-    M, C, T_KEEP,
+    ROW0, M, C, T_KEEP,  # this launch writes rows [ROW0, M) of A
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
     UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # channel-major program order: consecutive programs read consecutive channel tiles of the
+    # same rows (whole DRAM rows of every layer together)
+    # (one grid axis: no 65535 cap on the row tiles)
+    pid = tl.program_id(0)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % num_c
+    pid_m = pid // num_c
+    o_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_m = o_m < M
     m_c = o_c < C
@@ -107,15 +113,87 @@ def _sti_features_kernel(
                 tl.store(out + o_out, b_mean, mask=mask)
 
 
+@triton.jit
+def _tma_group_sum(descs, START: tl.constexpr, SIZE: tl.constexpr, b, t, c0,
+                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # fp32 sum, in layer order, of one [ROWS, BLOCK_C] tile of every member layer (TMA loads;
+    # rows past T and channels past C come back as zeros)
+    b_sum = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    for i in tl.static_range(SIZE):
+        b_sum += descs[START + i].load([b, t, c0]).reshape(ROWS, BLOCK_C).to(tl.float32)
+    return b_sum
+
+
+@triton.jit
+def _features_tma_kernel(
+    layers, stride_b, stride_t,  # tuples: every layer [B, T, C] with unit channel stride
+    out, stride_om,  # out is [B*T', (G+1)*C] with unit channel stride
+    B, T, C, T_KEEP, Q0, Q1,  # this launch: row tiles [Q0, Q1) of the B * cdiv(T', ROWS)
+    TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
+    OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    # Persistent: NUM_PROGRAMS programs walk the (row tile, channel tile) pairs; each tile's
+    # member-layer loads are TMA copies into a STAGES-deep shared-memory ring, so a program
+    # keeps whole tiles of every layer in flight with few registers (it runs beside the GEMM
+    # on the overlapped path). Row tiles never straddle two images (cdiv(T', ROWS) per image).
+    descs = ()
+    for i in tl.static_range(len(layers)):
+        descs = descs + (tl.make_tensor_descriptor(
+            layers[i], shape=[B, T, C], strides=[stride_b[i], stride_t[i], 1],
+            block_shape=[1, ROWS, BLOCK_C]),)
+    row_tiles = tl.cdiv(T_KEEP, ROWS)
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    n_tiles = (Q1 - Q0) * c_tiles
+    for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, num_stages=STAGES):
+        q = Q0 + tile // c_tiles
+        c0 = (tile % c_tiles) * BLOCK_C
+        b = q // row_tiles
+        t0 = (q % row_tiles) * ROWS
+        o_r = t0 + tl.arange(0, ROWS)
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (o_r < T_KEEP)[:, None] & (o_c < C)[None, :]
+        if OFF64:
+            o_row = b.to(tl.int64) * T_KEEP + o_r
+        else:
+            o_row = b * T_KEEP + o_r
+        p_out = out + o_row[:, None] * stride_om + o_c[None, :]
+        b_x = descs[0].load([b, TOK0 + t0, c0]).reshape(ROWS, BLOCK_C)
+        tl.store(p_out, b_x.to(out.dtype.element_ty), mask=mask)
+        for g in tl.static_range(len(SIZES)):
+            b_sum = _tma_group_sum(descs, STARTS[g], SIZES[g], b, TOK0 + t0, c0, ROWS,
+                                   BLOCK_C)
+            tl.store(p_out + (g + 1) * C,
+                     _round(b_sum / SIZES[g], out.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
 # --------------------------------------------------------------------------- configs
 #: Features kernel: small tiles keep 13 in-flight layer tiles in registers (no spills, any
 #: strides); each thread still loads 16 contiguous bytes of a bf16 layer.
 FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 4}
+#: Layers that cannot be loaded 16 bytes at a time (channel stride != 1, misaligned views):
+#: scalar loads need more registers per element; narrower tiles keep them spill-free.
+FEATURES_CONFIG_SCALAR = {"BLOCK_M": 16, "BLOCK_C": 32, "num_warps": 4}
 FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4}
 #: STI features kernel: base copy and every group's pooling share one program body, so the
 #: register budget is set by the widest group; 8 warps over 16x64 keep 13-layer groups with
 #: arbitrary strides and int64 offsets spill-free.
 STI_FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 8}
+#: TMA features kernel (sm_90+), alone on the GPU: 8 x 64 tiles, a 3-deep ring (~50 KiB of
+#: shared memory, 44-96 registers with triton 3.9 / 3.6), 4 programs per SM: every program
+#: keeps two tiles of every layer (~50 KiB) in flight.
+FEATURES_TMA_CONFIG = {"ROWS": 8, "BLOCK_C": 64, "num_warps": 4, "STAGES": 3,
+                       "programs_per_sm": 4}
+#: The same beside the GEMM (overlapped path, chunks after the first): one program per SM in
+#: what a 128 x 256 GEMM CTA leaves (~8 K registers, ~51 KiB of shared memory): 2 warps, a
+#: 2-deep ring (~26 KiB), one tile of every layer in flight. Same ROWS: chunks are row tiles.
+FEATURES_TMA_CONFIG_BESIDE = {"ROWS": 8, "BLOCK_C": 64, "num_warps": 2, "STAGES": 2,
+                              "programs_per_sm": 1}
+FEATURES_TMA_CONFIG_INTERPRET = {"ROWS": 4, "BLOCK_C": 16, "num_warps": 4, "STAGES": 1,
+                                 "programs_per_sm": 1}
+#: programs of the persistent grid under the interpreter (fewer than tiles: the loop is tested)
+INTERPRET_PROGRAMS = 3
 
 
 # --------------------------------------------------------------------------- launchers
@@ -140,30 +218,141 @@ def _sti_features(hidden_states, spec, batch, tokens, channels):
     return out
 
 
+def _vector_ok(t: torch.Tensor) -> bool:
+    # 16-byte loads need a unit channel stride, an aligned base and 16-byte aligned rows
+    e = t.element_size()
+    return (t.stride(2) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0
+            and (t.stride(1) * e) % 16 == 0)
+
+
 def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
-                    batch: int, tokens: int, channels: int) -> torch.Tensor:
+                    batch: int, tokens: int, channels: int, out: Optional[torch.Tensor] = None,
+                    rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Features with the one-pass Triton kernels (inputs already validated).
 
-    DCI/SCI: ``_features_kernel`` writes ``[B, T', (G+1)C]``; STI: ``_sti_features_kernel``
-    writes ``[B, T' + G*(T' // pool), C]``.
+    DCI/SCI: ``[B, T', (G+1)C]``, by the persistent TMA kernel where it applies (sm_90+,
+    TMA-compatible layers: :func:`features_tma_eligible`), else by ``_features_kernel``; STI:
+    ``_sti_features_kernel`` writes ``[B, T' + G*(T' // pool), C]``.
+
+    DCI/SCI only: ``out`` (a contiguous ``[B, T', (G+1)C]`` tensor) receives the features
+    instead of a new tensor, and ``rows = (r0, r1)`` restricts the launch to the rows
+    ``r0 <= b*T' + t < r1`` of it (the overlapped linear path fills A chunk by chunk).
     """
     base = hidden_states[spec.final_layer]
     common.check_launchable(base.device, base.dtype)
     if spec.connector_type == "sti":
+        if out is not None or rows is not None:
+            raise ValueError("out= and rows= are for channel (DCI/SCI) specs")
         return _sti_features(hidden_states, spec, batch, tokens, channels)
     t_keep = spec.tokens_kept(tokens)
     width = spec.out_channels(channels)
-    out = common.empty((batch, t_keep, width), base.dtype, base.device)
+    if out is None:
+        out = common.empty((batch, t_keep, width), base.dtype, base.device)
     M = batch * t_keep
-    if M == 0 or channels == 0:
+    r0, r1 = rows if rows is not None else (0, M)
+    if not 0 <= r0 <= r1 <= M:
+        raise ValueError(f"rows {rows} outside the features' {M} rows")
+    if r1 == r0 or channels == 0:
         return out
     entries, starts, sizes = common.layer_entries(hidden_states, spec)
+    if rows is None and features_tma_eligible(entries, base.device):
+        return features_tma(hidden_states, spec, batch, tokens, channels, out)
     sb, st, sc = common.strides(entries)
-    cfg = FEATURES_CONFIG_INTERPRET if common.interpreting() else FEATURES_CONFIG
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]))
+    if common.interpreting():
+        cfg = FEATURES_CONFIG_INTERPRET
+    else:
+        cfg = FEATURES_CONFIG if all(_vector_ok(e) for e in entries) else FEATURES_CONFIG_SCALAR
+    grid = (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(r1 - r0, cfg["BLOCK_M"]),)
     _features_kernel[grid](
-        tuple(entries), sb, st, sc, out, width, M, channels, t_keep,
+        tuple(entries), sb, st, sc, out, width, r0, r1, channels, t_keep,
         TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
         **common.layout_flags(entries, out),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    return out
+
+
+# --------------------------------------------------------------------------- TMA launcher
+def _ensure_allocator() -> None:
+    # tl.make_tensor_descriptor needs a global scratch buffer: give Triton a torch allocator
+    # unless the user installed one (a ContextVar: set per thread)
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        def alloc(size: int, alignment: int, stream):
+            device = "cpu" if common.interpreting() else "cuda"
+            return torch.empty(size, dtype=torch.int8, device=device)
+        triton.set_allocator(alloc)
+
+
+def _tma_3d_ok(t: torch.Tensor) -> bool:
+    e = t.element_size()
+    return (t.stride(2) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0
+            and (t.stride(1) * e) % 16 == 0 and t.shape[2] * e >= 16
+            and max(t.shape) < 2 ** 31)
+
+
+#: Tests set this to False to run the LDG kernel where the TMA kernel would be chosen.
+USE_TMA = True
+
+
+def features_tma_eligible(entries, device: torch.device) -> bool:
+    """Whether the TMA features kernel applies: sm_90+ (or the interpreter) and every layer
+    laid out as TMA requires (unit channel stride, 16-byte aligned base and strides)."""
+    if not USE_TMA:
+        return False
+    if not common.interpreting():
+        from .gemm_tma import _capability, _cuda_device
+        if not _cuda_device(entries[0]) or _capability(device.index or 0)[0] < 9:
+            return False
+    return all(_tma_3d_ok(e) for e in entries)
+
+
+def row_tiles(spec: ConnectorSpec, batch: int, tokens: int) -> int:
+    """Row tiles of the TMA features kernel (``batch * cdiv(T', ROWS)``)."""
+    rows = _tma_config()["ROWS"]
+    return batch * triton.cdiv(spec.tokens_kept(tokens), rows)
+
+
+def row_of_tile(spec: ConnectorSpec, tokens: int, q: int) -> int:
+    """The first feature row of row tile ``q`` (tiles never straddle images)."""
+    rows = _tma_config()["ROWS"]
+    t_keep = spec.tokens_kept(tokens)
+    per_image = triton.cdiv(t_keep, rows)
+    return (q // per_image) * t_keep + min(t_keep, (q % per_image) * rows)
+
+
+def _tma_config(beside_gemm: bool = False):
+    if common.interpreting():
+        return FEATURES_TMA_CONFIG_INTERPRET
+    return FEATURES_TMA_CONFIG_BESIDE if beside_gemm else FEATURES_TMA_CONFIG
+
+
+def features_tma(hidden_states, spec: ConnectorSpec, batch: int, tokens: int, channels: int,
+                 out: torch.Tensor, tiles: Optional[Tuple[int, int]] = None,
+                 programs: Optional[int] = None, beside_gemm: bool = False) -> torch.Tensor:
+    """DCI/SCI features with the persistent TMA kernel (checked eligible), row tiles
+    ``tiles = (q0, q1)`` of :func:`row_tiles` (default all) written into ``out``.
+    ``beside_gemm``: the launch shares the SMs with the GEMM (:data:`FEATURES_TMA_CONFIG_BESIDE`).
+    """
+    t_keep = spec.tokens_kept(tokens)
+    entries, starts, sizes = common.layer_entries(hidden_states, spec)
+    cfg = _tma_config(beside_gemm)
+    q0, q1 = tiles if tiles is not None else (0, row_tiles(spec, batch, tokens))
+    if q1 <= q0 or channels == 0:
+        return out
+    n_tiles = (q1 - q0) * triton.cdiv(channels, cfg["BLOCK_C"])
+    if programs is None:
+        if common.interpreting():
+            programs = INTERPRET_PROGRAMS
+        else:
+            from .gemm_tma import _num_sms
+            programs = _num_sms(out.device.index or 0) * cfg["programs_per_sm"]
+    programs = max(1, min(programs, n_tiles))
+    _ensure_allocator()
+    sb, st, _ = common.strides(entries)
+    flags = common.layout_flags(entries, out)
+    _features_tma_kernel[(programs,)](
+        tuple(entries), sb, st, out, out.stride(-2), batch, tokens, channels, t_keep, q0, q1,
+        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, OFF64=flags["OFF64"],
+        EMULATE_RNE=flags["EMULATE_RNE"], ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"],
+        NUM_PROGRAMS=programs, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
     return out

@@ -11,6 +11,7 @@ the two-pass path.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -21,9 +22,11 @@ from ..spec import ConnectorSpec
 from . import common
 from .common import _group_sum, _round, _tile_offsets
 from .features import features_triton
-from .path import choose_linear_path
+from .gemm_tma import gemm_tma, gemm_tma_eligible
+from .path import choose_linear_path, overlap_chunk_rows
 
-__all__ = ["linear_triton", "CONFIG_LISTS", "LINEAR_CONFIG_INTERPRET"]
+__all__ = ["linear_triton", "gemm", "CONFIG_LISTS", "LINEAR_CONFIG_INTERPRET", "PATHS",
+           "prune_configs", "shared_bytes_bound", "overlap_chunks"]
 
 
 @triton.jit
@@ -109,25 +112,26 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
                          num_warps=warps, num_stages=stages)
 
 
-# Every config below compiles for sm_80 and sm_90 without register spills and within shared
-# memory, with triton 3.6 (the GPU machines' stack) and 3.9 (CI's): tests/test_aot_compile.py
-# checks each one with the installed triton. Larger tiles (128x256, and 128x128 for the fused
-# kernel) spill with one version or the other. The fused kernel sums 12-13 layer tiles per
+# Every config below is built ahead of time for sm_80 and sm_90 exactly as the JIT specializes
+# it (tests/test_aot_compile.py): no register spills, shared memory within the architecture's
+# limit or pruned by _prune_configs before launch. The fused kernel sums 12-13 layer tiles per
 # K step, so it takes a narrower K block than a plain GEMM, and for fp32 a single stage (the
-# pipeliner would otherwise multi-buffer every layer's tile in shared memory).
+# pipeliner would otherwise multi-buffer every layer's tile in shared memory). Its BLOCK_M = 64
+# configs use 4 warps (one warpgroup): with 8, both warpgroups would rebuild the same A tile.
 #: Fused kernel (features built in the K loop), 16-bit operands.
 FUSED_CONFIGS_16 = [
-    _cfg(64, 128, 32, 8, 3),
+    _cfg(64, 128, 32, 4, 3),
     _cfg(128, 64, 32, 8, 3),
-    _cfg(64, 64, 32, 8, 3),
+    _cfg(64, 64, 32, 4, 3),
 ]
 #: Fused kernel, fp32 operands.
 FUSED_CONFIGS_32 = [
-    _cfg(64, 64, 32, 8, 1),
-    _cfg(64, 128, 16, 8, 1),
+    _cfg(64, 64, 32, 4, 1),
+    _cfg(64, 128, 16, 4, 1),
     _cfg(64, 64, 16, 4, 1),
 ]
-#: Plain GEMM (second pass of the two-pass path), 16-bit operands.
+#: Plain GEMM (second pass where the TMA kernel does not apply: sm_80, awkward layouts),
+#: 16-bit operands.
 GEMM_CONFIGS_16 = [
     _cfg(128, 128, 64, 8, 3),
     _cfg(64, 128, 64, 8, 3),
@@ -146,10 +150,60 @@ LINEAR_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, group_m=2)
 _LINEAR_KEY = ["M_BUCKET", "N", "C"]
 
 
+def shared_bytes_bound(config: triton.Config, max_group: int, element_size: int) -> int:
+    """An upper bound of the shared memory one build of ``_linear_kernel`` allocates.
+
+    The pipeliner keeps up to ``num_stages`` copies of every tile loaded in a K step: the W
+    tile and, for the fused kernel, the widest group's layer tiles (a plain GEMM loads one A
+    tile). ``tests/test_aot_compile.py`` checks the bound against every ahead-of-time build.
+    """
+    k = config.kwargs
+    tiles = max(1, max_group) * k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]
+    return max(1, config.num_stages) * tiles * element_size
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 166912)
+
+
+def _aligned16(*sizes) -> bool:
+    return all(s % 16 == 0 for s in sizes)
+
+
+def prune_configs(configs, max_group: int, element_size: int, shared_limit: int,
+                  aligned: bool):
+    """The configs that can run: shared memory bound within ``shared_limit``; with sizes or
+    strides not divisible by 16 (``aligned=False``), tiles of at most 64 x 128 and, for fp32,
+    K blocks of at most 16 (larger ones spill their masks' registers). Never empty: falls back
+    to the smallest config."""
+    keep = [c for c in configs
+            if shared_bytes_bound(c, max_group, element_size) <= shared_limit
+            and (aligned or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
+                             and (element_size < 4 or c.kwargs["BLOCK_K"] <= 16)))]
+    if keep:
+        return keep
+    return [min(configs, key=lambda c: shared_bytes_bound(c, max_group, element_size))]
+
+
+def _early_prune(configs, named_args, **kwargs):
+    layers = named_args["layers"]
+    sizes = kwargs.get("SIZES", named_args.get("SIZES", ()))
+    e = layers[0].element_size()
+    device = layers[0].device
+    limit = _shared_limit(device.index or 0) if device.type == "cuda" else 166912
+    aligned = _aligned16(named_args["N"], named_args["C"], named_args["stride_om"],
+                         named_args["stride_wn"]) and named_args["M"] % 16 == 0
+    return prune_configs(configs, max(sizes, default=1), e, limit, aligned)
+
+
 def _autotuned(configs):
     if not common.autotune_enabled():
         configs = configs[:1]
-    return triton.autotune(configs=configs, key=_LINEAR_KEY)(_linear_kernel)
+    return triton.autotune(configs=configs, key=_LINEAR_KEY,
+                           prune_configs_by={"early_config_prune": _early_prune}
+                           )(_linear_kernel)
 
 
 #: (kernel, operand bits) -> autotune configs; "gemm" is the linear kernel without groups.
@@ -189,15 +243,118 @@ def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
     _AUTOTUNED[("gemm" if not sizes else "fused", bits)][grid](*args, **meta)
 
 
+def gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: torch.Tensor,
+         leave_room: bool = False) -> None:
+    """``out = act(a @ weight.T + bias)`` for 2-D ``a`` (the second pass): the persistent TMA
+    kernel where it applies (sm_90+, TMA-compatible layouts; ``leave_room``: configs that leave
+    an SM slot for the overlapped features), else the cp.async kernel."""
+    if gemm_tma_eligible(a, weight, out):
+        gemm_tma(a, weight, bias, activation, out, leave_room=leave_room)
+        return
+    M, K = a.shape
+    a3 = a.unsqueeze(0)
+    _launch_linear([a3], (), (), M, K, M, 0, weight, bias, activation, out,
+                   common.layout_flags([a3], weight, out))
+
+
+#: Overlapped path: rows per chunk; 0 = :func:`dc_kernels.ops.path.overlap_chunk_rows`
+#: (whole GEMM waves per chunk). Tests set it to exercise small and ragged chunks.
+OVERLAP_CHUNK_ROWS = 0
+_SIDE_STREAMS = {}
+
+
+def overlap_chunks(M: int, chunk_rows: int) -> list:
+    """Row ranges of the overlapped path with the LDG features kernel: ``chunk_rows`` each,
+    the last one ragged."""
+    return [(r, min(M, r + chunk_rows)) for r in range(0, M, chunk_rows)]
+
+
+def _tile_chunks(spec, batch, tokens, chunk_rows: int) -> list:
+    # the same in row tiles of the TMA features kernel: [((q0, q1), (r0, r1)), ...]
+    from .features import _tma_config, row_of_tile, row_tiles
+    Q = row_tiles(spec, batch, tokens)
+    step = max(1, chunk_rows // _tma_config()["ROWS"])
+    return [((q, min(Q, q + step)), (row_of_tile(spec, tokens, q),
+                                     row_of_tile(spec, tokens, min(Q, q + step))))
+            for q in range(0, Q, step)]
+
+
+def _side_stream(device: torch.device):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
+def _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias, activation, out2d,
+                chunk_rows: int = 0):
+    # The features of row chunk j + 1 are written (side stream) while the GEMM of chunk j runs
+    # (current stream): the memory-bound pass hides under the compute-bound one. Each GEMM
+    # chunk waits on its features chunk's event only; the result is the two-pass one bit for
+    # bit (same A, same per-row GEMM). The TMA features kernel (sm_90+) keeps its bytes in
+    # flight in shared memory, so it still draws bandwidth beside the GEMM's CTAs; chunks are
+    # then whole row tiles of it. Under the interpreter the chunks run in order.
+    from .features import features_tma, features_tma_eligible
+    base = hidden_states[spec.final_layer]
+    t_keep = spec.tokens_kept(tokens)
+    K = spec.out_channels(channels)
+    M = batch * t_keep
+    feats = common.empty((batch, t_keep, K), base.dtype, base.device)
+    a2 = feats.view(M, K)
+    chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(M, weight.shape[0])
+    entries, _, _ = common.layer_entries(hidden_states, spec)
+    if features_tma_eligible(entries, base.device):
+        def produce(q, r):
+            # chunk 0 runs alone; the later chunks share the SMs with the GEMM
+            features_tma(hidden_states, spec, batch, tokens, channels, feats, tiles=q,
+                         beside_gemm=q[0] > 0)
+        chunks = _tile_chunks(spec, batch, tokens, chunk_rows)
+    else:
+        def produce(q, r):
+            features_triton(hidden_states, spec, batch, tokens, channels, out=feats, rows=r)
+        chunks = [(None, r) for r in overlap_chunks(M, chunk_rows)]
+    if base.device.type != "cuda":
+        for q, (r0, r1) in chunks:
+            produce(q, (r0, r1))
+            gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True)
+        return
+    main = torch.cuda.current_stream(base.device)
+    side = _side_stream(base.device)
+    side.wait_stream(main)  # the hidden states are ready
+    events = []
+    with torch.cuda.stream(side):
+        for q, r in chunks:
+            produce(q, r)
+            ev = torch.cuda.Event()
+            ev.record(side)
+            events.append(ev)
+    for (q, (r0, r1)), ev in zip(chunks, events):
+        main.wait_event(ev)
+        gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True)
+    # feats was allocated on ``main``, which waits for every side-stream write above before
+    # its last GEMM: freeing it after return is safe without record_stream
+
+
+PATHS = ("auto", "fused", "two-pass", "overlap")
+
+
 def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                   batch: int, tokens: int, channels: int, weight: torch.Tensor,
                   bias, activation, path: str = "auto") -> torch.Tensor:
     """``act(features @ weight.T + bias)`` on the Triton backend (inputs already validated).
 
-    ``path``: ``"fused"`` (features built in the GEMM's K loop), ``"two-pass"`` (features
-    kernel, then the same GEMM over them) or ``"auto"`` (:func:`choose_linear_path`). A layout
-    the fused kernel is not built for (see :func:`choose_linear_path`) runs two-pass even when
-    ``"fused"`` is asked for; the result is the same.
+    ``path``:
+
+    * ``"fused"``: features built in the GEMM's K loop (one kernel);
+    * ``"two-pass"``: the features kernel writes A, then the GEMM (persistent TMA kernel on
+      sm_90+, cp.async kernel elsewhere) reads it;
+    * ``"overlap"``: two-pass in row chunks, the features of chunk j + 1 written on a side
+      stream while the GEMM of chunk j runs;
+    * ``"auto"``: :func:`dc_kernels.ops.path.choose_linear_path`.
+
+    A layout the fused kernel is not built for (layers with differing strides, 2^31+ element
+    tensors, STI) runs two-pass when ``"fused"`` is asked for, and STI runs two-pass when
+    ``"overlap"`` is asked for; the result is the same.
     """
     base = hidden_states[spec.final_layer]
     common.check_launchable(base.device, base.dtype)
@@ -209,21 +366,29 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     if M == 0 or N == 0:
         return out
     out2d = out.view(M, N)
-    if path not in ("auto", "fused", "two-pass"):
-        raise ValueError(f"path must be 'auto', 'fused' or 'two-pass', got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernels read the bias with unit stride
     entries, starts, sizes = common.layer_entries(hidden_states, spec)
     flags = common.layout_flags(entries, weight, out2d)
-    fusable = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
-                                 base.element_size(), flags["UNIFORM"], flags["OFF64"],
-                                 sti=spec.connector_type == "sti")
-    if path == "auto" or fusable == "two-pass":
-        path = fusable
+    sti = spec.connector_type == "sti"
+    fusable = flags["UNIFORM"] and not flags["OFF64"] and not sti
+    if path == "auto":
+        path = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
+                                  base.element_size(), flags["UNIFORM"], flags["OFF64"], sti=sti,
+                                  cuda=base.device.type == "cuda")
+    elif path == "fused" and not fusable:
+        path = "two-pass"
+    elif path == "overlap" and sti:
+        path = "two-pass"
     if path == "fused":
         _launch_linear(entries, starts, sizes, M, channels, t_keep, spec.token_offset,
                        weight, bias, activation, out2d, flags)
+    elif path == "overlap":
+        _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias, activation,
+                    out2d)
     else:
         feats = features_triton(hidden_states, spec, batch, tokens, channels)
-        a = feats.view(1, M, feats.shape[-1])
-        _launch_linear([a], (), (), M, a.shape[-1], M, 0, weight, bias, activation, out2d,
-                       common.layout_flags([a], weight, out2d))
+        gemm(feats.view(M, feats.shape[-1]), weight, bias, activation, out2d)
     return out

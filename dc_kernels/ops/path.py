@@ -1,69 +1,128 @@
 """The path rule: which Triton route computes ``act(features @ W^T + b)`` for a shape.
 
-:func:`estimate_linear_times` is a roofline estimate of each path from :data:`PATH_MODEL`'s
-ceilings; :func:`choose_linear_path` picks the faster one. The constants are estimates until
-GPU measurements recorded under ``benchmarks/results/`` replace them.
+:func:`estimate_linear_times` estimates each path from the constants of the committed
+calibration (``calibration.json`` beside this file): the ceilings of the card it describes, the
+efficiencies the static cost model (``python -m benchmarks --static``) reads from the compiled
+kernels, and the measured/estimated factors a GPU run (``python -m benchmarks --gpu-bundle``)
+adds. :func:`choose_linear_path` picks the fastest. Until a GPU run is committed the
+calibration's ``source`` says so, and every estimate is an estimate.
 """
 
 from __future__ import annotations
 
-__all__ = ["PATH_MODEL", "estimate_linear_times", "choose_linear_path"]
+import json
+import math
+import os
+from typing import Dict, Optional
+
+__all__ = ["CALIBRATION_FILE", "load_calibration", "PATH_MODEL", "estimate_linear_times",
+           "choose_linear_path", "overlap_chunk_rows"]
+
+CALIBRATION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
+_REQUIRED = ("dram_bytes_per_s", "l2_bytes_per_s", "flop_per_s", "launch_s", "sms",
+             "issue_per_s", "features_efficiency", "features_efficiency_beside_gemm",
+             "gemm_efficiency", "gemm_tile_m", "gemm_tile_n", "fused_block_n",
+             "fused_instr_per_element", "measured_over_estimated")
 
 
-#: Ceilings the path rule assumes (H100 SXM; docs/DESIGN.md §2): DRAM copy bandwidth, L2
-#: bandwidth, dense 16-bit tensor-core rate, and the cost of one extra launch. Estimates until
-#: GPU measurements recorded under benchmarks/results/ replace them.
-PATH_MODEL = {"dram_bytes_per_s": 3.0e12, "l2_bytes_per_s": 7.0e12, "flop_per_s": 8.0e14,
-              "launch_s": 4e-6, "fused_block_n": 128}
+def load_calibration(path: Optional[str] = None) -> Dict:
+    """The path model's constants (``calibration.json``); ValueError if a key is missing."""
+    with open(path or CALIBRATION_FILE) as f:
+        cal = json.load(f)
+    missing = [k for k in _REQUIRED if k not in cal]
+    if missing:
+        raise ValueError(f"calibration file {path or CALIBRATION_FILE} lacks {missing}")
+    return cal
+
+
+#: The constants in use (read once at import).
+PATH_MODEL = load_calibration()
 
 
 def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
-                          element_size: int) -> dict:
-    """Roofline estimates (seconds) of both paths, from :data:`PATH_MODEL`.
+                          element_size: int, model: Optional[Dict] = None) -> dict:
+    """Estimated seconds of each path, from :data:`PATH_MODEL` (or ``model``).
 
     With L distinct layers read, K = slabs * C and e bytes per element:
 
-    * two-pass: the features kernel moves ``(L*M*C + M*K) e`` through DRAM; the GEMM reads A and
-      W and writes the output, ``(M*K + K*N + M*N) e``, or is compute-bound at ``2 M K N``
-      FLOPs; plus one extra launch.
-    * fused: DRAM sees only the floor ``(L*M*C + K*N + M*N) e``, but every N-tile of the fused
-      kernel rebuilds its row tile's features: ``ceil(N / BLOCK_N) * L*M*C*e`` bytes from L2
-      (the row tiles that run together share them there, thanks to the grouped order).
+    * features pass: ``(L*M*C + M*K) e`` through DRAM at ``features_efficiency`` of the copy
+      bandwidth;
+    * GEMM: ``max(2 M K N / flop_per_s, (M*K + K*N + M*N) e / dram)`` over
+      ``gemm_efficiency``, with wave quantization of 128 x 128 tiles over the SMs;
+    * ``two-pass`` = features + GEMM + a launch; ``overlap`` (row chunks of
+      :func:`overlap_chunk_rows`, at least two) = the first chunk's features, then the slower
+      of the GEMM and the remaining features (which run beside the GEMM's CTAs at
+      ``features_efficiency_beside_gemm`` of the bandwidth) + a launch per chunk;
+    * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
+      N tile (``fused_block_n`` wide), the FLOPs, and the issue cost of rebuilding A per N tile
+      (``fused_instr_per_element`` warp instructions per layer element and N tile);
+    * each multiplied by its ``measured_over_estimated`` factor (1 until a GPU run says more).
     """
-    m = PATH_MODEL
+    m = model or PATH_MODEL
     e = element_size
     K = num_slabs * C
     layers = num_layers_read * M * C * e
-    flops_t = 2.0 * M * K * N / m["flop_per_s"]
-    two_pass = ((layers + M * K * e) / m["dram_bytes_per_s"]
-                + max((M * K + K * N + M * N) * e / m["dram_bytes_per_s"], flops_t)
-                + m["launch_s"])
-    rereads = -(-N // m["fused_block_n"]) * layers
-    fused = max((layers + (K * N + M * N) * e) / m["dram_bytes_per_s"],
-                rereads / m["l2_bytes_per_s"], flops_t)
-    return {"fused": fused, "two-pass": two_pass}
+    dram = m["dram_bytes_per_s"]
+    feats = (layers + M * K * e) / (dram * m["features_efficiency"])
+    waves = math.ceil(math.ceil(M / 128) * math.ceil(N / 128) / m["sms"])
+    tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"])
+    gemm = max(tiles_time, (M * K + K * N + M * N) * e / dram) / m["gemm_efficiency"]
+    two_pass = feats + gemm + m["launch_s"]
+    chunks = max(1, math.ceil(M / overlap_chunk_rows(M, N, m)))
+    if chunks >= 2:
+        # the features of chunk 0 run alone, the rest beside the GEMM at
+        # ``features_efficiency_beside_gemm`` of the copy bandwidth
+        beside = feats * m["features_efficiency"] / m["features_efficiency_beside_gemm"]
+        overlap = (feats / chunks + max(gemm, beside * (chunks - 1) / chunks)
+                   + chunks * m["launch_s"])
+    else:
+        overlap = two_pass
+    tiles_n = math.ceil(N / m["fused_block_n"])
+    rebuild = tiles_n * num_layers_read * M * C * m["fused_instr_per_element"] / m["issue_per_s"]
+    fused = max((layers + (K * N + M * N) * e) / dram, tiles_n * layers / m["l2_bytes_per_s"],
+                2.0 * M * K * N / m["flop_per_s"], rebuild)
+    f = m["measured_over_estimated"]
+    return {"fused": fused * f.get("fused", 1.0), "two-pass": two_pass * f.get("two-pass", 1.0),
+            "overlap": overlap * f.get("overlap", 1.0)}
+
+
+def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:
+    """Rows per chunk of the overlapped path: the fewest whole GEMM row tiles (of the
+    calibration's ``gemm_tile_m`` x ``gemm_tile_n``) whose tiles fill the SMs' waves to at
+    least 95 % (the GEMM of one chunk runs alone on the compute units), at most ``M``."""
+    m = model or PATH_MODEL
+    tm, tn, sms = m["gemm_tile_m"], m["gemm_tile_n"], m["sms"]
+    n_tiles = math.ceil(N / tn)
+    best, best_eff = 1, 0.0
+    for k in range(1, max(1, math.ceil(M / tm)) + 1):
+        tiles = k * n_tiles
+        eff = tiles / (math.ceil(tiles / sms) * sms)
+        if eff >= 0.95:
+            return k * tm
+        if eff > best_eff:
+            best, best_eff = k, eff
+    return best * tm
 
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
                        element_size: int, uniform: bool = True, off64: bool = False,
-                       sti: bool = False) -> str:
-    """Pick ``"fused"`` or ``"two-pass"`` for ``act(features @ W^T + b)``: the faster estimate.
+                       sti: bool = False, cuda: bool = True) -> str:
+    """Pick ``"fused"``, ``"two-pass"`` or ``"overlap"``: the smallest estimate that runs.
 
     The fused kernel saves the features' DRAM round trip and a launch, but rebuilds each row
-    tile's features once per N-tile, so its L2 traffic grows with ``N / BLOCK_N`` (32 for a
-    4096-wide LLM): with the model's ceilings it wins only for narrow outputs, and the
-    two-pass path takes the usual LLM widths (see :func:`estimate_linear_times`). The constants
-    are estimates, to be revisited with the GPU bundle's fused-vs-two-pass timings.
-
-    The fused kernel is also built (and checked spill-free) only for layers that share one
-    stride set and tensors under 2^31 elements; other layouts (``uniform=False``: views with
-    differing strides; ``off64=True``) always take the two-pass path.
-
-    STI (``sti=True``) is always two-pass: its features are only ``(1 + G / pool)`` times a
-    layer (1.25x for the presets), so writing and re-reading them costs little, while building
-    a pooled row inside the GEMM would re-read ``pool`` tokens of every group member per N-tile.
+    tile's features once per N tile, so its issue and L2 cost grow with ``N / fused_block_n``:
+    it wins only for narrow outputs. The overlapped path needs at least two row chunks and CUDA
+    streams (``cuda=False``: never chosen). The fused kernel is built only for layers sharing
+    one stride set and tensors under 2^31 elements (``uniform=False`` or ``off64=True``: not
+    chosen); STI (``sti=True``) is always two-pass: its features are ``1 + G / pool`` times a
+    layer (1.25x for the presets), cheap to write and re-read, while building a pooled row
+    inside the GEMM would re-read ``pool`` tokens of every group member per N tile.
     """
-    if not uniform or off64 or sti:
+    if sti:
         return "two-pass"
     t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size)
-    return "fused" if t["fused"] <= t["two-pass"] else "two-pass"
+    if not uniform or off64:
+        t.pop("fused")
+    if not cuda or math.ceil(M / overlap_chunk_rows(M, N)) < 2:
+        t.pop("overlap")
+    return min(t, key=t.get)

@@ -1,248 +1,573 @@
-"""Ahead-of-time compilation of the Triton kernels for real GPUs, on any machine.
+"""Ahead-of-time builds of the kernels that actually run, on any machine (no GPU needed).
 
-``triton.compile`` builds PTX and a cubin for a target architecture without a GPU; the ptxas that
-Triton itself uses then reports registers and spills. The tests use this to check, on CPU-only CI,
-what the interpreter cannot: every kernel x dtype x config compiles for sm_80 and sm_90, spills no
-registers, fits shared memory, and uses wgmma on Hopper.
+At run time Triton's binder specializes every launch: an integer argument equal to 1 becomes a
+compile-time constant (so a unit channel stride is known and loads vectorize), integers divisible
+by 16 and 16-byte-aligned pointers get divisibility hints (so wide loads and cp.async/TMA are
+legal). A kernel built with plain ``i32`` arguments is another kernel. This module therefore
+never writes a signature by hand:
+
+1. **Record** (:func:`record_launches`): the public functions run as usual on CPU tensors of the
+   real shapes (``torch.empty``: no memory is touched), but every Triton launch is recorded
+   instead of run: the kernel, its arguments, its grid and, for autotuned kernels, every config
+   the autotuner may pick.
+2. **Bind** (:func:`bind`): Triton's own binder (``create_function_from_signature`` +
+   ``JITFunction._pack_args``, the private API of triton 3.6 and 3.9, used only here) turns the
+   recorded arguments into the signature, constants and attributes the runtime would compile.
+3. **Build** (:func:`build`): ``triton.compile`` for ``sm_80`` / ``sm_90``; the report reads the
+   cubin Triton produced (``cuobjdump -res-usage``: registers, shared, local memory) and its SASS
+   (``nvdisasm``; spill instructions, and the instruction mix the static cost model in
+   ``benchmarks/static.py`` reads).
+
+Identical specializations are built once (:func:`unique_builds`). ``python -m
+dc_kernels.ops.triton_aot`` builds every case (:func:`aot_cases`: the benchmark shapes and the
+awkward layouts users can pass) and prints a summary (``--json`` for every report).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from . import common, features, linear
+__all__ = ["SHARED_LIMIT", "ARCHS", "LaunchRecord", "record_launches", "bind", "build",
+           "unique_builds", "aot_cases", "build_cases", "triton_version"]
 
-__all__ = ["CompileReport", "compile_linear", "compile_features", "compile_sti_features",
-           "SHARED_LIMIT", "aot_cases", "build_case"]
-
-_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
+ARCHS = (80, 90)
 _WARP_SIZE = 32
 
 
-@dataclass
-class CompileReport:
-    """What one ahead-of-time build tells."""
+def triton_version() -> str:
+    import triton
+    return triton.__version__
 
+
+# --------------------------------------------------------------------------- recording
+@dataclass
+class LaunchRecord:
+    """One kernel launch the launchers would have made."""
+
+    fn: Any                         # the triton.JITFunction
+    args: Tuple[Any, ...]           # positional arguments as passed
+    kwargs: Dict[str, Any]          # constexprs and launch options as passed
+    grid: Any                       # tuple, or callable of the meta-parameters (autotuned)
+    configs: Optional[list] = None  # triton.Config list when launched through an autotuner
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def variants(self) -> List[Tuple[Optional[int], Tuple[Any, ...], Dict[str, Any],
+                                     Tuple[int, ...]]]:
+        """``(config index or None, args, full kwargs, grid)`` for every build this launch can
+        run. A config's ``pre_hook`` (e.g. setting TMA descriptors' block shapes) is applied to
+        copies of the arguments, as the autotuner applies it before a launch."""
+        out = []
+        names = [p.name for p in self.fn.params]
+        for i, cfg in (enumerate(self.configs) if self.configs else [(None, None)]):
+            kw = dict(self.kwargs)
+            args = self.args
+            if cfg is not None:
+                kw.update(cfg.all_kwargs())
+                if cfg.pre_hook is not None:
+                    nargs = {n: copy.copy(v) for n, v in zip(names, args)}
+                    nargs.update(kw)
+                    cfg.pre_hook(nargs)
+                    args = tuple(nargs[n] for n in names[:len(args)])
+            grid = self.grid(kw) if callable(self.grid) else self.grid
+            grid = tuple(grid) + (1,) * (3 - len(tuple(grid)))
+            out.append((i, args, kw, grid))
+        return out
+
+
+#: Streaming multiprocessors of the cards each architecture stands for (A100, H100 SXM).
+SMS = {80: 108, 90: 132}
+
+
+@contextlib.contextmanager
+def record_launches(arch: int = 90):
+    """Within the block, Triton launches are recorded, not run; yields the record list.
+
+    The launchers see the device they would see on an ``sm_{arch}`` card (its capability, SM
+    count and shared-memory limit, so the same kernels, grids and autotune pruning are chosen)
+    and their device check is relaxed, so that CPU tensors of the real shapes stand in for CUDA
+    ones (their alignment is what the binder reads: CPU allocations are 64-byte aligned, CUDA
+    ones 256-byte: both give the same 16-byte hints). An autotuned launch records the configs
+    that survive the autotuner's pruning. Must run without ``TRITON_INTERPRET``.
+    """
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    from . import common, gemm_tma, linear
+
+    if common.interpreting():
+        raise RuntimeError("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler")
+    records: List[LaunchRecord] = []
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        records.append(LaunchRecord(self, args, kwargs, grid))
+
+    def autotuned_run(self, *args, **kwargs):
+        grid = kwargs.pop("grid")
+        kwargs.pop("warmup", None)
+        self.nargs = dict(zip(self.arg_names, args))
+        try:
+            configs = list(self.prune_configs(kwargs))
+        finally:
+            self.nargs = None
+        records.append(LaunchRecord(self.fn, args, kwargs, grid, configs))
+
+    def check_launchable(device, dtype):
+        if dtype not in common.TRITON_DTYPES:
+            raise ValueError(f"the Triton backend does not support {dtype}")
+
+    patches = [(JITFunction, "run", jit_run), (Autotuner, "run", autotuned_run),
+               (common, "check_launchable", check_launchable),
+               (gemm_tma, "_capability", lambda index: (arch // 10, arch % 10)),
+               (gemm_tma, "_num_sms", lambda index: SMS[arch]),
+               (gemm_tma, "_cuda_device", lambda t: True),
+               (linear, "_shared_limit", lambda index: SHARED_LIMIT[arch])]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield records
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+# --------------------------------------------------------------------------- binding
+def _backend(arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    return make_backend(GPUTarget("cuda", arch, _WARP_SIZE))
+
+
+_BINDERS: Dict[Tuple[int, int], Callable] = {}
+
+
+def bind(fn, args: Sequence[Any], kwargs: Dict[str, Any], arch: int):
+    """What Triton's runtime derives from a launch: ``(options, signature, constexprs, attrs)``.
+
+    The same calls ``JITFunction.run`` makes (triton 3.6 and 3.9), against a CUDA backend of
+    ``sm_{arch}`` instead of the active device.
+    """
+    from triton.runtime.jit import create_function_from_signature
+    backend = _backend(arch)
+    key = (id(fn), arch)
+    if key not in _BINDERS:
+        _BINDERS[key] = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", False)
+    # launch options JITFunction.run adds from Triton's knobs, when this version has them
+    from triton import knobs
+    fields = backend.parse_options({}).__dict__
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if name in fields and hasattr(knobs.compilation, name):
+            kwargs.setdefault(name, getattr(knobs.compilation, name))
+    bound, specialization, options = _BINDERS[key](*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, specialization, options)
+
+
+def _tool(name: str) -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise RuntimeError(f"{name} not found in the triton package ({path})")
+    return path
+
+
+_SPILL = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(STL|LDL)(\.\w+)*\s", re.M)
+
+
+@dataclass
+class BuildReport:
+    """What one ahead-of-time build tells (no GPU involved)."""
+
+    kernel: str
     arch: int
     registers: int
-    spill_stores: int
-    spill_loads: int
-    shared: int
-    wgmma: bool
-    ptx: str
+    shared: int          # bytes per block (Triton's dynamic shared memory + static)
+    local: int           # bytes of local memory per thread (spill slots, stack)
+    spill_stores: int    # STL instructions in the SASS
+    spill_loads: int     # LDL instructions in the SASS
+    num_warps: int
+    num_stages: int
+    signature_key: str
+    sass: str = field(repr=False, default="")
+    ptx: str = field(repr=False, default="")
 
 
-def _layer_sig(dtype, n):
-    ptr = "*" + _TRITON_TYPE[dtype]
-    return {"layers": (ptr,) * n, "stride_b": ("i32",) * n, "stride_t": ("i32",) * n,
-            "stride_c": ("i32",) * n}
+def build(fn, args, kwargs, arch: int, keep_text: bool = True) -> BuildReport:
+    """Compile one launch for ``sm_{arch}`` exactly as the JIT would, and read the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-
-def _ptxas_report(ptx: str, arch: int) -> Tuple[int, int, int]:
-    from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas(arch) if "arch" in get_ptxas.__code__.co_varnames else get_ptxas()
-    ptxas = getattr(ptxas, "path", ptxas)
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    options, signature, constexprs, attrs = bind(fn, args, kwargs, arch)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, _WARP_SIZE),
+                              options=options.__dict__)
+    cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o",
-                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {gpu}:\n{res.stderr}")
-    regs = re.search(r"Used (\d+) registers", res.stderr)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
-    return (int(regs.group(1)) if regs else 0,
-            int(spills.group(1)) if spills else 0, int(spills.group(2)) if spills else 0)
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", res).group(1))
+    static_shared = int(re.search(r"SHARED:(\d+)", res).group(1))
+    spills = _SPILL.findall(sass)
+    return BuildReport(
+        kernel=fn.__name__, arch=arch, registers=regs,
+        shared=max(int(compiled.metadata.shared), static_shared), local=local,
+        spill_stores=sum(1 for s in spills if s[0] == "STL"),
+        spill_loads=sum(1 for s in spills if s[0] == "LDL"),
+        num_warps=options.num_warps, num_stages=options.num_stages,
+        signature_key=_signature_key(fn, signature, constexprs, attrs, options),
+        sass=sass if keep_text else "", ptx=compiled.asm["ptx"] if keep_text else "")
 
 
-def _build(fn, signature, constexprs, arch, num_warps, num_stages) -> CompileReport:
-    for k in constexprs:
-        signature[k] = "constexpr"
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    target = GPUTarget("cuda", arch, _WARP_SIZE)
-    compiled = triton.compile(src, target=target,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    ptx = compiled.asm["ptx"]
-    regs, st, ld = _ptxas_report(ptx, arch)
-    return CompileReport(arch, regs, st, ld, compiled.metadata.shared, "wgmma" in ptx, ptx)
+def _signature_key(fn, signature, constexprs, attrs, options) -> str:
+    text = repr((fn.__name__, sorted(signature.items(), key=str),
+                 sorted(((k, repr(v)) for k, v in constexprs.items()), key=str),
+                 sorted(((k, repr(v)) for k, v in attrs.items()), key=str),
+                 options.num_warps, options.num_stages, options.arch
+                 if hasattr(options, "arch") else None))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def compile_linear(arch: int, dtype: torch.dtype, starts, sizes, config: triton.Config, *,
-                   tok0=1, uniform=True, off64=False, has_bias=True, activation=1,
-                   input_precision="ieee") -> CompileReport:
-    """Build ``_linear_kernel`` for ``sm_{arch}``; ``sizes=()`` is the plain GEMM."""
-    n = 1 + sum(sizes)
-    sig = _layer_sig(dtype, n)
-    t = "*" + _TRITON_TYPE[dtype]
-    sig.update({"w": t, "stride_wn": "i32", "stride_wk": "i32", "bias": t, "out": t,
-                "stride_om": "i32", "M": "i32", "N": "i32", "C": "i32", "T_KEEP": "i32",
-                "M_BUCKET": "i32"})
-    const = dict(TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes), UNIFORM=uniform,
-                 OFF64=off64, EMULATE_RNE=False, HAS_BIAS=has_bias, ACTIVATION=activation, DOT_FP32=False,
-                 INPUT_PRECISION=input_precision, **config.kwargs)
-    return _build(linear._linear_kernel, sig, const, arch, config.num_warps,
-                  config.num_stages)
+def binding_key(fn, args, kwargs, arch: int) -> str:
+    """The key of the kernel the runtime would compile for this launch (dedupes builds)."""
+    options, signature, constexprs, attrs = bind(fn, args, kwargs, arch)
+    return _signature_key(fn, signature, constexprs, attrs, options)
 
 
-def compile_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict, *, tok0=1,
-                     uniform=True, off64=False) -> CompileReport:
-    """Build ``_features_kernel`` for ``sm_{arch}`` with a config of ``FEATURES_CONFIG``'s form."""
-    n = 1 + sum(sizes)
-    sig = _layer_sig(dtype, n)
-    sig.update({"out": "*" + _TRITON_TYPE[dtype], "stride_om": "i32", "M": "i32", "C": "i32",
-                "T_KEEP": "i32"})
-    const = dict(TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes), UNIFORM=uniform,
-                 OFF64=off64, EMULATE_RNE=False, BLOCK_M=config["BLOCK_M"], BLOCK_C=config["BLOCK_C"])
-    return _build(features._features_kernel, sig, const, arch, config["num_warps"], 1)
+# --------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """A public call whose launches are built: ``run()`` calls the public API."""
+
+    name: str
+    group: str                    # "benchmark" or "layout"
+    run: Callable[[], Any]
+    facts: Dict[str, Any] = field(default_factory=dict)
 
 
-def compile_sti_features(arch: int, dtype: torch.dtype, starts, sizes, config: dict, *,
-                         pool=8, tok0=1, uniform=True, off64=False) -> CompileReport:
-    """Build ``_sti_features_kernel`` for ``sm_{arch}``."""
-    n = 1 + sum(sizes)
-    sig = _layer_sig(dtype, n)
-    sig.update({"out": "*" + _TRITON_TYPE[dtype], "stride_ob": "i32", "stride_ot": "i32",
-                "B": "i32", "C": "i32", "T_KEEP": "i32", "TP": "i32"})
-    const = dict(POOL=pool, TOK0=tok0, STARTS=tuple(starts), SIZES=tuple(sizes),
-                 UNIFORM=uniform, OFF64=off64, EMULATE_RNE=False, BLOCK_M=config["BLOCK_M"],
-                 BLOCK_C=config["BLOCK_C"])
-    return _build(features._sti_features_kernel, sig, const, arch, config["num_warps"], 1)
+def _hidden_states(spec, images, tokens, channels, dtype, layout="contiguous"):
+    """Stand-ins for the hidden-state tuple: ``torch.empty`` (no memory touched)."""
+    n = spec.required_hidden_states
+    B = images
+    out = []
+    for _ in range(n):
+        if layout == "contiguous":
+            h = torch.empty(B, tokens, channels, dtype=dtype)
+        elif layout == "channel_stride":      # every other channel of a wider tensor
+            h = torch.empty(B, tokens, 2 * channels, dtype=dtype)[..., ::2]
+        elif layout == "misaligned":          # a view one element into its storage
+            h = torch.empty(B * tokens * channels + 1, dtype=dtype)[1:].view(B, tokens,
+                                                                            channels)
+        elif layout == "token_major":         # [T, B, C] storage seen as [B, T, C]
+            h = torch.empty(tokens, B, channels, dtype=dtype).transpose(0, 1)
+        else:
+            raise ValueError(layout)
+        out.append(h)
+    return tuple(out)
 
 
-def compile_scatter(arch: int, dtype: torch.dtype, slabs, num_groups: int, config: dict, *,
-                    tok0=1, off64=False) -> CompileReport:
-    """Build ``_scatter_grad_kernel`` for ``sm_{arch}``; ``slabs[i]``: the slabs output i reads."""
-    from .scatter import _scatter_grad_kernel
-    t = "*" + _TRITON_TYPE[dtype]
-    sig = {"grad_a": t, "stride_ab": "i32", "stride_at": "i32", "grads": (t,) * len(slabs),
-           "stride_gb": "i32", "stride_gt": "i32", "M": "i32", "T": "i32", "T_KEEP": "i32",
-           "C": "i32"}
-    const = dict(TOK0=tok0, SLABS=tuple(tuple(x) for x in slabs),
-                 SLAB_SCALE=(1.0,) + (0.5,) * num_groups, OFF64=off64, EMULATE_RNE=False,
-                 BLOCK_M=config["BLOCK_M"], BLOCK_C=config["BLOCK_C"])
-    return _build(_scatter_grad_kernel, sig, const, arch, config["num_warps"], 1)
+#: Benchmark shapes: (name, encoder, tokens, channels); N = 4096 (an LLM width of 7B/8B).
+TOWERS = (("clip336", "clip", 577, 1024), ("siglip384", "siglip", 729, 1152))
+BENCH_IMAGES = (1, 16)
+BENCH_N = 4096
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-# --------------------------------------------------------------------------- the full matrix
-ARCHS = (80, 90)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+def _linear_call(hs, spec, N, dtype, path, weight=None, bias=True):
+    import dc_kernels
+    C = hs[spec.final_layer].shape[-1]
+    w = weight if weight is not None else torch.empty(N, spec.out_channels(C), dtype=dtype)
+    b = torch.empty(N, dtype=dtype) if bias else None
+    return dc_kernels.dense_connector_linear(hs, spec, w, b, "gelu", backend="triton",
+                                            path=path)
 
 
-def _siglip_layout():
-    # SigLIP's DCI: two groups of 13 layers, the most layer tiles any preset keeps in flight
-    from ..spec import ConnectorSpec
-    spec = ConnectorSpec.preset("siglip", "dci")
-    _, starts, sizes = common.layer_entries([None] * spec.num_hidden_states, spec)
-    return starts, sizes
+def _features_call(hs, spec):
+    import dc_kernels
+    return dc_kernels.dense_connector_features(hs, spec, backend="triton")
 
 
-def _config_list(kind: str, dtype_name: str):
-    return linear.CONFIG_LISTS[(kind, 32 if dtype_name == "fp32" else 16)]
+def _scatter_call(spec, images, tokens, channels, dtype):
+    from ..spec import ConnectorSpec  # noqa: F401
+    from ..autograd import _scatter
+    B = images
+    grad_a = torch.empty(B, spec.out_tokens(tokens), spec.out_channels(channels), dtype=dtype)
+    shapes = [torch.Size((B, tokens, channels))] * spec.required_hidden_states
+    return _scatter(grad_a, spec, shapes, [True] * len(shapes))
 
 
-def aot_cases():
-    """Every (kernel, arch, dtype, config, layout) a launcher can pick, as JSON-able dicts.
+def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
+    """Every public call whose kernels the AOT checks build.
 
-    ``wgmma`` says whether the build must use wgmma on sm_90 (16-bit or tf32 tensor-core dots).
+    * ``benchmark``: the benchmark shapes (CLIP-L/336 and SigLIP-384 presets; DCI, SCI, STI; 1
+      and 16 images; N = 4096): features, linear on both paths, and the backward's scatter.
+    * ``layout``: what users can also pass: channel stride != 1, views misaligned by one
+      element, token-major storage, sizes not divisible by 16, a transposed weight, fp32 with
+      TF32 allowed.
     """
-    cases = []
-    for arch in ARCHS:
-        for dt in DTYPES:
-            for i, _ in enumerate(_config_list("fused", dt)):
-                # the fused kernel runs only with uniform strides and 32-bit offsets
-                cases.append(dict(kernel="fused", arch=arch, dtype=dt, config=i, uniform=True,
-                                  off64=False, precision="ieee", wgmma=dt != "fp32"))
-            for i, _ in enumerate(_config_list("gemm", dt)):
-                for off64 in (False, True):
-                    cases.append(dict(kernel="gemm", arch=arch, dtype=dt, config=i, uniform=True,
-                                      off64=off64, precision="ieee", wgmma=dt != "fp32"))
-            if dt == "fp32":  # torch.backends.cuda.matmul.allow_tf32: tensor cores
-                for kind in ("fused", "gemm"):
-                    for i, _ in enumerate(_config_list(kind, dt)):
-                        cases.append(dict(kernel=kind, arch=arch, dtype=dt, config=i,
-                                          uniform=True, off64=False, precision="tf32",
-                                          wgmma=True))
-            for off64 in (False, True):
-                cases.append(dict(kernel="scatter", arch=arch, dtype=dt, config=0, uniform=True,
-                                  off64=off64, precision="ieee", wgmma=False))
-            for kernel in ("features", "sti-features"):
-                for uniform in (True, False):
-                    for off64 in (False, True):
-                        cases.append(dict(kernel=kernel, arch=arch, dtype=dt, config=0,
-                                          uniform=uniform, off64=off64, precision="ieee",
-                                          wgmma=False))
-    for c in cases:
-        c["id"] = "{kernel}-sm{arch}-{dtype}-cfg{config}-{precision}{u}{o}".format(
-            u="" if c["uniform"] else "-strided", o="-off64" if c["off64"] else "", **c)
+    from ..spec import ConnectorSpec
+    cases: List[Case] = []
+    for dt in dtypes:
+        dtype = DTYPES[dt]
+        for tower, enc, T, C in TOWERS:
+            for ct in ("dci", "sci", "sti"):
+                spec = ConnectorSpec.preset(enc, ct)
+                for images in BENCH_IMAGES:
+                    facts = dict(tower=tower, connector=ct, images=images, dtype=dt,
+                                 M=images * spec.out_tokens(T), K=spec.out_channels(C),
+                                 N=BENCH_N, C=C, layers=len(spec.used_layers))
+                    base = f"{tower}-{ct}-{images}img-{dt}"
+
+                    def hs(spec=spec, images=images, T=T, C=C, dtype=dtype):
+                        return _hidden_states(spec, images, T, C, dtype)
+                    cases.append(Case(f"features/{base}", "benchmark",
+                                      lambda hs=hs, spec=spec: _features_call(hs(), spec),
+                                      dict(facts, op="features")))
+                    paths = ("two-pass",) if ct == "sti" else ("fused", "two-pass", "overlap")
+                    for path in paths:
+                        cases.append(Case(
+                            f"linear-{path}/{base}", "benchmark",
+                            lambda hs=hs, spec=spec, dtype=dtype, path=path:
+                                _linear_call(hs(), spec, BENCH_N, dtype, path),
+                            dict(facts, op="linear", path=path)))
+                    if ct != "sti":
+                        cases.append(Case(
+                            f"scatter/{base}", "benchmark",
+                            lambda spec=spec, images=images, T=T, C=C, dtype=dtype:
+                                _scatter_call(spec, images, T, C, dtype),
+                            dict(facts, op="scatter")))
+        # awkward layouts: CLIP DCI (the widest group fan-in of CLIP), 2 images
+        spec = ConnectorSpec.preset("clip", "dci")
+        sti = ConnectorSpec.preset("clip", "sti")
+        for layout in ("channel_stride", "misaligned", "token_major"):
+            for sp in (spec, sti):
+                def hs(sp=sp, layout=layout, dtype=dtype):
+                    return _hidden_states(sp, 2, 577, 1024, dtype, layout)
+                base = f"{sp.connector_type}-{layout}-{dt}"
+                cases.append(Case(f"features/{base}", "layout",
+                                  lambda hs=hs, sp=sp: _features_call(hs(), sp),
+                                  dict(op="features", layout=layout, dtype=dt)))
+                cases.append(Case(f"linear-auto/{base}", "layout",
+                                  lambda hs=hs, sp=sp, dtype=dtype:
+                                      _linear_call(hs(), sp, 1000, dtype, "auto"),
+                                  dict(op="linear", layout=layout, dtype=dt)))
+        # sizes not divisible by 16 (T' = 100, C = 200, N = 1000), fused and two-pass
+        for path in ("fused", "two-pass"):
+            cases.append(Case(
+                f"linear-{path}/odd-sizes-{dt}", "layout",
+                lambda dtype=dtype, path=path:
+                    _linear_call(_hidden_states(spec, 3, 101, 200, dtype), spec, 1000, dtype,
+                                 path),
+                dict(op="linear", layout="odd-sizes", dtype=dt)))
+        cases.append(Case(
+            f"scatter/odd-sizes-{dt}", "layout",
+            lambda dtype=dtype: _scatter_call(spec, 3, 101, 200, dtype),
+            dict(op="scatter", layout="odd-sizes", dtype=dt)))
+        # a weight that is a transposed view (unit stride on N, not on K)
+        cases.append(Case(
+            f"linear-two-pass/weight-transposed-{dt}", "layout",
+            lambda dtype=dtype: _linear_call(
+                _hidden_states(spec, 1, 577, 1024, dtype), spec, 4096, dtype, "two-pass",
+                weight=torch.empty(3072, 4096, dtype=dtype).t()),
+            dict(op="linear", layout="weight-transposed", dtype=dt)))
+    if "fp32" in dtypes:
+        def tf32_call():
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                for path in ("fused", "two-pass"):
+                    _linear_call(_hidden_states(spec, 1, 577, 1024, torch.float32), spec,
+                                 4096, torch.float32, path)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        cases.append(Case("linear-both/tf32-fp32", "layout", tf32_call,
+                          dict(op="linear", layout="tf32", dtype="fp32")))
     return cases
 
 
-def build_case(case: dict) -> dict:
-    """Compile one case of :func:`aot_cases`; returns its report (without the PTX) or error."""
-    starts, sizes = _siglip_layout()
-    dtype = DTYPES[case["dtype"]]
+def record_case(case: Case, arch: int = 90) -> List[LaunchRecord]:
+    """The launches one case makes on an ``sm_{arch}`` card."""
+    with record_launches(arch) as records:
+        case.run()
+    return records
+
+
+@dataclass
+class Build:
+    """One unique kernel build and every (case, launch, config) that runs it."""
+
+    key: str
+    arch: int
+    record: LaunchRecord
+    config: Optional[int]
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    uses: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def unique_builds(cases: Sequence[Case], archs: Sequence[int] = ARCHS) -> List[Build]:
+    """Record every case and group its launches by the kernel the runtime would compile."""
+    builds: Dict[Tuple[int, str], Build] = {}
+    for case in cases:
+        for arch in archs:
+            for li, rec in enumerate(record_case(case, arch)):
+                for ci, args, kw, grid in rec.variants():
+                    key = binding_key(rec.fn, args, kw, arch)
+                    b = builds.setdefault((arch, key), Build(key, arch, rec, ci, args, kw))
+                    b.uses.append(dict(case=case.name, group=case.group, launch=li,
+                                       kernel=rec.name, config=ci,
+                                       config_desc=_config_desc(kw), grid=list(grid),
+                                       facts=case.facts, args=_scalar_args(rec)))
+    return list(builds.values())
+
+
+def _config_desc(kw: Dict[str, Any]) -> str:
+    tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C")
+                     if k in kw)
+    return f"{tiles} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+
+
+def _scalar_args(rec: LaunchRecord) -> Dict[str, Any]:
+    # the integer arguments of a launch, by parameter name (for the cost model)
+    names = [p.name for p in rec.fn.params]
+    out = {}
+    for name, v in zip(names, rec.args):
+        if isinstance(v, int) and not isinstance(v, bool):
+            out[name] = v
+    return out
+
+
+def _build_one(b: Build) -> Dict[str, Any]:
     try:
-        if case["kernel"] == "features":
-            r = compile_features(case["arch"], dtype, starts, sizes, features.FEATURES_CONFIG,
-                                 uniform=case["uniform"], off64=case["off64"])
-        elif case["kernel"] == "scatter":
-            # CLIP DCI: 24 layer gradients, layer 23 from both the base slab and group 2
-            from ..spec import ConnectorSpec
-            from .scatter import SCATTER_CONFIG, layer_slabs
-            spec = ConnectorSpec.preset("clip", "dci")
-            slabs = [s for s in layer_slabs(spec, spec.num_hidden_states) if s]
-            r = compile_scatter(case["arch"], dtype, slabs, spec.num_groups, SCATTER_CONFIG,
-                                off64=case["off64"])
-        elif case["kernel"] == "sti-features":
-            # pooled groups of 13 layers (a custom STI spec; the presets pool single layers)
-            r = compile_sti_features(case["arch"], dtype, starts, sizes,
-                                     features.STI_FEATURES_CONFIG, uniform=case["uniform"],
-                                     off64=case["off64"])
-        else:
-            cfg = _config_list(case["kernel"], case["dtype"])[case["config"]]
-            fused = case["kernel"] == "fused"
-            r = compile_linear(case["arch"], dtype, starts if fused else (),
-                               sizes if fused else (), cfg, tok0=1 if fused else 0,
-                               uniform=case["uniform"], off64=case["off64"],
-                               input_precision=case["precision"])
-    except Exception as e:  # reported per case by the tests
-        return dict(case, error=f"{type(e).__name__}: {e}")
-    return dict(case, registers=r.registers, spill_stores=r.spill_stores,
-                spill_loads=r.spill_loads, shared=r.shared, has_wgmma=r.wgmma,
-                shared_limit=SHARED_LIMIT[case["arch"]])
+        r = build(b.record.fn, b.args, b.kwargs, b.arch)
+    except Exception as e:  # reported per build by the tests
+        return dict(key=b.key, arch=b.arch, kernel=b.record.name, config=b.config,
+                    uses=b.uses, error=f"{type(e).__name__}: {e}")
+    from . import sass as sass_mod
+    return dict(key=b.key, arch=b.arch, kernel=r.kernel, config=b.config, uses=b.uses,
+                registers=r.registers, shared=r.shared, shared_limit=SHARED_LIMIT[b.arch],
+                local=r.local, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+                num_warps=r.num_warps, num_stages=r.num_stages,
+                constexprs={k: v for k, v in b.kwargs.items() if k.isupper() and
+                            isinstance(v, (int, bool, str, tuple))},
+                has_wgmma="wgmma" in r.ptx, sass_stats=sass_mod.analyze(r.sass))
 
 
-def main() -> None:
-    """``python -m dc_kernels.ops.triton_aot``: build every case, print JSON reports.
+def build_cases(cases: Optional[Sequence[Case]] = None, archs: Sequence[int] = ARCHS,
+                workers: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Build every unique kernel of ``cases`` (default :func:`aot_cases`) in parallel.
 
-    Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels the compiler
-    needs); builds run in parallel over the machine's cores.
+    Returns one JSON-able report per build: resources, whether it uses wgmma, the SASS
+    statistics (:func:`dc_kernels.ops.sass.analyze`) and every use (case, launch, config, grid,
+    integer arguments).
     """
-    import json
-    import sys
     from concurrent.futures import ProcessPoolExecutor
+    builds = unique_builds(cases if cases is not None else aot_cases(), archs)
+    workers = workers or max(1, os.cpu_count() or 1)
+    if workers == 1:
+        return [_build_one(b) for b in builds]
+    # forked workers inherit the builds (kernels and tensors do not pickle); they get indices
+    import multiprocessing
+    global _PENDING
+    _PENDING = builds
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return list(pool.map(_build_index, range(len(builds)), chunksize=1))
+    finally:
+        _PENDING = []
 
+
+_PENDING: List[Build] = []
+
+
+def _build_index(i: int) -> Dict[str, Any]:
+    return _build_one(_PENDING[i])
+
+
+def summarize(reports: Sequence[Dict[str, Any]]) -> str:
+    """A short human summary of :func:`build_cases` reports."""
+    lines = [f"triton {triton_version()}: {len(reports)} unique builds"]
+    bad = [r for r in reports if "error" in r or r["spill_stores"] or r["spill_loads"]
+           or r["shared"] > r["shared_limit"]]
+    by_kernel: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+    for r in reports:
+        by_kernel.setdefault((r["kernel"], r["arch"]), []).append(r)
+    for (kernel, arch), rs in sorted(by_kernel.items()):
+        ok = [r for r in rs if "error" not in r]
+        regs = [r["registers"] for r in ok]
+        smem = [r["shared"] for r in ok]
+        lines.append(f"  {kernel:28s} sm_{arch}: {len(rs):3d} builds, registers "
+                     f"{min(regs, default=0)}-{max(regs, default=0)}, shared "
+                     f"{min(smem, default=0)}-{max(smem, default=0)} B")
+    if bad:
+        lines.append(f"PROBLEMS in {len(bad)} builds:")
+        for r in bad[:20]:
+            what = r.get("error") or (f"spills {r['spill_stores']} STL / {r['spill_loads']} LDL"
+                                      if r["spill_stores"] or r["spill_loads"]
+                                      else f"shared {r['shared']} > {r['shared_limit']}")
+            lines.append(f"  {r['kernel']} sm_{r['arch']} cfg {r['config']} "
+                         f"({r['uses'][0]['case']}): {what}")
+    else:
+        lines.append("no spills, every build within its architecture's shared memory")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dc_kernels.ops.triton_aot [--json PATH|-] [--arch 80,90] [--dtypes ...]``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m dc_kernels.ops.triton_aot",
+                                description="Build every kernel as the JIT specializes it for "
+                                            "the benchmark shapes and awkward layouts; report "
+                                            "registers, shared memory and spills.")
+    p.add_argument("--json", metavar="PATH", help="write every report as JSON ('-': stdout)")
+    p.add_argument("--arch", default="80,90", help="comma-separated SM versions (80,90)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: bf16,fp16,fp32")
+    p.add_argument("--workers", type=int, default=None)
+    a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler")
-    cases = aot_cases()
-    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        reports = list(pool.map(build_case, cases))
-    json.dump(reports, sys.stdout, indent=1)
+        print("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler",
+              file=sys.stderr)
+        return 2
+    archs = tuple(int(x) for x in a.arch.split(","))
+    dtypes = tuple(x.strip() for x in a.dtypes.split(","))
+    bad = [x for x in archs if x not in SHARED_LIMIT] + [d for d in dtypes if d not in DTYPES]
+    if bad:
+        print(f"unknown arch/dtype: {bad}", file=sys.stderr)
+        return 2
+    reports = build_cases(aot_cases(dtypes), archs, a.workers)
+    if a.json == "-":
+        json.dump(reports, sys.stdout, indent=1, default=str)
+    else:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(reports, f, indent=1, default=str)
+        print(summarize(reports))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

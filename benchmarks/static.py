@@ -1,0 +1,487 @@
+"""Static cost model: GPU time estimated from the kernels as the JIT builds them, no GPU needed.
+
+``python -m benchmarks --static`` builds every kernel of the benchmark shapes exactly as Triton's
+runtime specializes it (``dc_kernels.ops.triton_aot``), reads registers, shared memory and the
+SASS (``dc_kernels.ops.sass``), and estimates each launch's time on an H100 SXM and an A100 as
+the max of
+
+* DRAM bytes / the achievable bandwidth: the copy ceiling, or less when too few bytes are in
+  flight: ``SMs x bytes in flight per SM / latency`` (Little's law), where the bytes in flight
+  per SM = resident warps x 32 lanes x the mean bytes a warp issues before it waits on a load
+  (its SASS load bursts); cp.async / TMA kernels keep ``(stages - 1)`` tiles in flight;
+* L2 bytes / L2 bandwidth: every tile a program loads passes through L2;
+* tensor FLOPs / the tensor-core ceiling of the dtype (none for fp32 without TF32: its FFMAs
+  are counted as issue slots);
+* issue cycles / (4 schedulers x clock): instructions per warp from the SASS (straight-line
+  code + each loop body x its trip count) x warps per SM;
+
+with wave quantization (the busiest SM runs ``ceil(programs / SMs)`` programs) plus a fixed
+per-launch cost (ramp-up and tail). Autotuned launches take the best config's estimate (the
+autotuner picks by measurement). Every number this module produces is an **estimate**.
+
+Rows are compared with the floor (:mod:`benchmarks.costs`) and with an estimate of
+``torch.compile(reference)``: Inductor fuses the group means and the concatenation into one
+memory-bound kernel that writes A (at 85 % of the copy bandwidth), then a cuBLAS-class GEMM
+with the bias and GELU fused (at 90 % of the tensor ceiling).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown"]
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Ceilings of one card (assumptions, stated in every report)."""
+
+    name: str
+    arch: int
+    sms: int
+    clock_hz: float          # sustained SM clock under load
+    dram_bytes_per_s: float  # achievable copy bandwidth (read + write)
+    l2_bytes_per_s: float
+    tensor_flop_per_s: Dict[str, float]  # "16" (bf16/fp16), "tf32"
+    fp32_flop_per_s: float
+    latency_s: float         # loaded DRAM latency (Little's law)
+    regs_per_sm: int = 65536
+    smem_per_sm: int = 233472
+    max_warps_per_sm: int = 64
+    max_ctas_per_sm: int = 32
+    launch_fixed_s: float = 2.0e-6
+
+
+GPUS = {
+    90: GPU("H100 SXM (est.)", 90, 132, 1.755e9, 3.0e12, 10.0e12,
+            {"16": 8.0e14, "tf32": 4.0e14}, 5.9e13, 1.3e-6, smem_per_sm=233472),
+    80: GPU("A100 SXM 80GB (est.)", 80, 108, 1.41e9, 1.75e12, 5.0e12,
+            {"16": 2.8e14, "tf32": 1.4e14}, 1.95e13, 1.0e-6, smem_per_sm=167936),
+}
+
+_ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+# --------------------------------------------------------------------------- one launch
+def _warp_regs(registers: int) -> int:
+    return math.ceil(max(registers, 1) * 32 / 256) * 256  # allocated in 256-register units
+
+
+def occupancy(registers: int, shared: int, warps: int, gpu: GPU,
+              beside: Optional[dict] = None) -> int:
+    """Resident CTAs per SM: limited by registers (allocated per warp in 256-register units),
+    shared memory (1 KiB reserved per CTA), warps and the CTA cap. ``beside``: a build of which
+    one CTA already occupies every SM (a concurrent kernel): only what it leaves is counted."""
+    regs, smem, wmax, cmax = gpu.regs_per_sm, gpu.smem_per_sm, gpu.max_warps_per_sm, \
+        gpu.max_ctas_per_sm
+    if beside is not None:
+        regs -= _warp_regs(beside["registers"]) * beside["num_warps"]
+        smem -= beside["shared"] + 1024
+        wmax -= beside["num_warps"]
+        cmax -= 1
+    by_regs = (max(0, regs) // _warp_regs(registers)) // warps
+    by_smem = max(0, smem) // (shared + 1024) if shared else cmax
+    by_warps = max(0, wmax) // warps
+    return max(0, min(by_regs, by_smem, by_warps, cmax))
+
+
+def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int) -> float:
+    """How often one iteration of a SASS loop runs per program (nested trips multiplied), from
+    the kernel's structure and its launch arguments."""
+    if kernel == "_linear_kernel":
+        if loop["mix"].get("tensor") or loop["mix"].get("fp32", 0) > 64:
+            return math.ceil(a["C"] / c["BLOCK_K"])
+        return 1
+    if kernel == "_gemm_tma_kernel":
+        tiles = math.ceil(a["M"] / c["BLOCK_M"]) * math.ceil(a["N"] / c["BLOCK_N"])
+        per_program = math.ceil(tiles / programs)
+        if loop["innermost"]:
+            return per_program * math.ceil(a["K"] / c["BLOCK_K"])
+        return per_program
+    if kernel == "_sti_features_kernel":
+        return c["POOL"] / (1 + len(c["SIZES"]))  # each segment runs one group's loop
+    if kernel == "_features_tma_kernel" and loop["mix"].get("tma"):
+        tiles = (a["Q1"] - a["Q0"]) * math.ceil(a["C"] / c["BLOCK_C"])
+        return math.ceil(tiles / programs)
+    return 1
+
+
+def _inflight_per_cta(kernel: str, build: dict, c: dict, e: int, stats: dict) -> float:
+    """Bytes of global loads one CTA keeps in flight."""
+    stages = c.get("STAGES", build["num_stages"])
+    if kernel == "_features_tma_kernel":  # TMA ring: (STAGES - 1) tiles of every layer ahead
+        tile = (1 + sum(c["SIZES"])) * c["ROWS"] * c["BLOCK_C"] * e
+        return max(1, stages - 1) * tile
+    if kernel == "_gemm_tma_kernel":
+        return max(1, stages - 1) * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * e
+    if stages > 1 and stats["mix"].get("cp_async"):
+        loop = max((lp for lp in stats["loops"] if lp["innermost"]),
+                   key=lambda lp: lp["load_bytes_per_lane"], default=None)
+        return (stages - 1) * (loop["load_bytes_per_lane"] * 32 * build["num_warps"]
+                               if loop else 0)
+    return build["num_warps"] * 32 * stats["mean_load_burst_per_lane"]
+
+
+def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str, float]:
+    """DRAM bytes, L2 bytes and tensor FLOPs of one launch (the tiling's traffic)."""
+    sizes = c.get("SIZES", ())
+    entries = 1 + sum(sizes)
+    L = facts.get("layers", entries)
+    if kernel == "_features_tma_kernel":
+        rows = min((a["Q1"] - a["Q0"]) * c["ROWS"], a["B"] * a["T_KEEP"])
+        C = a["C"]
+        out = rows * (len(sizes) + 1) * C * e
+        return dict(dram=L * rows * C * e + out, l2=entries * rows * C * e + out, flops=0)
+    if kernel == "_features_kernel":
+        M, C = a["M"] - a.get("ROW0", 0), a["C"]  # this launch's rows
+        out = M * (len(sizes) + 1) * C * e
+        return dict(dram=L * M * C * e + out, l2=entries * M * C * e + out, flops=0)
+    if kernel == "_sti_features_kernel":
+        B, C, tk, tp = a["B"], a["C"], a["T_KEEP"], a["TP"]
+        out = B * (tk + len(sizes) * tp) * C * e
+        return dict(dram=L * B * tk * C * e + out,
+                    l2=(B * tk + sum(sizes) * B * tp * c["POOL"]) * C * e + out, flops=0)
+    if kernel == "_scatter_grad_kernel":
+        M, C, tk, T = a["M"], a["C"], a["T_KEEP"], a["T"]
+        n_out = len(c["SLABS"])
+        ga = (M // T) * tk * (len(c["SLAB_SCALE"])) * C * e
+        reads = sum(len(s) for s in c["SLABS"]) * (M // T) * tk * C * e
+        return dict(dram=ga + n_out * M * C * e, l2=reads + n_out * M * C * e, flops=0)
+    if kernel == "_gemm_tma_kernel":
+        M, N, K = a["M"], a["N"], a["K"]
+        tiles_n = math.ceil(N / c["BLOCK_N"])
+        tiles_m = math.ceil(M / c["BLOCK_M"])
+        return dict(dram=(M * K + K * N + M * N) * e,
+                    l2=M * K * e * tiles_n + K * N * e * tiles_m + M * N * e,
+                    flops=2.0 * M * K * N)
+    if kernel == "_linear_kernel":
+        M, N, C = a["M"], a["N"], a["C"]
+        K = C * (len(sizes) + 1)
+        tiles_n = math.ceil(N / c["BLOCK_N"])
+        tiles_m = math.ceil(M / c["BLOCK_M"])
+        if sizes:  # fused: the layers, re-read per N tile from L2
+            a_dram, a_l2 = L * M * C * e, entries * M * C * e * tiles_n
+        else:
+            a_dram, a_l2 = M * K * e, M * K * e * tiles_n
+        return dict(dram=a_dram + K * N * e + M * N * e,
+                    l2=a_l2 + K * N * e * tiles_m + M * N * e, flops=2.0 * M * K * N)
+    raise KeyError(f"no work model for kernel {kernel}")
+
+
+def estimate_launch(build: dict, use: dict, gpu: GPU, dtype: str,
+                    beside: Optional[dict] = None) -> Dict[str, Any]:
+    """Estimated seconds of one launch of one build, with the terms and what bounds it.
+
+    ``beside``: the build of a kernel running at the same time with one CTA on every SM (the
+    GEMM under the overlapped path's features): this launch gets only the registers, shared
+    memory and warp slots it leaves (its issue slots are assumed free: the other kernel is
+    bound by its tensor cores)."""
+    kernel = build["kernel"]
+    c, a = build["constexprs"], use["args"]
+    e = _ELEM[dtype]
+    grid = use["grid"]
+    P = grid[0] * grid[1] * grid[2]
+    warps = build["num_warps"]
+    occ = occupancy(build["registers"], build["shared"], warps, gpu, beside)
+    if occ == 0:
+        raise ValueError(f"{kernel} cannot be resident beside {beside['kernel']}")
+    stats = build["sass_stats"]
+    loops = stats["loops"]
+    inner = [lp for lp in loops if lp["innermost"]]
+    instr = stats["outside"]["instructions"]
+    for lp in loops:
+        # a loop's own instructions (those in no loop nested inside it) x its trips
+        nested = [o for o in loops if o is not lp and lp["start"] <= o["start"]
+                  and o["end"] <= lp["end"]]
+        own = lp["instructions"] - sum(o["instructions"] for o in nested
+                                       if not any(q is not o and q["start"] <= o["start"] and
+                                                  o["end"] <= q["end"] for q in nested))
+        instr += max(0, own) * _loop_trips(kernel, lp, c, a, P)
+    per_sm = math.ceil(P / gpu.sms)
+    resident = max(1, min(occ, per_sm))
+    # a warp issues at most every other cycle on average (dependent instructions, shared-memory
+    # and barrier latency): an SM issues min(4, resident warps / 2) instructions per cycle
+    ipc = min(4.0, 0.5 * resident * warps)
+    issue_s = per_sm * warps * instr / (ipc * gpu.clock_hz)
+    w = _work(kernel, c, a, use["facts"], e, grid)
+    # bytes in flight per SM (Little's law)
+    per_cta = _inflight_per_cta(kernel, build, c, e, stats)
+    inflight = resident * per_cta
+    active_sms = min(gpu.sms, P)
+    bw = min(gpu.dram_bytes_per_s, active_sms * inflight / gpu.latency_s) if inflight \
+        else gpu.dram_bytes_per_s
+    dram_s = w["dram"] / bw
+    l2_s = w["l2"] / gpu.l2_bytes_per_s
+    tensor_s = 0.0
+    if w["flops"] and stats["mix"].get("tensor"):
+        prec = c.get("INPUT_PRECISION", "ieee")
+        rate = gpu.tensor_flop_per_s["tf32" if dtype == "fp32" and prec == "tf32" else "16"]
+        tensor_s = per_sm * (w["flops"] / P) / (rate / gpu.sms)
+    terms = dict(dram=dram_s, l2=l2_s, tensor=tensor_s, issue=issue_s)
+    bound = max(terms, key=terms.get)
+    return dict(kernel=kernel, config=use.get("config_desc", build["config"]), seconds=terms[bound] + gpu.launch_fixed_s,
+                bound=bound, terms=terms, programs=P, ctas_per_sm=occ, waves=math.ceil(
+                    P / (gpu.sms * max(occ, 1))), registers=build["registers"],
+                shared=build["shared"], instr_per_warp=instr,
+                inflight_kib_per_sm=inflight / 1024, dram_bytes=w["dram"], l2_bytes=w["l2"],
+                flops=w["flops"], loop_mix=[lp["mix"] for lp in inner],
+                loop_instructions=[lp["instructions"] for lp in inner])
+
+
+# --------------------------------------------------------------------------- rows
+#: benchmark shape name of an AOT case (tower, connector); N = 4096
+_SHAPE_NAMES = {("clip336", "dci"): "clip336-4096", ("siglip384", "dci"): "siglip384-4096",
+                ("clip336", "sci"): "clip336-4096-sci", ("siglip384", "sci"): "siglip384-4096-sci",
+                ("clip336", "sti"): "clip336-4096-sti", ("siglip384", "sti"): "siglip384-4096-sti"}
+_PROVIDER = {"features": "dc_kernels", "linear-fused": "dc_kernels-fused",
+             "linear-two-pass": "dc_kernels-two-pass", "linear-overlap": "dc_kernels-overlap",
+             "scatter": "dc_kernels"}
+
+
+def _floor(f: dict, e: int, gpu: GPU) -> Tuple[float, float, float]:
+    """(floor seconds, floor bytes, floor FLOPs) of the row's op (benchmarks.costs' formulas)."""
+    M, K, N, C, L = f["M"], f["K"], f["N"], f["C"], f["layers"]
+    layer_rows = f["layer_rows"]
+    op = f["op"]
+    layers = L * layer_rows * C * e
+    if op == "features":
+        b, fl = layers + M * K * e, 0.0
+    elif op == "scatter":
+        b, fl = M * K * e + L * layer_rows * C * e, 0.0
+    else:
+        b, fl = layers + K * N * e + M * N * e, 2.0 * M * K * N
+    return max(b / gpu.dram_bytes_per_s, fl / gpu.tensor_flop_per_s["16"]), b, fl
+
+
+def compile_reference_estimate(f: dict, e: int, gpu: GPU) -> Optional[float]:
+    """Estimated GPU time of ``torch.compile(reference)`` for a features or linear row."""
+    M, K, N, C, L = f["M"], f["K"], f["N"], f["C"], f["layers"]
+    feats = (L * f["layer_rows"] * C + M * K) * e / (0.85 * gpu.dram_bytes_per_s) \
+        + gpu.launch_fixed_s
+    if f["op"] == "features":
+        return feats
+    if f["op"] != "linear":
+        return None
+    gemm = max(2.0 * M * K * N / (0.9 * gpu.tensor_flop_per_s["16"]),
+               (M * K + K * N + M * N) * e / gpu.dram_bytes_per_s) + gpu.launch_fixed_s
+    return feats + gemm
+
+
+def estimate_rows(reports: Sequence[dict], arch: int) -> List[Dict[str, Any]]:
+    """One row per benchmark case (op x shape x images x dtype x path) for ``sm_{arch}``."""
+    gpu = GPUS[arch]
+    rows: Dict[str, Dict[str, Any]] = {}
+    for r in reports:
+        if r["arch"] != arch or "error" in r:
+            continue
+        for use in r["uses"]:
+            if use["group"] != "benchmark":
+                continue
+            f = use["facts"]
+            case = use["case"]
+            row = rows.setdefault(case, dict(case=case, facts=f, launches={}))
+            est = estimate_launch(r, use, gpu, f["dtype"])
+            est["_build"], est["_use"] = r, use
+            row["launches"].setdefault(use["launch"], []).append(est)
+    out = []
+    for case, row in sorted(rows.items()):
+        f = dict(row["facts"])
+        e = _ELEM[f["dtype"]]
+        f["layer_rows"] = f["images"] * (576 if f["tower"] == "clip336" else 729)
+        chosen = [min(ests, key=lambda x: x["seconds"]) for _, ests in
+                  sorted(row["launches"].items())]
+        total = sum(x["seconds"] for x in chosen)
+        if case.startswith("linear-overlap"):
+            # features chunk j + 1 (side stream) runs under GEMM chunk j: a two-stage pipeline.
+            # Chunk 0's features run alone; the later chunks' features get only the SM
+            # resources one GEMM CTA leaves on every SM (their bytes in flight shrink)
+            fe = [x for x in chosen if "features" in x["kernel"]]
+            ge = [x for x in chosen if "features" not in x["kernel"]]
+            under = []
+            for j, x in enumerate(fe):
+                if j == 0:
+                    under.append(x["seconds"])
+                    continue
+                g = ge[min(j - 1, len(ge) - 1)]
+                try:
+                    y = estimate_launch(x["_build"], x["_use"], gpu, f["dtype"],
+                                        beside=g["_build"])
+                    under.append(y["seconds"])
+                except ValueError:  # no room beside the GEMM: the passes serialize
+                    under.append(x["seconds"] + g["seconds"])
+            total = under[0] + sum(max(g["seconds"], under[j + 1] if j + 1 < len(under)
+                                       else 0.0) for j, g in enumerate(ge))
+            row["overlap_features_under_gemm_s"] = under
+        for x in chosen:
+            x.pop("_build", None)
+            x.pop("_use", None)
+        floor_s, fb, ff = _floor(f, e, gpu)
+        comp = compile_reference_estimate(f, e, gpu)
+        kind = case.split("/")[0]
+        shape = _SHAPE_NAMES.get((f["tower"], f["connector"]))
+        out.append(dict(
+            case=case, op=kind, dtype=f["dtype"], images=f["images"], shape=shape,
+            row_name=f"{'linear' if kind.startswith('linear') else kind}/{shape}/"
+                     f"{f['images']}img/{_PROVIDER[kind]}" if shape else None,
+            est_s=total, floor_s=floor_s, est_over_floor=total / floor_s if floor_s else None,
+            compile_ref_est_s=comp, speedup_vs_compile_est=(comp / total) if comp else None,
+            launches=chosen, floor_bytes=fb, floor_flops=ff,
+            **({"overlap_features_under_gemm_s": row["overlap_features_under_gemm_s"]}
+               if "overlap_features_under_gemm_s" in row else {})))
+    return out
+
+
+# --------------------------------------------------------------------------- reports
+def _us(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s * 1e6:,.1f}"
+
+
+def markdown(rows: Sequence[dict], reports: Sequence[dict], meta: dict, arch: int) -> str:
+    """The committed markdown report of one architecture."""
+    gpu = GPUS[arch]
+    lines = [f"# Static cost model, sm_{arch} ({gpu.name}) — every number is an ESTIMATE",
+             "",
+             f"triton {meta['triton']}, torch {meta['torch']}, {meta['date']}; built on a CPU "
+             "machine with Triton's own binder (the kernels the JIT runs), no GPU involved. "
+             "Model and assumptions: `benchmarks/static.py`, `docs/DESIGN.md` §5.",
+             "",
+             f"Assumed ceilings: DRAM {gpu.dram_bytes_per_s / 1e12:.2f} TB/s, L2 "
+             f"{gpu.l2_bytes_per_s / 1e12:.1f} TB/s, 16-bit tensor "
+             f"{gpu.tensor_flop_per_s['16'] / 1e12:.0f} TFLOP/s, TF32 "
+             f"{gpu.tensor_flop_per_s['tf32'] / 1e12:.0f}, fp32 FFMA "
+             f"{gpu.fp32_flop_per_s / 1e12:.1f}, {gpu.sms} SMs at "
+             f"{gpu.clock_hz / 1e9:.2f} GHz, loaded latency {gpu.latency_s * 1e6:.1f} us, "
+             f"{gpu.launch_fixed_s * 1e6:.0f} us fixed per launch.", "",
+             "| case | est. us | bound (per launch) | floor us | est. / floor | "
+             "compile(ref) est. us | est. speedup vs compile(ref) | launches: kernel cfg "
+             "regs smem CTAs/SM waves in-flight KiB/SM |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        launches = "; ".join(
+            f"{x['kernel'].strip('_')} c{x['config'] if x['config'] is not None else '-'} "
+            f"{x['registers']}r {x['shared'] // 1024}K {x['ctas_per_sm']}x{x['waves']}w "
+            f"{x['inflight_kib_per_sm']:.0f}K" for x in r["launches"])
+        bound = ", ".join(f"{x['bound']}" for x in r["launches"])
+        eof = f"{r['est_over_floor']:.2f}" if r["est_over_floor"] else "-"
+        sp = f"{r['speedup_vs_compile_est']:.2f}x" if r["speedup_vs_compile_est"] else "-"
+        lines.append(f"| {r['case']} | {_us(r['est_s'])} | {bound} | {_us(r['floor_s'])} | "
+                     f"{eof} | {_us(r['compile_ref_est_s'])} | {sp} | {launches} |")
+    lines += ["", "## Main-loop instruction mix per iteration (innermost loops, per warp)", "",
+              "| kernel | cfg | dtype | loop instructions | mix |", "|---|---|---|---|---|"]
+    seen = set()
+    for r in reports:
+        if r["arch"] != arch or "error" in r:
+            continue
+        loops = [lp for lp in r["sass_stats"]["loops"] if lp["innermost"]]
+        if not loops:
+            continue
+        key = (r["kernel"], r["config"], r["uses"][0]["facts"].get("dtype"),
+               tuple(lp["instructions"] for lp in loops))
+        if key in seen:
+            continue
+        seen.add(key)
+        for lp in loops:
+            mix = ", ".join(f"{k} {v}" for k, v in sorted(lp["mix"].items(), key=lambda t: -t[1]))
+            lines.append(f"| {r['kernel']} | {r['config']} | {key[2]} | {lp['instructions']} | "
+                         f"{mix} |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
+                          shape: str = "clip336-dci", images: int = 16) -> Dict[str, Any]:
+    """Constants of the path model (``dc_kernels/ops/calibration.json``) read off the static
+    estimates of one shape (bf16): how far each pass lands from its own roofline."""
+    gpu = GPUS[arch]
+    by = {r["case"]: r for r in rows}
+    tag = f"{shape}-{images}img-bf16"
+    feats = by[f"features/{tag}"]
+    two = by[f"linear-two-pass/{tag}"]
+    fused = by[f"linear-fused/{tag}"]
+    over = by.get(f"linear-overlap/{tag}")
+    f_floor = feats["floor_bytes"] / gpu.dram_bytes_per_s
+    gemm = [x for x in two["launches"] if "features" not in x["kernel"]][0]
+    g_floor = gemm["flops"] / gpu.tensor_flop_per_s["16"]
+    fl = fused["launches"][0]
+    layer_elems = fl["l2_bytes"]  # the fused kernel's L2 bytes are dominated by layer re-reads
+    f = fused["facts"] if "facts" in fused else None  # noqa: F841 (kept for readability)
+    cal = dict(
+        dram_bytes_per_s=gpu.dram_bytes_per_s, l2_bytes_per_s=gpu.l2_bytes_per_s,
+        flop_per_s=gpu.tensor_flop_per_s["16"], launch_s=gpu.launch_fixed_s * 2,
+        sms=gpu.sms, issue_per_s=gpu.sms * 4 * gpu.clock_hz,
+        features_efficiency=round(f_floor / (feats["est_s"] - gpu.launch_fixed_s), 3),
+        gemm_efficiency=round(g_floor / (gemm["seconds"] - gpu.launch_fixed_s), 3),
+        gemm_tile_m=int(gemm["config"].split("x")[0]),
+        gemm_tile_n=int(gemm["config"].split("x")[1]),
+        fused_block_n=int(fl["config"].split("x")[1]),
+        fused_instr_per_element=round(
+            fl["instr_per_warp"] * fl["programs"] * int(fl["config"].split("w")[1].split()[0])
+            / max(1.0, layer_elems / 2), 4))
+    if over and over.get("overlap_features_under_gemm_s"):
+        under = over["overlap_features_under_gemm_s"][1:]
+        fe = [x for x in over["launches"] if "features" in x["kernel"]][1:]
+        if under and fe:
+            bytes_ = sum(x["dram_bytes"] for x in fe)
+            cal["features_efficiency_beside_gemm"] = round(
+                bytes_ / gpu.dram_bytes_per_s / sum(under), 3)
+    return cal
+
+
+def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = None) -> str:
+    """Merge ``cal`` into the package's calibration file (keeps measured factors)."""
+    from dc_kernels.ops import path as path_mod
+    target = path or path_mod.CALIBRATION_FILE
+    with open(target) as f:
+        old = json.load(f)
+    old.update(cal)
+    old["source"] = source
+    with open(target, "w") as f:
+        json.dump(old, f, indent=2)
+        f.write("\n")
+    return target
+
+
+def run_static(out_dir: str, archs: Sequence[int] = (90, 80), dtypes=("bf16", "fp16", "fp32"),
+               log=print, calibrate: bool = True) -> List[str]:
+    """Build, estimate, write ``<date>-static-sm<arch>.{md,json}``; returns the paths written."""
+    import torch
+    from dc_kernels.ops import triton_aot
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: --static builds the real kernels")
+    log(f"building every benchmark kernel for sm_{','.join(map(str, archs))} ...")
+    cases = [c for c in triton_aot.aot_cases(dtypes)]
+    reports = triton_aot.build_cases(cases, archs)
+    log(triton_aot.summarize(reports))
+    meta = dict(triton=triton_aot.triton_version(), torch=torch.__version__,
+                python=platform.python_version(), date=datetime.date.today().isoformat(),
+                estimate=True)
+    paths = []
+    os.makedirs(out_dir, exist_ok=True)
+    for arch in archs:
+        rows = estimate_rows(reports, arch)
+        base = os.path.join(out_dir, f"{meta['date']}-static-sm{arch}")
+        with open(base + ".md", "w") as f:
+            f.write(markdown(rows, reports, meta, arch))
+        with open(base + ".json", "w") as f:
+            json.dump(dict(meta=meta, gpu=asdict(GPUS[arch]), rows=rows,
+                           builds=[{k: v for k, v in r.items() if k != "uses"}
+                                   for r in reports if r["arch"] == arch]),
+                      f, indent=1, default=str)
+        paths += [base + ".md", base + ".json"]
+        if calibrate and arch == 90:
+            cal = calibration_from_rows(rows, arch)
+            paths.append(write_calibration(
+                cal, f"estimate: static cost model of sm_90 builds ({meta['date']}, triton "
+                     f"{meta['triton']}; {os.path.basename(base)}.json), no GPU measurement"))
+    return paths
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for p in run_static(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"):
+        print(p)

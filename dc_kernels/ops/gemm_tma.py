@@ -1,0 +1,215 @@
+"""Hopper GEMM for the second pass: ``act(A @ W^T + b)`` with TMA loads, persistent programs.
+
+``_gemm_tma_kernel``: ``NUM_SMS`` persistent programs walk the output tiles in grouped order
+(``GROUP_M`` row tiles share the W columns they sweep, so W stays in L2); each tile's K loop
+loads A and W tiles with TMA (host-side tensor descriptors, zero fill past the edges) into a
+``num_stages``-deep shared-memory ring that Triton's pipeliner keeps ahead of ``wgmma``; the
+epilogue adds the bias, applies exact-erf GELU, rounds once and stores the tile with TMA.
+
+Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specialize this loop
+on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
+fails to compile with 4), so the kernel does not ask for it; see ``docs/DESIGN.md`` §4.
+
+:func:`gemm_tma_eligible` says when it applies (sm_90+ or the interpreter; 16-bit operands or
+TF32; TMA's layout rules); :func:`gemm_tma` launches it. Everything else takes the cp.async
+kernel of :mod:`.linear`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .common import _round
+
+__all__ = ["gemm_tma", "gemm_tma_eligible", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
+
+
+@triton.jit
+def _epilogue(b_acc, o_desc, bias, o_am, o_n0, N, HAS_BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr, EMULATE_RNE: tl.constexpr, WIDTH: tl.constexpr):
+    # bias, exact-erf GELU, one rounding, TMA store of a [rows, WIDTH] tile at (o_am, o_n0)
+    if HAS_BIAS:
+        o_n = o_n0 + tl.arange(0, WIDTH)
+        b_acc += tl.load(bias + o_n, mask=o_n < N, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == 1:
+        b_acc = 0.5 * b_acc * (1.0 + tl.erf(b_acc * 0.7071067811865476))
+    o_desc.store([o_am, o_n0], _round(b_acc, o_desc.dtype, EMULATE_RNE))
+
+
+@triton.jit
+def _gemm_tma_kernel(
+    a_desc, w_desc, o_desc,  # A [M, K], W [N, K], out [M, N]: TMA descriptors
+    bias, M, N, K,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+):
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    for tile in tl.range(start, num_tiles, NUM_SMS):
+        group_id = tile // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        o_am = pid_m * BLOCK_M
+        o_wn = pid_n * BLOCK_N
+
+        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ki in range(k_tiles):
+            o_k = ki * BLOCK_K
+            b_a = a_desc.load([o_am, o_k])
+            b_w = w_desc.load([o_wn, o_k])
+            if DOT_FP32:  # the interpreter has no 16-bit arithmetic
+                b_acc = tl.dot(b_a.to(tl.float32), b_w.to(tl.float32).T, b_acc,
+                               input_precision="ieee")
+            else:
+                b_acc = tl.dot(b_a, b_w.T, b_acc, input_precision=INPUT_PRECISION)
+
+        if SPLIT_EPILOGUE:
+            # two [BLOCK_M, BLOCK_N / 2] halves: half the epilogue's live registers (128 x 256
+            # tiles spill without it)
+            b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            b_lo, b_hi = tl.split(b_acc)
+            _epilogue(b_lo, o_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, EMULATE_RNE,
+                      BLOCK_N // 2)
+            _epilogue(b_hi, o_desc, bias, o_am, o_wn + BLOCK_N // 2, N, HAS_BIAS, ACTIVATION,
+                      EMULATE_RNE, BLOCK_N // 2)
+        else:
+            _epilogue(b_acc, o_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, EMULATE_RNE,
+                      BLOCK_N)
+
+
+def _set_blocks(nargs):
+    # autotune pre-hook: the descriptors' block shapes follow the config's tiles
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["o_desc"].block_shape = [bm, bn // 2 if nargs["SPLIT_EPILOGUE"] else bn]
+
+
+def _cfg(bm, bn, bk, warps, stages, split=False, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
+                          "SPLIT_EPILOGUE": split},
+                         num_warps=warps, num_stages=stages, pre_hook=_set_blocks)
+
+
+#: 16-bit operands (and TF32), sm_90, triton 3.6 and 3.9 (checked ahead of time, no spills):
+#: 128x256x64 with 8 warps (two warpgroups of 64 rows) and a split epilogue: ~226 registers,
+#: 176 KiB (3 stages) / 224 KiB (4 stages) of shared memory; W's L2 traffic per FLOP is half
+#: that of 128x128 tiles. 128x128x64 (4 stages, 160 KiB) and 64x128 (4 warps) serve few rows.
+GEMM_TMA_CONFIGS = [
+    _cfg(128, 256, 64, 8, 3, split=True),
+    _cfg(128, 256, 64, 8, 4, split=True),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(64, 128, 64, 4, 4),
+]
+#: The overlapped path's GEMM leaves room on every SM for one features program beside each of
+#: its CTAs (~8 K registers, ~27 KiB of shared memory): 3-stage rings only.
+GEMM_TMA_CONFIGS_OVERLAP = [
+    _cfg(128, 256, 64, 8, 3, split=True),
+    _cfg(128, 128, 64, 8, 3),
+]
+#: fp32 operands with TF32 allowed: 4-byte elements, so half the K depth per stage.
+GEMM_TMA_CONFIGS_32 = [
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 256, 32, 8, 3, split=True),
+    _cfg(64, 128, 32, 4, 3),
+]
+GEMM_TMA_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, split=True, group_m=2)
+_KEY = ["M", "N", "K"]
+
+
+def _autotuned(configs):
+    configs = configs if common.autotune_enabled() else configs[:1]
+    return triton.autotune(configs=configs, key=_KEY)(_gemm_tma_kernel)
+
+
+#: (operand bits, leave_room) -> autotuned kernel
+_AUTOTUNED = {(16, False): _autotuned(GEMM_TMA_CONFIGS),
+              (16, True): _autotuned(GEMM_TMA_CONFIGS_OVERLAP),
+              (32, False): _autotuned(GEMM_TMA_CONFIGS_32),
+              (32, True): _autotuned(GEMM_TMA_CONFIGS_32[:1])}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def _cuda_device(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+#: programs of the persistent grid under the interpreter (fewer than tiles: the loop is tested)
+INTERPRET_SMS = 3
+
+
+def _tma_layout_ok(t: torch.Tensor) -> bool:
+    # TMA: 16-byte aligned base, unit inner stride, outer stride a multiple of 16 bytes
+    e = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * e) % 16 == 0 and t.shape[1] * e >= 16)
+
+
+def gemm_tma_eligible(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether :func:`gemm_tma` can run ``out = act(a @ weight.T + b)`` (all 2-D)."""
+    if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 \
+            and not common.interpreting():
+        return False  # fp32 without TF32: no tensor cores; the cp.async kernel serves it
+    if not common.interpreting():
+        if not _cuda_device(a) or _capability(a.device.index or 0)[0] < 9:
+            return False
+    return all(_tma_layout_ok(t) for t in (a, weight, out))
+
+
+def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             activation: Optional[str], out: torch.Tensor, leave_room: bool = False
+             ) -> torch.Tensor:
+    """``out = act(a @ weight.T + bias)`` with the persistent TMA kernel (checked eligible).
+
+    ``leave_room``: pick among :data:`GEMM_TMA_CONFIGS_OVERLAP` (a features program fits beside
+    every CTA)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    M, K = a.shape
+    N = weight.shape[0]
+    allow_tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    interp = common.interpreting()
+    # block shapes: placeholders on a GPU (the autotune pre-hook sets each config's own)
+    cfg = GEMM_TMA_CONFIG_INTERPRET.all_kwargs()
+    descs = (TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+             TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]]),
+             TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]]))
+    if interp:
+        _set_blocks(dict(a_desc=descs[0], w_desc=descs[1], o_desc=descs[2], **cfg))
+    sms = INTERPRET_SMS if interp else _num_sms(a.device.index or 0)
+    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation],
+                EMULATE_RNE=interp, DOT_FP32=interp,
+                INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms)
+    args = (*descs, bias if bias is not None else out, M, N, K)
+    if interp:
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        _gemm_tma_kernel[(min(sms, tiles),)](*args, **meta, **{
+            k: v for k, v in cfg.items() if k not in ("num_ctas",)})
+        return out
+
+    def grid(m):
+        return (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
+    _AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)][grid](*args, **meta)
+    return out
