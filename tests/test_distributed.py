@@ -136,8 +136,11 @@ def test_ddp(native, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ddp_torch_compile(native, backend):
+    # backend "aot_eager": dynamo + AOTAutograd + DDP's graph splitting, without Inductor's C++
+    # build (Inductor on the custom ops is covered by test_modules.py). The connector's forward
+    # is one graph: DDP's own wrapper code breaks around it, the custom ops do not.
     got = check_training(native, f"ddp_compile:mlp2x_gelu:{backend}")
-    assert got["info"]["graphs"] >= 1, "torch.compile produced no graph"
+    assert got["info"]["graphs"] == 1, got["info"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
