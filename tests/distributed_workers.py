@@ -1,4 +1,7 @@
-"""Code that runs inside the ranks spawned by tests/test_distributed.py (and its reference).
+"""Code that runs inside the ranks spawned by tests/test_distributed.py.
+
+The ranks run on CPU over gloo, the Triton kernels on the interpreter (the spawner sets
+``TRITON_INTERPRET=1`` for them, also on a machine with a GPU).
 
 Every rank runs a list of scenarios in order and writes its results to ``rank{r}.pt`` after
 each one, so a scenario that fails (or hangs and is killed) leaves the earlier results readable.
@@ -337,13 +340,22 @@ def scenario_fn(name):
     raise ValueError(name)
 
 
+def references(scenarios):
+    """``{(ptype, backend): single_process(...)}`` for the training scenarios in the list."""
+    wanted = sorted({tuple(n.split(":")[1:]) for n in scenarios if not n.startswith("tp:")})
+    return {key: single_process(*key) for key in wanted}
+
+
 def rank_main(rank: int, world: int, store: str, out_dir: str, scenarios):
-    """The spawned process: join the gloo group, run ``scenarios``, save after each."""
+    """The spawned process: the single-process references first (before anything
+    distributed is set up; every rank computes them, rank 0's are used), then join the gloo
+    group, run ``scenarios``, save after each."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # 2 ranks on a small shared machine
-    results = {}
     path = os.path.join(out_dir, f"rank{rank}.pt")
+    results = {"__ref__": references(scenarios)}
+    torch.save(results, path)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
