@@ -234,6 +234,20 @@ def run_tensor_parallel(rank, world):
             local = tp.get_submodule("0")(hsd)
             checks[f"DTensor Shard(0) bit-equal {key}"] = (
                 type(local) is torch.Tensor and torch.equal(local, full[..., start:stop]))
+    for backend in ("torch", "triton"):
+        # the "linear" projector: the connector itself is the layer
+        model = build("linear", backend)
+        full = model(hs).detach()
+        start, stop = shard_range(H, rank, world)
+        tp = parallelize_module(model, mesh, FirstLayerColwiseParallel())
+        checks[f"linear projector bit-equal {backend}"] = torch.equal(tp(hs), full[..., start:stop])
+        # ready-made features through a column-parallel first layer (project(), streaming)
+        model = build("mlp2x_gelu", backend)
+        feats = dense_connector_features(hs, SPEC)
+        full = model.first_layer()(feats).detach()
+        tp = parallelize_module(model, mesh, {"0": FirstLayerColwiseParallel()})
+        checks[f"features input bit-equal {backend}"] = torch.equal(
+            tp.get_submodule("0")(feats), full[..., start:stop])
     # the whole projector, Megatron style: "0" column-, "2" row-parallel; forward and grads
     for backend in ("torch", "triton"):
         model = build("mlp2x_gelu", backend)

@@ -12,8 +12,9 @@ in one GEMM, so they differ by fp32 reassociation: at most ~(rows summed) * 2^-2
 here ~1e-7 on gradients of magnitude ~1e-1; after two steps at lr 0.5 with momentum (|update|
 <= 1.5 lr |g| per step) that is at most a few 1e-7 on the parameters (measured: 1.5e-8 in
 every scenario). rtol 1e-6 / atol 2e-7 holds that bound, while a missing or wrong gradient (the
-first layer not all-gathered, a rank's gradient not reduced: 8e-3 when DDP is left out) fails. Every parameter must also have moved by
-more than 1e-4 (a run that never updates a parameter cannot pass).
+first layer not all-gathered, a rank's gradient not reduced: 8e-3 when DDP is left out) fails.
+Every parameter must also have moved by more than 1e-4 (a run that never updates a parameter
+cannot pass).
 """
 
 from __future__ import annotations
@@ -191,6 +192,16 @@ def test_column_parallel_first_layer_is_bit_equal(native, how, backend, dtype):
     # unsharded layer's output, bit for bit (both ranks checked)
     got, got1 = _tp(native)
     key = f"{how} bit-equal {backend}/{dtype}"
+    assert got[key] is True and got1[key] is True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ("linear projector", "features input"))
+def test_column_parallel_other_entry_points(native, how, backend):
+    # FirstLayerColwiseParallel on a "linear" connector (the root holds the layer), and on the
+    # first layer fed ready-made features (DenseConnector.project, the streaming tower)
+    got, got1 = _tp(native)
+    key = f"{how} bit-equal {backend}"
     assert got[key] is True and got1[key] is True
 
 
