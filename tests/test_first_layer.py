@@ -195,9 +195,11 @@ def test_column_shard_takes_the_unsharded_path(monkeypatch):
     shard = first.column_shard(0, 2)
     assert column_shard_path(hs, SPEC, shard.weight, 45, "triton") == "two-pass"
     assert torch.equal(shard(hs), full[..., :23])
-    # the control: the same shard choosing its own path (fused) is not bit-equal here
+    # the control: the same shard choosing its own path (fused) is not bit-equal on the
+    # interpreter, whose tl.dot sums each K block separately (a GPU's fp32 FMA chain may agree)
     alone = dense_connector_linear(hs, SPEC, shard.weight, shard.bias, "gelu", backend="triton")
-    assert not torch.equal(alone, full[..., :23])
+    if common.interpreting():
+        assert not torch.equal(alone, full[..., :23])
     torch.testing.assert_close(alone, full[..., :23], rtol=1e-5, atol=1e-5)
     # the torch backend and explicit paths are left alone
     assert column_shard_path(hs, SPEC, shard.weight, 45, "torch") == "auto"
