@@ -5,17 +5,19 @@ Public API:
     dense_connector_features()  -- the features the original feeds its projector
     dense_connector_linear()    -- the projector's first layer (+bias, GELU) on them, fused
     DenseConnector               -- drop-in features + mm_projector module (original checkpoints)
+    DenseConnectorLinear         -- its first layer: an nn.Linear fed the hidden states
     DenseConnectorVisionTower    -- transformers CLIP/SigLIP tower + DenseConnector (streaming)
     patch_llava()               -- route a transformers Llava model's image features through it
 """
 
 from .functional import BACKEND_ENV, dense_connector_features, dense_connector_linear
-from .modules import DenseConnector, load_mm_projector_state_dict
+from .modules import DenseConnector, DenseConnectorLinear, load_mm_projector_state_dict
 from .spec import ConnectorSpec
 from .integrations import DenseConnectorVisionTower, StreamingFeatures, patch_llava
 from .validation import check_hidden_states
 
 __all__ = ["ConnectorSpec", "DenseConnector", "dense_connector_features", "dense_connector_linear",
            "check_hidden_states", "load_mm_projector_state_dict", "BACKEND_ENV",
-           "DenseConnectorVisionTower", "StreamingFeatures", "patch_llava"]
+           "DenseConnectorVisionTower", "StreamingFeatures", "patch_llava",
+           "DenseConnectorLinear"]
 __version__ = "0.1.0"

@@ -8,13 +8,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import distributed as _dist
 from .autograd import features_op, linear_op, spec_args
 from .ops.torch_ops import features_torch
 from .spec import ConnectorSpec
 from .validation import check_hidden_states
 
 __all__ = ["dense_connector_features", "dense_connector_linear", "resolve_backend", "BACKENDS",
-           "BACKEND_ENV", "ACTIVATIONS", "PATHS"]
+           "BACKEND_ENV", "ACTIVATIONS", "PATHS", "column_shard_path"]
 
 BACKENDS = ("auto", "torch", "triton")
 #: Environment variable that forces the backend chosen by ``backend="auto"``.
@@ -81,12 +82,17 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
-        ``[B, spec.out_tokens(T), spec.out_channels(C)]`` in the input dtype.
+        ``[B, spec.out_tokens(T), spec.out_channels(C)]`` in the input dtype. DTensor hidden
+        states (replicated or batch-sharded) give a DTensor placed like them
+        (:mod:`dc_kernels.distributed`).
 
     Raises:
         TypeError / ValueError: malformed inputs (see :func:`check_hidden_states`).
     """
     info = check_hidden_states(hidden_states, spec)
+    if _dist.any_dtensor(hidden_states):
+        return _dist.features_on_dtensors(dense_connector_features, hidden_states, spec,
+                                          backend=backend)
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
@@ -143,6 +149,39 @@ def _check_linear_params(weight, bias, activation, path, spec, info) -> None:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
 
+def column_shard_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
+                      weight: torch.Tensor, full_width: int, backend: str = "auto",
+                      path: str = "auto") -> str:
+    """The ``path`` a column shard of a ``full_width``-wide first layer should run.
+
+    The Triton backend's ``path="auto"`` picks fused or two-pass from the shape, output width
+    included; a rank holding some of the columns would pick from its own width and could take
+    the other path (the two round A's K blocks differently on the CPU interpreter, and pick
+    different GEMM configs on a GPU). Resolving ``"auto"`` as the unsharded layer would keeps
+    every rank's columns equal, bit for bit, to those of the unsharded result. Returns ``path``
+    unchanged when it is not ``"auto"`` or the torch backend runs. ``weight`` is the local
+    shard (inputs are assumed validated).
+    """
+    if path != "auto":
+        return path
+    check_hidden_states(hidden_states, spec)
+    base = hidden_states[spec.final_layer]
+    chosen = _auto_fallback(resolve_backend(backend, base.device), backend, base.dtype)
+    if chosen != "triton" or not _triton_available():
+        return path
+    from .ops import common
+    from .ops.path import choose_linear_path
+    B, T, C = base.shape
+    M = B * spec.out_tokens(T)
+    entries, _, _ = common.layer_entries(hidden_states, spec)
+    flags = common.layout_flags(entries, weight)
+    limit = 2 ** 31 - 1
+    off64 = flags["OFF64"] or M * full_width >= limit or full_width * weight.shape[1] >= limit
+    return choose_linear_path(M, C, full_width, len(spec.used_layers), spec.num_groups + 1,
+                              base.element_size(), flags["UNIFORM"], off64,
+                              sti=spec.connector_type == "sti")
+
+
 def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                            weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                            activation: Optional[str] = None, backend: str = "auto",
@@ -165,16 +204,29 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
         path: ``"auto"``, ``"fused"``, ``"two-pass"`` or ``"overlap"`` (Triton backend only).
 
     Returns:
-        ``[B, spec.out_tokens(T), N]`` in the input dtype; fp32 accumulation.
+        ``[B, spec.out_tokens(T), N]`` in the input dtype; fp32 accumulation; a fresh tensor
+        (not a view).
+
+    DTensor arguments (tensor parallelism, FSDP2 with the layer not gathered) run on their
+    local shards: a ``Shard(0)`` (column-parallel) weight gives each rank its output columns;
+    see :mod:`dc_kernels.distributed` for the supported placements (others: ValueError).
     """
     hidden_states, weight, bias = _autocast(hidden_states, weight, bias)
     info = check_hidden_states(hidden_states, spec)
     _check_linear_params(weight, bias, activation, path, spec, info)
+    if _dist.any_dtensor(hidden_states, weight, bias):
+        # local shards in, a DTensor out (dc_kernels.distributed); the ops see plain tensors
+        return _dist.linear_on_dtensors(dense_connector_linear, hidden_states, spec, weight,
+                                        bias, activation, backend, path)
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
         return linear_op(list(hidden_states), *spec_args(spec), weight, bias,
                          activation or "none", path)
     feats = features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
-    y = F.linear(feats, weight, bias)
-    return F.gelu(y) if activation == "gelu" else y
+    # on rows [M, K], so that the result is a fresh tensor (F.linear on [B, T', K] returns a
+    # view), reshaped without making a view
+    y = F.linear(feats.reshape(-1, feats.shape[-1]), weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return torch.ops.aten._unsafe_view(y, (*feats.shape[:-1], y.shape[-1]))

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .functional import BACKENDS, dense_connector_features, dense_connector_linear
+from .functional import (ACTIVATIONS, BACKENDS, column_shard_path, dense_connector_features,
+                         dense_connector_linear)
 from .spec import ConnectorSpec
 from .validation import check_hidden_states
 
-__all__ = ["DenseConnector", "load_mm_projector_state_dict", "MM_PROJECTOR_PREFIXES"]
+__all__ = ["DenseConnector", "DenseConnectorLinear", "load_mm_projector_state_dict",
+           "MM_PROJECTOR_PREFIXES"]
 
 #: Prefixes under which LLaVA-style checkpoints store the projector.
 MM_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
@@ -44,6 +46,129 @@ def _projector_layout(projector: nn.Module):
         f"Linear, ...) with exact GELU, or the identity; got {projector.__class__.__name__}")
 
 
+def _non_view(y: torch.Tensor, shape) -> torch.Tensor:
+    """``y`` reshaped to ``shape`` without making it a view (an autograd-safe ``_unsafe_view``).
+
+    Wrappers such as FSDP2 hook the tensors a module returns; a view there would let an in-place
+    op on it skip the hook, so the modules here return fresh tensors. Subclasses (DTensor) are
+    reshaped normally.
+    """
+    if type(y) is torch.Tensor:
+        return torch.ops.aten._unsafe_view(y, shape)
+    return y.reshape(shape)
+
+
+class DenseConnectorLinear(nn.Linear):
+    """The projector's first Linear, fed the hidden-state tuple: ``act(features @ W^T + b)``.
+
+    An ``nn.Linear`` (same ``weight [out_features, in_features]`` and ``bias``, same state-dict
+    keys) whose ``forward`` takes the ViT's hidden states and runs
+    :func:`~dc_kernels.dense_connector_linear` on them, so the Dense Connector features are built
+    inside the GEMM (Triton) or right before it (torch). Because it is a module that is *called*,
+    every wrapper that hooks module calls sees it: FSDP/FSDP2 gather its parameters (and
+    ``nn.Linear`` auto-wrap policies match it), DeepSpeed ZeRO-3 fetches them, tensor-parallel
+    styles shard them (:mod:`dc_kernels.distributed`).
+
+    Args:
+        spec: the :class:`ConnectorSpec` whose features feed this layer;
+            ``in_features`` must be ``spec.out_channels(C)``.
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        activation: ``None`` or ``"gelu"`` (exact erf), applied in the GEMM's epilogue.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    ``forward(x)``: ``x`` is the hidden-state tuple/list (the fused path), or a tensor
+    ``[..., in_features]`` of ready-made features (then it is ``nn.Linear`` + activation). The
+    output is never a view.
+
+    Caveat: code that replaces every ``nn.Linear`` by type (LoRA/PEFT targets, int8/int4
+    quantizers) would hand this layer's hidden-state tuple to its own Linear: exclude the
+    projector (``modules_to_not_convert``/target lists) or wrap the projector's later layers
+    only.
+    """
+
+    def __init__(self, spec: ConnectorSpec, in_features: int, out_features: int,
+                 bias: bool = True, activation: Optional[str] = None, backend: str = "auto",
+                 device=None, dtype=None):
+        if not isinstance(spec, ConnectorSpec):
+            raise TypeError(f"spec must be a dc_kernels.ConnectorSpec, got {type(spec).__name__}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.spec = spec
+        self.activation = activation
+        self.backend = backend
+
+    @classmethod
+    def from_linear(cls, spec: ConnectorSpec, linear: nn.Linear, activation: Optional[str] = None,
+                    backend: str = "auto") -> "DenseConnectorLinear":
+        """A DenseConnectorLinear that shares ``linear``'s ``weight`` and ``bias`` Parameters."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls(spec, linear.in_features, linear.out_features, linear.bias is not None,
+                    activation, backend, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    #: set by :meth:`column_shard`: the unsharded layer's ``out_features`` and this shard's
+    #: first column (None / 0 for a whole layer)
+    full_out_features: Optional[int] = None
+    shard_offset: int = 0
+
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return _linear_features(x, self.weight, self.bias, self.activation)
+        path = "auto"
+        if self.full_out_features is not None:
+            path = column_shard_path(x, self.spec, self.weight, self.full_out_features,
+                                     self.backend)
+        return dense_connector_linear(x, self.spec, self.weight, self.bias, self.activation,
+                                      backend=self.backend, path=path)
+
+    def column_shard(self, rank: int, world_size: int) -> "DenseConnectorLinear":
+        """This layer's output columns of ``rank`` out of ``world_size``: a column-parallel shard.
+
+        Returns a new DenseConnectorLinear holding rows ``shard_range(out_features, rank,
+        world_size)`` of ``weight`` and ``bias`` (plain local tensors, copied, without grad:
+        for inference and serving). Its output is that slice of this layer's output columns
+        (see ``docs/DESIGN.md`` §6 for when it is bit-equal). The split is ``torch.chunk``'s,
+        the same as a DTensor ``Shard(0)``. For a sharded training layer use
+        :class:`dc_kernels.distributed.FirstLayerColwiseParallel`.
+        """
+        from .distributed import shard_range
+        start, stop = shard_range(self.out_features, rank, world_size)
+        layer = type(self)(self.spec, self.in_features, stop - start, self.bias is not None,
+                           self.activation, self.backend, device="meta")
+        with torch.no_grad():
+            layer.weight = nn.Parameter(self.weight[start:stop].detach().clone(),
+                                        requires_grad=False)
+            if self.bias is not None:
+                layer.bias = nn.Parameter(self.bias[start:stop].detach().clone(),
+                                          requires_grad=False)
+        layer.shard_offset = self.shard_offset + start
+        layer.full_out_features = self.full_out_features or self.out_features
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, spec={self.spec}, activation={self.activation!r}, "
+                f"backend={self.backend!r}")
+
+
+def _linear_features(features, weight, bias, activation):
+    # nn.Linear (+ activation) on ready-made features, output not a view
+    if not torch.is_autocast_enabled(features.device.type) and weight.dtype != features.dtype:
+        raise ValueError(
+            f"the projector's weights are {weight.dtype}, the features {features.dtype}: "
+            "convert one of them (e.g. connector.to(features.dtype))")
+    shape = features.shape
+    y = F.linear(features.reshape(-1, shape[-1]), weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return _non_view(y, (*shape[:-1], y.shape[-1]))
+
+
 class DenseConnector(nn.Module):
     """Dense Connector features + the original ``mm_projector``, with the first layer fused.
 
@@ -64,7 +189,12 @@ class DenseConnector(nn.Module):
 
     The first Linear (and the GELU after it) runs through :func:`dense_connector_linear`
     (features built inside the GEMM, or by the one-pass features kernel, on the Triton backend);
-    the rest are ordinary ``nn`` layers. The identity projector returns the features.
+    the rest are ordinary ``nn`` layers. For ``mlpNx_gelu`` the first Linear is the child
+    ``"0"``, a :class:`DenseConnectorLinear` (an ``nn.Linear``) that is called with the hidden
+    states, so FSDP, FSDP2, DeepSpeed ZeRO-3 and tensor-parallel styles see it (README,
+    "Distributed training"); the child ``"1"`` (``nn.GELU``) stays for the structure but runs
+    fused in ``"0"``. For ``"linear"`` the weight and bias are this module's own. The identity
+    projector returns the features. Outputs are never views.
     """
 
     def __init__(self, spec: ConnectorSpec, vision_hidden_size: int, hidden_size: int,
@@ -90,13 +220,32 @@ class DenseConnector(nn.Module):
                 f"the projector's first Linear takes {linears[0].in_features} features; this "
                 f"spec with vision_hidden_size={self.vision_hidden_size} makes {mm_hidden_size}")
         if kind == "linear":
-            # the original's keys are the Linear's own: "weight", "bias"
+            # the original's keys are the Linear's own: "weight", "bias" (this module's forward
+            # is the first layer's, so wrappers hooking it gather them)
             self.weight = linears[0].weight
             self.bias = linears[0].bias
         else:
             for name, module in _projector.named_children():
+                if linears and module is linears[0]:
+                    # the first Linear becomes a layer fed the hidden states, sharing the
+                    # original's Parameters; the GELU after it runs in its epilogue
+                    module = DenseConnectorLinear.from_linear(
+                        spec, module, "gelu" if len(linears) > 1 else None, backend)
                 self.add_module(name, module)
-        self._linears = linears  # plain list: not registered twice
+
+    @property
+    def backend(self) -> str:
+        """The backend of the fused first layer; setting it also sets the first layer's."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+        for module in self.modules():
+            if isinstance(module, DenseConnectorLinear):
+                module.backend = value
 
     @classmethod
     def from_projector(cls, spec: ConnectorSpec, mm_projector: nn.Module,
@@ -118,10 +267,31 @@ class DenseConnector(nn.Module):
         return cls(spec, width, hidden, kind, backend, _projector=mm_projector)
 
     # ------------------------------------------------------------------ forward
+    def first_layer(self) -> nn.Module:
+        """The module that computes the projector's first Linear (+ GELU) from hidden states.
+
+        ``self[0]``-style child ``"0"`` (a :class:`DenseConnectorLinear`, or whatever a wrapper
+        such as FSDP1 put in its place) for ``mlpNx_gelu``; for ``"linear"`` a
+        DenseConnectorLinear sharing this module's ``weight`` and ``bias`` (not registered: the
+        parameters stay under the original's keys). ValueError for the identity.
+        """
+        if self.projector_type == "identity":
+            raise ValueError("the identity projector has no first layer")
+        if self.projector_type == "linear":
+            layer = DenseConnectorLinear(self.spec, self.weight.shape[1], self.weight.shape[0],
+                                         self.bias is not None, None, self.backend,
+                                         device="meta")
+            layer.weight = self.weight
+            layer.bias = self.bias
+            return layer
+        return self._modules["0"]
+
     def _first_linear(self):
+        """``(weight, bias)`` of the first Linear."""
         if self.projector_type == "linear":
             return self.weight, self.bias
-        return self._linears[0].weight, self._linears[0].bias
+        first = self._modules["0"]
+        return first.weight, first.bias
 
     def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         info = check_hidden_states(hidden_states, self.spec)
@@ -131,19 +301,25 @@ class DenseConnector(nn.Module):
                 f"vision_hidden_size={self.vision_hidden_size}")
         if self.projector_type == "identity":
             return dense_connector_features(hidden_states, self.spec, backend=self.backend)
-        weight, bias = self._first_linear()
-        deeper = len(self._linears) > 1
-        x = dense_connector_linear(hidden_states, self.spec, weight, bias,
-                                   "gelu" if deeper else None, backend=self.backend)
+        if self.projector_type == "linear":
+            return dense_connector_linear(hidden_states, self.spec, self.weight, self.bias,
+                                          None, backend=self.backend)
+        # the child module is called (not its weight read), so wrappers' hooks fire
+        x = self._modules["0"](hidden_states)
         return self._after_first_layer(x)
 
     def _after_first_layer(self, x: torch.Tensor) -> torch.Tensor:
-        # x: the first Linear's output, after its GELU when more Linears follow
-        for i, lin in enumerate(self._linears[1:], start=1):
-            x = lin(x)
-            if i < len(self._linears) - 1:
-                x = F.gelu(x)
-        return x
+        # x: the first layer's output after its fused GELU; the children after "1" (the GELU
+        # the first layer ran) are applied in order, on rows [M, width] so that no layer
+        # returns a view; the result is reshaped without making a view.
+        rest = list(self._modules.values())[2:]
+        if not rest:
+            return x
+        shape = x.shape
+        y = x.reshape(-1, shape[-1])
+        for module in rest:
+            y = module(y)
+        return _non_view(y, (*shape[:-1], y.shape[-1]))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the projector alone to ready-made features ``[..., spec.out_channels(C)]``.
@@ -151,19 +327,14 @@ class DenseConnector(nn.Module):
         What the original's ``mm_projector(features)`` returns; used where the features come
         from elsewhere (e.g. the streaming vision tower). Under ``torch.autocast`` the Linears run
         in the autocast dtype, as ``nn.Linear`` does; otherwise the features' dtype must match
-        the weights' (ValueError).
+        the weights' (ValueError). The first layer's module is called, as in ``forward``.
         """
         if self.projector_type == "identity":
             return features
-        weight, bias = self._first_linear()
-        if not torch.is_autocast_enabled(features.device.type) and weight.dtype != features.dtype:
-            raise ValueError(
-                f"the projector's weights are {weight.dtype}, the features {features.dtype}: "
-                "convert one of them (e.g. connector.to(features.dtype))")
-        x = F.linear(features, weight, bias)
+        if self.projector_type == "linear":
+            return _linear_features(features, self.weight, self.bias, None)
+        x = self._modules["0"](features)
         del features  # a caller passing a temporary frees the features here
-        if len(self._linears) > 1:
-            x = F.gelu(x)
         return self._after_first_layer(x)
 
     def extra_repr(self) -> str:
