@@ -1,11 +1,13 @@
 """A tiny Dense Connector LLaVA model directory, built from random weights, fully offline.
 
-* vision: a transformers CLIP tower of the real depth (24 layers, so the CLIP presets' layer
-  indices are the real ones) and width 32, 28 px images with 4 px patches (49 patches + CLS);
+* vision: a transformers CLIP (or SigLIP) tower of the real depth (24 layers; SigLIP 27, so
+  the presets' layer indices are the real ones) and width 32, 28 px images with 4 px patches
+  (49 patches, + CLS for CLIP);
 * language model: a 2-layer Llama of width 64 with 2 heads, i.e. head_dim 32 (vLLM's CPU
   attention supports head sizes 32, 64, 80, ...; 16 fails at the first generate);
 * tokenizer: a WordLevel vocabulary built here (special tokens, ``<image>``, a few words);
-* processor: ``CLIPImageProcessor`` + ``LlavaProcessor`` saved beside the weights;
+* processor: ``CLIPImageProcessor`` (``SiglipImageProcessor``) + ``LlavaProcessor`` with a
+  plain chat template, saved beside the weights;
 * the Dense Connector projector (``spec.out_channels(32)`` inputs) set by
   ``dc_kernels.patch_llava``.
 
@@ -13,7 +15,9 @@ Weights are drawn so that the logits are spread and the image matters: the outpu
 std 1 (random Llama weights at the default 0.02 give near-uniform logits, whose top-k order
 would hinge on the last bits), the vision tower with std 0.15 (its default init leaves every
 layer close to the previous one), the language model with ``initializer_range`` 0.1 (larger
-values amplify fp32 rounding of the image embeddings to ~1e-4 in the log-probabilities). :func:`build` writes either an HF-format checkpoint (the Dense Connector projector inside
+values amplify fp32 rounding of the image embeddings to ~1e-4 in the log-probabilities).
+
+:func:`build` writes either an HF-format checkpoint (the Dense Connector projector inside
 ``model.safetensors``) or a stock LLaVA checkpoint plus an original ``mm_projector.bin``, and
 returns the reference model (transformers + patch_llava) the tests compare vLLM against.
 """

