@@ -239,6 +239,9 @@ def _bad_dirs(tmp_path_factory):
         "the preset is for a siglip tower, but the model's vision_config is a clip tower")
     cases["unknown-key"] = (make("unknown", section_override={"conector_type": "dci"}),
                             "unknown keys ['conector_type']")
+    cases["mm-projector-file-missing"] = (
+        make("nofile", section_override={"mm_projector": "nothere.bin"}),
+        "mm_projector file 'nothere.bin' not found in the model directory")
     # a checkpoint with a stock LLaVA projector (C inputs) and no mm_projector file
     cases["stock-projector"] = (
         make("stock", layout="original", section_override={"mm_projector": None}),
