@@ -1,16 +1,17 @@
-"""Run one vLLM engine on a model directory and write what it generated, as JSON.
+"""Run vLLM engines on model directories, one after the other, and write what they generated.
 
 Usage: ``python engine_runner.py JOBS.json OUT.json``. JOBS is a list of jobs, run one after
-the other in this process (importing vLLM once); each holds ``model`` (a directory),
-``requests`` (``[{"prompt": str, "images": [seed, ...]}]``, images made by
-``fixture.image(seed)``), ``max_tokens``, ``logprobs`` and ``llm_kwargs`` (extra ``vllm.LLM``
-arguments). OUT gets one entry per job: ``{"ok": true, "plugins": [...], "results": [{"prompt_token_ids",
-"token_ids", "logprobs": [[[token_id, logprob, rank], ...] per step]}]}`` or, if the engine
-refuses the model, ``{"ok": false, "error_type", "error"}`` (the whole exception chain).
+the other in this process (vLLM imported once, each engine shut down before the next); each
+holds ``model`` (a directory), ``requests`` (``[{"prompt": str, "images": [seed, ...]}]``,
+images made by ``fixture.image(seed)``), ``max_tokens``, ``logprobs`` and ``llm_kwargs`` (extra
+``vllm.LLM`` arguments). OUT gets one entry per job: ``{"ok": true, "archs_has_dc", "start_s",
+"results": [{"prompt_token_ids", "token_ids", "logprobs": [[[token_id, logprob, rank], ...]
+per step]}]}`` or, if the engine refused the model, ``{"ok": false, "error_type", "error"}``
+(the whole exception chain). OUT is rewritten after each job.
 
-Each engine runs in its own process (the test spawns this script), in-process mode
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller sets it) so that a load-time error
-reaches this script as the exception the model raised.
+The engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller sets
+it), so a load-time error reaches this script as the exception the model raised; the test runs
+this script as a child process, so vLLM never shares a process with the reference.
 """
 
 import json
