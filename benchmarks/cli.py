@@ -93,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "for sm_90 and sm_80, estimate GPU times from the SASS (static cost "
                         "model), write <date>-static-sm<arch>.{md,json} under "
                         "benchmarks/results (or --out) and the path model's calibration")
+    p.add_argument("--host", action="store_true",
+                   help="host overhead per call of dense_connector_features, "
+                        "dense_connector_linear and DenseConnector.forward with the Triton "
+                        "launches stubbed, beside a tiny F.linear (CPU; writes "
+                        "<date>-host.{md,json} under benchmarks/results or --out)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="--gpu-bundle / --static: folder for the result files")
+                   help="--gpu-bundle / --static / --host: folder for the result files")
     p.add_argument("--test-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="--gpu-bundle: stop the test suite after this long (default 300)")
     return p
@@ -130,12 +135,44 @@ def _selection(args, device: torch.device) -> Selection:
         providers=providers, filter=args.filter, budget_s=budget)
 
 
+def _run_host(args) -> int:
+    import datetime
+    import json
+    import os
+    import platform
+    import triton
+    from .host import host_markdown, measure_host
+    from .machine import machine_info
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        _log("--host stubs the compiled launches: unset TRITON_INTERPRET")
+        return 2
+    res = measure_host(args.budget or 1.0)
+    info = machine_info(torch.device("cpu"))
+    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                machine=info.get("device_name", "cpu"))
+    md = host_markdown(res, meta)
+    print(md)
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "benchmarks", "results")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"{meta['date']}-host")
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, results=res), f, indent=1)
+    _log(f"written {stem}.md and {stem}.json")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, run, print the table; see the module docstring for exit codes."""
     args = build_parser().parse_args(argv)
     if args.gpu_bundle:
         from .bundle import run_bundle
         return run_bundle(args.out, args.test_timeout, _log)
+    if args.host:
+        return _run_host(args)
     if args.static:
         import os
         from .static import run_static

@@ -92,7 +92,8 @@ def occupancy(registers: int, shared: int, warps: int, gpu: GPU,
     return max(0, min(by_regs, by_smem, by_warps, cmax))
 
 
-def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int) -> float:
+def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(1, 1, 1)
+                ) -> float:
     """How often one iteration of a SASS loop runs per program (nested trips multiplied), from
     the kernel's structure and its launch arguments."""
     if kernel == "_linear_kernel":
@@ -106,7 +107,9 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int) -> flo
             return per_program * math.ceil(a["K"] / c["BLOCK_K"])
         return per_program
     if kernel == "_sti_features_kernel":
-        return c["POOL"] / (1 + len(c["SIZES"]))  # each segment runs one group's loop
+        # each pooled segment runs one group's loop, in the programs that have pooled rows
+        active = min(1.0, math.ceil(a["B"] * a["TP"] / c["BLOCK_M"]) / max(1, grid[0]))
+        return c["POOL"] * active / (1 + len(c["SIZES"]))
     if kernel == "_features_tma_kernel" and loop["mix"].get("tma"):
         tiles = (a["Q1"] - a["Q0"]) * math.ceil(a["C"] / c["BLOCK_C"])
         return math.ceil(tiles / programs)
@@ -203,7 +206,7 @@ def estimate_launch(build: dict, use: dict, gpu: GPU, dtype: str,
         own = lp["instructions"] - sum(o["instructions"] for o in nested
                                        if not any(q is not o and q["start"] <= o["start"] and
                                                   o["end"] <= q["end"] for q in nested))
-        instr += max(0, own) * _loop_trips(kernel, lp, c, a, P)
+        instr += max(0, own) * _loop_trips(kernel, lp, c, a, P, grid)
     per_sm = math.ceil(P / gpu.sms)
     resident = max(1, min(occ, per_sm))
     # a warp issues at most every other cycle on average (dependent instructions, shared-memory

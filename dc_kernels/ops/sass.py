@@ -158,14 +158,23 @@ def analyze(sass: str, function: Optional[str] = None) -> Dict:
     mix of instructions in no loop.
     """
     instrs = parse(sass)
+    # loops: backward branches. An unconditional backward branch that jumps from outside a
+    # loop into its middle is the return of an out-of-line block (ptxas puts mbarrier retry
+    # spins after the loop body), not a loop of its own.
+    back = [i for i in instrs if i["target"] is not None and i["target"] <= i["addr"]]
+    conditional = [(i["target"], i["addr"]) for i in back if i["pred"]]
+
+    def crosses(t, a):
+        return any(s0 < t <= e0 < a for s0, e0 in conditional)
     loops = []
-    for ins in instrs:
+    for ins in back:
         t = ins["target"]
-        if t is not None and t <= ins["addr"]:
-            body = [i for i in instrs if t <= i["addr"] <= ins["addr"]]
-            loops.append(dict(start=t, end=ins["addr"], instructions=len(body),
-                              mix=_mix(body), load_bytes_per_lane=_load_bytes_per_lane(body),
-                              **_burst_stats(body)))
+        if not ins["pred"] and crosses(t, ins["addr"]):
+            continue
+        body = [i for i in instrs if t <= i["addr"] <= ins["addr"]]
+        loops.append(dict(start=t, end=ins["addr"], instructions=len(body),
+                          mix=_mix(body), load_bytes_per_lane=_load_bytes_per_lane(body),
+                          **_burst_stats(body)))
     for lp in loops:
         lp["innermost"] = not any(o is not lp and lp["start"] <= o["start"] and
                                   o["end"] <= lp["end"] and (o["start"], o["end"]) !=

@@ -96,7 +96,7 @@ SMS = {80: 108, 90: 132}
 
 
 @contextlib.contextmanager
-def record_launches(arch: int = 90):
+def record_launches(arch: int = 90, record: bool = True):
     """Within the block, Triton launches are recorded, not run; yields the record list.
 
     The launchers see the device they would see on an ``sm_{arch}`` card (its capability, SM
@@ -104,7 +104,8 @@ def record_launches(arch: int = 90):
     and their device check is relaxed, so that CPU tensors of the real shapes stand in for CUDA
     ones (their alignment is what the binder reads: CPU allocations are 64-byte aligned, CUDA
     ones 256-byte: both give the same 16-byte hints). An autotuned launch records the configs
-    that survive the autotuner's pruning. Must run without ``TRITON_INTERPRET``.
+    that survive the autotuner's pruning. ``record=False``: launches are dropped, nothing is
+    kept (host-overhead measurements). Must run without ``TRITON_INTERPRET``.
     """
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -115,9 +116,12 @@ def record_launches(arch: int = 90):
     records: List[LaunchRecord] = []
 
     def jit_run(self, *args, grid, warmup, **kwargs):
-        records.append(LaunchRecord(self, args, kwargs, grid))
+        if record:
+            records.append(LaunchRecord(self, args, kwargs, grid))
 
     def autotuned_run(self, *args, **kwargs):
+        if not record:
+            return
         grid = kwargs.pop("grid")
         kwargs.pop("warmup", None)
         self.nargs = dict(zip(self.arg_names, args))
