@@ -148,9 +148,12 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         return dict(dram=L * M * C * e + out, l2=entries * M * C * e + out, flops=0)
     if kernel == "_sti_features_kernel":
         B, C, tk, tp = a["B"], a["C"], a["T_KEEP"], a["TP"]
-        out = B * (tk + len(sizes) * tp) * C * e
-        return dict(dram=L * B * tk * C * e + out,
-                    l2=(B * tk + sum(sizes) * B * tp * c["POOL"]) * C * e + out, flops=0)
+        if c.get("PART", 0) == 0:  # the base tokens, copied
+            return dict(dram=2 * B * tk * C * e, l2=2 * B * tk * C * e, flops=0)
+        # the pooled tokens: POOL source rows of every member layer per pooled row
+        reads = sum(sizes) * B * tp * c["POOL"] * C * e
+        out = len(sizes) * B * tp * C * e
+        return dict(dram=reads + out, l2=reads + out, flops=0)
     if kernel == "_scatter_grad_kernel":
         M, C, tk, T = a["M"], a["C"], a["T_KEEP"], a["T"]
         n_out = len(c["SLABS"])

@@ -72,21 +72,22 @@ def _sti_features_kernel(
     layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
     out, stride_ob, stride_ot,  # out is [B, T' + G*TP, C] with unit channel stride
     B, C, T_KEEP, TP,  # TP: pooled tokens per group and image
+    PART: tl.constexpr,  # 0: copy the base tokens; 1: the pooled tokens (axis 2: the group)
     POOL: tl.constexpr, TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
     UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # STI: axis 2 picks the segment. Segment 0 copies the base tokens (B*T' rows); segment
-    # g + 1 writes group g's pooled tokens (B*TP rows): each the mean over POOL consecutive
-    # tokens of every member layer, fp32 accumulation, one rounding. Rows land in the
-    # original's order: per image, all base tokens, then group 0's pooled tokens, then group 1's.
+    # STI, two launches of one kernel (PART is a constant: each build holds one part's code
+    # and each grid covers exactly its rows). Part 0 copies the base tokens (B*T' rows); part 1,
+    # axis 2 = g, writes group g's pooled tokens (B*TP rows): each the mean over POOL
+    # consecutive tokens of every member layer, fp32 accumulation, one rounding. Rows land in
+    # the original's order: per image, all base tokens, then group 0's pooled tokens, ...
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    seg = tl.program_id(2)
     o_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    if seg == 0:
+    if PART == 0:
         mask = (o_r < B * T_KEEP)[:, None] & m_c[None, :]
         b = o_r // T_KEEP
         t = o_r % T_KEEP
@@ -94,13 +95,13 @@ def _sti_features_kernel(
         b_x = tl.load(layers[0] + o_x, mask=mask)
         o_out = _tile_offsets(stride_ob, stride_ot, 1, b, t, o_c, OFF64)
         tl.store(out + o_out, b_x.to(out.dtype.element_ty), mask=mask)
-    elif pid_m * BLOCK_M < B * TP:  # pooled segments have T'/POOL times fewer rows: the
-        # grid is sized for the base rows, so most of their programs have nothing to do
+    else:
+        grp = tl.program_id(2)
         mask = (o_r < B * TP)[:, None] & m_c[None, :]
         b = o_r // TP
         j = o_r % TP
         for g in tl.static_range(len(SIZES)):
-            if seg == g + 1:
+            if grp == g:
                 b_sum = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
                 for q in range(POOL):
                     t = TOK0 + j * POOL + q
@@ -177,9 +178,8 @@ FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 4}
 #: scalar loads need more registers per element; narrower tiles keep them spill-free.
 FEATURES_CONFIG_SCALAR = {"BLOCK_M": 16, "BLOCK_C": 32, "num_warps": 4}
 FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4}
-#: STI features kernel: base copy and every group's pooling share one program body, so the
-#: register budget is set by the widest group; 8 warps over 16x64 keep 13-layer groups with
-#: arbitrary strides and int64 offsets spill-free.
+#: STI features kernel, pooled part (the base copy takes FEATURES_CONFIG): 8 warps over 16x64
+#: keep 13-layer groups with arbitrary strides and int64 offsets spill-free.
 STI_FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 8}
 #: TMA features kernel (sm_90+), alone on the GPU: 8 x 64 tiles, a 3-deep ring (~50 KiB of
 #: shared memory, 44-96 registers with triton 3.9 / 3.6), 4 programs per SM: every program
@@ -207,15 +207,21 @@ def _sti_features(hidden_states, spec, batch, tokens, channels):
         return out
     entries, starts, sizes = common.layer_entries(hidden_states, spec)
     sb, st, sc = common.strides(entries)
-    cfg = FEATURES_CONFIG_INTERPRET if common.interpreting() else STI_FEATURES_CONFIG
-    rows = max(batch * t_keep, batch * tp)
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]),
-            1 + (spec.num_groups if tp > 0 else 0))
-    _sti_features_kernel[grid](
-        tuple(entries), sb, st, sc, out, out.stride(0), out.stride(1), batch, channels, t_keep,
-        tp, POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
-        **common.layout_flags(entries, out), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-        num_warps=cfg["num_warps"])
+    flags = common.layout_flags(entries, out)
+    for part, rows, groups in ((0, batch * t_keep, 1), (1, batch * tp, spec.num_groups)):
+        if rows == 0:
+            continue
+        if common.interpreting():
+            cfg = FEATURES_CONFIG_INTERPRET
+        else:
+            cfg = STI_FEATURES_CONFIG if part else FEATURES_CONFIG
+        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]),
+                groups)
+        _sti_features_kernel[grid](
+            tuple(entries), sb, st, sc, out, out.stride(0), out.stride(1), batch, channels,
+            t_keep, tp, PART=part, POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts,
+            SIZES=sizes, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+            num_warps=cfg["num_warps"])
     return out
 
 
