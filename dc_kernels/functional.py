@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -66,6 +67,41 @@ def _auto_fallback(backend: str, requested: str, dtype: torch.dtype) -> str:
     return backend
 
 
+def _op_inputs(hidden_states, spec: ConnectorSpec):
+    """The hidden-state list handed to the custom ops: unread layers detached.
+
+    A custom op's output requires grad when any input does; detaching (a view, no copy) the
+    layers the spec never reads keeps the Triton backend's ``requires_grad`` equal to the torch
+    path's and the original's: it depends on the read layers (and the weight and bias) only.
+    """
+    read = set(spec.used_layers)
+    return [h if i in read or not h.requires_grad else h.detach()
+            for i, h in enumerate(hidden_states)]
+
+
+def _gelu(y: torch.Tensor) -> torch.Tensor:
+    """Exact-erf GELU of the first Linear's fresh output ``y``, with ``gelu(+inf) = +inf``.
+
+    torch's vectorised CPU kernel returns NaN for +inf (its scalar path, its CUDA kernel and the
+    Triton epilogue return +inf); the backends must agree, so on CPU +inf lanes are restored.
+    The check is one max-reduction; the exact mask is built only when the max is +inf or NaN.
+    Where autograd does not need ``y`` (inference), GELU runs in place: no second ``[M, N]``
+    buffer (on CPU, writing fresh memory costs more than the GELU itself).
+    """
+    if y.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.gelu(y)  # (traced: no data-dependent branch; inductor emits its own GELU)
+    pos_inf = None
+    if y.numel() and not bool(y.amax() < math.inf):  # +inf or NaN somewhere: rare
+        pos_inf = torch.isposinf(y)
+    if torch.is_grad_enabled() and y.requires_grad:
+        out = F.gelu(y)
+    else:
+        out = torch.ops.aten.gelu_(y)
+    if pos_inf is not None:
+        out = out.masked_fill_(pos_inf, math.inf)
+    return out
+
+
 def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                              backend: str = "auto") -> torch.Tensor:
     """The features the original Dense Connector feeds its projector.
@@ -96,7 +132,7 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
-        return features_op(list(hidden_states), *spec_args(spec))
+        return features_op(_op_inputs(hidden_states, spec), *spec_args(spec))
     return features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
 
 
@@ -221,12 +257,12 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
-        return linear_op(list(hidden_states), *spec_args(spec), weight, bias,
+        return linear_op(_op_inputs(hidden_states, spec), *spec_args(spec), weight, bias,
                          activation or "none", path)
     feats = features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
     # on rows [M, K], so that the result is a fresh tensor (F.linear on [B, T', K] returns a
     # view), reshaped without making a view
     y = F.linear(feats.reshape(-1, feats.shape[-1]), weight, bias)
     if activation == "gelu":
-        y = F.gelu(y)
+        y = _gelu(y)  # in place where autograd allows: y is fresh
     return torch.ops.aten._unsafe_view(y, (*feats.shape[:-1], y.shape[-1]))

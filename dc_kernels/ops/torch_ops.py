@@ -15,7 +15,7 @@ import torch
 
 from ..spec import ConnectorSpec
 
-__all__ = ["features_torch", "accumulation_dtype", "window_sums"]
+__all__ = ["features_torch", "accumulation_dtype", "window_sums", "link_unread_groups"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,6 +41,9 @@ def _channel_features(hs, spec, tok0, out):
     C = hs[spec.final_layer].shape[2]
     acc_dtype = accumulation_dtype(out.dtype)
     out[..., :C].copy_(hs[spec.final_layer][:, tok0:])
+    if kept == 0:
+        link_unread_groups(out, hs, spec)
+        return
     buf = None
     for t0, t1 in _token_chunks(kept, B, C, out.device):
         rows = slice(tok0 + t0, tok0 + t1)
@@ -87,6 +90,7 @@ def _token_features(hs, spec, tok0, out):
     acc_dtype = accumulation_dtype(out.dtype)
     out[:, :kept].copy_(base)
     if tp == 0:
+        link_unread_groups(out, hs, spec)
         return
     for g, (start, stop) in enumerate(spec.groups):
         acc = None
@@ -112,3 +116,21 @@ def features_torch(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     else:
         _channel_features(hidden_states, spec, tok0, out)
     return out
+
+
+def link_unread_groups(out: torch.Tensor, hs: Sequence[torch.Tensor], spec: ConnectorSpec
+                       ) -> None:
+    """Record that ``out`` depends on every group member, when no element of theirs is read.
+
+    With no token kept (only CLS), or STI with fewer kept tokens than the pool, the groups
+    contribute no element and the ops above never touch their layers; the original's
+    ``torch.cat`` (and the Triton backend's custom op) still return an output that requires
+    grad, and give those layers zero gradients. An empty copy per layer records the same
+    dependency (nothing is copied; called only in that degenerate case).
+    """
+    if not torch.is_grad_enabled():
+        return
+    for start, stop in spec.groups:
+        for i in range(start, stop):
+            if hs[i].requires_grad:
+                out[:0, :0, :0].copy_(hs[i][:0, :0, :0])
