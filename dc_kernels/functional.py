@@ -68,15 +68,19 @@ def _auto_fallback(backend: str, requested: str, dtype: torch.dtype) -> str:
 
 
 def _op_inputs(hidden_states, spec: ConnectorSpec):
-    """The hidden-state list handed to the custom ops: unread layers detached.
+    """The hidden-state list handed to the custom ops: unread entries replaced by a stand-in.
 
-    A custom op's output requires grad when any input does; detaching (a view, no copy) the
-    layers the spec never reads keeps the Triton backend's ``requires_grad`` equal to the torch
-    path's and the original's: it depends on the read layers (and the weight and bias) only.
+    The kernels never touch the layers the spec does not read, and validation does not check
+    them (any tensor is accepted there), so they are replaced by a detached view of the base
+    layer (no copy). That keeps the op's dispatch and its output's ``requires_grad`` a matter
+    of the read layers (and the weight and bias) only, as on the torch path and in the
+    original: an unread tensor on another device (e.g. ``meta``) would otherwise route the call
+    to the fake kernel, and an unread tensor that requires grad would make the output require
+    grad.
     """
     read = set(spec.used_layers)
-    return [h if i in read or not h.requires_grad else h.detach()
-            for i, h in enumerate(hidden_states)]
+    stand_in = hidden_states[spec.final_layer].detach()
+    return [h if i in read else stand_in for i, h in enumerate(hidden_states)]
 
 
 def _gelu(y: torch.Tensor) -> torch.Tensor:
@@ -161,6 +165,9 @@ def _autocast(hidden_states, weight, bias):
 def _check_linear_params(weight, bias, activation, path, spec, info) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.layout != torch.strided:
+        raise ValueError(f"weight has layout {weight.layout}; a dense (strided) tensor is "
+                         "required")
     k = spec.out_channels(info.channels)
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(
@@ -173,6 +180,9 @@ def _check_linear_params(weight, bias, activation, path, spec, info) -> None:
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.layout != torch.strided:
+            raise ValueError(f"bias has layout {bias.layout}; a dense (strided) tensor is "
+                             "required")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
         if bias.dtype != info.dtype or bias.device != info.device:
