@@ -151,7 +151,11 @@ def _autocast(hidden_states, weight, bias):
     if not isinstance(weight, torch.Tensor) or not isinstance(hidden_states, (tuple, list)):
         return hidden_states, weight, bias  # malformed: validation reports it
     device_type = weight.device.type
-    if not torch.is_autocast_enabled(device_type):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device autocast does not know (e.g. meta): validation reports it
+        return hidden_states, weight, bias
+    if not enabled:
         return hidden_states, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
