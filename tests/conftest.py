@@ -161,7 +161,7 @@ def assert_close_to_original(actual: torch.Tensor, original: torch.Tensor, dtype
 # --------------------------------------------------------------------------- shared cases
 # Custom specs beyond the presets: name -> (spec, number of hidden states to feed it).
 CUSTOM_SPECS = {
-    # three groups (the DESIGN's custom example), fed exactly min_hidden_states
+    # three groups (the README's custom example), fed exactly min_hidden_states
     "dci_3groups": (ConnectorSpec("dci", final_layer=23, groups=((0, 8), (8, 16), (16, 24)),
                                   drop_cls=True), 24),
     # layer 2 and 3 in two groups; (3, 4) is a DCI group of one layer; base inside a group
