@@ -23,8 +23,10 @@ import torch
 from .accuracy import CorrectnessError
 from .cases import DTYPES, IMAGES, OPS, QUICK_IMAGES, SHAPES
 from .providers import PROVIDERS, QUICK_PROVIDERS, unavailable_reason
-from .report import markdown_report, plot_speedups, print_table, write_json, write_text
+from .report import (LOAD_WARNING_THRESHOLD, markdown_report, plot_speedups, print_table,
+                     write_json, write_text)
 from .runner import Selection, plan, run
+from .timing import other_load_now
 
 __all__ = ["build_parser", "main"]
 
@@ -194,6 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _log("nothing to run: the selection and --filter leave no row (row names look like "
              "linear/clip336-4096/16img/dc_kernels)")
         return 2
+    busy = other_load_now() if device.type == "cpu" else None
+    if busy is not None and busy > LOAD_WARNING_THRESHOLD:
+        _log("!" * 78)
+        _log(f"WARNING: other processes are using {100 * busy:.0f}% of the CPU right now: "
+             "the times will be contended (each row records the load; the report says it)")
+        _log("!" * 78)
     try:
         result = run(selection, device, DTYPES[dtype_name], _log)
     except CorrectnessError as e:

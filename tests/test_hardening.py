@@ -436,3 +436,65 @@ def test_bf16_subnormal_group_means_compiled(path):
     w = (torch.randn(16, spec.out_channels(24), device="cuda") * 2.0 ** 64).to(torch.bfloat16)
     y = dense_connector_linear(hs, spec, w, None, None, backend="triton", path=path)
     _assert_linear_close(y, hs, spec, w, None, None, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- CPU chunk pool
+# The torch path deals its cache-sized token chunks to worker threads with one intra-op thread
+# each (robust on a machine where another process holds a core; benchmarks/results/*-loaded*).
+# The arithmetic per element is the same, so the result must be the same bits as inline.
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                         ids=str)
+@pytest.mark.parametrize("kind", ("dci", "sci", "sti"))
+def test_chunk_pool_gives_the_inline_bits(monkeypatch, kind, dtype):
+    from dc_kernels.ops import torch_ops
+    if torch.get_num_threads() < 2:
+        torch.set_num_threads(2)  # the pool needs at least two intra-op threads
+    spec = ConnectorSpec.preset("clip", kind)
+    hs = make_hidden_states(25, 3, 97, 256, dtype, seed=11)  # 3*96*256*4 B: above the minimum
+    assert 4 * 3 * 96 * 256 >= torch_ops.PARALLEL_MIN_BYTES
+    assert torch_ops.chunk_workers(torch.device("cpu"), hs) > 1
+    calls = []
+    real = torch_ops._run_chunks
+    monkeypatch.setattr(torch_ops, "_run_chunks",
+                        lambda fn, chunks, workers: (calls.append(workers),
+                                                     real(fn, chunks, workers))[1])
+    pooled = dense_connector_features(hs, spec, backend="torch")
+    assert max(calls) > 1, "the pool was not used"
+    monkeypatch.setenv(torch_ops.CHUNK_POOL_ENV, "0")
+    calls.clear()
+    inline = dense_connector_features(hs, spec, backend="torch")
+    assert max(calls) == 1
+    assert torch.equal(pooled, inline)
+    assert torch.equal(pooled, torch_ops.features_torch(hs, spec, 3, 97, 256))
+    assert_close_to_fp64(pooled, reference.features_fp64(hs, spec), dtype,
+                         terms=accumulation_terms(spec), magnitude=max_abs(hs))
+
+
+def test_chunk_pool_is_not_used_while_recording_autograd():
+    from dc_kernels.ops import torch_ops
+    hs = [h.requires_grad_() for h in make_hidden_states(3, 3, 97, 256, seed=12)]
+    assert torch_ops.chunk_workers(torch.device("cpu"), hs) == 1
+    with torch.no_grad():
+        assert torch_ops.chunk_workers(torch.device("cpu"), hs) == torch.get_num_threads() \
+            or torch.get_num_threads() == 1
+
+
+def test_chunk_pool_keeps_the_callers_thread_settings_and_raises_worker_errors():
+    import threading
+    from dc_kernels.ops import torch_ops
+    n = max(2, torch.get_num_threads())
+    torch.set_num_threads(n)
+    torch_ops._get_pool(n)
+    assert torch.get_num_threads() == n
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [n], "a thread started after the pool must get the process's setting"
+    assert torch_ops._get_pool(n).submit(torch.get_num_threads).result() == 1
+
+    def boom(t0, t1):
+        if t0 == 2:
+            raise ValueError("chunk 2 failed")
+    with pytest.raises(ValueError, match="chunk 2 failed"):
+        torch_ops._run_chunks(boom, [(0, 1), (1, 2), (2, 3), (3, 4)], n)
