@@ -115,9 +115,14 @@ def load_warning(result: RunResult) -> Optional[str]:
         return None
     worst, name = max(loads)
     busy = sum(1 for v, _ in loads if v > LOAD_WARNING_THRESHOLD)
-    return (f"WARNING: other processes used up to {100 * worst:.0f}% of the CPU while timing "
+    text = (f"WARNING: other processes used up to {100 * worst:.0f}% of the CPU while timing "
             f"({busy} of {len(loads)} rows above {100 * LOAD_WARNING_THRESHOLD:.0f}%, worst: "
-            f"{name}). These times are contended; rerun on a quiet machine before quoting them.")
+            f"{name}). These times are contended")
+    loops = result.selection.get("busy_cores") or 0
+    if loops:
+        return text + (f", on purpose: --busy-cores {loops} ran {loops} busy-loop process(es) "
+                       "alongside.")
+    return text + "; rerun on a quiet machine before quoting them."
 
 
 def _x(v: float) -> str:
@@ -241,12 +246,14 @@ def print_table(result: RunResult, stream: TextIO) -> None:
     72 characters wide) and one verdict line per op. The full table (17 columns) goes to
     ``--markdown`` / ``--json``."""
     m, c = result.machine, result.ceilings
-    lines = [
-        f"{m['device_name']} ({m['device']}, {m['cpu_cores']} cores, torch threads "
-        f"{m['torch_threads']}), {result.dtype}; torch {m['torch']}, triton {m['triton']}",
-        f"ceilings measured: copy {c.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
-        f"{c.matmul_flop_per_s / 1e12:.2f} TFLOP/s; run took {result.elapsed_s:.0f} s",
-    ]
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    lines = []
+    for line in (f"{m['device_name']} ({m['device']}, {m['cpu_cores']} cores, torch threads "
+                 f"{m['torch_threads']}), {result.dtype}",
+                 f"torch {m['torch']}, triton {m['triton']}; ceilings measured: copy "
+                 f"{c.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
+                 f"{c.matmul_flop_per_s / 1e12:.2f} TFLOP/s; run took {result.elapsed_s:.0f} s"):
+        lines += textwrap.wrap(line, width)
     warning = load_warning(result)
     if warning:
         bar = "!" * 72
@@ -256,7 +263,6 @@ def print_table(result: RunResult, stream: TextIO) -> None:
     if verdicts:
         shapes = ", ".join(dict.fromkeys(r.shape for r in result.rows))
         lines.append(f"Verdict, dc_kernels ({shapes}, {result.dtype}):")
-        width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
         for v in verdicts:
             lines += textwrap.wrap(v, width, initial_indent="* ", subsequent_indent="    ")
     lines.append("Every column, the floor and the errors: --markdown PATH / --json PATH.")
