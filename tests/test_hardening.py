@@ -79,7 +79,7 @@ def _bias(kind, n, dtype, g):
 BIAS_KINDS = ("contiguous", "step2", "matrix_column", "expanded", "offset_view")
 
 
-@pytest.mark.parametrize("path", ("fused", "two-pass", "auto"))
+@pytest.mark.parametrize("path", ("fused", "two-pass"))  # "auto" picks one of the two
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("kind", BIAS_KINDS)
 def test_linear_bias_layouts(kind, dtype, path):
@@ -442,8 +442,9 @@ def test_bf16_subnormal_group_means_compiled(path):
 # The torch path deals its cache-sized token chunks to worker threads with one intra-op thread
 # each (robust on a machine where another process holds a core; benchmarks/results/*-loaded*).
 # The arithmetic per element is the same, so the result must be the same bits as inline.
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-                         ids=str)
+# fp32 accumulates in its output slab, bf16 in a per-worker fp32 buffer (fp64 and fp16 take
+# the same two branches)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("kind", ("dci", "sci", "sti"))
 def test_chunk_pool_gives_the_inline_bits(monkeypatch, kind, dtype):
     from dc_kernels.ops import torch_ops
