@@ -249,10 +249,10 @@ def print_table(result: RunResult, stream: TextIO) -> None:
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
     lines = []
     for line in (f"{m['device_name']} ({m['device']}, {m['cpu_cores']} cores, torch threads "
-                 f"{m['torch_threads']}), {result.dtype}",
-                 f"torch {m['torch']}, triton {m['triton']}; ceilings measured: copy "
+                 f"{m['torch_threads']}), {result.dtype}; run took {result.elapsed_s:.0f} s",
+                 f"torch {m['torch']}, triton {m['triton']}; measured ceilings: copy "
                  f"{c.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
-                 f"{c.matmul_flop_per_s / 1e12:.2f} TFLOP/s; run took {result.elapsed_s:.0f} s"):
+                 f"{c.matmul_flop_per_s / 1e12:.2f} TFLOP/s"):
         lines += textwrap.wrap(line, width)
     warning = load_warning(result)
     if warning:
