@@ -499,3 +499,33 @@ def test_chunk_pool_keeps_the_callers_thread_settings_and_raises_worker_errors()
             raise ValueError("chunk 2 failed")
     with pytest.raises(ValueError, match="chunk 2 failed"):
         torch_ops._run_chunks(boom, [(0, 1), (1, 2), (2, 3), (3, 4)], n)
+
+
+@pytest.mark.parametrize("kind", BIAS_KINDS)
+def test_gemm_launcher_bias_layouts(kind):
+    # the second-pass GEMM launcher (persistent TMA kernel where eligible, else the cp.async
+    # one) called directly, as the overlapped path does, with a bias of any layout
+    from dc_kernels.ops import linear as linear_ops
+    g = torch.Generator().manual_seed(13)
+    a = torch.randn(37, 48, generator=g).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(40, 48, generator=g) / 7).to(torch.bfloat16).to(DEVICE)
+    b = _bias(kind, 40, torch.bfloat16, g).to(DEVICE)
+    out = torch.full((37, 40), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    linear_ops.gemm(a, w, b, "gelu", out)
+    want = torch.nn.functional.gelu(a.double() @ w.double().T + b.double())
+    scale = a.double().abs() @ w.double().abs().T + b.double().abs()
+    atol = 2 * 1.13 * 50 * UNIT_ROUNDOFF[torch.float32] * float(scale.max())
+    torch.testing.assert_close(out.double(), want, rtol=2 * UNIT_ROUNDOFF[torch.bfloat16],
+                               atol=atol)
+
+
+def test_features_launcher_refuses_a_strided_out():
+    from dc_kernels.ops.features import features_triton
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = make_hidden_states(25, 2, 9, 8, device=DEVICE)
+    bad = torch.empty(2, 8, 48, device=DEVICE)[..., :24]
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        features_triton(hs, spec, 2, 9, 8, out=bad)
+    good = torch.full((2, 8, 24), float("nan"), device=DEVICE)
+    assert features_triton(hs, spec, 2, 9, 8, out=good) is good
+    assert torch.equal(good, dense_connector_features(hs, spec, backend="torch"))
