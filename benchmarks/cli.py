@@ -210,7 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.host:
         return _run_host(args)
     if args.static:
-        import os
         from .static import run_static
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             _log("--static builds the real kernels: unset TRITON_INTERPRET")

@@ -79,3 +79,11 @@ def test_load_warning_is_visible():
     assert "on purpose: --busy-cores 1" in busy
     md = report.markdown_report(_result(load=0.4), "t")
     assert "**WARNING" in md and "## Verdict" in md
+
+
+def test_cli_refuses_a_bad_busy_core_count_before_running(capsys):
+    # the CLI path up to the run: argument checks answer with exit code 2 and a message
+    import os
+    from benchmarks.cli import main
+    assert main(["--quick", "--device", "cpu", "--busy-cores", str((os.cpu_count() or 1) + 1)]) == 2
+    assert "--busy-cores must be between 0 and" in capsys.readouterr().err
