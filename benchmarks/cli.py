@@ -15,7 +15,11 @@ is required; 3 a provider returned a wrong result (nothing of it is timed or wri
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import subprocess
 import sys
+import time
 from typing import List, Optional, Sequence
 
 import torch
@@ -23,8 +27,10 @@ import torch
 from .accuracy import CorrectnessError
 from .cases import DTYPES, IMAGES, OPS, QUICK_IMAGES, SHAPES
 from .providers import PROVIDERS, QUICK_PROVIDERS, unavailable_reason
-from .report import markdown_report, plot_speedups, print_table, write_json, write_text
+from .report import (LOAD_WARNING_THRESHOLD, markdown_report, plot_speedups, print_table,
+                     write_json, write_text)
 from .runner import Selection, plan, run
+from .timing import other_load_now
 
 __all__ = ["build_parser", "main"]
 
@@ -81,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="time per measurement (CPU sampling; do_bench rep on CUDA). Default: "
                         "0.1 on cuda, 1.0 on cpu, 0.5 with --quick on cpu")
+    p.add_argument("--busy-cores", type=int, default=0, metavar="N",
+                   help="CPU: run N busy-loop processes (each pinned to one of the last N "
+                        "cores) alongside the whole run, to measure under a loaded machine; "
+                        "the report says so (default 0)")
     p.add_argument("--json", metavar="PATH", help="write every row field as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown report")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speedup vs images "
@@ -103,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="--gpu-bundle: stop the test suite after this long (default 300)")
     return p
+
+
+@contextlib.contextmanager
+def busy_loops(n: int, log=lambda s: None):
+    """``n`` processes spinning in ``while True: pass``, each pinned to one of the last ``n``
+    cores, for the duration of the block (killed by their ids afterwards)."""
+    procs = []
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    try:
+        for k in range(n):
+            core = cores[-1 - k] if len(cores) > k else None
+
+            def pin(core=core):
+                if core is not None:
+                    os.sched_setaffinity(0, {core})
+            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                          preexec_fn=pin))
+        if procs:
+            log(f"{n} busy-loop process(es) running on core(s) "
+                f"{[cores[-1 - k] for k in range(n)] if cores else '?'} (--busy-cores)")
+            time.sleep(0.5)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def _log(line: str) -> None:
@@ -174,7 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.host:
         return _run_host(args)
     if args.static:
-        import os
         from .static import run_static
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             _log("--static builds the real kernels: unset TRITON_INTERPRET")
@@ -194,8 +229,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _log("nothing to run: the selection and --filter leave no row (row names look like "
              "linear/clip336-4096/16img/dc_kernels)")
         return 2
+    if args.busy_cores < 0 or args.busy_cores > (os.cpu_count() or 1):
+        _log(f"--busy-cores must be between 0 and {os.cpu_count()}, got {args.busy_cores}")
+        return 2
+    busy = other_load_now() if device.type == "cpu" else None
+    if busy is not None and busy > LOAD_WARNING_THRESHOLD:
+        _log("!" * 78)
+        _log(f"WARNING: other processes are using {100 * busy:.0f}% of the CPU right now: "
+             "the times will be contended (each row records the load; the report says it)")
+        _log("!" * 78)
     try:
-        result = run(selection, device, DTYPES[dtype_name], _log)
+        with busy_loops(args.busy_cores, _log):
+            result = run(selection, device, DTYPES[dtype_name], _log)
+        result.selection["busy_cores"] = args.busy_cores
     except CorrectnessError as e:
         _log("=" * 78)
         _log(f"CORRECTNESS FAILURE: {e}")

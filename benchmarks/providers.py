@@ -13,6 +13,9 @@
 * ``dc_kernels+cublas`` (CUDA only, ops with a first layer): dc_kernels' features, then the
   vendor GEMM: ``torch.addmm(b1, A, W1^T)`` + ``F.gelu`` -- where our GEMM stands against
   cuBLAS on the same A.
+* ``dc_kernels-inline`` (CPU only): ``dc_kernels`` with ``DC_KERNELS_CHUNK_POOL=0``: the torch
+  path's chunks run inline, every op on all intra-op threads (the path before the chunk pool;
+  compare the two under load with ``--busy-cores``).
 
 Forward ops run under ``torch.no_grad()`` (inference, as LLaVA runs the connector).
 ``linear-fwd-bwd`` keeps grad mode on: the hidden states do not require grad, the first
@@ -29,6 +32,7 @@ Every callable takes no argument and returns a tuple of tensors: ``(features,)``
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -45,7 +49,8 @@ __all__ = ["PROVIDERS", "QUICK_PROVIDERS", "Prepared", "unavailable_reason", "pr
            "reference_features", "triton_has_autograd", "compile_mode"]
 
 PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
-             "dc_kernels-two-pass", "dc_kernels-overlap", "dc_kernels+cublas")
+             "dc_kernels-two-pass", "dc_kernels-overlap", "dc_kernels+cublas",
+             "dc_kernels-inline")
 QUICK_PROVIDERS = ("reference", "reference+compile", "dc_kernels")
 _PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
           "dc_kernels-overlap": "overlap"}
@@ -81,6 +86,8 @@ def unavailable_reason(provider: str, op: str, device: torch.device) -> Optional
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if provider == "dc_kernels-inline" and device.type != "cpu":
+        return "the chunk pool it turns off is a CPU feature of the torch path"
     if provider in _PATHS or provider == _CUBLAS:
         if device.type != "cuda":
             return "the Triton paths need CUDA"
@@ -219,6 +226,21 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
     if provider == _CUBLAS:
         return Prepared(_timed_unit(op, _cublas_forward(op, inputs), inputs),
                         "dc_kernels features (Triton) + torch.addmm (cuBLAS) + F.gelu")
+    if provider == "dc_kernels-inline":
+        unit = _timed_unit(op, _dc_forward(op, inputs, "torch", "auto"), inputs)
+
+        def inline():
+            from dc_kernels.ops.torch_ops import CHUNK_POOL_ENV
+            old = os.environ.get(CHUNK_POOL_ENV)
+            os.environ[CHUNK_POOL_ENV] = "0"
+            try:
+                return unit()
+            finally:
+                if old is None:
+                    os.environ.pop(CHUNK_POOL_ENV, None)
+                else:
+                    os.environ[CHUNK_POOL_ENV] = old
+        return Prepared(inline, "backend=torch, chunk pool off (DC_KERNELS_CHUNK_POOL=0)")
     path = _PATHS[provider]
     return Prepared(_timed_unit(op, _dc_forward(op, inputs, "triton", path), inputs),
                     f"backend=triton, path={path}")

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import textwrap
 from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 
 from .runner import Row, RunResult
 
 __all__ = ["COLUMNS", "table_cells", "markdown_table", "header_lines", "markdown_report",
-           "write_text", "write_json", "print_table", "plot_speedups"]
+           "write_text", "write_json", "print_table", "plot_speedups", "verdict_lines",
+           "load_warning", "compact_table", "LOAD_WARNING_THRESHOLD"]
+
+#: Share of all cores used by other processes above which a run's times are called contended.
+LOAD_WARNING_THRESHOLD = 0.10
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -101,9 +107,112 @@ def header_lines(result: RunResult) -> List[str]:
     return lines
 
 
+def load_warning(result: RunResult) -> Optional[str]:
+    """A warning when other processes used more than :data:`LOAD_WARNING_THRESHOLD` of the
+    cores while some row was timed, else None."""
+    loads = [(r.other_cpu_load, r.name) for r in result.rows if r.other_cpu_load is not None]
+    if not loads or max(loads)[0] <= LOAD_WARNING_THRESHOLD:
+        return None
+    worst, name = max(loads)
+    busy = sum(1 for v, _ in loads if v > LOAD_WARNING_THRESHOLD)
+    text = (f"WARNING: other processes used up to {100 * worst:.0f}% of the CPU while timing "
+            f"({busy} of {len(loads)} rows above {100 * LOAD_WARNING_THRESHOLD:.0f}%, worst: "
+            f"{name}). These times are contended")
+    loops = result.selection.get("busy_cores") or 0
+    if loops:
+        return text + (f", on purpose: --busy-cores {loops} ran {loops} busy-loop process(es) "
+                       "alongside.")
+    return text + "; rerun on a quiet machine before quoting them."
+
+
+def _x(v: float) -> str:
+    return f"{v:.1f}" if v < 9.95 else f"{v:.0f}"
+
+
+def _range(values: Sequence[float]) -> str:
+    lo, hi = _x(min(values)), _x(max(values))
+    return f"{lo}x" if lo == hi else f"{lo}-{hi}x"
+
+
+def _compare(ratios: Sequence[float], better: str, worse: str, neutral: str) -> str:
+    # ratios: baseline / provider; above 1 = the provider is better
+    if min(ratios) >= 1:
+        return f"{_range(ratios)} {better}"
+    if max(ratios) < 1:
+        return f"{_range([1 / r for r in ratios])} {worse}"
+    return f"{_range(ratios)} {neutral}"
+
+
+def verdict_lines(result: RunResult, provider: str = "dc_kernels") -> List[str]:
+    """One line per op: ``provider`` against ``reference`` and ``reference+compile`` in time
+    (baseline median / provider median) and peak memory (baseline peak / provider peak), as
+    ranges over the cases run (shapes x images)."""
+    lines = []
+    for op in dict.fromkeys(r.op for r in result.rows):
+        rows = [r for r in result.rows if r.op == op]
+        cases = list(dict.fromkeys((r.shape, r.images) for r in rows))
+        parts = []
+        for base, label in (("reference", "reference"), ("reference+compile", "compile")):
+            speed, mem = [], []
+            for case in cases:
+                mine = [r for r in rows if (r.shape, r.images) == case and r.provider == provider]
+                theirs = [r for r in rows if (r.shape, r.images) == case and r.provider == base]
+                if not mine or not theirs:
+                    continue
+                speed.append(theirs[0].median_ms / mine[0].median_ms)
+                if mine[0].peak_mib and theirs[0].peak_mib is not None:
+                    mem.append(theirs[0].peak_mib / mine[0].peak_mib)
+            if speed:
+                part = f"vs {label} " + _compare(speed, "faster", "slower", "the speed")
+                if mem:
+                    part += ", " + _compare(mem, "less memory", "more memory", "memory ratio")
+                parts.append(part)
+        images = sorted({i for _, i in cases})
+        where = f"{op} ({', '.join(map(str, images))} img)"
+        lines.append(f"{where}: " + ("; ".join(parts) if parts else
+                                     f"no {provider} row with a baseline to compare"))
+    return lines
+
+
+#: (header, width, formatter) of the terminal table, one block per (op, shape, images)
+_COMPACT = [
+    ("provider", 19, lambda r: r.provider),
+    ("median ms", 9, lambda r: _ms(r.median_ms)),
+    ("peak MiB", 8, lambda r: _num(r.peak_mib, ".1f")),
+    ("% floor", 7, lambda r: f"{r.pct_of_floor:.1f}"),
+    ("vs ref", 6, lambda r: _speedup(r.speedup_vs_reference)),
+    ("vs compile", 10, lambda r: _speedup(r.speedup_vs_compile)),
+]
+
+
+def compact_table(rows: Sequence[Row]) -> List[str]:
+    """The rows as plain text at most 72 characters wide: one block per (op, shape, images)
+    with the columns a reader compares; every other column is in the markdown and JSON."""
+    out = []
+    ops = list(dict.fromkeys(r.op for r in rows))
+    blocks = sorted(dict.fromkeys((r.op, r.shape, r.images, r.rows) for r in rows),
+                    key=lambda b: (ops.index(b[0]), b[1], b[2]))
+    for op, shape, images, m in blocks:
+        out.append(f"{op} | {shape} | {images} img (M={m})")
+        out.append("  " + "  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                                    for i, (h, w, _) in enumerate(_COMPACT)))
+        for r in rows:
+            if (r.op, r.shape, r.images) == (op, shape, images):
+                out.append("  " + "  ".join(f(r).ljust(w) if i == 0 else f(r).rjust(w)
+                                            for i, (_, w, f) in enumerate(_COMPACT)))
+    return out
+
+
 def markdown_report(result: RunResult, title: str, sections: Sequence[str] = ()) -> str:
-    """A complete markdown document: title, header lines, extra sections, table, skips."""
+    """A complete markdown document: title, header lines, load warning, verdicts, extra
+    sections, table, skips."""
     parts = [f"# {title}", "", *header_lines(result), ""]
+    warning = load_warning(result)
+    if warning:
+        parts += [f"**{warning}**", ""]
+    verdicts = verdict_lines(result)
+    if verdicts:
+        parts += ["## Verdict", "", *[f"- {v}" for v in verdicts], ""]
     for s in sections:
         parts += [s.rstrip(), ""]
     parts += ["## Results", "", markdown_table(result.rows), ""]
@@ -122,33 +231,42 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, result: RunResult, extra: Optional[dict] = None) -> None:
-    """The result (every row field, machine, ceilings, methods) plus ``extra`` as JSON."""
+    """The result (every row field, machine, ceilings, methods), the verdict lines, the load
+    warning (or null) plus ``extra`` as JSON."""
     data = result.as_dict()
+    data["verdicts"] = verdict_lines(result)
+    data["load_warning"] = load_warning(result)
     if extra:
         data.update(extra)
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def print_table(result: RunResult, stream: TextIO) -> None:
-    """The table on ``stream``: a rich table when rich is installed, else markdown."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        stream.write("\n".join(header_lines(result)) + "\n\n" + markdown_table(result.rows)
-                     + "\n")
-        return
-    headers, cells = table_cells(result.rows)
-    table = Table(title=f"{result.machine['device_name']} - {result.dtype}")
-    for h in headers:
-        table.add_column(h, justify="left" if h in ("provider", "op", "shape", "note")
-                         else "right")
-    for c in cells:
-        table.add_row(*c)
-    console = Console(file=stream, width=220)
-    for line in header_lines(result):
-        console.print(line, markup=False, highlight=False)
-    console.print(table)
+    """What a terminal shows: a few header lines, the load warning, the compact table (at most
+    72 characters wide) and one verdict line per op. The full table (17 columns) goes to
+    ``--markdown`` / ``--json``."""
+    m, c = result.machine, result.ceilings
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    lines = []
+    for line in (f"{m['device_name']} ({m['device']}, {m['cpu_cores']} cores, torch threads "
+                 f"{m['torch_threads']}), {result.dtype}; run took {result.elapsed_s:.0f} s",
+                 f"torch {m['torch']}, triton {m['triton']}; measured ceilings: copy "
+                 f"{c.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
+                 f"{c.matmul_flop_per_s / 1e12:.2f} TFLOP/s"):
+        lines += textwrap.wrap(line, width)
+    warning = load_warning(result)
+    if warning:
+        bar = "!" * 72
+        lines += ["", bar, *textwrap.wrap(warning, 72), bar]
+    lines += ["", *compact_table(result.rows), ""]
+    verdicts = verdict_lines(result)
+    if verdicts:
+        shapes = ", ".join(dict.fromkeys(r.shape for r in result.rows))
+        lines.append(f"Verdict, dc_kernels ({shapes}, {result.dtype}):")
+        for v in verdicts:
+            lines += textwrap.wrap(v, width, initial_indent="* ", subsequent_indent="    ")
+    lines.append("Every column, the floor and the errors: --markdown PATH / --json PATH.")
+    stream.write("\n".join(lines) + "\n")
 
 
 def plot_speedups(result: RunResult, path: str) -> str:

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["Timing", "synchronize", "time_fn"]
+__all__ = ["Timing", "synchronize", "time_fn", "other_load_now"]
 
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -114,3 +114,11 @@ def _busy_seconds() -> Optional[float]:
         return None
     busy = sum(fields[:3]) + sum(fields[5:8])
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+def other_load_now(seconds: float = 0.5) -> Optional[float]:
+    """Share of all cores other processes use over the next ``seconds`` (this process sleeps);
+    None where ``/proc/stat`` is missing."""
+    load = _OtherLoad()
+    time.sleep(seconds)
+    return load.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -66,6 +67,45 @@ def _auto_fallback(backend: str, requested: str, dtype: torch.dtype) -> str:
     return backend
 
 
+def _op_inputs(hidden_states, spec: ConnectorSpec):
+    """The hidden-state list handed to the custom ops: unread entries replaced by a stand-in.
+
+    The kernels never touch the layers the spec does not read, and validation does not check
+    them (any tensor is accepted there), so they are replaced by a detached view of the base
+    layer (no copy). That keeps the op's dispatch and its output's ``requires_grad`` a matter
+    of the read layers (and the weight and bias) only, as on the torch path and in the
+    original: an unread tensor on another device (e.g. ``meta``) would otherwise route the call
+    to the fake kernel, and an unread tensor that requires grad would make the output require
+    grad.
+    """
+    read = set(spec.used_layers)
+    stand_in = hidden_states[spec.final_layer].detach()
+    return [h if i in read else stand_in for i, h in enumerate(hidden_states)]
+
+
+def _gelu(y: torch.Tensor) -> torch.Tensor:
+    """Exact-erf GELU of the first Linear's fresh output ``y``, with ``gelu(+inf) = +inf``.
+
+    torch's vectorised CPU kernel returns NaN for +inf (its scalar path, its CUDA kernel and the
+    Triton epilogue return +inf); the backends must agree, so on CPU +inf lanes are restored.
+    The check is one max-reduction; the exact mask is built only when the max is +inf or NaN.
+    Where autograd does not need ``y`` (inference), GELU runs in place: no second ``[M, N]``
+    buffer (on CPU, writing fresh memory costs more than the GELU itself).
+    """
+    if y.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.gelu(y)  # (traced: no data-dependent branch; inductor emits its own GELU)
+    pos_inf = None
+    if y.numel() and not bool(y.amax() < math.inf):  # +inf or NaN somewhere: rare
+        pos_inf = torch.isposinf(y)
+    if torch.is_grad_enabled() and y.requires_grad:
+        out = F.gelu(y)
+    else:
+        out = torch.ops.aten.gelu_(y)
+    if pos_inf is not None:
+        out = out.masked_fill_(pos_inf, math.inf)
+    return out
+
+
 def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                              backend: str = "auto") -> torch.Tensor:
     """The features the original Dense Connector feeds its projector.
@@ -96,7 +136,7 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
-        return features_op(list(hidden_states), *spec_args(spec))
+        return features_op(_op_inputs(hidden_states, spec), *spec_args(spec))
     return features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
 
 
@@ -111,7 +151,11 @@ def _autocast(hidden_states, weight, bias):
     if not isinstance(weight, torch.Tensor) or not isinstance(hidden_states, (tuple, list)):
         return hidden_states, weight, bias  # malformed: validation reports it
     device_type = weight.device.type
-    if not torch.is_autocast_enabled(device_type):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device autocast does not know (e.g. meta): validation reports it
+        return hidden_states, weight, bias
+    if not enabled:
         return hidden_states, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -125,6 +169,9 @@ def _autocast(hidden_states, weight, bias):
 def _check_linear_params(weight, bias, activation, path, spec, info) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.layout != torch.strided:
+        raise ValueError(f"weight has layout {weight.layout}; a dense (strided) tensor is "
+                         "required")
     k = spec.out_channels(info.channels)
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(
@@ -137,6 +184,9 @@ def _check_linear_params(weight, bias, activation, path, spec, info) -> None:
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.layout != torch.strided:
+            raise ValueError(f"bias has layout {bias.layout}; a dense (strided) tensor is "
+                             "required")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
         if bias.dtype != info.dtype or bias.device != info.device:
@@ -221,12 +271,12 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
-        return linear_op(list(hidden_states), *spec_args(spec), weight, bias,
+        return linear_op(_op_inputs(hidden_states, spec), *spec_args(spec), weight, bias,
                          activation or "none", path)
     feats = features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
     # on rows [M, K], so that the result is a fresh tensor (F.linear on [B, T', K] returns a
     # view), reshaped without making a view
     y = F.linear(feats.reshape(-1, feats.shape[-1]), weight, bias)
     if activation == "gelu":
-        y = F.gelu(y)
+        y = _gelu(y)  # in place where autograd allows: y is fresh
     return torch.ops.aten._unsafe_view(y, (*feats.shape[:-1], y.shape[-1]))

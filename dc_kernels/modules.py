@@ -7,6 +7,7 @@ original checkpoint loads unchanged.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from typing import Mapping, Optional, Sequence, Union
@@ -25,6 +26,34 @@ __all__ = ["DenseConnector", "DenseConnectorLinear", "load_mm_projector_state_di
 
 #: Prefixes under which LLaVA-style checkpoints store the projector.
 MM_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
+
+
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1; TypeError for non-integers (2.5, True, "8"), ValueError for
+    values below 1."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} "
+                        f"({type(value).__name__})") from None
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+_PROJECTOR_TYPES = ("linear", "identity", "mlp<N>x_gelu (N >= 1)")
+
+
+def _check_projector_type(projector_type) -> None:
+    if not isinstance(projector_type, str):
+        raise TypeError(f"projector_type must be a str, one of {_PROJECTOR_TYPES}; got "
+                        f"{projector_type!r}")
+    m = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if projector_type in ("linear", "identity") or (m and int(m.group(1)) >= 1):
+        return
+    raise ValueError(f"projector_type must be one of {_PROJECTOR_TYPES}, got {projector_type!r}")
 
 
 def _projector_layout(projector: nn.Module):
@@ -203,11 +232,12 @@ class DenseConnector(nn.Module):
         super().__init__()
         if not isinstance(spec, ConnectorSpec):
             raise TypeError(f"spec must be a dc_kernels.ConnectorSpec, got {type(spec).__name__}")
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = spec
-        self.vision_hidden_size = int(vision_hidden_size)
-        self.hidden_size = int(hidden_size)
+        self.vision_hidden_size = _positive_int("vision_hidden_size", vision_hidden_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        _check_projector_type(projector_type)
         self.backend = backend
         mm_hidden_size = spec.out_channels(self.vision_hidden_size)
         if _projector is None:
@@ -355,17 +385,58 @@ class DenseConnector(nn.Module):
         self.load_state_dict(load_mm_projector_state_dict(checkpoint, self.state_dict()))
 
 
+def _load_checkpoint_file(path, source: str):
+    """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file.
+
+    Missing or unreadable files raise the OSError as it is; everything else torch.load raises
+    becomes a ValueError naming the file: empty or truncated, not a checkpoint (corrupt bytes,
+    another format), or holding Python objects that weights-only loading refuses (code is never
+    run: such a file is not loaded). The original exception is chained.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except EOFError as e:
+        raise ValueError(f"{source} is empty or truncated: not a complete torch.save "
+                         "checkpoint") from e
+    except Exception as e:  # noqa: BLE001 -- torch.load raises many types on bad bytes
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        refused = [ln for ln in lines if "GLOBAL" in ln]
+        if refused:
+            raise ValueError(
+                f"{source} holds Python objects other than tensors, which weights-only loading "
+                f"refuses ({refused[0]}); a projector checkpoint holds only tensors. It was not "
+                "loaded (no code from it ran).") from e
+        detail = next((ln for ln in lines if "WeightsUnpickler error" in ln), None)
+        if detail is not None:  # the reason is on the next line
+            i = lines.index(detail)
+            detail = lines[i + 1] if i + 1 < len(lines) else detail
+        else:
+            detail = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        raise ValueError(f"{source} is not a readable PyTorch checkpoint (corrupt, or not "
+                         f"written by torch.save): {detail[:200]}") from e
+
+
 def load_mm_projector_state_dict(checkpoint, expected: Mapping[str, torch.Tensor]):
     """The projector entries of an original checkpoint, checked against ``expected``.
 
     Strips ``model.mm_projector.`` / ``mm_projector.`` prefixes (a state dict without them is
     taken as the projector's own). Raises ValueError naming every missing, unexpected or
-    misshaped key.
+    misshaped key, TypeError for a non-string key or a projector entry that is not a tensor,
+    and ValueError naming the file when it is empty, corrupt or refused by weights-only loading.
     """
+    source = "checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        source = f"checkpoint file {os.fspath(checkpoint)!r}"
+        checkpoint = _load_checkpoint_file(checkpoint, source)
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"checkpoint must be a state dict or a path, got {type(checkpoint)}")
+        raise TypeError(f"{source} must be a state dict (a mapping of names to tensors) or a "
+                        f"path to one, got {type(checkpoint).__name__}")
+    for k in checkpoint:
+        if not isinstance(k, str):
+            raise TypeError(f"{source} has a key {k!r} of type {type(k).__name__}; a state "
+                            "dict's keys are str")
     found = {}
     for prefix in MM_PROJECTOR_PREFIXES:
         found = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
@@ -373,6 +444,10 @@ def load_mm_projector_state_dict(checkpoint, expected: Mapping[str, torch.Tensor
             break
     if not found:
         found = dict(checkpoint)
+    for k, v in found.items():
+        if k in expected and not isinstance(v, torch.Tensor):
+            raise TypeError(f"{source}: the value of {k!r} is a {type(v).__name__}, not a "
+                            "tensor")
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshaped = sorted(f"{k}: {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"

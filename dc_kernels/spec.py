@@ -15,7 +15,7 @@ import operator
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["ConnectorSpec", "CONNECTOR_TYPES", "ENCODERS"]
+__all__ = ["ConnectorSpec", "CONNECTOR_TYPES", "ENCODERS", "MAX_HIDDEN_STATES", "MAX_POOL_SIZE"]
 
 CONNECTOR_TYPES = ("dci", "sci", "sti")
 ENCODERS = ("clip", "siglip")
@@ -34,6 +34,13 @@ _ENCODER_FACTS = {
 # SCI and STI read two single middle layers, the same for both encoders.
 _SINGLE_LAYERS = (7, 15)
 _STI_POOL = 8
+
+#: Hidden-state indices must be below this (ViTs have tens of layers). A spec is refused before
+#: anything sized by its index ranges is built (``used_layers``, the streaming roles, the
+#: kernels' layer tuples), so a typo such as ``(0, 10**9)`` cannot exhaust memory.
+MAX_HIDDEN_STATES = 4096
+#: The STI pool size must fit the kernels' 32-bit token arithmetic.
+MAX_POOL_SIZE = 2 ** 31 - 1
 
 
 def _is_int(x) -> bool:
@@ -91,11 +98,18 @@ class ConnectorSpec:
         if not _is_int(self.final_layer) or self.final_layer < 0:
             raise ValueError(
                 f"final_layer must be a non-negative hidden-state index, got {self.final_layer!r}")
+        if self.final_layer >= MAX_HIDDEN_STATES:
+            raise ValueError(
+                f"final_layer={self.final_layer!r} is out of range: hidden-state indices must be "
+                f"below {MAX_HIDDEN_STATES}")
         object.__setattr__(self, "final_layer", _as_int(self.final_layer))
         object.__setattr__(self, "pool_size", _as_int(self.pool_size))
         object.__setattr__(self, "num_hidden_states", _as_int(self.num_hidden_states))
         try:
-            groups = tuple(tuple(_as_int(v) for v in g) for g in self.groups)
+            # len() first: a pair is checked before it is iterated (a huge iterable is refused,
+            # not expanded)
+            groups = tuple(g if len(g) != 2 else tuple(_as_int(v) for v in g)
+                           for g in self.groups)
         except TypeError:
             raise ValueError(
                 f"groups must be a sequence of (start, stop) pairs, got {self.groups!r}") from None
@@ -107,6 +121,10 @@ class ConnectorSpec:
             start, stop = g
             if start < 0:
                 raise ValueError(f"groups[{i}] = {g}: start must be >= 0")
+            if stop > MAX_HIDDEN_STATES:
+                raise ValueError(
+                    f"groups[{i}] = {g}: stop is out of range: hidden-state indices must be "
+                    f"below {MAX_HIDDEN_STATES}")
             if stop < start:
                 raise ValueError(f"groups[{i}] = {g}: reversed range (stop < start)")
             if stop == start:
@@ -119,11 +137,18 @@ class ConnectorSpec:
             raise ValueError(f"drop_cls must be a bool, got {self.drop_cls!r}")
         if not _is_int(self.pool_size) or self.pool_size < 1:
             raise ValueError(f"pool_size must be an int >= 1, got {self.pool_size!r}")
+        if self.pool_size > MAX_POOL_SIZE:
+            raise ValueError(
+                f"pool_size={self.pool_size} is too large: at most {MAX_POOL_SIZE} (2^31 - 1)")
         if self.num_hidden_states is not None:
             if not _is_int(self.num_hidden_states) or self.num_hidden_states < self.min_hidden_states:
                 raise ValueError(
                     f"num_hidden_states={self.num_hidden_states!r} is too small: the spec reads "
                     f"hidden-state indices up to {self.min_hidden_states - 1}")
+            if self.num_hidden_states > MAX_HIDDEN_STATES:
+                raise ValueError(
+                    f"num_hidden_states={self.num_hidden_states} is too large: at most "
+                    f"{MAX_HIDDEN_STATES}")
 
     # ------------------------------------------------------------------ presets
     @classmethod

@@ -1,6 +1,7 @@
 """Peak memory of DenseConnectorVisionTower, streaming vs collected, on CLIP-L/336-shaped towers.
 
     python examples/measure_tower_memory.py                     # 1, 8, 32 images, fp32, CPU
+                                                                # (the README's table)
     python examples/measure_tower_memory.py --batches 1 4 8 --dtype bfloat16
     python examples/measure_tower_memory.py --device cuda       # torch.cuda.max_memory_allocated
 
@@ -20,9 +21,11 @@ allocator state. In the child:
    baseline (ru_maxrss is in KiB on Linux), reported in MiB.
 
 glibc's malloc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) resident for
-reuse, which adds noise of tens of MiB at one image (one hidden state of CLIP-L is 2.3 MiB);
-``--mmap-threshold 131072`` makes every tensor above 128 KiB its own mapping, returned to the OS
-when freed, so the peak RSS follows the peak of live tensors.
+reuse, which adds noise of tens of MiB at one image (one hidden state of CLIP-L is 2.3 MiB). By
+default the children therefore run with ``MALLOC_MMAP_THRESHOLD_=131072``: every tensor above
+128 KiB is its own mapping, returned to the OS when freed, so the peak RSS follows the peak of
+live tensors (the README's table). ``--mmap-threshold glibc`` keeps glibc's dynamic threshold
+(the left half of the table below).
 
 Modes: ``streaming`` (hooks fold each layer into the features; the default of the wrapper),
 ``collected`` (the wrapper with ``streaming=False``: every hidden state kept, as
@@ -33,7 +36,7 @@ pipeline: transformers' ``output_hidden_states=True`` + ``reference.dense_connec
 Measured on a 2-core CPU machine (torch 2.13 CPU, transformers 5.24, fp32, 2 threads, DCI,
 projector to 4096; a shared machine, so the times are noisy), peak RSS delta in MiB:
 
-    images  streaming  collected  original  | the same with --mmap-threshold 131072
+    images  streaming  collected  original  | the same with the default --mmap-threshold 131072
          1         88        174       142  |        41         86        88
          8        511        942      1012  |       326        687       705
         32       1307       2754      2825  |      1300       2743      2813
@@ -66,6 +69,20 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4,
             image_size=56, patch_size=8)
 MODES = ("streaming", "collected", "original")
+#: MALLOC_MMAP_THRESHOLD_ of the children unless --mmap-threshold says otherwise (128 KiB)
+DEFAULT_MMAP_THRESHOLD = 131072
+
+
+def _mmap_threshold(text: str):
+    if text.strip().lower() == "glibc":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count or 'glibc', got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the threshold must be >= 0, got {value}")
+    return value
 
 
 def _status_kib(field: str) -> int:
@@ -181,11 +198,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny widths (a smoke test)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
-    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
-                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in the children: blocks above "
-                             "it are mmapped and unmapped on free, so the RSS follows the live "
-                             "tensors (default: glibc's dynamic threshold, which keeps freed "
-                             "blocks of up to 32 MiB resident for reuse)")
+    parser.add_argument("--mmap-threshold", type=_mmap_threshold, default=DEFAULT_MMAP_THRESHOLD,
+                        metavar="BYTES|glibc",
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ in the children: blocks above it "
+                             "are mmapped and unmapped on free, so the RSS follows the live "
+                             f"tensors (default {DEFAULT_MMAP_THRESHOLD}, as in the README's "
+                             "table); 'glibc' keeps glibc's dynamic threshold, which keeps freed "
+                             "blocks of up to 32 MiB resident for reuse")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

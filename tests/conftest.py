@@ -161,7 +161,7 @@ def assert_close_to_original(actual: torch.Tensor, original: torch.Tensor, dtype
 # --------------------------------------------------------------------------- shared cases
 # Custom specs beyond the presets: name -> (spec, number of hidden states to feed it).
 CUSTOM_SPECS = {
-    # three groups (the DESIGN's custom example), fed exactly min_hidden_states
+    # three groups (the README's custom example), fed exactly min_hidden_states
     "dci_3groups": (ConnectorSpec("dci", final_layer=23, groups=((0, 8), (8, 16), (16, 24)),
                                   drop_cls=True), 24),
     # layer 2 and 3 in two groups; (3, 4) is a DCI group of one layer; base inside a group
@@ -199,3 +199,30 @@ def strided_layer(kind, B, T, Cc, dtype, g):
 
 LAYOUTS = ("every_other_channel", "channel_window", "transposed_tc", "transposed_bt",
            "expanded_batch", "token_stride")
+
+
+# --------------------------------------------------------------------------- hypothesis profiles
+# Chosen with $HYPOTHESIS_PROFILE, else "ci" when $CI is set, else "dev":
+# * ci: derandomized (the same examples every run: CI is reproducible) and sized so that the
+#   fuzz suite (test_fuzz.py) costs about half a minute on CI's 2 CPU cores with the interpreter;
+# * dev: the same counts, fresh random examples every run;
+# * thorough: 20x the examples, for a long local run (`HYPOTHESIS_PROFILE=thorough pytest
+#   tests/test_fuzz.py`).
+# Tests that pass their own ``@settings(max_examples=...)`` keep their count; test_fuzz.py scales
+# its counts with FUZZ_SCALE.
+from hypothesis import HealthCheck, settings as _hyp_settings  # noqa: E402
+
+_HYP_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                         HealthCheck.data_too_large])
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True, **_HYP_COMMON)
+_hyp_settings.register_profile("dev", **_HYP_COMMON)
+_hyp_settings.register_profile("thorough", **_HYP_COMMON)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or (
+    "ci" if os.environ.get("CI", "").strip().lower() not in ("", "0", "false") else "dev")
+_hyp_settings.load_profile(HYPOTHESIS_PROFILE)
+#: multiplier of test_fuzz.py's example counts
+FUZZ_SCALE = 20 if HYPOTHESIS_PROFILE == "thorough" else 1
+
+
+def pytest_report_header(config):
+    return f"hypothesis profile: {HYPOTHESIS_PROFILE} (fuzz scale {FUZZ_SCALE})"

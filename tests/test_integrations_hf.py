@@ -442,9 +442,13 @@ def test_streaming_features_errors():
         acc.add(1, hs[1].double())
     with pytest.raises(TypeError, match="torch.Tensor"):
         acc.add(1, [1.0])
-    acc.add(2, hs[2])  # index 1 skipped: its group is incomplete ...
-    with pytest.raises(ValueError, match="up to index 3"):
-        acc.finish()   # ... and index 3 never came
+    with pytest.raises(ValueError, match=r"hidden state\(s\) \[1\], which the spec reads, "
+                                         "were skipped"):
+        acc.add(2, hs[2])  # index 1 skipped: its group could never be completed
+    acc.add(1, hs[1])
+    acc.add(2, hs[2])
+    with pytest.raises(ValueError, match=r"incomplete.*up to index 3.*missing: \[3\]"):
+        acc.finish()   # index 3 never came
     with pytest.raises(TypeError, match="ConnectorSpec"):
         StreamingFeatures("dci")
     done = StreamingFeatures(spec)

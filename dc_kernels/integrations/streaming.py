@@ -56,9 +56,10 @@ class StreamingFeatures:
         features = acc.finish()  # == dense_connector_features(hidden_states, spec)
 
     ``add`` must see the indices ``0, 1, 2, ...`` in order (hidden states the spec does not read
-    may be skipped or fed; they are ignored). Every tensor must be ``[B, T, C]`` with the shape,
-    dtype and device of the first one. ``finish`` returns
-    ``[B, spec.out_tokens(T), spec.out_channels(C)]`` in the input dtype; the object is single
+    may be skipped or fed; they are ignored; skipping one it reads is a ValueError naming it).
+    Every tensor must be ``[B, T, C]`` with the shape, dtype and device of the first one.
+    ``finish`` returns ``[B, spec.out_tokens(T), spec.out_channels(C)]`` in the input dtype and
+    refuses (ValueError) while a hidden state the spec reads is missing; the object is single
     use.
     """
 
@@ -72,6 +73,8 @@ class StreamingFeatures:
         for g, (start, stop) in enumerate(spec.groups):
             for i in range(start, stop):
                 self._roles.setdefault(i, []).append(("group", g))
+        self._read = sorted(self._roles)  # the indices the spec reads, ascending
+        self._received = 0  # how many of them have been added
         self._next = 0  # smallest index that may be added next
         self._out: Optional[torch.Tensor] = None
         self._shape: Optional[torch.Size] = None
@@ -93,6 +96,14 @@ class StreamingFeatures:
             raise ValueError(
                 f"hidden state {index} arrived after hidden state {self._next - 1}: hidden states "
                 "must be added once each, in increasing index order")
+        # a read index below ``index`` that has not arrived can never arrive: refuse now, before
+        # the features are built from an incomplete group
+        if self._received < len(self._read) and self._read[self._received] < index:
+            skipped = [i for i in self._read[self._received:] if i < index]
+            raise ValueError(
+                f"hidden state {index} arrived but hidden state(s) {skipped}, which the spec "
+                "reads, were skipped: every hidden state the spec reads must be added, in "
+                "increasing index order")
 
     def _check(self, index: int, h) -> None:
         if not isinstance(h, torch.Tensor):
@@ -130,6 +141,7 @@ class StreamingFeatures:
         if self._out is None:
             self._allocate(hidden_state)
         self._next = index + 1
+        self._received += 1
         x = hidden_state[:, self.spec.token_offset:]
         for role in roles:
             if role[0] == "base":
@@ -174,7 +186,10 @@ class StreamingFeatures:
         kept = x.shape[1]
         p = self.spec.pool_size
         tp = kept // p
-        if tp == 0:  # too few tokens for one window: the group adds no token
+        if tp == 0:  # too few tokens for one window: the group adds no token, but the
+            # output depends on it (zero gradient), as on the torch path (link_unread_groups)
+            if torch.is_grad_enabled() and x.requires_grad:
+                self._out[:0, :0, :0].copy_(x[:0, :0, :0])
             return
         s = window_sums(x, p, accumulation_dtype(self._out.dtype))
         acc = s if index == start else self._acc[g].add_(s)
@@ -190,10 +205,12 @@ class StreamingFeatures:
         """The features; raises ValueError if a hidden state the spec reads never arrived."""
         if self._finished:
             raise RuntimeError("StreamingFeatures.finish() was already called; make a new one")
-        if self._next <= self.last_index:
+        if self._received < len(self._read):
+            missing = self._read[self._received:]
             raise ValueError(
-                f"the spec reads hidden states up to index {self.last_index}, but the last one "
-                f"added was {self._next - 1}")
+                f"the features are incomplete: the spec reads hidden states up to index "
+                f"{self.last_index}, but the last one added was {self._next - 1} (missing: "
+                f"{missing[:8]}{' ...' if len(missing) > 8 else ''})")
         self._finished = True
         out, self._out = self._out, None
         self._acc.clear()

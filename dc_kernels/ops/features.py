@@ -255,6 +255,12 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     width = spec.out_channels(channels)
     if out is None:
         out = common.empty((batch, t_keep, width), base.dtype, base.device)
+    elif (tuple(out.shape) != (batch, t_keep, width) or not out.is_contiguous()
+          or out.dtype != base.dtype or out.device != base.device):
+        # the kernels write rows of ``width`` elements at ``out + row * width``
+        raise ValueError(f"out must be a contiguous {(batch, t_keep, width)} {base.dtype} tensor "
+                         f"on {base.device}; got {tuple(out.shape)} {out.dtype} on {out.device}, "
+                         f"strides {out.stride()}")
     M = batch * t_keep
     r0, r1 = rows if rows is not None else (0, M)
     if not 0 <= r0 <= r1 <= M:

@@ -189,6 +189,8 @@ def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = a.shape
     N = weight.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()  # the epilogue reads it at bias + n (a no-op when contiguous)
     allow_tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     interp = common.interpreting()
     # block shapes: placeholders on a GPU (the autotune pre-hook sets each config's own)

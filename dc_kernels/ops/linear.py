@@ -222,6 +222,12 @@ def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
     N = weight.shape[0]
     sb, st, sc = common.strides(entries)
     dtype = entries[0].dtype
+    # Layouts: the layers and the weight are read through their strides; the output is
+    # allocated contiguous here. The epilogue reads the bias at ``bias + n`` (unit stride), so a
+    # strided or expanded bias (a matrix column, ``b[::2]``, ``expand``) is copied first
+    # (N elements; a no-op for a contiguous bias).
+    if bias is not None:
+        bias = bias.contiguous()
     allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     args = (tuple(entries), sb, st, sc, weight, weight.stride(0), weight.stride(1),
             bias if bias is not None else weight, out, out.stride(0), M, N, C, t_keep,

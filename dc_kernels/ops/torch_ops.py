@@ -1,21 +1,31 @@
 """The pure-PyTorch path: no ``torch.stack``, no copies of whole layers, fp32 accumulation.
 
 Used on CPU, where Triton is unavailable, and as the fallback of ``backend="auto"``. Every result
-is written straight into the preallocated output; a group is summed into one fp32 buffer
-(``[B, T', C]``, reused across groups) that is rounded once into the output dtype. fp32 and fp64
-inputs accumulate directly in their output slab. The ops are built from differentiable torch
-ops, so autograd works through them.
+is written straight into the preallocated output; a group is summed into an fp32 buffer that is
+rounded once into the output dtype. fp32 and fp64 inputs accumulate directly in their output
+slab. The ops are built from differentiable torch ops, so autograd works through them.
+
+CPU (docs/DESIGN.md §8): the group sums run over token chunks whose accumulator stays in cache.
+Where no autograd graph is recorded, the chunks are dealt to a small pool of worker threads, each
+running its ops on one intra-op thread (:func:`chunk_workers`): a chunk is a few hundred small
+ops, and an op split over all cores waits at an OpenMP barrier for the slowest core -- on a
+machine where another process holds a core, every op then waits for a time slice. Workers that
+take the next free chunk have no such barrier: a preempted worker just does fewer chunks.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..spec import ConnectorSpec
 
-__all__ = ["features_torch", "accumulation_dtype", "window_sums"]
+__all__ = ["features_torch", "accumulation_dtype", "window_sums", "link_unread_groups",
+           "chunk_workers", "CPU_CHUNK_BYTES", "PARALLEL_MIN_BYTES", "CHUNK_POOL_ENV"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,27 +33,144 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-#: CPU: the group sums run over token chunks whose fp32 accumulator is about this size, so the
-#: accumulator stays in cache across a group's layers (one pass over memory per layer, not a
-#: read-modify-write of a whole [B, T', C] buffer per layer).
+#: CPU: the group sums run over token chunks whose fp32 accumulator is at most about this size,
+#: so the accumulator stays in cache across a group's layers (one pass over memory per layer,
+#: not a read-modify-write of a whole [B, T', C] buffer per layer).
 CPU_CHUNK_BYTES = 1 << 20
+#: Below this many accumulator bytes a call runs inline (a pool round trip costs more).
+PARALLEL_MIN_BYTES = 256 << 10
+#: ``DC_KERNELS_CHUNK_POOL=0`` turns the chunk pool off (every chunk inline, the ops on all
+#: intra-op threads), e.g. to compare the two in a benchmark.
+CHUNK_POOL_ENV = "DC_KERNELS_CHUNK_POOL"
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_local = threading.local()  # per worker: a reusable fp32 accumulator
 
 
-def _token_chunks(tokens: int, batch: int, channels: int, device: torch.device):
+def _openmp_backend() -> bool:
+    # per-thread intra-op thread counts are an OpenMP property (its ICVs are per thread); with
+    # ATen's native or TBB pools, set_num_threads resizes one process-wide pool
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+_OPENMP = None
+
+
+def chunk_workers(device: torch.device, tensors: Sequence[torch.Tensor]) -> int:
+    """How many pool workers the CPU chunk loops use for a call on ``tensors``; 1 = inline.
+
+    The pool is used on CPU, with ATen's OpenMP backend, when ``torch.get_num_threads() > 1``,
+    ``$DC_KERNELS_CHUNK_POOL`` is not ``0``, nothing is being traced by ``torch.compile`` and no
+    autograd graph is recorded (grad mode off, or no input requires grad: in-place ops on one
+    output from several threads must not record history). Its size follows
+    ``torch.get_num_threads()``.
+    """
+    global _OPENMP
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return 1
+    if os.environ.get(CHUNK_POOL_ENV, "1").strip() == "0":
+        return 1
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return 1
+    n = torch.get_num_threads()
+    if n <= 1:
+        return 1
+    if _OPENMP is None:
+        _OPENMP = _openmp_backend()
+    return n if _OPENMP else 1
+
+
+def _init_worker(barrier: threading.Barrier) -> None:
+    torch.get_num_threads()  # ATen's lazy per-thread init first, so it cannot undo the next line
+    torch.set_num_threads(1)  # this thread's OpenMP ICV: its ops run on this thread alone
+    barrier.wait()
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            barrier = threading.Barrier(n + 1)
+            pool = ThreadPoolExecutor(n, thread_name_prefix="dc_kernels-chunks",
+                                      initializer=_init_worker, initargs=(barrier,))
+            for _ in range(n):  # start every worker now (the pool starts them lazily)
+                pool.submit(int)
+            barrier.wait()
+            # set_num_threads(1) in a worker also stored 1 as the count later threads start
+            # with: restore this process's setting (this thread's own count is unchanged)
+            torch.set_num_threads(n)
+            _pool, _pool_size = pool, n
+        return _pool
+
+
+def _reset_pool_after_fork() -> None:
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0  # the child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _run_chunks(fn: Callable[[int, int], None], chunks: List[Tuple[int, int]],
+                workers: int) -> None:
+    """``fn(t0, t1)`` for every chunk: inline, or on the pool (each worker takes the next)."""
+    if workers <= 1 or len(chunks) <= 1:
+        for t0, t1 in chunks:
+            fn(t0, t1)
+        return
+    pool = _get_pool(workers)
+    futures = [pool.submit(fn, t0, t1) for t0, t1 in chunks]
+    for f in futures:
+        f.result()  # re-raises a worker's exception
+
+
+def _token_chunks(tokens: int, batch: int, channels: int, device: torch.device,
+                  workers: int = 1):
     if device.type != "cpu":
         return [(0, tokens)]  # one launch per op on accelerators
-    step = max(1, CPU_CHUNK_BYTES // max(1, 4 * batch * channels))
+    per_token = max(1, 4 * batch * channels)
+    step = max(1, CPU_CHUNK_BYTES // per_token)
+    if workers > 1:  # at least ~4 chunks per worker, so that a preempted one is made up for
+        step = max(1, min(step, -(-tokens // (4 * workers))))
     return [(t, min(tokens, t + step)) for t in range(0, tokens, step)]
+
+
+def _scratch(shape, dtype) -> torch.Tensor:
+    """A CPU buffer of ``shape`` reused by this thread across chunks and calls (each thread
+    keeps one, at most ~CPU_CHUNK_BYTES: chunks are that size). Only for calls that record no
+    autograd graph."""
+    n = 1
+    for d in shape:
+        n *= d
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = torch.empty(n, dtype=dtype)
+        _local.buf = buf
+    return buf[:n].view(shape)
 
 
 def _channel_features(hs, spec, tok0, out):
     B, kept, _ = out.shape
     C = hs[spec.final_layer].shape[2]
     acc_dtype = accumulation_dtype(out.dtype)
-    out[..., :C].copy_(hs[spec.final_layer][:, tok0:])
-    buf = None
-    for t0, t1 in _token_chunks(kept, B, C, out.device):
+    if kept == 0:
+        out[..., :C].copy_(hs[spec.final_layer][:, tok0:])
+        link_unread_groups(out, hs, spec)
+        return
+    read = [hs[i] for i in spec.used_layers]
+    recording = torch.is_grad_enabled() and any(h.requires_grad for h in read)
+    reuse = out.device.type == "cpu" and not recording
+    workers = chunk_workers(out.device, read) if 4 * B * kept * C >= PARALLEL_MIN_BYTES else 1
+    bufs = {}  # without reuse: one accumulator per call, shared by the groups (inline chunks)
+
+    def chunk(t0: int, t1: int) -> None:
         rows = slice(tok0 + t0, tok0 + t1)
+        out[:, t0:t1, :C].copy_(hs[spec.final_layer][:, rows])
         for g, (start, stop) in enumerate(spec.groups):
             dst = out[:, t0:t1, (g + 1) * C:(g + 2) * C]
             if stop - start == 1:
@@ -51,16 +178,20 @@ def _channel_features(hs, spec, tok0, out):
                 continue
             if out.dtype == acc_dtype:
                 acc = dst
+            elif reuse:
+                acc = _scratch(dst.shape, acc_dtype)
             else:
-                if buf is None:
-                    buf = torch.empty(dst.shape, dtype=acc_dtype, device=out.device)
-                acc = buf[:, :t1 - t0]
+                if "acc" not in bufs:
+                    bufs["acc"] = torch.empty(dst.shape, dtype=acc_dtype, device=out.device)
+                acc = bufs["acc"][:, :t1 - t0]
             acc.copy_(hs[start][:, rows])
             for i in range(start + 1, stop):
                 acc.add_(hs[i][:, rows])  # promotes to the accumulator dtype
             acc.div_(stop - start)
             if acc is not dst:
                 dst.copy_(acc)  # the single rounding to the output dtype
+
+    _run_chunks(chunk, _token_chunks(kept, B, C, out.device, workers), workers)
 
 
 def window_sums(x: torch.Tensor, pool: int, acc_dtype: torch.dtype) -> torch.Tensor:
@@ -73,9 +204,15 @@ def window_sums(x: torch.Tensor, pool: int, acc_dtype: torch.dtype) -> torch.Ten
     B, T, C = x.shape
     tp = T // pool
     out = torch.empty((B, tp, C), dtype=acc_dtype, device=x.device)
-    for j0, j1 in _token_chunks(tp, B, C * pool, x.device):
+    workers = 1
+    if 4 * B * tp * pool * C >= PARALLEL_MIN_BYTES:
+        workers = chunk_workers(x.device, [x])
+
+    def chunk(j0: int, j1: int) -> None:
         win = x[:, j0 * pool:j1 * pool].unflatten(1, (j1 - j0, pool))
         out[:, j0:j1].copy_(win.to(acc_dtype).sum(2))  # copy_, not out=: keeps autograd
+
+    _run_chunks(chunk, _token_chunks(tp, B, C * pool, x.device, workers), workers)
     return out
 
 
@@ -87,6 +224,7 @@ def _token_features(hs, spec, tok0, out):
     acc_dtype = accumulation_dtype(out.dtype)
     out[:, :kept].copy_(base)
     if tp == 0:
+        link_unread_groups(out, hs, spec)
         return
     for g, (start, stop) in enumerate(spec.groups):
         acc = None
@@ -112,3 +250,21 @@ def features_torch(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     else:
         _channel_features(hidden_states, spec, tok0, out)
     return out
+
+
+def link_unread_groups(out: torch.Tensor, hs: Sequence[torch.Tensor], spec: ConnectorSpec
+                       ) -> None:
+    """Record that ``out`` depends on every group member, when no element of theirs is read.
+
+    With no token kept (only CLS), or STI with fewer kept tokens than the pool, the groups
+    contribute no element and the ops above never touch their layers; the original's
+    ``torch.cat`` (and the Triton backend's custom op) still return an output that requires
+    grad, and give those layers zero gradients. An empty copy per layer records the same
+    dependency (nothing is copied; called only in that degenerate case).
+    """
+    if not torch.is_grad_enabled():
+        return
+    for start, stop in spec.groups:
+        for i in range(start, stop):
+            if hs[i].requires_grad:
+                out[:0, :0, :0].copy_(hs[i][:0, :0, :0])

@@ -1,0 +1,89 @@
+"""The terminal output of ``python -m benchmarks``: fits a terminal, one verdict line per op, a
+visible warning when other processes loaded the CPU. Fed with the rows of a committed run
+(``benchmarks/results/2026-11-25-cpu-quick.json``), so the numbers are real measurements."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.ceilings import Ceilings
+from benchmarks.runner import Row, RunResult
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _result(load=None, busy_cores=0) -> RunResult:
+    data = json.loads((RESULTS / "2026-11-25-cpu-quick.json").read_text())
+    rows = [Row(**r) for r in data["rows"]]
+    if load is not None:
+        rows[-1].other_cpu_load = load
+    selection = dict(data["selection"], busy_cores=busy_cores)
+    return RunResult(machine=data["machine"], dtype=data["dtype"],
+                     ceilings=Ceilings(**data["ceilings"]), selection=selection, rows=rows,
+                     elapsed_s=data["elapsed_s"])
+
+
+def _printed(result) -> str:
+    buf = io.StringIO()
+    report.print_table(result, buf)
+    return buf.getvalue()
+
+
+def test_terminal_table_fits_and_says_the_verdict(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = _result()
+    text = _printed(result)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    table = report.compact_table(result.rows)
+    assert max(len(line) for line in table) <= 72
+    assert len([line for line in table if line.startswith("  dc_kernels ")]) == \
+        len({(r.op, r.shape, r.images) for r in result.rows})
+    verdicts = report.verdict_lines(result)
+    assert [v.split(" (")[0] for v in verdicts] == ["features", "linear"]
+    assert "WARNING" not in text  # this run was quiet (<= 1% other load)
+
+
+@pytest.mark.parametrize("op", ("features", "linear"))
+def test_verdict_ranges_are_the_rows_ratios(op):
+    result = _result()
+    line = next(v for v in report.verdict_lines(result) if v.startswith(op))
+    rows = [r for r in result.rows if r.op == op]
+    for base, label in (("reference", "reference"), ("reference+compile", "compile")):
+        ratios = []
+        for images in sorted({r.images for r in rows}):
+            mine = next(r for r in rows if r.images == images and r.provider == "dc_kernels")
+            theirs = next(r for r in rows if r.images == images and r.provider == base)
+            ratios.append(theirs.median_ms / mine.median_ms)
+        m = re.search(rf"vs {re.escape(label)} ([0-9.]+)(?:-([0-9.]+))?x (faster|slower|the "
+                      "speed)", line)
+        assert m, line
+        lo, hi = float(m.group(1)), float(m.group(2) or m.group(1))
+        if m.group(3) == "slower":
+            ratios = [1 / r for r in ratios]
+        assert lo == pytest.approx(min(ratios), abs=0.051)
+        assert hi == pytest.approx(max(ratios), abs=0.051)
+
+
+def test_load_warning_is_visible():
+    text = _printed(_result(load=0.4))
+    assert "!!!!!!!!" in text and "WARNING: other processes used up to 40% of the CPU" in text
+    assert "rerun on a quiet machine" in text
+    busy = _printed(_result(load=0.5, busy_cores=1))
+    assert "on purpose: --busy-cores 1" in busy
+    md = report.markdown_report(_result(load=0.4), "t")
+    assert "**WARNING" in md and "## Verdict" in md
+
+
+def test_cli_refuses_a_bad_busy_core_count_before_running(capsys):
+    # the CLI path up to the run: argument checks answer with exit code 2 and a message
+    import os
+    from benchmarks.cli import main
+    assert main(["--quick", "--device", "cpu", "--busy-cores", str((os.cpu_count() or 1) + 1)]) == 2
+    assert "--busy-cores must be between 0 and" in capsys.readouterr().err
