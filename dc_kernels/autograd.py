@@ -228,3 +228,35 @@ def _linear_backward(ctx, grad):
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# --------------------------------------------------------------------------- eager, lean
+class FeaturesFunction(torch.autograd.Function):
+    """Eager autograd of a prepared features launch (``dc_kernels.plan``): the custom op's
+    formulas without its dispatch. ``torch.compile`` traces ``dc_kernels::features`` instead.
+
+    ``apply(launch, spec, n, read, *layers)``: ``layers`` are the hidden states at the indices
+    ``read`` of an ``n``-tuple; returns A; backward gives each read layer its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, launch, spec, n, read, *layers):
+        hs = [None] * n
+        for i, t in zip(read, layers):
+            hs[i] = t
+        ctx.spec, ctx.n, ctx.read = spec, n, read
+        ctx.shapes = [t.shape for t in layers]
+        ctx.needs = [t.requires_grad for t in layers]
+        return launch(hs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shapes = [None] * ctx.n
+        needs = [False] * ctx.n
+        for i, shape, need in zip(ctx.read, ctx.shapes, ctx.needs):
+            shapes[i], needs[i] = shape, need
+        for i in range(ctx.n):  # unread layers: any shape (no gradient is formed for them)
+            if shapes[i] is None:
+                shapes[i] = ctx.shapes[0]
+        grads = _scatter(grad, ctx.spec, shapes, needs)
+        return (None, None, None, None, *[grads[i] for i in ctx.read])

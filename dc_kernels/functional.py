@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
+from . import plan as _plan
 from .autograd import features_op, linear_op, spec_args
 from .ops.torch_ops import features_torch
 from .spec import ConnectorSpec
@@ -129,6 +130,13 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
     Raises:
         TypeError / ValueError: malformed inputs (see :func:`check_hidden_states`).
     """
+    if type(spec) is ConnectorSpec and type(backend) is str and \
+            not torch.compiler.is_compiling():
+        key = _plan.signature(hidden_states)
+        if key is not None:  # plain tensors: a launch plan per signature (dc_kernels.plan)
+            run = _plan.lookup(("features", spec, backend) + key,
+                               lambda: _features_plan(hidden_states, spec, backend))
+            return run(hidden_states)
     info = check_hidden_states(hidden_states, spec)
     if _dist.any_dtensor(hidden_states):
         return _dist.features_on_dtensors(dense_connector_features, hidden_states, spec,
@@ -138,6 +146,28 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
         _triton_ops().check_launchable(info.device, info.dtype)
         return features_op(_op_inputs(hidden_states, spec), *spec_args(spec))
     return features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
+
+
+def _features_plan(hidden_states, spec: ConnectorSpec, backend: str):
+    """What a features call of this signature runs (inputs validated here, once)."""
+    info = check_hidden_states(hidden_states, spec)
+    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
+    if chosen != "triton":
+        def run_torch(hs):
+            return features_torch(hs, spec, info.batch, info.tokens, info.channels)
+        return run_torch
+    _triton_ops().check_launchable(info.device, info.dtype)
+    from .autograd import FeaturesFunction
+    from .ops.features import prepare_features
+    launch = prepare_features(hidden_states, spec, info.batch, info.tokens, info.channels)
+    read = spec.used_layers
+    n = len(hidden_states)
+
+    def run_triton(hs):
+        if torch.is_grad_enabled() and any(hs[i].requires_grad for i in read):
+            return FeaturesFunction.apply(launch, spec, n, read, *[hs[i] for i in read])
+        return launch(hs)
+    return run_triton
 
 
 def _autocast(hidden_states, weight, bias):

@@ -130,6 +130,14 @@ def layer_entries(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
     return entries, tuple(starts), tuple(sizes)
 
 
+def entry_indices(spec: ConnectorSpec) -> Tuple[int, ...]:
+    """The hidden-state index of every entry of :func:`layer_entries`."""
+    index = [spec.final_layer]
+    for start, stop in spec.groups:
+        index.extend(range(start, stop))
+    return tuple(index)
+
+
 def strides(entries) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
     """The ``(stride_b, stride_t, stride_c)`` tuples of the kernels' layer arguments."""
     return (tuple(e.stride(0) for e in entries), tuple(e.stride(1) for e in entries),

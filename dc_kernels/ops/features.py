@@ -198,38 +198,116 @@ INTERPRET_PROGRAMS = 3
 
 
 # --------------------------------------------------------------------------- launchers
-def _sti_features(hidden_states, spec, batch, tokens, channels):
-    base = hidden_states[spec.final_layer]
-    t_keep = spec.tokens_kept(tokens)
-    tp = spec.pooled_tokens(tokens)
-    out = common.empty((batch, spec.out_tokens(tokens), channels), base.dtype, base.device)
-    if out.numel() == 0:
-        return out
-    entries, starts, sizes = common.layer_entries(hidden_states, spec)
-    sb, st, sc = common.strides(entries)
-    flags = common.layout_flags(entries, out)
-    for part, rows, groups in ((0, batch * t_keep, 1), (1, batch * tp, spec.num_groups)):
-        if rows == 0:
-            continue
-        if common.interpreting():
-            cfg = FEATURES_CONFIG_INTERPRET
-        else:
-            cfg = STI_FEATURES_CONFIG if part else FEATURES_CONFIG
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]),
-                groups)
-        _sti_features_kernel[grid](
-            tuple(entries), sb, st, sc, out, out.stride(0), out.stride(1), batch, channels,
-            t_keep, tp, PART=part, POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts,
-            SIZES=sizes, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-            num_warps=cfg["num_warps"])
-    return out
-
-
 def _vector_ok(t: torch.Tensor) -> bool:
     # 16-byte loads need a unit channel stride, an aligned base and 16-byte aligned rows
     e = t.element_size()
     return (t.stride(2) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0
             and (t.stride(1) * e) % 16 == 0)
+
+
+class FeaturesLaunch:
+    """A features launch prepared once per input signature (shapes, strides, alignment, dtype,
+    device, spec): which kernel, its layer-entry order, constants and grid. Calling it with
+    hidden states of that signature allocates the output and launches, nothing else."""
+
+    __slots__ = ("kind", "index", "args", "meta", "grid", "out_shape", "dtype", "device",
+                 "parts")
+
+    def __call__(self, hidden_states) -> torch.Tensor:
+        out = common.empty(self.out_shape, self.dtype, self.device)
+        if self.kind == "empty":
+            return out
+        entries = tuple([hidden_states[i] for i in self.index])
+        if self.kind == "sti":
+            for args, meta, grid in self.parts:
+                _sti_features_kernel[grid](entries, *args[:3], out, *args[3:], **meta)
+            return out
+        if self.kind == "tma":
+            _ensure_allocator()
+            _features_tma_kernel[self.grid](entries, *self.args[:2], out, *self.args[2:],
+                                            **self.meta)
+            return out
+        _features_kernel[self.grid](entries, *self.args[:3], out, *self.args[3:], **self.meta)
+        return out
+
+
+def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,
+                     tokens: int, channels: int) -> FeaturesLaunch:
+    """The :class:`FeaturesLaunch` of these (validated) inputs: :func:`features_triton` without
+    ``out``/``rows``, split into what depends on the signature only and the launch."""
+    base = hidden_states[spec.final_layer]
+    common.check_launchable(base.device, base.dtype)
+    launch = FeaturesLaunch()
+    launch.dtype, launch.device = base.dtype, base.device
+    t_keep = spec.tokens_kept(tokens)
+    launch.out_shape = (batch, spec.out_tokens(tokens), spec.out_channels(channels))
+    entries, starts, sizes = common.layer_entries(hidden_states, spec)
+    launch.index = common.entry_indices(spec)
+    sb, st, sc = common.strides(entries)
+    M = batch * t_keep
+    if M == 0 or channels == 0 or 0 in launch.out_shape:
+        launch.kind = "empty"
+        return launch
+    if spec.connector_type == "sti":
+        launch.kind = "sti"
+        launch.parts = []
+        tp = spec.pooled_tokens(tokens)
+        out_strides = (launch.out_shape[1] * channels, channels)
+        flags = common.layout_flags(entries, _StandIn(launch.out_shape, out_strides))
+        for part, rows, groups in ((0, batch * t_keep, 1), (1, batch * tp, spec.num_groups)):
+            if rows == 0:
+                continue
+            if common.interpreting():
+                cfg = FEATURES_CONFIG_INTERPRET
+            else:
+                cfg = STI_FEATURES_CONFIG if part else FEATURES_CONFIG
+            grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]),
+                    groups)
+            launch.parts.append((
+                (sb, st, sc, *out_strides, batch, channels, t_keep, tp),
+                dict(PART=part, POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts,
+                     SIZES=sizes, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+                     num_warps=cfg["num_warps"]), grid))
+        return launch
+    width = launch.out_shape[-1]
+    flags = common.layout_flags(entries, _StandIn(launch.out_shape, (t_keep * width, width, 1)))
+    if features_tma_eligible(entries, base.device):
+        cfg = _tma_config()
+        n_tiles = row_tiles(spec, batch, tokens) * triton.cdiv(channels, cfg["BLOCK_C"])
+        if common.interpreting():
+            programs = INTERPRET_PROGRAMS
+        else:
+            from .gemm_tma import _num_sms
+            programs = _num_sms(base.device.index or 0) * cfg["programs_per_sm"]
+        programs = max(1, min(programs, n_tiles))
+        launch.kind = "tma"
+        launch.args = (sb, st, width, batch, tokens, channels, t_keep, 0,
+                       row_tiles(spec, batch, tokens))
+        launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
+                           OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"],
+                           ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"], NUM_PROGRAMS=programs,
+                           STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+        launch.grid = (programs,)
+        return launch
+    if common.interpreting():
+        cfg = FEATURES_CONFIG_INTERPRET
+    else:
+        cfg = FEATURES_CONFIG if all(_vector_ok(e) for e in entries) else FEATURES_CONFIG_SCALAR
+    launch.kind = "ldg"
+    launch.args = (sb, st, sc, width, 0, M, channels, t_keep)
+    launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, **flags,
+                       BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    launch.grid = (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
+    return launch
+
+
+class _StandIn:
+    # shape and strides of an output not yet allocated (for layout_flags' span)
+    def __init__(self, shape, strides):
+        self.shape, self._strides = shape, strides
+
+    def stride(self):
+        return self._strides
 
 
 def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
@@ -245,12 +323,12 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     instead of a new tensor, and ``rows = (r0, r1)`` restricts the launch to the rows
     ``r0 <= b*T' + t < r1`` of it (the overlapped linear path fills A chunk by chunk).
     """
+    if out is None and rows is None:
+        return prepare_features(hidden_states, spec, batch, tokens, channels)(hidden_states)
     base = hidden_states[spec.final_layer]
     common.check_launchable(base.device, base.dtype)
     if spec.connector_type == "sti":
-        if out is not None or rows is not None:
-            raise ValueError("out= and rows= are for channel (DCI/SCI) specs")
-        return _sti_features(hidden_states, spec, batch, tokens, channels)
+        raise ValueError("out= and rows= are for channel (DCI/SCI) specs")
     t_keep = spec.tokens_kept(tokens)
     width = spec.out_channels(channels)
     if out is None:
@@ -268,8 +346,6 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     if r1 == r0 or channels == 0:
         return out
     entries, starts, sizes = common.layer_entries(hidden_states, spec)
-    if rows is None and features_tma_eligible(entries, base.device):
-        return features_tma(hidden_states, spec, batch, tokens, channels, out)
     sb, st, sc = common.strides(entries)
     if common.interpreting():
         cfg = FEATURES_CONFIG_INTERPRET

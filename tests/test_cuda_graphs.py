@@ -1,0 +1,93 @@
+"""CUDA-graph safety of the Triton paths (GPU only: CUDA graphs do not exist on the CPU).
+
+A captured graph replays the recorded kernels on the same buffers: the launch path must not
+synchronize with the host, call ``.item()``, create tensors on the CPU or autotune inside the
+capture. These tests warm every kernel up (autotuning finished), capture the module's forward
+and backward (and each Triton path of the first layer), copy new inputs into the static buffers,
+replay, and compare with an eager run on the same new inputs.
+"""
+
+import pytest
+import torch
+
+from dc_kernels import ConnectorSpec, DenseConnector, dense_connector_linear
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="CUDA graphs need a CUDA device")]
+
+
+def _inputs(spec, B, T, C, seed, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, T, C, device="cuda", dtype=dtype, generator=g)
+            for _ in range(spec.num_hidden_states)]
+
+
+@pytest.mark.parametrize("path", ("fused", "two-pass", "overlap"))
+def test_first_layer_replays_in_a_cuda_graph(path):
+    spec = ConnectorSpec.preset("clip", "dci")
+    static = _inputs(spec, 4, 577, 64, seed=0)
+    w = torch.randn(96, 192, device="cuda", dtype=torch.bfloat16) / 14
+    b = torch.randn(96, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        return dense_connector_linear(static, spec, w, b, "gelu", backend="triton", path=path)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # autotune and compile before the capture
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    fresh = _inputs(spec, 4, 577, 64, seed=1)
+    for s, f in zip(static, fresh):
+        s.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = dense_connector_linear(fresh, spec, w, b, "gelu", backend="triton", path=path)
+    assert torch.equal(out, want)
+
+
+def test_module_forward_and_backward_replay_in_a_cuda_graph():
+    spec = ConnectorSpec.preset("clip", "dci")
+    conn = DenseConnector(spec, 64, 96, backend="triton").cuda().to(torch.bfloat16)
+    static = _inputs(spec, 2, 577, 64, seed=2)
+    params = [p for p in conn.parameters()]
+
+    def step():
+        y = conn(static)
+        return (y,) + torch.autograd.grad(y.float().square().mean(), params)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    fresh = _inputs(spec, 2, 577, 64, seed=3)
+    for s, f in zip(static, fresh):
+        s.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    y = conn(fresh)
+    want = (y,) + torch.autograd.grad(y.float().square().mean(), params)
+    for got, ref in zip(outs, want):
+        assert torch.equal(got, ref)
+
+
+def test_reduce_overhead_compile_of_the_module():
+    spec = ConnectorSpec.preset("clip", "dci")
+    conn = DenseConnector(spec, 64, 96, backend="triton").cuda().to(torch.bfloat16)
+    compiled = torch.compile(conn, mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):
+        hs = _inputs(spec, 2, 577, 64, seed=10 + seed)
+        with torch.no_grad():
+            got = compiled(hs).clone()
+            want = conn(hs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
