@@ -23,6 +23,27 @@ def _inputs(spec, B, T, C, seed, dtype=torch.bfloat16):
             for _ in range(spec.num_hidden_states)]
 
 
+def _capture(fn):
+    """Warm ``fn`` up on a side stream (compile, autotune), then capture it; (graph, outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    return graph, outs
+
+
+def _replay_with(graph, static, fresh):
+    for s, f in zip(static, fresh):
+        s.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("path", ("fused", "two-pass", "overlap"))
 def test_first_layer_replays_in_a_cuda_graph(path):
     spec = ConnectorSpec.preset("clip", "dci")
@@ -33,20 +54,9 @@ def test_first_layer_replays_in_a_cuda_graph(path):
     def run():
         return dense_connector_linear(static, spec, w, b, "gelu", backend="triton", path=path)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # autotune and compile before the capture
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = _capture(run)
     fresh = _inputs(spec, 4, 577, 64, seed=1)
-    for s, f in zip(static, fresh):
-        s.copy_(f)
-    graph.replay()
-    torch.cuda.synchronize()
+    _replay_with(graph, static, fresh)
     want = dense_connector_linear(fresh, spec, w, b, "gelu", backend="triton", path=path)
     assert torch.equal(out, want)
 
@@ -61,20 +71,9 @@ def test_module_forward_and_backward_replay_in_a_cuda_graph():
         y = conn(static)
         return (y,) + torch.autograd.grad(y.float().square().mean(), params)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = _capture(step)
     fresh = _inputs(spec, 2, 577, 64, seed=3)
-    for s, f in zip(static, fresh):
-        s.copy_(f)
-    graph.replay()
-    torch.cuda.synchronize()
+    _replay_with(graph, static, fresh)
     y = conn(fresh)
     want = (y,) + torch.autograd.grad(y.float().square().mean(), params)
     for got, ref in zip(outs, want):
