@@ -175,6 +175,64 @@ class ConnectorSpec:
                    groups=groups, drop_cls=facts["drop_cls"], pool_size=_STI_POOL,
                    num_hidden_states=facts["num_hidden_states"])
 
+    @classmethod
+    def from_layer_list(cls, layers, num_hidden_states: int,
+                        drop_cls: bool = False) -> "ConnectorSpec":
+        """The spec of transformers' multi-layer ``vision_feature_layer``: layers concatenated.
+
+        transformers' LLaVA family reads ``hidden_states[i]`` for every ``i`` in the list
+        (negative indices count from the end of the tuple of ``num_hidden_states`` =
+        encoder layers + 1), drops token 0 from each when ``vision_feature_select_strategy`` is
+        ``"default"``, and concatenates them on channels in list order. That is an ``"sci"``
+        spec: the first layer is the base, every other one a one-layer group, so
+        ``dense_connector_features`` equals ``torch.cat([hs[i] for i in layers], -1)`` (copies,
+        no arithmetic).
+
+        Args:
+            layers: two or more hidden-state indices, negative ones counted from the end
+                (``-1`` is the last of ``num_hidden_states``); repeats are allowed. A single
+                layer needs no spec (it is the hidden state itself).
+            num_hidden_states: length of the tower's hidden-state tuple (encoder layers + 1);
+                the spec is fixed to it (``num_hidden_states`` field), since negative indices
+                were resolved against it.
+            drop_cls: drop token 0 of every layer (strategy ``"default"``).
+
+        Raises:
+            ValueError: fewer than two layers, a non-integer entry, an index outside
+                ``[-num_hidden_states, num_hidden_states)``, or a bad ``num_hidden_states``.
+
+        Example: Granite Vision's ``[-24, -20, -12, -1]`` on SigLIP so400m (27 layers, 28 hidden
+        states) is ``ConnectorSpec("sci", 4, ((8, 9), (16, 17), (27, 28)),
+        num_hidden_states=28)``.
+        """
+        if not _is_int(num_hidden_states) or num_hidden_states < 1:
+            raise ValueError(f"num_hidden_states must be an int >= 1, got {num_hidden_states!r}")
+        num_hidden_states = operator.index(num_hidden_states)
+        if _is_int(layers) or isinstance(layers, (str, bytes)):
+            raise ValueError(f"layers must be a list of hidden-state indices, got {layers!r}")
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise ValueError(
+                f"layers must be a list of hidden-state indices, got {layers!r}") from None
+        if len(layers) < 2:
+            raise ValueError(
+                f"layers must hold at least two indices, got {layers!r}: a single layer is the "
+                "hidden state itself and needs no spec")
+        resolved = []
+        for k, i in enumerate(layers):
+            if not _is_int(i):
+                raise ValueError(f"layers[{k}] must be an int, got {i!r}")
+            i = operator.index(i)
+            if not -num_hidden_states <= i < num_hidden_states:
+                raise ValueError(
+                    f"layers[{k}] = {i} is out of range for {num_hidden_states} hidden states "
+                    f"(valid: {-num_hidden_states} .. {num_hidden_states - 1})")
+            resolved.append(i % num_hidden_states)
+        return cls("sci", final_layer=resolved[0],
+                   groups=tuple((i, i + 1) for i in resolved[1:]), drop_cls=drop_cls,
+                   num_hidden_states=num_hidden_states)
+
     # ------------------------------------------------------------------ questions
     @property
     def num_groups(self) -> int:
