@@ -7,17 +7,22 @@ Public API:
     DenseConnector               -- drop-in features + mm_projector module (original checkpoints)
     DenseConnectorLinear         -- its first layer: an nn.Linear fed the hidden states
     DenseConnectorVisionTower    -- transformers CLIP/SigLIP tower + DenseConnector (streaming)
-    patch_llava()               -- route a transformers Llava model's image features through it
+    VisionFeatureLayers          -- transformers' vision_feature_layer selection, streamed
+    patch_llava() / unpatch_llava()  -- LLaVA / LLaVA-NeXT / OneVision image features through them
+    apply_dense_connector_to_llava() / revert_dense_connector_to_llava()  -- the same, class level
 """
 
 from .functional import BACKEND_ENV, dense_connector_features, dense_connector_linear
 from .modules import DenseConnector, DenseConnectorLinear, load_mm_projector_state_dict
 from .spec import ConnectorSpec
-from .integrations import DenseConnectorVisionTower, StreamingFeatures, patch_llava
+from .integrations import (DenseConnectorVisionTower, StreamingFeatures, VisionFeatureLayers,
+                           apply_dense_connector_to_llava, patch_llava,
+                           revert_dense_connector_to_llava, unpatch_llava)
 from .validation import check_hidden_states
 
 __all__ = ["ConnectorSpec", "DenseConnector", "dense_connector_features", "dense_connector_linear",
            "check_hidden_states", "load_mm_projector_state_dict", "BACKEND_ENV",
            "DenseConnectorVisionTower", "StreamingFeatures", "patch_llava",
-           "DenseConnectorLinear"]
+           "DenseConnectorLinear", "VisionFeatureLayers", "unpatch_llava",
+           "apply_dense_connector_to_llava", "revert_dense_connector_to_llava"]
 __version__ = "0.1.0"

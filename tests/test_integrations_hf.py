@@ -1,4 +1,7 @@
-"""Hugging Face integration: DenseConnectorVisionTower, streaming accumulation, patch_llava.
+"""Hugging Face integration: DenseConnectorVisionTower, streaming accumulation, patch_llava (DC).
+
+(The LLaVA family without a spec, LLaVA-NeXT / OneVision, the class-level patch, checkpoints and
+round trips: test_integrations_hf_llava.py.)
 
 Everything is offline: towers and LLaVA models are built from configs with random weights, at
 tiny widths but the real depths (CLIP 24 layers, SigLIP 27), so the presets' layer indices are
@@ -561,8 +564,8 @@ def test_patch_llava_wraps_given_projector():
 
 def test_patch_llava_errors():
     spec = ConnectorSpec.preset("clip", "dci")
-    with pytest.raises(ValueError, match="needs spec"):
-        patch_llava(_llava())
+    with pytest.raises(ValueError, match="needs spec"):  # a projector module to wrap
+        patch_llava(_llava(), connector=reference.build_projector(3 * WIDTH, LLM))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         patch_llava(nn.Linear(2, 2), spec)
     with pytest.raises(ValueError, match="language model is 40 wide"):
@@ -585,14 +588,3 @@ def test_patch_llava_errors():
         patch_llava(model, ConnectorSpec.preset("siglip", "dci"))
     _assert_same_state(model, before)
     assert getattr(model.model, "dense_connector_tower", None) is None
-
-
-def test_patch_llava_refuses_llava_next():
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-    text = LlamaConfig(hidden_size=LLM, intermediate_size=80, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    model = LlavaNextForConditionalGeneration(LlavaNextConfig(
-        vision_config=_vision_config("clip"), text_config=text, image_token_id=IMAGE_TOKEN))
-    with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
-        patch_llava(model, ConnectorSpec.preset("clip", "dci"))
-

@@ -1,15 +1,19 @@
-"""Hugging Face transformers glue: a Dense Connector vision tower and a LLaVA patch.
+"""Hugging Face transformers glue: vision towers run layer by layer.
 
 * :class:`DenseConnectorVisionTower` wraps a transformers CLIP or SigLIP vision model and a
   :class:`~dc_kernels.DenseConnector`; ``forward(pixel_values)`` returns what the original Dense
   Connector's ``encode_images()`` returns (``mm_projector(dense_connector(...))``).
-* :func:`patch_llava` routes a transformers ``LlavaForConditionalGeneration``'s image features
-  through such a tower.
+* :class:`VisionFeatureLayers` is the same tower runner for transformers' own
+  ``vision_feature_layer`` (an int or a list of layers concatenated on channels) and
+  ``vision_feature_select_strategy``: the features a LLaVA-family model feeds its projector,
+  streamed instead of collected.
+* The LLaVA-family patches (:func:`~dc_kernels.integrations.llava.patch_llava` and friends)
+  live in :mod:`dc_kernels.integrations.llava` and are re-exported here.
 
 The towers are duck-typed (an object with ``embeddings`` and ``encoder.layers``, or one whose
-``vision_model`` has them), so importing this module does not import transformers; only
-:func:`patch_llava` does. Tested with transformers 5.x (the installed 5.24); the layer calls also
-follow the 4.x conventions (extra positional mask arguments, tuple outputs).
+``vision_model`` has them), so importing this module does not import transformers; only the
+patches do. Tested with transformers 5.x (the installed 5.24); the layer calls also follow the
+4.x conventions (extra positional mask arguments, tuple outputs).
 """
 
 from __future__ import annotations
@@ -17,22 +21,25 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-import os
-import types
-from typing import List, Mapping, Optional, Union
+import operator
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..functional import dense_connector_features
 from ..modules import DenseConnector
-from ..spec import ConnectorSpec
+from ..spec import ConnectorSpec, _is_int
 from .streaming import StreamingFeatures
 
-__all__ = ["DenseConnectorVisionTower", "patch_llava", "project_features",
-           "SUPPORTED_TOWERS"]
+__all__ = ["DenseConnectorVisionTower", "VisionFeatureLayers", "project_features",
+           "SUPPORTED_TOWERS", "SELECT_STRATEGIES", "patch_llava", "unpatch_llava",
+           "apply_dense_connector_to_llava", "revert_dense_connector_to_llava"]
 
 #: ``model_type`` of the vision configs the tower wrapper understands.
 SUPPORTED_TOWERS = ("clip_vision_model", "siglip_vision_model")
+#: transformers' ``vision_feature_select_strategy`` values: drop token 0 (CLS) or keep all.
+SELECT_STRATEGIES = ("default", "full")
 
 # The accumulator of the streaming forward running in this context (thread / task). Hooks are
 # module-wide: a forward of the same layers in another thread (or nested) must not feed them.
@@ -67,7 +74,9 @@ def _tower_kind(vision_model: nn.Module, transformer: nn.Module) -> str:
             if model_type not in SUPPORTED_TOWERS:
                 raise TypeError(
                     f"unsupported vision tower {type(vision_model).__name__} (config.model_type="
-                    f"{model_type!r}); supported: {SUPPORTED_TOWERS}")
+                    f"{model_type!r}); supported: {SUPPORTED_TOWERS} (fixed-size ViTs whose "
+                    "layers run one after another; Pixtral-style towers that take image_sizes, "
+                    "SigLIP2 and others are not supported)")
             return model_type.split("_")[0]
     for obj in (transformer, vision_model):
         name = type(obj).__name__.lower()
@@ -157,8 +166,137 @@ def project_features(connector: DenseConnector, features: torch.Tensor) -> torch
     return connector.project(features)
 
 
-# --------------------------------------------------------------------------- the tower
-class DenseConnectorVisionTower(nn.Module):
+# --------------------------------------------------------------------------- running a tower
+class _LayerwiseTower(nn.Module):
+    """Runs a CLIP/SigLIP tower's embeddings and encoder layers itself (shared machinery).
+
+    ``num_layers`` encoder layers are run (all of them, or all but the last with
+    ``drop_last_layer``); hidden state ``i`` is the output of layer ``i`` (0: the embeddings,
+    after CLIP's pre-layernorm), exactly Hugging Face's ``hidden_states[i]``. The post-layernorm
+    and the head are never run, and ``vision_model`` is never modified.
+    """
+
+    def __init__(self, vision_model: nn.Module, drop_last_layer: bool, streaming: bool):
+        super().__init__()
+        if not isinstance(vision_model, nn.Module):
+            raise TypeError(f"vision_model must be an nn.Module, got {type(vision_model).__name__}")
+        if not isinstance(streaming, bool):
+            raise TypeError(f"streaming must be a bool, got {streaming!r}")
+        transformer = _resolve_transformer(vision_model)
+        self.encoder_type = _tower_kind(vision_model, transformer)
+        self.drop_last_layer = drop_last_layer
+        self.streaming = streaming
+        self.vision_model = vision_model
+        total = len(transformer.encoder.layers)
+        self.num_layers = total - int(drop_last_layer)  # layers that are run at most
+        if self.num_layers < 0:
+            raise ValueError(f"{type(vision_model).__name__} has no encoder layer to drop")
+        self.vision_hidden_size = _tower_width(transformer)
+        self._call_extra_args = [_extra_positional_args(layer)
+                                 for layer in transformer.encoder.layers]
+
+    @property
+    def _transformer(self) -> nn.Module:
+        return _resolve_transformer(self.vision_model)
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Length of the hidden-state tuple of the layers run: ``num_layers + 1``."""
+        return self.num_layers + 1
+
+    def _tokens_per_image(self) -> int:
+        config = self._transformer.config
+        patches = (config.image_size // config.patch_size) ** 2
+        return patches + (1 if self.encoder_type == "clip" else 0)
+
+    # ------------------------------------------------------------------ running the tower
+    def _embed(self, transformer, pixel_values, interpolate_pos_encoding):
+        weight = next(transformer.embeddings.parameters())
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        if interpolate_pos_encoding:
+            h = transformer.embeddings(pixel_values, interpolate_pos_encoding=True)
+        else:
+            h = transformer.embeddings(pixel_values)
+        pre_norm = getattr(transformer, "pre_layrnorm", None)  # CLIP's (sic)
+        return pre_norm(h) if pre_norm is not None else h
+
+    def _run_layer(self, k: int, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return _layer_output(layer(h, *([None] * self._call_extra_args[k])))
+
+    def _check_pixels(self, pixel_values) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a [B, 3, H, W] tensor, got "
+                            f"{type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be 4-D [B, channels, H, W], got shape "
+                             f"{tuple(pixel_values.shape)}")
+
+    def hidden_states(self, pixel_values: torch.Tensor,
+                      interpolate_pos_encoding: bool = False) -> List[torch.Tensor]:
+        """The hidden states of the layers run: embeddings (+pre-layernorm) and every layer.
+
+        ``num_layers + 1`` tensors, equal to Hugging Face's ``output_hidden_states`` of the tower
+        (truncated when ``drop_last_layer``). All of them are alive at once: this is the
+        non-streaming path.
+        """
+        self._check_pixels(pixel_values)
+        transformer = self._transformer
+        with _hf_output_capture_paused():
+            h = self._embed(transformer, pixel_values, interpolate_pos_encoding)
+            states = [h]
+            for k in range(self.num_layers):
+                h = self._run_layer(k, transformer.encoder.layers[k], h)
+                states.append(h)
+        return states
+
+    def hidden_state(self, pixel_values: torch.Tensor, index: int,
+                     interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Hidden state ``index`` alone: the layers after it are not run, none is kept."""
+        self._check_pixels(pixel_values)
+        if not 0 <= index <= self.num_layers:
+            raise ValueError(f"hidden state {index} does not exist: the tower runs "
+                             f"{self.num_layers} layers ({self.num_hidden_states} hidden states)")
+        transformer = self._transformer
+        with _hf_output_capture_paused():
+            h = self._embed(transformer, pixel_values, interpolate_pos_encoding)
+            for k in range(index):
+                h = self._run_layer(k, transformer.encoder.layers[k], h)
+        return h
+
+    def _streaming_features(self, pixel_values: torch.Tensor, spec: ConnectorSpec,
+                            interpolate_pos_encoding: bool) -> torch.Tensor:
+        self._check_pixels(pixel_values)
+        transformer = self._transformer
+        acc = StreamingFeatures(spec)
+        layers = transformer.encoder.layers
+        run = min(self.num_layers, acc.last_index)
+        handles = []
+
+        def make_hook(index):
+            def hook(module, args, output):
+                if _ACTIVE_STREAM.get() is acc:  # not a forward of another thread / call
+                    acc.add(index, _layer_output(output))
+            return hook
+
+        token = _ACTIVE_STREAM.set(acc)
+        try:
+            for k in range(run):
+                handles.append(layers[k].register_forward_hook(make_hook(k + 1)))
+            with _hf_output_capture_paused():
+                h = self._embed(transformer, pixel_values, interpolate_pos_encoding)
+                acc.add(0, h)
+                for k in range(run):
+                    h = self._run_layer(k, layers[k], h)
+            del h
+            return acc.finish()
+        finally:
+            for handle in handles:
+                handle.remove()
+            _ACTIVE_STREAM.reset(token)
+
+
+# --------------------------------------------------------------------------- the DC tower
+class DenseConnectorVisionTower(_LayerwiseTower):
     """A CLIP/SigLIP vision tower + :class:`~dc_kernels.DenseConnector`: images -> LLM tokens.
 
     ``forward(pixel_values)`` returns the original Dense Connector's ``encode_images()``:
@@ -175,7 +313,9 @@ class DenseConnectorVisionTower(nn.Module):
 
     The tower's pre-layernorm (CLIP's ``pre_layrnorm``) is applied to the embeddings, so
     hidden state 0 is exactly Hugging Face's ``hidden_states[0]``. Pixel values are cast to the
-    tower's device and dtype, as the original does.
+    tower's device and dtype, as the original does. The tower's attention runs as its config
+    says (``_attn_implementation``): the original's SigLIP ran eager attention, see
+    ``docs/DESIGN.md`` §9.
 
     Args:
         vision_model: a transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` (or
@@ -205,30 +345,22 @@ class DenseConnectorVisionTower(nn.Module):
 
     def __init__(self, vision_model: nn.Module, connector: DenseConnector, streaming: bool = True,
                  drop_last_layer: Optional[bool] = None):
-        super().__init__()
         if not isinstance(connector, DenseConnector):
             raise TypeError(f"connector must be a dc_kernels.DenseConnector, got "
                             f"{type(connector).__name__}")
-        if not isinstance(vision_model, nn.Module):
-            raise TypeError(f"vision_model must be an nn.Module, got {type(vision_model).__name__}")
-        if not isinstance(streaming, bool):
-            raise TypeError(f"streaming must be a bool, got {streaming!r}")
         if drop_last_layer is not None and not isinstance(drop_last_layer, bool):
             raise TypeError(f"drop_last_layer must be a bool or None, got {drop_last_layer!r}")
-        transformer = _resolve_transformer(vision_model)
-        self.encoder_type = _tower_kind(vision_model, transformer)
-        self.drop_last_layer = (self.encoder_type == "siglip") if drop_last_layer is None \
-            else drop_last_layer
-        self.streaming = streaming
-        self.vision_model = vision_model
+        if not isinstance(vision_model, nn.Module):
+            raise TypeError(f"vision_model must be an nn.Module, got {type(vision_model).__name__}")
+        if drop_last_layer is None:
+            transformer = _resolve_transformer(vision_model)
+            drop_last_layer = _tower_kind(vision_model, transformer) == "siglip"
+        super().__init__(vision_model, drop_last_layer, streaming)
         self.connector = connector
 
         spec = connector.spec
-        total = len(transformer.encoder.layers)
-        self.num_layers = total - int(self.drop_last_layer)  # layers the original runs
-        if self.num_layers < 0:
-            raise ValueError(f"{type(vision_model).__name__} has no encoder layer to drop")
-        n_states = self.num_layers + 1
+        total = len(self._transformer.encoder.layers)
+        n_states = self.num_hidden_states
         try:
             spec.check_num_hidden_states(n_states)
         except ValueError as e:
@@ -239,24 +371,15 @@ class DenseConnectorVisionTower(nn.Module):
                 f"{n_states} hidden states; the connector's spec does not fit: {e}. Use a tower "
                 "of the spec's depth, another spec (ConnectorSpec.preset or a custom one), or "
                 "drop_last_layer= to say whether the last layer is dropped") from None
-        width = _tower_width(transformer)
-        if width != connector.vision_hidden_size:
+        if self.vision_hidden_size != connector.vision_hidden_size:
             raise ValueError(
-                f"the {self.encoder_type} tower is {width} wide; the connector was built for "
-                f"vision_hidden_size={connector.vision_hidden_size}")
-        self.vision_hidden_size = width
-        self._call_extra_args = [_extra_positional_args(layer)
-                                 for layer in transformer.encoder.layers]
+                f"the {self.encoder_type} tower is {self.vision_hidden_size} wide; the connector "
+                f"was built for vision_hidden_size={connector.vision_hidden_size}")
 
-    # ------------------------------------------------------------------ properties
     @property
     def spec(self) -> ConnectorSpec:
         """The connector's :class:`ConnectorSpec`."""
         return self.connector.spec
-
-    @property
-    def _transformer(self) -> nn.Module:
-        return _resolve_transformer(self.vision_model)
 
     @property
     def num_image_tokens(self) -> int:
@@ -265,54 +388,11 @@ class DenseConnectorVisionTower(nn.Module):
         The number of image placeholder tokens a prompt needs per image; it differs from the
         tower's patch count for STI specs (extra pooled tokens) and for CLIP (CLS dropped).
         """
-        config = self._transformer.config
-        patches = (config.image_size // config.patch_size) ** 2
-        tokens = patches + (1 if self.encoder_type == "clip" else 0)
-        return self.spec.out_tokens(tokens)
+        return self.spec.out_tokens(self._tokens_per_image())
 
     def extra_repr(self) -> str:
         return (f"encoder_type={self.encoder_type!r}, num_layers={self.num_layers}, "
                 f"drop_last_layer={self.drop_last_layer}, streaming={self.streaming}")
-
-    # ------------------------------------------------------------------ running the tower
-    def _embed(self, transformer, pixel_values, interpolate_pos_encoding):
-        weight = next(transformer.embeddings.parameters())
-        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
-        if interpolate_pos_encoding:
-            h = transformer.embeddings(pixel_values, interpolate_pos_encoding=True)
-        else:
-            h = transformer.embeddings(pixel_values)
-        pre_norm = getattr(transformer, "pre_layrnorm", None)  # CLIP's (sic)
-        return pre_norm(h) if pre_norm is not None else h
-
-    def _run_layer(self, k: int, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return _layer_output(layer(h, *([None] * self._call_extra_args[k])))
-
-    def _check_pixels(self, pixel_values) -> None:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a [B, 3, H, W] tensor, got "
-                            f"{type(pixel_values).__name__}")
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be 4-D [B, channels, H, W], got shape "
-                             f"{tuple(pixel_values.shape)}")
-
-    def hidden_states(self, pixel_values: torch.Tensor,
-                      interpolate_pos_encoding: bool = False) -> List[torch.Tensor]:
-        """The hidden states the original reads: embeddings (+pre-layernorm) and every layer.
-
-        ``num_layers + 1`` tensors, equal to Hugging Face's ``output_hidden_states`` of the tower
-        (truncated as the original does for SigLIP). All of them are alive at once: this is the
-        non-streaming path.
-        """
-        self._check_pixels(pixel_values)
-        transformer = self._transformer
-        with _hf_output_capture_paused():
-            h = self._embed(transformer, pixel_values, interpolate_pos_encoding)
-            states = [h]
-            for k in range(self.num_layers):
-                h = self._run_layer(k, transformer.encoder.layers[k], h)
-                states.append(h)
-        return states
 
     def streaming_features(self, pixel_values: torch.Tensor,
                            interpolate_pos_encoding: bool = False) -> torch.Tensor:
@@ -324,34 +404,7 @@ class DenseConnectorVisionTower(nn.Module):
         tower in another thread at the same time is not mixed in. Layers after the last one the
         spec reads are not run.
         """
-        self._check_pixels(pixel_values)
-        transformer = self._transformer
-        acc = StreamingFeatures(self.spec)
-        layers = transformer.encoder.layers
-        run = min(self.num_layers, acc.last_index)
-        handles = []
-
-        def make_hook(index):
-            def hook(module, args, output):
-                if _ACTIVE_STREAM.get() is acc:  # not a forward of another thread / call
-                    acc.add(index, _layer_output(output))
-            return hook
-
-        token = _ACTIVE_STREAM.set(acc)
-        try:
-            for k in range(run):
-                handles.append(layers[k].register_forward_hook(make_hook(k + 1)))
-            with _hf_output_capture_paused():
-                h = self._embed(transformer, pixel_values, interpolate_pos_encoding)
-                acc.add(0, h)
-                for k in range(run):
-                    h = self._run_layer(k, layers[k], h)
-            del h
-            return acc.finish()
-        finally:
-            for handle in handles:
-                handle.remove()
-            _ACTIVE_STREAM.reset(token)
+        return self._streaming_features(pixel_values, self.spec, interpolate_pos_encoding)
 
     def forward(self, pixel_values: torch.Tensor,
                 interpolate_pos_encoding: bool = False) -> torch.Tensor:
@@ -367,143 +420,98 @@ class DenseConnectorVisionTower(nn.Module):
         return self.connector(self.hidden_states(pixel_values, interpolate_pos_encoding))
 
 
-# --------------------------------------------------------------------------- LLaVA
-def _llava_inner(model: nn.Module) -> nn.Module:
-    try:
-        from transformers import LlavaModel
-    except ImportError as e:  # pragma: no cover - transformers is a test dependency
-        raise ImportError("patch_llava needs transformers (pip install transformers)") from e
-    inner = getattr(model, "model", model)
-    if not isinstance(inner, LlavaModel):
-        name = type(model).__name__
-        if "llava" in name.lower():
-            raise NotImplementedError(
-                f"patch_llava supports LlavaForConditionalGeneration / LlavaModel, not {name}: "
-                "LLaVA-NeXT/OneVision (anyres crops packed with image_newline) and VipLlava "
-                "(its own projector) are not supported yet")
-        raise TypeError(f"model must be a transformers LlavaForConditionalGeneration or "
-                        f"LlavaModel, got {name}")
-    return inner
+# --------------------------------------------------------------------------- transformers' layers
+def _check_strategy(strategy) -> str:
+    if strategy not in SELECT_STRATEGIES:
+        raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, "
+                         f"got {strategy!r}")
+    return strategy
 
 
-def patch_llava(model: nn.Module, spec: Optional[ConnectorSpec] = None, *,
-                connector: Optional[nn.Module] = None,
-                checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor], None] = None,
-                projector_type: str = "mlp2x_gelu", streaming: bool = True,
-                backend: str = "auto", drop_last_layer: Optional[bool] = None) -> nn.Module:
-    """Route a transformers LLaVA model's image features through a Dense Connector, in place.
+class VisionFeatureLayers(_LayerwiseTower):
+    """transformers' ``vision_feature_layer`` selection of a CLIP/SigLIP tower, streamed.
 
-    After the patch, ``model.get_image_features(pixel_values)`` (and so ``forward`` and
-    ``generate`` with ``pixel_values``) returns ``DenseConnector(hidden states of the tower)``
-    per image -- the original Dense Connector's ``encode_images()`` -- instead of
-    ``multi_modal_projector(hidden_states[vision_feature_layer])``.
+    ``forward(pixel_values)`` returns what a transformers LLaVA-family model feeds its
+    ``multi_modal_projector``: ``hidden_states[layer]`` for an int, or
+    ``torch.cat([hidden_states[i] for i in layers], -1)`` for a list, token 0 dropped from each
+    when ``select_strategy == "default"`` -- ``[B, T', len(layers) * C]``. Negative indices count
+    from the end of the full tower's tuple (encoder layers + 1), as transformers resolves them.
 
-    The Dense Connector's projector takes ``spec.out_channels(C)`` features (3C for the DCI/SCI
-    presets), not the C of LLaVA's ``multi_modal_projector``, so it needs its own weights: the
-    patch replaces ``model.model.multi_modal_projector`` by the
-    :class:`~dc_kernels.DenseConnector` (state-dict keys
-    ``model.multi_modal_projector.0.weight`` ... with the original's names ``0.*``/``2.*``).
-    Its weights come from, in order of precedence:
-
-    * ``checkpoint``: an original Dense Connector checkpoint (path or state dict; keys
-      ``model.mm_projector.0.weight`` ..., or ``mm_projector.*``, or bare), loaded strictly with
-      :meth:`DenseConnector.load_mm_projector`;
-    * ``connector``: a ready :class:`~dc_kernels.DenseConnector`, or an original projector
-      module (``nn.Sequential(Linear, GELU, Linear)`` / ``nn.Linear``) whose parameters are
-      wrapped, not copied;
-    * otherwise freshly initialised (``nn.Linear``'s default), e.g. to train it (stage 1).
-
-    The connector is moved to the device and dtype of the replaced projector.
+    A list is the ``"sci"`` spec of :meth:`ConnectorSpec.from_layer_list` (every entry copied
+    into its channel slab, no arithmetic), so the result equals transformers' bit for bit when
+    the tower's layers compute the same hidden states (they are the same modules).
 
     Args:
-        model: ``LlavaForConditionalGeneration`` or ``LlavaModel`` with a CLIP or SigLIP tower.
-        spec: the :class:`ConnectorSpec` (e.g. ``ConnectorSpec.preset("clip", "dci")``);
-            optional when ``connector`` is a DenseConnector (its spec is used).
-        connector, checkpoint: the projector weights, see above.
-        projector_type: for a freshly built connector: ``"mlp2x_gelu"`` (default), ``"linear"``,
-            ``"mlpNx_gelu"``.
-        streaming, drop_last_layer: see :class:`DenseConnectorVisionTower`.
-        backend: the DenseConnector's backend for a freshly built or wrapped projector.
+        vision_model: a transformers ``CLIPVisionModel`` / ``SiglipVisionModel``; never modified.
+        layers: an int or a list of ints (``config.vision_feature_layer``).
+        select_strategy: ``"default"`` (drop token 0, CLIP's CLS) or ``"full"``.
+        streaming: ``True`` (default): the layers after the last one read are not run; for one
+            layer only the current hidden state is alive, for a list the layers are copied into
+            the output as they are produced (:class:`StreamingFeatures`). ``False``: every hidden
+            state is collected, then the selected ones are read (``dense_connector_features``:
+            the Triton features kernel on CUDA), as transformers does with
+            ``output_hidden_states``.
 
-    Returns:
-        ``model`` (patched in place; the patch is not reversible: deepcopy first to keep the
-        original). The tower wrapper is ``model.model.dense_connector_tower`` (not registered
-        as a submodule: its tower and connector already are).
-
-    Limits:
-        * transformers 5.x ``LlavaModel`` (its ``get_image_features`` is replaced on the
-          instance). LLaVA-NeXT (anyres), OneVision, VipLlava are refused.
-        * ``vision_feature_layer`` / ``vision_feature_select_strategy`` are ignored: the spec
-          decides which hidden states are read and whether CLS is dropped.
-        * ``image_sizes`` (Pixtral-style towers) is refused; the image outputs carry the
-          projected features as ``pooler_output`` only (no tower ``hidden_states``).
-        * The prompt must hold ``model.model.dense_connector_tower.num_image_tokens`` image
-          tokens per image: the same as LLaVA's for the DCI/SCI presets with CLIP (576 at 336
-          px), more for STI (720), so set the processor's ``num_image_tokens`` /
-          ``image_seq_length`` accordingly.
+    Raises:
+        TypeError: an unsupported tower, a bad ``streaming``.
+        ValueError: an index outside the tower's hidden states, a bad strategy.
     """
-    inner = _llava_inner(model)
-    if getattr(inner, "dense_connector_tower", None) is not None:
-        raise ValueError("this model is already patched by patch_llava")
-    if spec is not None and not isinstance(spec, ConnectorSpec):
-        raise TypeError(f"spec must be a dc_kernels.ConnectorSpec, got {type(spec).__name__}")
-    tower = inner.vision_tower
-    text_config = getattr(model.config, "text_config", None) or inner.config.text_config
-    width = int(tower.config.hidden_size)
-    hidden = int(text_config.hidden_size)
 
-    if isinstance(connector, DenseConnector):
-        if spec is not None and spec != connector.spec:
-            raise ValueError(f"spec {spec} differs from the connector's spec {connector.spec}")
-    elif connector is not None:
-        if not isinstance(connector, nn.Module):
-            raise TypeError("connector must be a DenseConnector, an original projector module "
-                            f"or None, got {type(connector).__name__}")
-        if spec is None:
-            raise ValueError("wrapping a projector module needs spec=")
-        connector = DenseConnector.from_projector(spec, connector, backend=backend)
-    else:
-        if spec is None:
-            raise ValueError("patch_llava needs spec= (or connector=)")
-        connector = DenseConnector(spec, width, hidden, projector_type, backend=backend)
-    if connector.hidden_size != hidden:
-        raise ValueError(f"the connector projects to {connector.hidden_size} features; the "
-                         f"language model is {hidden} wide")
-    if checkpoint is not None:
-        connector.load_mm_projector(checkpoint)
+    def __init__(self, vision_model: nn.Module, layers: Union[int, Sequence[int]],
+                 select_strategy: str = "default", streaming: bool = True):
+        super().__init__(vision_model, False, streaming)
+        self.select_strategy = _check_strategy(select_strategy)
+        n = self.num_hidden_states
+        drop_cls = select_strategy == "default"
+        if _is_int(layers):
+            layers = [layers]
+        elif isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise ValueError(f"vision_feature_layer must be an int or a list of ints, got "
+                             f"{layers!r}")
+        layers = list(layers)
+        if len(layers) == 1:
+            i = layers[0]
+            if not _is_int(i) or not -n <= i < n:
+                raise ValueError(f"vision_feature_layer {i!r} is not a hidden-state index of "
+                                 f"this tower ({n} hidden states: {-n} .. {n - 1})")
+            self.layers = (operator.index(i) % n,)
+            self.spec = None
+        else:
+            self.spec = ConnectorSpec.from_layer_list(layers, n, drop_cls=drop_cls)
+            self.layers = (self.spec.final_layer,) + tuple(s for s, _ in self.spec.groups)
+        self.drop_cls = drop_cls
 
-    old = inner.multi_modal_projector
-    ref = next(iter(old.parameters()), None)
-    if ref is not None:
-        connector.to(device=ref.device, dtype=ref.dtype)
-    # checks depth and width against the spec before anything is changed
-    wrapper = DenseConnectorVisionTower(tower, connector, streaming=streaming,
-                                        drop_last_layer=drop_last_layer)
+    @property
+    def out_channels(self) -> int:
+        """Width of the features: ``len(layers) * C``."""
+        return len(self.layers) * self.vision_hidden_size
 
-    inner.multi_modal_projector = connector
-    # plain attributes: the wrapper's tower and connector are already submodules of `inner`
-    object.__setattr__(inner, "dense_connector_tower", wrapper)
-    object.__setattr__(inner, "get_image_features",
-                       types.MethodType(_dense_connector_get_image_features, inner))
-    return model
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens per image of the features (token 0 dropped with ``"default"``)."""
+        return self._tokens_per_image() - int(self.drop_cls)
+
+    def extra_repr(self) -> str:
+        return (f"encoder_type={self.encoder_type!r}, layers={self.layers}, "
+                f"select_strategy={self.select_strategy!r}, streaming={self.streaming}")
+
+    def forward(self, pixel_values: torch.Tensor,
+                interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The selected features ``[B, T', len(layers) * C]`` (a view for one layer)."""
+        offset = int(self.drop_cls)
+        if self.spec is None:
+            index = self.layers[0]
+            if self.streaming:
+                h = self.hidden_state(pixel_values, index, interpolate_pos_encoding)
+            else:
+                h = self.hidden_states(pixel_values, interpolate_pos_encoding)[index]
+            return h[:, offset:] if offset else h
+        if self.streaming:
+            return self._streaming_features(pixel_values, self.spec, interpolate_pos_encoding)
+        hs = self.hidden_states(pixel_values, interpolate_pos_encoding)
+        return dense_connector_features(hs, self.spec)
 
 
-def _dense_connector_get_image_features(self, pixel_values: torch.Tensor,
-                                        vision_feature_layer=None,
-                                        vision_feature_select_strategy=None,
-                                        image_sizes=None, **kwargs):
-    """LlavaModel.get_image_features, patched by dc_kernels.patch_llava.
-
-    Returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` is the list of per-image
-    ``[num_image_tokens, hidden_size]`` features (``DenseConnector`` of the tower's hidden
-    states); ``vision_feature_layer``/``vision_feature_select_strategy`` are ignored (the spec
-    decides), other keyword arguments (the language model's ``output_*`` flags) too.
-    """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    if image_sizes is not None:
-        raise NotImplementedError("the Dense Connector patch does not support image_sizes "
-                                  "(variable-size towers such as Pixtral)")
-    return_dict = kwargs.pop("return_dict", True)
-    features = self.dense_connector_tower(pixel_values)
-    out = BaseModelOutputWithPooling(pooler_output=list(features))
-    return out if return_dict else out.to_tuple()
+# The LLaVA-family patches, re-exported (they import the towers above).
+from .llava import (apply_dense_connector_to_llava, patch_llava,  # noqa: E402
+                    revert_dense_connector_to_llava, unpatch_llava)
