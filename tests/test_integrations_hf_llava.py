@@ -21,8 +21,6 @@ OneVision configs), tiny widths, random weights, fp32 unless a test says otherwi
 
 import copy
 import json
-import math
-import os
 import types
 
 import pytest
@@ -784,7 +782,8 @@ def test_no_spec_patched_model_saves_a_stock_checkpoint(tmp_path):
     model.save_pretrained(tmp_path / "patched")
     stock.save_pretrained(tmp_path / "stock")
     for name in ("config.json", "model.safetensors"):
-        assert (tmp_path / "patched" / name).read_bytes() == (tmp_path / "stock" / name).read_bytes()
+        patched, stock_file = tmp_path / "patched" / name, tmp_path / "stock" / name
+        assert patched.read_bytes() == stock_file.read_bytes()
 
 
 def test_deepcopy_of_a_patched_model_is_patched_independently():

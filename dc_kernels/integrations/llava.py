@@ -174,7 +174,7 @@ def read_projector_checkpoint(checkpoint) -> Tuple[Dict[str, torch.Tensor],
 
 
 def _load_own_projector(projector: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Original ``mm_projector`` keys (``0.*``, ``2.*``) into transformers' ``linear_1``/``linear_2``."""
+    """Original ``mm_projector`` keys (``0.*``, ``2.*``) into ``linear_1`` / ``linear_2``."""
     if not (isinstance(getattr(projector, "linear_1", None), nn.Linear)
             and isinstance(getattr(projector, "linear_2", None), nn.Linear)):
         raise ValueError(f"the model's projector ({type(projector).__name__}) has no linear_1 / "
