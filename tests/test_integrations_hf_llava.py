@@ -293,6 +293,16 @@ def test_no_spec_equals_stock_transformers(family, encoder, layer, strategy, lay
     assert torch.isfinite(out.logits).all()
 
 
+def test_no_spec_collected_mode_equals_stock():
+    # streaming=False: every hidden state collected, then the selected ones read
+    model = _model("llava_next", "siglip", [-24, -20, -12, -1], "full")
+    stock = copy.deepcopy(model)
+    patch_llava(model, streaming=False)
+    inputs = _inputs("llava_next")
+    assert all(torch.equal(a, b) for a, b in zip(_features(model, **inputs),
+                                                 _features(stock, **inputs)))
+
+
 def test_no_spec_per_call_layer_and_strategy_follow_transformers():
     # transformers lets a call override vision_feature_layer / select strategy
     model = _model("llava", "clip", [-2, -5])
@@ -353,18 +363,22 @@ def test_no_spec_onevision_video_and_generate():
 def test_no_spec_runs_fewer_layers_than_stock():
     # llava-1.5's -2: transformers runs all 24 layers and the post-layernorm; the patch 23
     model = _model("llava", "clip", -2)
+    stock = copy.deepcopy(model)
     patch_llava(model)
-    tower = model.model.vision_tower
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: calls.append(n))
-               for n, m in [(f"layer{k}", layer) for k, layer in enumerate(tower.encoder.layers)]
-               + [("post_layernorm", tower.post_layernorm)]]
-    try:
-        _features(model, **_inputs("llava"))
-    finally:
-        for h in handles:
-            h.remove()
-    assert calls == [f"layer{k}" for k in range(23)]
+    for m, want in ((stock, [f"layer{k}" for k in range(24)] + ["post_layernorm"]),
+                    (model, [f"layer{k}" for k in range(23)])):
+        tower = m.model.vision_tower
+        calls = []
+        handles = [mod.register_forward_pre_hook(lambda _m, _a, n=n: calls.append(n))
+                   for n, mod in [(f"layer{k}", layer)
+                                  for k, layer in enumerate(tower.encoder.layers)]
+                   + [("post_layernorm", tower.post_layernorm)]]
+        try:
+            _features(m, **_inputs("llava"))
+        finally:
+            for h in handles:
+                h.remove()
+        assert calls == want
 
 
 # --------------------------------------------------------------------------- DC on AnyRes
