@@ -601,6 +601,13 @@ def test_read_projector_checkpoint_forms_and_errors(tmp_path):
     assert set(extras) == {"image_newline"}
     with pytest.raises(ValueError, match="no mm_projector"):
         read_projector_checkpoint({"model.layers.0.weight": torch.ones(1)})
+    # a bare projector state dict (a DenseConnector's or transformers' own keys) is the projector
+    for keys in (("0.weight", "2.bias"), ("weight", "bias"), ("linear_1.weight", "linear_2.bias")):
+        got, extras = read_projector_checkpoint({**{k: torch.ones(1) for k in keys},
+                                                 "image_newline": torch.ones(3)})
+        assert set(got) == set(keys) and set(extras) == {"image_newline"}
+    with pytest.raises(ValueError, match="no mm_projector"):  # bare and other keys mixed
+        read_projector_checkpoint({"0.weight": torch.ones(1), "lm_head.weight": torch.ones(1)})
     with pytest.raises(ValueError, match="twice"):
         read_projector_checkpoint({"mm_projector.0.weight": torch.ones(1),
                                    "model.mm_projector.0.weight": torch.ones(1)})
@@ -762,7 +769,11 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, family, encoder):
         logits = model(input_ids=ids, **inputs).logits
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["dense_connector"]["spec"]["groups"] == [list(g) for g in spec.groups]
+    # the section is the vLLM plugin's format (dc_kernels.integrations.vllm.config)
+    from dc_kernels.integrations.vllm import dense_connector_config
+    drop = encoder == "siglip"
+    assert saved["dense_connector"] == dense_connector_config(
+        spec, WIDTH, "mlp2x_gelu", streaming=True, drop_last_layer=drop)
 
     cls = type(model)
     apply_dense_connector_to_llava()
@@ -787,6 +798,46 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, family, encoder):
     for fn in (patch_llava, apply_dense_connector_to_llava):
         with pytest.raises(ValueError, match="apply_dense_connector_to_llava"):
             fn(plain)
+
+
+def test_config_section_is_what_the_vllm_plugin_reads(tmp_path):
+    from dc_kernels.integrations.vllm import parse_dense_connector_config
+    model = _model("llava", "siglip")
+    spec = ConnectorSpec.preset("siglip", "sti")
+    patch_llava(model, spec, projector_type="linear")
+    parsed = parse_dense_connector_config(model.config)
+    assert (parsed.spec, parsed.projector_type, parsed.drop_last_layer) == (spec, "linear", True)
+    assert parsed.num_image_tokens == model.model.dense_connector_tower.num_image_tokens
+
+
+def test_class_level_patch_reads_presets_and_refuses_external_weights(tmp_path):
+    model = _model("llava", "clip")
+    spec = ConnectorSpec.preset("clip", "sci")
+    patch_llava(model, spec)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["dense_connector"] = {"encoder": "clip", "connector_type": "sci"}  # a preset section
+    path.write_text(json.dumps(config))
+    apply_dense_connector_to_llava()
+    try:
+        loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+        assert loaded.model.multi_modal_projector.spec == spec
+        _assert_same_state(loaded, _state(model))
+        for section, match in (
+                ({"encoder": "clip", "connector_type": "sci", "mm_projector": "mm.bin"},
+                 "mm.bin"),
+                ({"connector_type": "sci", "groups": [[7, 8]]}, r"missing \['final_layer'\]"),
+                ({"encoder": "clip", "connector_type": "dci", "mm_hidden_size": 5},
+                 "mm_hidden_size is 5"),
+                ({"connector_type": "sci", "final_layer": 23, "groups": [[7, 9]]},
+                 "single layers")):
+            config["dense_connector"] = section
+            path.write_text(json.dumps(config))
+            with pytest.raises(ValueError, match=match):
+                LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    finally:
+        revert_dense_connector_to_llava()
 
 
 def test_no_spec_patched_model_saves_a_stock_checkpoint(tmp_path):

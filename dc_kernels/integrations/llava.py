@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import functools
 import os
+import re
 import threading
 import types
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -51,6 +52,7 @@ CONFIG_KEY = "dense_connector"
 _STATE = "_dc_kernels_patch"  # the patch's state on the inner model (a plain attribute)
 #: checkpoint files looked for when ``checkpoint`` is a directory, in this order
 CHECKPOINT_FILES = ("mm_projector.bin", "non_lora_trainables.bin")
+_BARE_KEY = re.compile(r"^((\d+\.)?(weight|bias)|linear_[12]\.(weight|bias))$")
 
 
 # --------------------------------------------------------------------------- families
@@ -125,7 +127,9 @@ def read_projector_checkpoint(checkpoint) -> Tuple[Dict[str, torch.Tensor],
     ``mm_projector.`` occurs, so ``mm_projector.0.weight``, ``model.mm_projector.0.weight`` and
     the PEFT form ``base_model.model.model.mm_projector.0.weight`` all give ``0.weight``; a key
     ending in ``image_newline`` (``model.image_newline``, AnyRes models) is returned apart. Other
-    keys (the LLM, ``embed_tokens``) are ignored, as the original's loader does.
+    keys (the LLM, ``embed_tokens``) are ignored, as the original's loader does. A state dict
+    without ``mm_projector.`` keys whose keys are all a projector's own (``0.weight``,
+    ``weight``, ``linear_1.weight``, ...) is taken as the projector itself.
 
     Returns:
         ``(projector, extras)``: ``{"0.weight": ..., "0.bias": ..., ...}`` and
@@ -167,9 +171,17 @@ def read_projector_checkpoint(checkpoint) -> Tuple[Dict[str, torch.Tensor],
         elif key == "image_newline" or key.endswith(".image_newline"):
             extras["image_newline"] = value
     if not projector:
+        # a bare projector state dict: the module's own keys (0.weight ... / weight, bias /
+        # linear_1.*, linear_2.*), as DenseConnector.state_dict() or a transformers projector
+        bare = {k: v for k, v in checkpoint.items() if isinstance(k, str)
+                and k != "image_newline"}
+        if bare and all(_BARE_KEY.match(k) for k in bare):
+            projector = bare
+    if not projector:
         sample = sorted(k for k in checkpoint if isinstance(k, str))[:5]
         raise ValueError("checkpoint holds no mm_projector.* weights (keys such as "
-                         f"'model.mm_projector.0.weight'); its first keys: {sample}")
+                         f"'model.mm_projector.0.weight') and is not a bare projector state dict "
+                         f"('0.weight', 'linear_1.weight', ...); its first keys: {sample}")
     return projector, extras
 
 
@@ -182,11 +194,13 @@ def _load_own_projector(projector: nn.Module, weights: Mapping[str, torch.Tensor
     mapping = {"0.": "linear_1.", "2.": "linear_2."}
     target = {}
     for key, value in weights.items():
-        prefix = key[:2]
-        if prefix not in mapping:
+        if key.startswith(("linear_1.", "linear_2.")):
+            target[key] = value
+        elif key[:2] in mapping:
+            target[mapping[key[:2]] + key[2:]] = value
+        else:
             raise ValueError(f"unexpected projector key {key!r}: an original mlp2x_gelu "
                              "projector has 0.weight, 0.bias, 2.weight, 2.bias")
-        target[mapping[prefix] + key[2:]] = value
     own = dict(projector.named_parameters())
     own = {k: v for k, v in own.items() if k.startswith(("linear_1.", "linear_2."))}
     problems = []
@@ -382,23 +396,67 @@ _REPLACEMENTS = {
 
 
 # --------------------------------------------------------------------------- patching
-def _spec_entry(spec: ConnectorSpec, connector: DenseConnector, drop_last_layer: bool) -> dict:
-    d = dataclasses.asdict(spec)
-    d["groups"] = [list(g) for g in spec.groups]
-    return {"spec": d, "projector_type": connector.projector_type,
-            "vision_hidden_size": connector.vision_hidden_size,
-            "drop_last_layer": drop_last_layer}
+_SPEC_FIELDS = ("connector_type", "final_layer", "groups", "drop_cls", "pool_size",
+                "num_hidden_states")
 
 
-def _spec_from_entry(entry) -> Tuple[ConnectorSpec, str, Optional[bool]]:
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("spec"), Mapping):
-        raise ValueError(f"config.{CONFIG_KEY} must be the mapping patch_llava records "
-                         f"({{'spec': {{...}}, 'projector_type': ...}}), got {entry!r}")
+def _spec_entry(spec: ConnectorSpec, connector: DenseConnector, drop_last_layer: bool,
+                streaming: bool) -> dict:
+    """The ``config.dense_connector`` section: the format of the vLLM plugin's config
+    (``dc_kernels.integrations.vllm.config``), so a saved model's section is the one it reads."""
+    section = {"connector_type": spec.connector_type, "final_layer": spec.final_layer,
+               "groups": [list(g) for g in spec.groups], "drop_cls": spec.drop_cls,
+               "pool_size": spec.pool_size}
+    if spec.num_hidden_states is not None:
+        section["num_hidden_states"] = spec.num_hidden_states
+    section["projector_type"] = connector.projector_type
+    section["mm_hidden_size"] = spec.out_channels(connector.vision_hidden_size)
+    section["drop_last_layer"] = bool(drop_last_layer)
+    section["streaming"] = streaming
+    return section
+
+
+def _bad_entry(msg: str) -> ValueError:
+    return ValueError(f"config.{CONFIG_KEY}: {msg}")
+
+
+def _spec_from_entry(entry, width: int) -> Tuple[ConnectorSpec, str, Optional[bool]]:
+    """(spec, projector type, drop_last_layer or None) of a ``config.dense_connector`` section.
+
+    Reads the spec fields or a preset (``encoder`` + ``connector_type``), as the vLLM plugin's
+    config does. A section naming an external ``mm_projector`` file is refused: the weights are
+    not in the checkpoint ``from_pretrained`` loads.
+    """
+    if not isinstance(entry, Mapping):
+        raise _bad_entry(f"must be a mapping, got {type(entry).__name__}")
+    if entry.get("mm_projector") is not None:
+        raise _bad_entry(
+            f"the projector's weights are in {entry['mm_projector']!r} (an original Dense "
+            "Connector file next to the checkpoint), not in the checkpoint: load the model "
+            "without the class-level patch and call patch_llava(model, spec, "
+            "checkpoint=<that file>)")
     try:
-        spec = ConnectorSpec(**entry["spec"])
-    except TypeError as e:
-        raise ValueError(f"config.{CONFIG_KEY}['spec'] is not a ConnectorSpec: {e}") from None
-    return spec, entry.get("projector_type", "mlp2x_gelu"), entry.get("drop_last_layer")
+        if "encoder" in entry:
+            spec = ConnectorSpec.preset(entry["encoder"], entry.get("connector_type", "dci"))
+        else:
+            missing = [k for k in ("connector_type", "final_layer", "groups") if k not in entry]
+            if missing:
+                raise _bad_entry(f"missing {missing} (the spec fields, or a preset: encoder + "
+                                 "connector_type)")
+            kwargs = {k: entry[k] for k in _SPEC_FIELDS if k in entry}
+            kwargs["groups"] = tuple(tuple(g) for g in kwargs["groups"])
+            spec = ConnectorSpec(**kwargs)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(f"config.{CONFIG_KEY}"):
+            raise
+        raise _bad_entry(str(e)) from None
+    if "mm_hidden_size" in entry and entry["mm_hidden_size"] != spec.out_channels(width):
+        raise _bad_entry(f"mm_hidden_size is {entry['mm_hidden_size']}, but the spec makes "
+                         f"{spec.out_channels(width)} features from the {width}-wide tower")
+    drop_last_layer = entry.get("drop_last_layer")
+    if drop_last_layer is not None and not isinstance(drop_last_layer, bool):
+        raise _bad_entry(f"drop_last_layer must be true or false, got {drop_last_layer!r}")
+    return spec, entry.get("projector_type", "mlp2x_gelu"), drop_last_layer
 
 
 def _check_anyres_fit(inner, family, spec, wrapper):
@@ -625,7 +683,8 @@ def _patch_dense_connector(inner, family, spec, connector, checkpoint, projector
         _load_newline(inner, extras, state)
     inner.multi_modal_projector = connector  # same key, same place in the state dict
     if not from_config:
-        setattr(inner.config, CONFIG_KEY, _spec_entry(spec, connector, wrapper.drop_last_layer))
+        setattr(inner.config, CONFIG_KEY,
+                _spec_entry(spec, connector, wrapper.drop_last_layer, streaming))
     _install(inner, family, state)
 
 
@@ -684,7 +743,8 @@ def _patch_from_config(inner, family, streaming, backend) -> None:
     if entry is None:
         _patch_layers(inner, family, streaming, None)
         return
-    spec, projector_type, drop_last_layer = _spec_from_entry(entry)
+    width = int(_resolve_transformer(inner.vision_tower).config.hidden_size)
+    spec, projector_type, drop_last_layer = _spec_from_entry(entry, width)
     _patch_dense_connector(inner, family, spec, None, None, projector_type, streaming, backend,
                            drop_last_layer, from_config=True)
 
