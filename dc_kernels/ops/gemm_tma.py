@@ -4,7 +4,9 @@
 (``GROUP_M`` row tiles share the W columns they sweep, so W stays in L2); each tile's K loop
 loads A and W tiles with TMA (host-side tensor descriptors, zero fill past the edges) into a
 ``num_stages``-deep shared-memory ring that Triton's pipeliner keeps ahead of ``wgmma``; the
-epilogue adds the bias, applies exact-erf GELU, rounds once and stores the tile with TMA.
+epilogue adds the bias, applies exact-erf GELU, rounds once and stores the tile with TMA
+(``STORE_PRE``, training: it also stores the pre-activation, rounded once, through a second
+descriptor).
 
 Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specialize this loop
 on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
@@ -31,12 +33,16 @@ __all__ = ["gemm_tma", "gemm_tma_eligible", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG
 
 
 @triton.jit
-def _epilogue(b_acc, o_desc, bias, o_am, o_n0, N, HAS_BIAS: tl.constexpr,
-              ACTIVATION: tl.constexpr, EMULATE_RNE: tl.constexpr, WIDTH: tl.constexpr):
-    # bias, exact-erf GELU, one rounding, TMA store of a [rows, WIDTH] tile at (o_am, o_n0)
+def _epilogue(b_acc, o_desc, p_desc, bias, o_am, o_n0, N, HAS_BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+              WIDTH: tl.constexpr):
+    # bias, exact-erf GELU, one rounding, TMA store of a [rows, WIDTH] tile at (o_am, o_n0);
+    # STORE_PRE: the tile before the GELU too, through p_desc
     if HAS_BIAS:
         o_n = o_n0 + tl.arange(0, WIDTH)
         b_acc += tl.load(bias + o_n, mask=o_n < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        p_desc.store([o_am, o_n0], _round(b_acc, p_desc.dtype, EMULATE_RNE))
     if ACTIVATION == 1:
         b_acc = 0.5 * b_acc * (1.0 + tl.erf(b_acc * 0.7071067811865476))
     o_desc.store([o_am, o_n0], _round(b_acc, o_desc.dtype, EMULATE_RNE))
@@ -44,9 +50,10 @@ def _epilogue(b_acc, o_desc, bias, o_am, o_n0, N, HAS_BIAS: tl.constexpr,
 
 @triton.jit
 def _gemm_tma_kernel(
-    a_desc, w_desc, o_desc,  # A [M, K], W [N, K], out [M, N]: TMA descriptors
+    a_desc, w_desc, o_desc, p_desc,  # A [M, K], W [N, K], out and pre [M, N]: TMA descriptors
     bias, M, N, K,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
@@ -82,13 +89,13 @@ def _gemm_tma_kernel(
             # tiles spill without it)
             b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             b_lo, b_hi = tl.split(b_acc)
-            _epilogue(b_lo, o_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, EMULATE_RNE,
-                      BLOCK_N // 2)
-            _epilogue(b_hi, o_desc, bias, o_am, o_wn + BLOCK_N // 2, N, HAS_BIAS, ACTIVATION,
+            _epilogue(b_lo, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
                       EMULATE_RNE, BLOCK_N // 2)
+            _epilogue(b_hi, o_desc, p_desc, bias, o_am, o_wn + BLOCK_N // 2, N, HAS_BIAS,
+                      ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_N // 2)
         else:
-            _epilogue(b_acc, o_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, EMULATE_RNE,
-                      BLOCK_N)
+            _epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                      STORE_PRE, EMULATE_RNE, BLOCK_N)
 
 
 def _set_blocks(nargs):
@@ -97,6 +104,7 @@ def _set_blocks(nargs):
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
     nargs["o_desc"].block_shape = [bm, bn // 2 if nargs["SPLIT_EPILOGUE"] else bn]
+    nargs["p_desc"].block_shape = nargs["o_desc"].block_shape
 
 
 def _cfg(bm, bn, bk, warps, stages, split=False, group_m=8):
@@ -180,12 +188,13 @@ def gemm_tma_eligible(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) 
 
 
 def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             activation: Optional[str], out: torch.Tensor, leave_room: bool = False
-             ) -> torch.Tensor:
+             activation: Optional[str], out: torch.Tensor, leave_room: bool = False,
+             pre: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = act(a @ weight.T + bias)`` with the persistent TMA kernel (checked eligible).
 
     ``leave_room``: pick among :data:`GEMM_TMA_CONFIGS_OVERLAP` (a features program fits beside
-    every CTA)."""
+    every CTA). ``pre`` (training; eligible too, ``out``'s shape): also receives
+    ``a @ weight.T + bias`` before the activation."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = a.shape
     N = weight.shape[0]
@@ -198,11 +207,15 @@ def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     descs = (TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
              TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]]),
              TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]]))
+    # without ``pre`` the kernel never touches p_desc; a copy of out's descriptor stands in
+    descs += (TensorDescriptor.from_tensor(pre if pre is not None else out,
+                                           [cfg["BLOCK_M"], cfg["BLOCK_N"]]),)
     if interp:
-        _set_blocks(dict(a_desc=descs[0], w_desc=descs[1], o_desc=descs[2], **cfg))
+        _set_blocks(dict(a_desc=descs[0], w_desc=descs[1], o_desc=descs[2], p_desc=descs[3],
+                         **cfg))
     sms = INTERPRET_SMS if interp else _num_sms(a.device.index or 0)
     meta = dict(HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation],
-                EMULATE_RNE=interp, DOT_FP32=interp,
+                STORE_PRE=pre is not None, EMULATE_RNE=interp, DOT_FP32=interp,
                 INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms)
     args = (*descs, bias if bias is not None else out, M, N, K)
     if interp:

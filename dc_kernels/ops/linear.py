@@ -4,15 +4,18 @@
 K-slab ``g`` sums group ``g``'s layer tiles and scales by ``1/len``, rounded to the input dtype
 (so fused and two-pass agree bit for bit in A). Bias and exact-erf GELU in the epilogue, grouped
 program order. With no groups and a single 2-D "layer" it is a plain GEMM: the second pass of
-the two-pass path.
+the two-pass path. ``STORE_PRE`` (training) also stores the pre-activation ``Z = A W^T + b``,
+rounded to the input dtype, for the backward's GELU'.
 
-:func:`linear_triton` dispatches between the paths (rule in :mod:`.path`).
+:func:`linear_triton` dispatches between the paths (rule in :mod:`.path`);
+:func:`linear_triton_for_training` is the same launch that also hands back what the backward
+keeps (the features the two-pass and overlapped paths write, and ``Z``).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -25,7 +28,8 @@ from .features import features_triton
 from .gemm_tma import gemm_tma, gemm_tma_eligible
 from .path import choose_linear_path, overlap_chunk_rows
 
-__all__ = ["linear_triton", "gemm", "CONFIG_LISTS", "LINEAR_CONFIG_INTERPRET", "PATHS",
+__all__ = ["linear_triton", "linear_triton_for_training", "gemm", "CONFIG_LISTS",
+           "LINEAR_CONFIG_INTERPRET", "PATHS",
            "prune_configs", "shared_bytes_bound", "overlap_chunks"]
 
 
@@ -33,12 +37,13 @@ __all__ = ["linear_triton", "gemm", "CONFIG_LISTS", "LINEAR_CONFIG_INTERPRET", "
 def _linear_kernel(
     layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
     w, stride_wn, stride_wk,  # weight [N, (G+1)*C] as nn.Linear stores it
-    bias, out, stride_om,  # out is [M, N] with unit column stride
+    bias, out, pre, stride_om,  # out (and pre) are [M, N] with unit column stride
     M, N, C, T_KEEP,
     M_BUCKET,  # autotune key only
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
     UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,  # 0 none, 1 exact-erf GELU
+    STORE_PRE: tl.constexpr,  # also store the pre-activation (acc + bias) into ``pre``
     DOT_FP32: tl.constexpr,  # interpreter: fp32 dot operands (no bf16 math on CPU)
     INPUT_PRECISION: tl.constexpr,  # "ieee" unless the caller allows tf32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -96,14 +101,40 @@ def _linear_kernel(
 
     if HAS_BIAS:
         b_acc += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        _store_pre_and_out(pre, out, b_acc, pid_m, o_n, m_m, m_n, stride_om, ACTIVATION, OFF64,
+                           EMULATE_RNE, BLOCK_M)
+    else:
+        if ACTIVATION == 1:
+            b_acc = 0.5 * b_acc * (1.0 + tl.erf(b_acc * 0.7071067811865476))
+        if OFF64:
+            p_out = out + o_m.to(tl.int64)[:, None] * stride_om + o_n[None, :]
+        else:
+            p_out = out + o_m[:, None] * stride_om + o_n[None, :]
+        tl.store(p_out, _round(b_acc, out.dtype.element_ty, EMULATE_RNE),
+                 mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _store_pre_and_out(pre, out, b_acc, pid_m, o_n, m_m, m_n, stride_om,
+                       ACTIVATION: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    # the training epilogue: Z = acc (+ bias) and act(Z), each rounded once. Z is stored
+    # before the GELU (no second copy of the tile stays live across it); offsets are the
+    # tile's first row (a scalar, int64 if needed) plus 32-bit offsets within the tile
+    # (BLOCK_M * stride_om < 2^31 for N < 2^24, checked on the host), formed at each store:
+    # no [BLOCK_M, BLOCK_N] int64 tile, which spills registers with 128x128 tiles
+    if OFF64:
+        o_row0 = (pid_m * BLOCK_M).to(tl.int64) * stride_om
+    else:
+        o_row0 = pid_m * BLOCK_M * stride_om
+    m_out = m_m[:, None] & m_n[None, :]
+    tl.store(pre + o_row0 + (tl.arange(0, BLOCK_M)[:, None] * stride_om + o_n[None, :]),
+             _round(b_acc, pre.dtype.element_ty, EMULATE_RNE), mask=m_out)
     if ACTIVATION == 1:
         b_acc = 0.5 * b_acc * (1.0 + tl.erf(b_acc * 0.7071067811865476))
-    if OFF64:
-        p_out = out + o_m.to(tl.int64)[:, None] * stride_om + o_n[None, :]
-    else:
-        p_out = out + o_m[:, None] * stride_om + o_n[None, :]
-    tl.store(p_out, _round(b_acc, out.dtype.element_ty, EMULATE_RNE),
-             mask=m_m[:, None] & m_n[None, :])
+    tl.store(out + o_row0 + (tl.arange(0, BLOCK_M)[:, None] * stride_om + o_n[None, :]),
+             _round(b_acc, out.dtype.element_ty, EMULATE_RNE), mask=m_out)
 
 
 # --------------------------------------------------------------------------- configs
@@ -218,8 +249,10 @@ _AUTOTUNED = {key: _autotuned(configs) for key, configs in CONFIG_LISTS.items()}
 
 # --------------------------------------------------------------------------- launchers
 def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, activation, out,
-                   flags):
+                   flags, pre=None):
     N = weight.shape[0]
+    if pre is not None and out.stride(0) >= 2 ** 24:  # the STORE_PRE epilogue's 32-bit offsets
+        raise ValueError(f"the Triton linear keeps Z for fewer than 2^24 columns only, got {N}")
     sb, st, sc = common.strides(entries)
     dtype = entries[0].dtype
     # Layouts: the layers and the weight are read through their strides; the output is
@@ -230,10 +263,11 @@ def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
         bias = bias.contiguous()
     allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     args = (tuple(entries), sb, st, sc, weight, weight.stride(0), weight.stride(1),
-            bias if bias is not None else weight, out, out.stride(0), M, N, C, t_keep,
-            triton.next_power_of_2(M))
+            bias if bias is not None else weight, out, pre if pre is not None else out,
+            out.stride(0), M, N, C, t_keep, triton.next_power_of_2(M))
     meta = dict(TOK0=tok0, STARTS=starts, SIZES=sizes, **flags, HAS_BIAS=bias is not None,
-                ACTIVATION=common.ACTIVATIONS[activation], DOT_FP32=common.interpreting(),
+                ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=pre is not None,
+                DOT_FP32=common.interpreting(),
                 INPUT_PRECISION="tf32" if allow_tf32 else "ieee")
     if common.interpreting():
         cfg = LINEAR_CONFIG_INTERPRET
@@ -250,17 +284,18 @@ def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
 
 
 def gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: torch.Tensor,
-         leave_room: bool = False) -> None:
+         leave_room: bool = False, pre: Optional[torch.Tensor] = None) -> None:
     """``out = act(a @ weight.T + bias)`` for 2-D ``a`` (the second pass): the persistent TMA
     kernel where it applies (sm_90+, TMA-compatible layouts; ``leave_room``: configs that leave
-    an SM slot for the overlapped features), else the cp.async kernel."""
-    if gemm_tma_eligible(a, weight, out):
-        gemm_tma(a, weight, bias, activation, out, leave_room=leave_room)
+    an SM slot for the overlapped features), else the cp.async kernel. ``pre`` (training, the
+    layout of ``out``): also receives ``a @ weight.T + bias`` before the activation."""
+    if gemm_tma_eligible(a, weight, out) and (pre is None or gemm_tma_eligible(a, weight, pre)):
+        gemm_tma(a, weight, bias, activation, out, leave_room=leave_room, pre=pre)
         return
     M, K = a.shape
     a3 = a.unsqueeze(0)
     _launch_linear([a3], (), (), M, K, M, 0, weight, bias, activation, out,
-                   common.layout_flags([a3], weight, out))
+                   common.layout_flags([a3], weight, out), pre)
 
 
 #: Overlapped path: rows per chunk; 0 = :func:`dc_kernels.ops.path.overlap_chunk_rows`
@@ -293,7 +328,7 @@ def _side_stream(device: torch.device):
 
 
 def _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias, activation, out2d,
-                chunk_rows: int = 0):
+                chunk_rows: int = 0, pre2d=None):
     # The features of row chunk j + 1 are written (side stream) while the GEMM of chunk j runs
     # (current stream): the memory-bound pass hides under the compute-bound one. Each GEMM
     # chunk waits on its features chunk's event only; the result is the two-pass one bit for
@@ -322,8 +357,9 @@ def _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias, acti
     if base.device.type != "cuda":
         for q, (r0, r1) in chunks:
             produce(q, (r0, r1))
-            gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True)
-        return
+            gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True,
+                 pre=None if pre2d is None else pre2d[r0:r1])
+        return feats
     main = torch.cuda.current_stream(base.device)
     side = _side_stream(base.device)
     side.wait_stream(main)  # the hidden states are ready
@@ -336,9 +372,12 @@ def _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias, acti
             events.append(ev)
     for (q, (r0, r1)), ev in zip(chunks, events):
         main.wait_event(ev)
-        gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True)
+        gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True,
+             pre=None if pre2d is None else pre2d[r0:r1])
     # feats was allocated on ``main``, which waits for every side-stream write above before
-    # its last GEMM: freeing it after return is safe without record_stream
+    # its last GEMM: freeing it after return (or handing it to autograd) is safe without
+    # record_stream
+    return feats
 
 
 PATHS = ("auto", "fused", "two-pass", "overlap")
@@ -362,6 +401,30 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     tensors, STI) runs two-pass when ``"fused"`` is asked for, and STI runs two-pass when
     ``"overlap"`` is asked for; the result is the same.
     """
+    return _linear(hidden_states, spec, batch, tokens, channels, weight, bias, activation, path,
+                   False, False)[0]
+
+
+def linear_triton_for_training(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
+                               batch: int, tokens: int, channels: int, weight: torch.Tensor,
+                               bias, activation, path: str = "auto", *,
+                               keep_features: bool = False, keep_pre: bool = False
+                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                          Optional[torch.Tensor]]:
+    """:func:`linear_triton`, also returning what a backward keeps: ``(out, features, pre)``.
+
+    ``keep_features``: return the features ``A`` (``[B, T', K]``) the GEMM read; the fused
+    path never writes them, so a fused launch runs two-pass instead (same result).
+    ``keep_pre``: the GEMM's epilogue also stores ``Z = A @ weight.T + bias`` (before the
+    activation; fp32 accumulation rounded once to the input dtype), ``[B, T', N]``. Entries
+    not asked for are None. (docs/DESIGN.md §6.1)
+    """
+    return _linear(hidden_states, spec, batch, tokens, channels, weight, bias, activation, path,
+                   keep_features, keep_pre)
+
+
+def _linear(hidden_states, spec, batch, tokens, channels, weight, bias, activation, path,
+            keep_features, keep_pre):
     base = hidden_states[spec.final_layer]
     common.check_launchable(base.device, base.dtype)
     t_keep = spec.tokens_kept(tokens)
@@ -369,9 +432,13 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     M = batch * rows
     N = weight.shape[0]
     out = common.empty((batch, rows, N), base.dtype, base.device)
+    pre = common.empty((batch, rows, N), base.dtype, base.device) if keep_pre else None
     if M == 0 or N == 0:
-        return out
+        feats = features_triton(hidden_states, spec, batch, tokens, channels) \
+            if keep_features else None
+        return out, feats, pre
     out2d = out.view(M, N)
+    pre2d = pre.view(M, N) if pre is not None else None
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if bias is not None and bias.stride(0) != 1:
@@ -388,13 +455,16 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
         path = "two-pass"
     elif path == "overlap" and sti:
         path = "two-pass"
+    if path == "fused" and keep_features:
+        path = "two-pass"  # the fused kernel never writes A
     if path == "fused":
         _launch_linear(entries, starts, sizes, M, channels, t_keep, spec.token_offset,
-                       weight, bias, activation, out2d, flags)
-    elif path == "overlap":
-        _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias, activation,
-                    out2d)
+                       weight, bias, activation, out2d, flags, pre2d)
+        return out, None, pre
+    if path == "overlap":
+        feats = _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias,
+                            activation, out2d, pre2d=pre2d)
     else:
         feats = features_triton(hidden_states, spec, batch, tokens, channels)
-        gemm(feats.view(M, feats.shape[-1]), weight, bias, activation, out2d)
-    return out
+        gemm(feats.view(M, feats.shape[-1]), weight, bias, activation, out2d, pre=pre2d)
+    return out, (feats if keep_features else None), pre

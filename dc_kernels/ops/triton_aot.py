@@ -300,13 +300,19 @@ BENCH_N = 4096
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _linear_call(hs, spec, N, dtype, path, weight=None, bias=True):
+def _linear_call(hs, spec, N, dtype, path, weight=None, bias=True, train=False):
+    """``train``: the weight and bias require grad, so the training launches run (they also
+    store Z; a frozen ViT's call keeps A, so it runs two-pass: docs/DESIGN.md §6.1)."""
     import dc_kernels
     C = hs[spec.final_layer].shape[-1]
     w = weight if weight is not None else torch.empty(N, spec.out_channels(C), dtype=dtype)
     b = torch.empty(N, dtype=dtype) if bias else None
-    return dc_kernels.dense_connector_linear(hs, spec, w, b, "gelu", backend="triton",
-                                            path=path)
+    if train:
+        w.requires_grad_()
+        b = b.requires_grad_() if b is not None else None
+    with torch.enable_grad() if train else torch.no_grad():
+        return dc_kernels.dense_connector_linear(hs, spec, w, b, "gelu", backend="triton",
+                                                path=path)
 
 
 def _features_call(hs, spec):
@@ -331,6 +337,9 @@ def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
     * ``layout``: what users can also pass: channel stride != 1, views misaligned by one
       element, token-major storage, sizes not divisible by 16, a transposed weight, fp32 with
       TF32 allowed.
+    * ``training``: the launches of a training forward (the epilogue also stores Z): a frozen
+      ViT (CLIP DCI, 16 images, every path asked for; A is kept, so fused runs two-pass), a
+      trainable ViT (hidden states that require grad: fused runs fused) and odd sizes.
     """
     from ..spec import ConnectorSpec
     cases: List[Case] = []
@@ -397,6 +406,25 @@ def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
                 _hidden_states(spec, 1, 577, 1024, dtype), spec, 4096, dtype, "two-pass",
                 weight=torch.empty(3072, 4096, dtype=dtype).t()),
             dict(op="linear", layout="weight-transposed", dtype=dt)))
+        # training launches (STORE_PRE): frozen and trainable ViT
+        for path in ("fused", "two-pass", "overlap"):
+            for vit in ("frozen", "trainable"):
+                if vit == "trainable" and path != "fused":
+                    continue  # the other paths run the frozen ViT's launches
+
+                def train_call(dtype=dtype, path=path, vit=vit):
+                    hs = _hidden_states(spec, 16, 577, 1024, dtype)
+                    if vit == "trainable":
+                        hs = tuple(h.requires_grad_() for h in hs)
+                    return _linear_call(hs, spec, BENCH_N, dtype, path, train=True)
+                cases.append(Case(f"linear-train-{path}/{vit}-vit-clip336-dci-16img-{dt}",
+                                  "training", train_call,
+                                  dict(op="linear-train", path=path, dtype=dt)))
+        cases.append(Case(
+            f"linear-train-two-pass/odd-sizes-{dt}", "training",
+            lambda dtype=dtype: _linear_call(_hidden_states(spec, 3, 101, 200, dtype), spec,
+                                             1000, dtype, "two-pass", train=True),
+            dict(op="linear-train", layout="odd-sizes", dtype=dt)))
     if "fp32" in dtypes:
         def tf32_call():
             prev = torch.backends.cuda.matmul.allow_tf32
