@@ -81,9 +81,10 @@ def test_dense_connector_linear_module_equals_the_function(backend):
 def test_backend_set_on_the_connector_reaches_the_first_layer(monkeypatch):
     m = DenseConnector(SPEC, 12, 20, backend="torch")
     calls = []
-    real = linear_ops.linear_triton
-    monkeypatch.setattr(linear_ops, "linear_triton",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("linear_triton", "linear_triton_for_training"):  # inference, training
+        real = getattr(linear_ops, name)
+        monkeypatch.setattr(linear_ops, name,
+                            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     m(_hs())
     assert not calls
     m.backend = "triton"
@@ -156,7 +157,8 @@ def test_column_shards_are_bit_equal_slices(backend, dtype, n, world):
     first = DenseConnector.from_projector(SPEC, proj, backend=backend).first_layer()
     hs = _hs(dtype=dtype, seed=4, B=3)
     hs = [h.transpose(0, 1).contiguous().transpose(0, 1) for h in hs]  # strided views
-    full = first(hs)
+    with torch.no_grad():  # inference, as the shards below (a training launch of a frozen
+        full = first(hs)   # ViT keeps A and so runs two-pass: docs/DESIGN.md §6.1)
     cols = []
     for rank in range(world):
         shard = first.column_shard(rank, world)

@@ -235,8 +235,10 @@ def test_env_forces_backend(monkeypatch):
     spec, proj, hs = _setup("clip", "dci", torch.float32)
     m = DenseConnector.from_projector(spec, proj)
     calls = []
-    real = linear_ops.linear_triton
-    monkeypatch.setattr(linear_ops, "linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("linear_triton", "linear_triton_for_training"):  # inference, training
+        real = getattr(linear_ops, name)
+        monkeypatch.setattr(linear_ops, name,
+                            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     monkeypatch.setenv(BACKEND_ENV, "triton")
     a = m(hs)
     assert calls, "DC_KERNELS_BACKEND=triton did not reach the Triton launcher"

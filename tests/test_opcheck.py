@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from dc_kernels.autograd import features_op, linear_op, scatter_grad_op
+from dc_kernels.autograd import (_kept_for_backward, features_op, linear_custom_op,
+                                 scatter_grad_op)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 #: the custom ops of dc_kernels; a new one must be added here (test_every_op_is_checked)
-OPS = {"dc_kernels::features": features_op, "dc_kernels::linear": linear_op,
+OPS = {"dc_kernels::features": features_op, "dc_kernels::linear": linear_custom_op,
        "dc_kernels::scatter_grad": scatter_grad_op}
 
 
@@ -54,23 +55,29 @@ def test_opcheck_features(name, grad):
 
 
 @pytest.mark.parametrize("case", [
-    ("dci_cls", True, "gelu", "fused", torch.float32),
-    ("dci_cls", False, "none", "two-pass", torch.float32),
-    ("sci", True, "gelu", "auto", torch.bfloat16),
-    ("dci_overlap_unread_tail", True, "none", "fused", torch.float16),
-    ("sti_cls", True, "gelu", "two-pass", torch.float32),
+    ("dci_cls", True, "gelu", "fused", torch.float32, True),
+    ("dci_cls", False, "none", "two-pass", torch.float32, True),
+    ("sci", True, "gelu", "auto", torch.bfloat16, True),
+    ("dci_overlap_unread_tail", True, "none", "fused", torch.float16, True),
+    ("sti_cls", True, "gelu", "two-pass", torch.float32, True),
+    # a frozen ViT: the op keeps A and Z (fused runs two-pass)
+    ("dci_cls", True, "gelu", "fused", torch.float32, False),
+    ("sti_cls", True, "gelu", "two-pass", torch.bfloat16, False),
 ], ids=lambda c: "-".join(str(v) for v in c))
 def test_opcheck_linear(case):
-    name, has_bias, activation, path, dtype = case
+    name, has_bias, activation, path, dtype, hs_grad = case
     n, final, bounds, drop_cls, pool = SPECS[name]
     C = 6
     K = C if pool else C * (len(bounds) // 2 + 1)
     g = torch.Generator().manual_seed(1)
-    hs = _states(n, 2, 9, C, dtype=dtype, strided=True)
+    hs = _states(n, 2, 9, C, dtype=dtype, grad=hs_grad, strided=True)
     w = (torch.randn(7, K, generator=g) / 3).to(dtype).to(DEVICE).requires_grad_()
     b = (torch.randn(14, generator=g).to(dtype).to(DEVICE)[::2].requires_grad_()
          if has_bias else None)  # a strided bias
-    opcheck(linear_op, (hs, final, bounds, drop_cls, pool, w, b, activation, path))
+    # the training outputs (A, Z) the public path asks for with these inputs
+    keep = _kept_for_backward(hs, final, bounds, w, b, activation)
+    opcheck(linear_custom_op, (hs, final, bounds, drop_cls, pool, w, b, activation, path,
+                               *keep))
 
 
 @pytest.mark.parametrize("wanted", ([0, 2, 4], [3], [0, 1, 2, 3, 4]))
