@@ -315,7 +315,7 @@ def _count_calls(monkeypatch, module, name):
 def test_two_pass_uses_tma_gemm_where_layout_allows(monkeypatch, dtype):
     # C = 24 (K = 72) and N = 40: rows of 16-byte multiples, the TMA kernel's layout; the
     # persistent grid (3 programs under the interpreter) walks more tiles than programs
-    calls = _count_calls(monkeypatch, linear_ops, "gemm_tma")
+    calls = _count_calls(monkeypatch, linear_ops, "prepare_gemm_tma")
     spec = ConnectorSpec.preset("clip", "dci")
     hs = _hs(spec, 3, 23, 24, dtype, seed=31)
     w, b = _weights(spec, 24, 40, dtype, seed=32)

@@ -161,6 +161,16 @@ def layout_flags(entries, *others) -> dict:
     return {"UNIFORM": uniform, "OFF64": off64 or FORCE_OFF64, "EMULATE_RNE": interpreting()}
 
 
+class StandIn:
+    """Shape and strides of an output not allocated yet (for :func:`layout_flags`' span)."""
+
+    def __init__(self, shape, strides):
+        self.shape, self._strides = shape, strides
+
+    def stride(self):
+        return self._strides
+
+
 def empty(shape, dtype, device) -> torch.Tensor:
     """Every kernel output of dc_kernels is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

@@ -253,7 +253,7 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
         launch.parts = []
         tp = spec.pooled_tokens(tokens)
         out_strides = (launch.out_shape[1] * channels, channels)
-        flags = common.layout_flags(entries, _StandIn(launch.out_shape, out_strides))
+        flags = common.layout_flags(entries, common.StandIn(launch.out_shape, out_strides))
         for part, rows, groups in ((0, batch * t_keep, 1), (1, batch * tp, spec.num_groups)):
             if rows == 0:
                 continue
@@ -270,7 +270,7 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                      num_warps=cfg["num_warps"]), grid))
         return launch
     width = launch.out_shape[-1]
-    flags = common.layout_flags(entries, _StandIn(launch.out_shape, (t_keep * width, width, 1)))
+    flags = common.layout_flags(entries, common.StandIn(launch.out_shape, (t_keep * width, width, 1)))
     if features_tma_eligible(entries, base.device):
         cfg = _tma_config()
         n_tiles = row_tiles(spec, batch, tokens) * triton.cdiv(channels, cfg["BLOCK_C"])
@@ -299,15 +299,6 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     launch.grid = (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
     return launch
-
-
-class _StandIn:
-    # shape and strides of an output not yet allocated (for layout_flags' span)
-    def __init__(self, shape, strides):
-        self.shape, self._strides = shape, strides
-
-    def stride(self):
-        return self._strides
 
 
 def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import common
 from .common import _round
 
-__all__ = ["gemm_tma", "gemm_tma_eligible", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
+__all__ = ["gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
 
 
 @triton.jit
@@ -187,6 +187,84 @@ def gemm_tma_eligible(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) 
     return all(_tma_layout_ok(t) for t in (a, weight, out))
 
 
+def _clone_desc(template, base):
+    # a descriptor of ``base`` with ``template``'s shape, strides and block shape, without
+    # TensorDescriptor's validation: ``base`` has the layout the template was validated for
+    # (the plan's signature guarantees it). The autotune pre-hook assigns block shapes to the
+    # clone, never to the template.
+    desc = _TD.__new__(_TD)
+    desc.__dict__.update(template.__dict__)
+    desc.base = base
+    return desc
+
+
+class GemmTmaLaunch:
+    """A :func:`gemm_tma` launch prepared for one layout: descriptors' shapes and strides,
+    constants, kernel and grid. Calling it with tensors of that layout (``a``, ``out`` and
+    ``pre`` may be any tensor whose storage starts where the 2-D operand does) builds the four
+    descriptors from templates and launches."""
+
+    __slots__ = ("kernel", "grid", "templates", "tail", "meta", "meta_pre", "bias_copy")
+
+    def __call__(self, a, weight, bias, out, pre=None):
+        ta, tw, to, tp = self.templates
+        if bias is not None and self.bias_copy:
+            bias = bias.contiguous()  # the epilogue reads it at bias + n
+        self.kernel[self.grid](
+            _clone_desc(ta, a), _clone_desc(tw, weight), _clone_desc(to, out),
+            _clone_desc(tp, pre if pre is not None else out),
+            bias if bias is not None else out, *self.tail,
+            **(self.meta if pre is None else self.meta_pre))
+        return out
+
+
+def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     activation: Optional[str], out: torch.Tensor,
+                     leave_room: bool = False) -> GemmTmaLaunch:
+    """The :class:`GemmTmaLaunch` of these operands (checked eligible, all 2-D)."""
+    global _TD
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    _TD = TensorDescriptor
+    M, K = a.shape
+    N = weight.shape[0]
+    allow_tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    interp = common.interpreting()
+    # block shapes: placeholders on a GPU (the autotune pre-hook sets each config's own)
+    cfg = GEMM_TMA_CONFIG_INTERPRET.all_kwargs()
+    ta = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    tw = TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    to = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
+    # ``pre`` has out's layout; without it the kernel never touches p_desc (out's stands in)
+    tp = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
+    if interp:
+        _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **cfg))
+    launch = GemmTmaLaunch()
+    launch.templates = (ta, tw, to, tp)
+    launch.bias_copy = bias is not None and bias.stride(0) != 1
+    sms = INTERPRET_SMS if interp else _num_sms(a.device.index or 0)
+    launch.meta = dict(HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation],
+                       STORE_PRE=False, EMULATE_RNE=interp, DOT_FP32=interp,
+                       INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms)
+    launch.meta_pre = dict(launch.meta, STORE_PRE=True)
+    launch.tail = (M, N, K)
+    if interp:
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        blocks = {k: v for k, v in cfg.items() if k not in ("num_ctas",)}
+        launch.meta.update(blocks)
+        launch.meta_pre.update(blocks)
+        launch.kernel, launch.grid = _gemm_tma_kernel, (min(sms, tiles),)
+        return launch
+
+    def grid(m):
+        return (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
+    launch.kernel = _AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)]
+    launch.grid = grid
+    return launch
+
+
+_TD = None  # triton.tools.tensor_descriptor.TensorDescriptor, imported on first use
+
+
 def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              activation: Optional[str], out: torch.Tensor, leave_room: bool = False,
              pre: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -195,36 +273,5 @@ def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     ``leave_room``: pick among :data:`GEMM_TMA_CONFIGS_OVERLAP` (a features program fits beside
     every CTA). ``pre`` (training; eligible too, ``out``'s shape): also receives
     ``a @ weight.T + bias`` before the activation."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    M, K = a.shape
-    N = weight.shape[0]
-    if bias is not None:
-        bias = bias.contiguous()  # the epilogue reads it at bias + n (a no-op when contiguous)
-    allow_tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    interp = common.interpreting()
-    # block shapes: placeholders on a GPU (the autotune pre-hook sets each config's own)
-    cfg = GEMM_TMA_CONFIG_INTERPRET.all_kwargs()
-    descs = (TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
-             TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]]),
-             TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]]))
-    # without ``pre`` the kernel never touches p_desc; a copy of out's descriptor stands in
-    descs += (TensorDescriptor.from_tensor(pre if pre is not None else out,
-                                           [cfg["BLOCK_M"], cfg["BLOCK_N"]]),)
-    if interp:
-        _set_blocks(dict(a_desc=descs[0], w_desc=descs[1], o_desc=descs[2], p_desc=descs[3],
-                         **cfg))
-    sms = INTERPRET_SMS if interp else _num_sms(a.device.index or 0)
-    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation],
-                STORE_PRE=pre is not None, EMULATE_RNE=interp, DOT_FP32=interp,
-                INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms)
-    args = (*descs, bias if bias is not None else out, M, N, K)
-    if interp:
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        _gemm_tma_kernel[(min(sms, tiles),)](*args, **meta, **{
-            k: v for k, v in cfg.items() if k not in ("num_ctas",)})
-        return out
-
-    def grid(m):
-        return (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
-    _AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)][grid](*args, **meta)
-    return out
+    return prepare_gemm_tma(a, weight, bias, activation, out, leave_room)(a, weight, bias, out,
+                                                                          pre)

@@ -24,11 +24,12 @@ import triton.language as tl
 from ..spec import ConnectorSpec
 from . import common
 from .common import _group_sum, _round, _tile_offsets
-from .features import features_triton
-from .gemm_tma import gemm_tma, gemm_tma_eligible
+from .features import features_triton, prepare_features
+from .gemm_tma import gemm_tma_eligible, prepare_gemm_tma
 from .path import choose_linear_path, overlap_chunk_rows
 
-__all__ = ["linear_triton", "linear_triton_for_training", "gemm", "CONFIG_LISTS",
+__all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
+           "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
            "LINEAR_CONFIG_INTERPRET", "PATHS",
            "prune_configs", "shared_bytes_bound", "overlap_chunks"]
 
@@ -248,54 +249,99 @@ _AUTOTUNED = {key: _autotuned(configs) for key, configs in CONFIG_LISTS.items()}
 
 
 # --------------------------------------------------------------------------- launchers
-def _launch_linear(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, activation, out,
-                   flags, pre=None):
+class KernelLaunch:
+    """``_linear_kernel`` (fused, or the cp.async GEMM) with everything but its tensors fixed.
+
+    ``launch(entries, weight, bias, out, pre)``: ``entries`` is the tuple of layer tensors
+    (whose strides were fixed at preparation); ``out`` (and ``pre``) any tensor whose storage
+    starts at the ``[M, N]`` output's first element with row stride N (the plan's ``[B, T', N]``
+    output, unviewed, or its 2-D view)."""
+
+    __slots__ = ("kernel", "grid", "strides", "wstrides", "tail", "meta", "meta_pre",
+                 "bias_copy", "pre_ok")
+
+    def __call__(self, entries, weight, bias, out, pre=None):
+        if pre is not None and not self.pre_ok:
+            raise ValueError("the Triton linear keeps Z for fewer than 2^24 columns only, got "
+                             f"{self.tail[2]}")
+        if bias is not None and self.bias_copy:
+            # the epilogue reads the bias at ``bias + n`` (unit stride): a strided or expanded
+            # bias (a matrix column, ``b[::2]``, ``expand``) is copied first (N elements)
+            bias = bias.contiguous()
+        self.kernel[self.grid](entries, *self.strides, weight, *self.wstrides,
+                               bias if bias is not None else weight, out,
+                               pre if pre is not None else out, *self.tail,
+                               **(self.meta if pre is None else self.meta_pre))
+
+
+def prepare_kernel(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, activation,
+                   stride_om, flags) -> KernelLaunch:
+    """The :class:`KernelLaunch` of ``_linear_kernel`` for these layer entries (their strides),
+    weight (its strides), bias (present or not), rows ``M`` and output row stride."""
     N = weight.shape[0]
-    if pre is not None and out.stride(0) >= 2 ** 24:  # the STORE_PRE epilogue's 32-bit offsets
-        raise ValueError(f"the Triton linear keeps Z for fewer than 2^24 columns only, got {N}")
-    sb, st, sc = common.strides(entries)
     dtype = entries[0].dtype
-    # Layouts: the layers and the weight are read through their strides; the output is
-    # allocated contiguous here. The epilogue reads the bias at ``bias + n`` (unit stride), so a
-    # strided or expanded bias (a matrix column, ``b[::2]``, ``expand``) is copied first
-    # (N elements; a no-op for a contiguous bias).
-    if bias is not None:
-        bias = bias.contiguous()
+    launch = KernelLaunch()
+    launch.pre_ok = stride_om < 2 ** 24  # the STORE_PRE epilogue's 32-bit offsets
+    launch.bias_copy = bias is not None and bias.stride(0) != 1
+    launch.strides = common.strides(entries)
+    launch.wstrides = (weight.stride(0), weight.stride(1))
+    launch.tail = (stride_om, M, N, C, t_keep, triton.next_power_of_2(M))
     allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    args = (tuple(entries), sb, st, sc, weight, weight.stride(0), weight.stride(1),
-            bias if bias is not None else weight, out, pre if pre is not None else out,
-            out.stride(0), M, N, C, t_keep, triton.next_power_of_2(M))
     meta = dict(TOK0=tok0, STARTS=starts, SIZES=sizes, **flags, HAS_BIAS=bias is not None,
-                ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=pre is not None,
+                ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=False,
                 DOT_FP32=common.interpreting(),
                 INPUT_PRECISION="tf32" if allow_tf32 else "ieee")
     if common.interpreting():
         cfg = LINEAR_CONFIG_INTERPRET
-        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
-        _linear_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
-                             num_stages=cfg.num_stages)
-        return
+        launch.kernel = _linear_kernel
+        launch.grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) *
+                       triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+        meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        def grid(m):
+            return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+        bits = 32 if dtype == torch.float32 else 16
+        launch.kernel = _AUTOTUNED[("gemm" if not sizes else "fused", bits)]
+        launch.grid = grid
+    launch.meta, launch.meta_pre = meta, dict(meta, STORE_PRE=True)
+    return launch
 
-    def grid(m):
-        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
 
-    bits = 32 if dtype == torch.float32 else 16
-    _AUTOTUNED[("gemm" if not sizes else "fused", bits)][grid](*args, **meta)
+class _CpAsyncGemm:
+    # the cp.async GEMM as a prepared launch with gemm_tma's call signature
+    __slots__ = ("kernel",)
+
+    def __call__(self, a, weight, bias, out, pre=None):
+        self.kernel((a,), weight, bias, out, pre)
+        return out
+
+
+def prepare_gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: torch.Tensor,
+                 leave_room: bool = False):
+    """The second pass's GEMM prepared for this layout: ``launch(a, weight, bias, out, pre)``
+    runs ``out = act(a @ weight.T + bias)`` (``pre``, of ``out``'s layout: also ``a @ weight.T
+    + bias``). The persistent TMA kernel where it applies (sm_90+, TMA-compatible layouts;
+    ``leave_room``: configs that leave an SM slot for the overlapped features), else the
+    cp.async kernel. ``a``, ``out`` 2-D."""
+    if gemm_tma_eligible(a, weight, out):
+        return prepare_gemm_tma(a, weight, bias, activation, out, leave_room=leave_room)
+    M, K = a.shape
+    a3 = a.unsqueeze(0)
+    launch = _CpAsyncGemm()
+    launch.kernel = prepare_kernel([a3], (), (), M, K, M, 0, weight, bias, activation,
+                                   out.stride(0), common.layout_flags([a3], weight, out))
+    return launch
 
 
 def gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: torch.Tensor,
          leave_room: bool = False, pre: Optional[torch.Tensor] = None) -> None:
-    """``out = act(a @ weight.T + bias)`` for 2-D ``a`` (the second pass): the persistent TMA
-    kernel where it applies (sm_90+, TMA-compatible layouts; ``leave_room``: configs that leave
-    an SM slot for the overlapped features), else the cp.async kernel. ``pre`` (training, the
-    layout of ``out``): also receives ``a @ weight.T + bias`` before the activation."""
-    if gemm_tma_eligible(a, weight, out) and (pre is None or gemm_tma_eligible(a, weight, pre)):
-        gemm_tma(a, weight, bias, activation, out, leave_room=leave_room, pre=pre)
-        return
-    M, K = a.shape
-    a3 = a.unsqueeze(0)
-    _launch_linear([a3], (), (), M, K, M, 0, weight, bias, activation, out,
-                   common.layout_flags([a3], weight, out), pre)
+    """``out = act(a @ weight.T + bias)`` for 2-D ``a`` (the second pass), prepared and run at
+    once (:func:`prepare_gemm`). ``pre`` (training, the layout of ``out``): also receives
+    ``a @ weight.T + bias`` before the activation."""
+    if pre is not None and (pre.stride() != out.stride() or pre.shape != out.shape
+                            or (pre.data_ptr() - out.data_ptr()) % 16):
+        raise ValueError("pre must have out's shape, strides and alignment")
+    prepare_gemm(a, weight, bias, activation, out, leave_room)(a, weight, bias, out, pre)
 
 
 #: Overlapped path: rows per chunk; 0 = :func:`dc_kernels.ops.path.overlap_chunk_rows`
@@ -425,26 +471,82 @@ def linear_triton_for_training(hidden_states: Sequence[torch.Tensor], spec: Conn
 
 def _linear(hidden_states, spec, batch, tokens, channels, weight, bias, activation, path,
             keep_features, keep_pre):
+    launch = prepare_linear(hidden_states, spec, batch, tokens, channels, weight, bias,
+                            activation, path)
+    return launch(hidden_states, weight, bias, keep_features, keep_pre)
+
+
+class LinearLaunch:
+    """A first-layer launch prepared once per input signature (dc_kernels.plan): the resolved
+    path, the features launch, the fused kernel's or the GEMM's constants and grids.
+
+    ``launch(hidden_states, weight, bias, keep_features=False, keep_pre=False)`` with inputs of
+    the signature it was prepared for returns ``(out, features or None, pre or None)`` as
+    :func:`linear_triton_for_training` does; per call it allocates the outputs and launches.
+    Unread entries of ``hidden_states`` may be None. The GEMM of the second pass is prepared on
+    the first call that runs it (from the real, freshly allocated operands)."""
+
+    __slots__ = ("path", "spec", "dims", "activation", "out_shape", "dtype", "device", "index",
+                 "features", "kernel", "gemm", "mn")
+
+    def __call__(self, hidden_states, weight, bias, keep_features=False, keep_pre=False):
+        out = common.empty(self.out_shape, self.dtype, self.device)
+        pre = common.empty(self.out_shape, self.dtype, self.device) if keep_pre else None
+        path = self.path
+        if path == "empty":
+            return out, (self._features(hidden_states) if keep_features else None), pre
+        if path == "fused" and not keep_features:  # (the fused kernel never writes A)
+            self.kernel(tuple([hidden_states[i] for i in self.index]), weight, bias, out, pre)
+            return out, None, pre
+        if path == "overlap":
+            M, N = self.mn
+            feats = _overlapped(hidden_states, self.spec, *self.dims, weight, bias,
+                                self.activation, out.view(M, N),
+                                pre2d=None if pre is None else pre.view(M, N))
+            return out, (feats if keep_features else None), pre
+        feats = self._features(hidden_states)
+        gemm_launch = self.gemm
+        if gemm_launch is None:
+            M, N = self.mn
+            gemm_launch = self.gemm = prepare_gemm(feats.view(M, feats.shape[-1]), weight, bias,
+                                                   self.activation, out.view(M, N))
+        # the operands are passed unviewed: the prepared launch fixed their 2-D layout
+        gemm_launch(feats, weight, bias, out, pre)
+        return out, (feats if keep_features else None), pre
+
+    def _features(self, hidden_states):
+        launch = self.features
+        if launch is None:
+            launch = self.features = prepare_features(hidden_states, self.spec, *self.dims)
+        return launch(hidden_states)
+
+
+def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,
+                   tokens: int, channels: int, weight: torch.Tensor, bias, activation,
+                   path: str = "auto") -> LinearLaunch:
+    """The :class:`LinearLaunch` of these (validated) inputs: what :func:`linear_triton` does,
+    split into what depends on the inputs' signature only and the launch."""
     base = hidden_states[spec.final_layer]
     common.check_launchable(base.device, base.dtype)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    launch = LinearLaunch()
+    launch.spec, launch.dims, launch.activation = spec, (batch, tokens, channels), activation
     t_keep = spec.tokens_kept(tokens)
     rows = spec.out_tokens(tokens)
     M = batch * rows
     N = weight.shape[0]
-    out = common.empty((batch, rows, N), base.dtype, base.device)
-    pre = common.empty((batch, rows, N), base.dtype, base.device) if keep_pre else None
+    launch.mn = (M, N)
+    launch.out_shape = (batch, rows, N)
+    launch.dtype, launch.device = base.dtype, base.device
+    launch.gemm = launch.kernel = None
+    launch.features = None  # prepared on the first call that writes A
     if M == 0 or N == 0:
-        feats = features_triton(hidden_states, spec, batch, tokens, channels) \
-            if keep_features else None
-        return out, feats, pre
-    out2d = out.view(M, N)
-    pre2d = pre.view(M, N) if pre is not None else None
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()  # the kernels read the bias with unit stride
+        launch.path = "empty"
+        return launch
     entries, starts, sizes = common.layer_entries(hidden_states, spec)
-    flags = common.layout_flags(entries, weight, out2d)
+    launch.index = common.entry_indices(spec)
+    flags = common.layout_flags(entries, weight, common.StandIn((M, N), (N, 1)))
     sti = spec.connector_type == "sti"
     fusable = flags["UNIFORM"] and not flags["OFF64"] and not sti
     if path == "auto":
@@ -455,16 +557,10 @@ def _linear(hidden_states, spec, batch, tokens, channels, weight, bias, activati
         path = "two-pass"
     elif path == "overlap" and sti:
         path = "two-pass"
-    if path == "fused" and keep_features:
-        path = "two-pass"  # the fused kernel never writes A
+    launch.path = path
     if path == "fused":
-        _launch_linear(entries, starts, sizes, M, channels, t_keep, spec.token_offset,
-                       weight, bias, activation, out2d, flags, pre2d)
-        return out, None, pre
-    if path == "overlap":
-        feats = _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias,
-                            activation, out2d, pre2d=pre2d)
-    else:
-        feats = features_triton(hidden_states, spec, batch, tokens, channels)
-        gemm(feats.view(M, feats.shape[-1]), weight, bias, activation, out2d, pre=pre2d)
-    return out, (feats if keep_features else None), pre
+        launch.kernel = prepare_kernel(entries, starts, sizes, M, channels, t_keep,
+                                       spec.token_offset, weight, bias, activation, N, flags)
+    return launch
+
+

@@ -142,6 +142,11 @@ def record_launches(arch: int = 90, record: bool = True):
                (gemm_tma, "_cuda_device", lambda t: True),
                (linear, "_shared_limit", lambda index: SHARED_LIMIT[arch])]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    from .. import plan
+    # launch plans hold what was chosen for a device's capability (the signature names the
+    # device, not the card it pretends to be): none made outside the block is used inside it,
+    # and none made for this sm_{arch} leaks out of it
+    plan.clear()
     for obj, name, value in patches:
         setattr(obj, name, value)
     try:
@@ -149,6 +154,7 @@ def record_launches(arch: int = 90, record: bool = True):
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
+        plan.clear()
 
 
 # --------------------------------------------------------------------------- binding
