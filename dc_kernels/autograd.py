@@ -30,7 +30,7 @@ import torch
 from .spec import ConnectorSpec
 
 __all__ = ["features_op", "linear_op", "linear_custom_op", "scatter_grad_op", "spec_args",
-           "scatter_to_layers"]
+           "scatter_to_layers", "FeaturesFunction", "LinearFunction"]
 
 
 def spec_args(spec: ConnectorSpec):
@@ -303,9 +303,21 @@ def _linear_setup(ctx, inputs, output):
     (hidden_states, final_layer, group_bounds, drop_cls, sti_pool, weight, bias, activation,
      path, keep_features, keep_pre) = inputs
     _, a, z = output
-    ctx.set_materialize_grads(False)  # unused outputs (A, Z) get no zero-filled gradients
     used = _used_layers(final_layer, group_bounds)
-    hs_grad, hs_all, w_grad, b_grad = _grad_needs(hidden_states, used, weight, bias)
+    _save_linear(ctx, [hidden_states[i] for i in used], used,
+                 (final_layer, list(group_bounds), drop_cls, sti_pool),
+                 [h.shape for h in hidden_states], weight, bias, activation, a, z,
+                 keep_features, keep_pre)
+
+
+def _save_linear(ctx, read, used, spec_args_, shapes, weight, bias, activation, a, z,
+                 keep_features, keep_pre):
+    # what the backward keeps (docs/DESIGN.md §6.1); ``read`` are the hidden states at the
+    # indices ``used``. Shared by the custom op and the eager LinearFunction.
+    ctx.set_materialize_grads(False)  # unused outputs (A, Z) get no zero-filled gradients
+    hs = [h.requires_grad for h in read]
+    hs_grad, hs_all = any(hs), all(hs)
+    w_grad, b_grad = weight.requires_grad, bias is not None and bias.requires_grad
     gelu = activation == "gelu"
     if gelu and (hs_grad or w_grad or b_grad) and not keep_pre:
         raise RuntimeError("dc_kernels::linear: a gradient is needed but the pre-activation "
@@ -313,9 +325,9 @@ def _linear_setup(ctx, inputs, output):
     if w_grad and not hs_all and not keep_features:
         raise RuntimeError("dc_kernels::linear: the weight needs a gradient but the features "
                            "were not kept (call it through dc_kernels.autograd.linear_op)")
-    ctx.spec_args = (final_layer, list(group_bounds), drop_cls, sti_pool)
+    ctx.spec_args = spec_args_
     ctx.activation = activation
-    ctx.shapes = [h.shape for h in hidden_states]
+    ctx.shapes = shapes
     ctx.used = used
     # saved for dW: the read hidden states (A is recomputed from them) when all of them require
     # grad, else A itself; W for dA; Z for GELU'
@@ -323,7 +335,7 @@ def _linear_setup(ctx, inputs, output):
     ctx.has_a = w_grad and not hs_all
     ctx.has_w = hs_grad
     ctx.has_z = gelu and (hs_grad or w_grad or b_grad)
-    saved = [hidden_states[i] for i in used] if ctx.n_hs else []
+    saved = list(read) if ctx.n_hs else []
     saved += [a] if ctx.has_a else []
     saved += [weight] if ctx.has_w else []
     saved += [z] if ctx.has_z else []
@@ -331,16 +343,21 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_y, grad_a_out, grad_z_out):
-    """Gradients of hidden states, weight and bias; eager's GEMMs, nothing recomputed but A.
+    needs = ctx.needs_input_grad
+    grads_hs, grad_w, grad_b = _linear_grads(ctx, list(needs[0]), needs[5], needs[6], grad_y,
+                                             grad_a_out, grad_z_out)
+    return grads_hs, None, None, None, None, grad_w, grad_b, None, None, None, None
+
+
+def _linear_grads(ctx, hs_needs, w_need, b_need, grad_y, grad_a_out, grad_z_out):
+    """Gradients ``(hidden states list, weight, bias)``; eager's GEMMs, nothing recomputed but A.
 
     ``dZ = dY * gelu'(Z)`` (+ the gradient of the Z output), ``dW = dZ^T A``, ``db = sum dZ``,
     ``dA = dZ W`` (+ the gradient of the A output) scattered to the hidden states. Built from
     differentiable ops, with the kept A's and Z's own gradients honoured (they are outputs of
-    this op, so a second-order term through them comes back here), so double backward works as
-    with the torch backend's autograd.
+    the forward, so a second-order term through them comes back here), so double backward
+    works as with the torch backend's autograd. ``hs_needs`` has one flag per hidden state.
     """
-    needs = ctx.needs_input_grad
-    hs_needs, w_need, b_need = list(needs[0]), needs[5], needs[6]
     saved = list(ctx.saved_tensors)
     hs = saved[:ctx.n_hs]
     k = ctx.n_hs
@@ -372,7 +389,7 @@ def _linear_backward(ctx, grad_y, grad_a_out, grad_z_out):
         grad_a = grad_a_out if grad_a is None else grad_a + grad_a_out
     if grad_a is not None:
         grads_hs = _scatter(grad_a, _spec(*ctx.spec_args), ctx.shapes, hs_needs)
-    return grads_hs, None, None, None, None, grad_w, grad_b, None, None, None, None
+    return grads_hs, grad_w, grad_b
 
 
 linear_custom_op.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -408,3 +425,42 @@ class FeaturesFunction(torch.autograd.Function):
                 shapes[i] = ctx.shapes[0]
         grads = _scatter(grad, ctx.spec, shapes, needs)
         return (None, None, None, None, *[grads[i] for i in ctx.read])
+
+
+class LinearFunction(torch.autograd.Function):
+    """Eager autograd of a prepared first-layer launch (``dc_kernels.plan``): the custom op
+    ``dc_kernels::linear``'s formulas and saved tensors (:func:`_save_linear`,
+    :func:`_linear_grads`) without its dispatch. ``torch.compile`` traces the custom op instead.
+
+    ``apply(launch, spec, n, read, activation, keep_features, keep_pre, weight, bias, *layers)``:
+    ``layers`` are the hidden states at the indices ``read`` (ascending) of an ``n``-tuple;
+    returns ``(Y, A, Z)`` as the custom op does (A and Z empty unless kept): use ``[0]``.
+    """
+
+    @staticmethod
+    def forward(ctx, launch, spec, n, read, activation, keep_features, keep_pre, weight, bias,
+                *layers):
+        hs = [None] * n
+        for i, t in zip(read, layers):
+            hs[i] = t
+        y, a, z = launch(hs, weight, bias, keep_features, keep_pre)
+        a = a if a is not None else y.new_empty(0)
+        z = z if z is not None else y.new_empty(0)
+        shapes = [layers[0].shape] * n  # unread layers: any shape (they get no gradient)
+        for i, t in zip(read, layers):
+            shapes[i] = t.shape
+        final_layer, bounds, drop_cls, pool = spec_args(spec)
+        _save_linear(ctx, layers, list(read), (final_layer, bounds, drop_cls, pool), shapes,
+                     weight, bias, activation or "none", a, z, keep_features, keep_pre)
+        ctx.read = read
+        return y, a, z
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_a_out, grad_z_out):
+        needs = ctx.needs_input_grad
+        hs_needs = [False] * len(ctx.shapes)
+        for i, need in zip(ctx.read, needs[9:]):
+            hs_needs[i] = need
+        grads_hs, grad_w, grad_b = _linear_grads(ctx, hs_needs, needs[7], needs[8], grad_y,
+                                                 grad_a_out, grad_z_out)
+        return (None,) * 7 + (grad_w, grad_b) + tuple(grads_hs[i] for i in ctx.read)

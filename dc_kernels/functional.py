@@ -291,6 +291,16 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     local shards: a ``Shard(0)`` (column-parallel) weight gives each rank its output columns;
     see :mod:`dc_kernels.distributed` for the supported placements (others: ValueError).
     """
+    if type(spec) is ConnectorSpec and type(backend) is str and type(path) is str and \
+            (activation is None or type(activation) is str) and \
+            type(weight) in _PLAIN and not torch.compiler.is_compiling():
+        key = _plan.signature(hidden_states, weight, bias)
+        if key is not None and not _autocast_on(weight):
+            # plain tensors outside autocast: a launch plan per signature (dc_kernels.plan)
+            run = _plan.lookup(("linear", spec, backend, activation, path) + key,
+                               lambda: _linear_plan(hidden_states, spec, weight, bias,
+                                                    activation, backend, path))
+            return run(hidden_states, weight, bias)
     hidden_states, weight, bias = _autocast(hidden_states, weight, bias)
     info = check_hidden_states(hidden_states, spec)
     _check_linear_params(weight, bias, activation, path, spec, info)
@@ -303,6 +313,20 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
         _triton_ops().check_launchable(info.device, info.dtype)
         return linear_op(_op_inputs(hidden_states, spec), *spec_args(spec), weight, bias,
                          activation or "none", path)
+    return _linear_torch(hidden_states, spec, info, weight, bias, activation)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _autocast_on(weight: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(weight.device.type)
+    except RuntimeError:  # a device autocast does not know (e.g. meta): the general path
+        return True
+
+
+def _linear_torch(hidden_states, spec, info, weight, bias, activation):
     feats = features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
     # on rows [M, K], so that the result is a fresh tensor (F.linear on [B, T', K] returns a
     # view), reshaped without making a view
@@ -310,3 +334,41 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     if activation == "gelu":
         y = _gelu(y)  # in place where autograd allows: y is fresh
     return torch.ops.aten._unsafe_view(y, (*feats.shape[:-1], y.shape[-1]))
+
+
+def _linear_plan(hidden_states, spec: ConnectorSpec, weight, bias, activation, backend: str,
+                 path: str):
+    """What a first-layer call of this signature runs (inputs validated here, once).
+
+    Triton: the prepared launch (:func:`dc_kernels.ops.linear.prepare_linear`), called directly
+    when no gradient can be formed (grad mode off, or nothing read requires grad), else through
+    :class:`dc_kernels.autograd.LinearFunction`, which keeps what the custom op would
+    (``requires_grad`` is part of the signature, so what to keep is decided here once)."""
+    info = check_hidden_states(hidden_states, spec)
+    _check_linear_params(weight, bias, activation, path, spec, info)
+    chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
+    if chosen != "triton":
+        def run_torch(hs, w, b):
+            return _linear_torch(hs, spec, info, w, b, activation)
+        return run_torch
+    _triton_ops().check_launchable(info.device, info.dtype)
+    from .autograd import LinearFunction
+    from .ops.linear import prepare_linear
+    launch = prepare_linear(hidden_states, spec, info.batch, info.tokens, info.channels, weight,
+                            bias, activation, path)
+    read = spec.used_layers
+    n = len(hidden_states)
+    hs_req = [hidden_states[i].requires_grad for i in read]
+    w_req = weight.requires_grad
+    b_req = bias is not None and bias.requires_grad
+    needs_grad = any(hs_req) or w_req or b_req
+    # as dc_kernels.autograd._kept_for_backward decides for the custom op
+    keep_features = w_req and not all(hs_req)
+    keep_pre = activation == "gelu" and needs_grad
+
+    def run_triton(hs, w, b):
+        if needs_grad and torch.is_grad_enabled():
+            return LinearFunction.apply(launch, spec, n, read, activation, keep_features,
+                                        keep_pre, w, b, *[hs[i] for i in read])[0]
+        return launch(hs, w, b)[0]
+    return run_triton

@@ -324,10 +324,18 @@ class DenseConnector(nn.Module):
         return first.weight, first.bias
 
     def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-        info = check_hidden_states(hidden_states, self.spec)
-        if info.channels != self.vision_hidden_size:
+        # the width is checked here; everything else by the functions called below (once per
+        # input signature: dc_kernels.plan), so a repeated call does O(1) work per tensor
+        base = hidden_states[self.spec.final_layer] if (
+            type(hidden_states) in (tuple, list)
+            and 0 <= self.spec.final_layer < len(hidden_states)) else None
+        if isinstance(base, torch.Tensor) and base.dim() == 3:
+            channels = base.shape[-1]
+        else:
+            channels = check_hidden_states(hidden_states, self.spec).channels
+        if channels != self.vision_hidden_size:
             raise ValueError(
-                f"hidden states are {info.channels} wide; this DenseConnector was built for "
+                f"hidden states are {channels} wide; this DenseConnector was built for "
                 f"vision_hidden_size={self.vision_hidden_size}")
         if self.projector_type == "identity":
             return dense_connector_features(hidden_states, self.spec, backend=self.backend)

@@ -226,3 +226,15 @@ FUZZ_SCALE = 20 if HYPOTHESIS_PROFILE == "thorough" else 1
 
 def pytest_report_header(config):
     return f"hypothesis profile: {HYPOTHESIS_PROFILE} (fuzz scale {FUZZ_SCALE})"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    # every test starts without launch plans (dc_kernels.plan): a test that spies on a
+    # launcher's preparation sees it called, whatever ran before
+    from dc_kernels import plan
+    plan.clear()
+    yield

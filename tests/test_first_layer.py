@@ -81,7 +81,8 @@ def test_dense_connector_linear_module_equals_the_function(backend):
 def test_backend_set_on_the_connector_reaches_the_first_layer(monkeypatch):
     m = DenseConnector(SPEC, 12, 20, backend="torch")
     calls = []
-    for name in ("linear_triton", "linear_triton_for_training"):  # inference, training
+    # the custom op (compile) and the eager plan route
+    for name in ("linear_triton", "linear_triton_for_training", "prepare_linear"):
         real = getattr(linear_ops, name)
         monkeypatch.setattr(linear_ops, name,
                             lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))

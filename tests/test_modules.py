@@ -235,7 +235,8 @@ def test_env_forces_backend(monkeypatch):
     spec, proj, hs = _setup("clip", "dci", torch.float32)
     m = DenseConnector.from_projector(spec, proj)
     calls = []
-    for name in ("linear_triton", "linear_triton_for_training"):  # inference, training
+    # the custom op (compile) and the eager plan route
+    for name in ("linear_triton", "linear_triton_for_training", "prepare_linear"):
         real = getattr(linear_ops, name)
         monkeypatch.setattr(linear_ops, name,
                             lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
