@@ -51,7 +51,7 @@ _DC_PROVIDERS = ("dc_kernels", "dc_kernels-fused", "dc_kernels-two-pass",
 
 @dataclass
 class TargetCheck:
-    """One issue-3 target: what was measured, the target, PASS / FAIL / MISSING."""
+    """One target: what was measured, the target, PASS / FAIL / MISSING (INFO: reported only)."""
 
     name: str
     target: str
@@ -145,6 +145,19 @@ def target_checks(result: RunResult) -> List[TargetCheck]:
                 checks.append(TargetCheck(name, ">= 1.6x", "not measured" if v is None
                                           else f"{v:.2f}x", "MISSING" if v is None
                                           else _status(v >= 1.6), auto.note if auto else ""))
+
+    # issue 11: the 1-image row eager and as a CUDA-graph replay (the GPU-bound time)
+    for shape in BUNDLE_SELECTION.shapes:
+        eager = find(shape, "linear", 1, "dc_kernels")
+        graph = find(shape, "linear", 1, "dc_kernels+graph")
+        name = f"{shape}, 1 image: dc_kernels eager vs CUDA-graph replay"
+        if eager and graph:
+            checks.append(TargetCheck(
+                name, "reported (host share = 1 - replay / eager)",
+                f"eager {eager.median_ms * 1e3:.1f} us, replay {graph.median_ms * 1e3:.1f} us",
+                "INFO", f"replay / floor {graph.median_ms / floor_ms(shape, 1):.2f}x"))
+        else:
+            checks.append(TargetCheck(name, "reported", "not measured", "MISSING"))
 
     copy = result.ceilings.copy_bytes_per_s / 1e9
     f16 = find(SHAPE, "features", 16, "dc_kernels")

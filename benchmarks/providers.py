@@ -13,6 +13,10 @@
 * ``dc_kernels+cublas`` (CUDA only, ops with a first layer): dc_kernels' features, then the
   vendor GEMM: ``torch.addmm(b1, A, W1^T)`` + ``F.gelu`` -- where our GEMM stands against
   cuBLAS on the same A.
+* ``dc_kernels+graph`` (CUDA only, forward ops): ``dc_kernels`` (Triton, auto path) captured
+  once in a CUDA graph after a warm-up call (autotuning and launch plans done), timed as
+  ``graph.replay()``: the GPU-bound time, without the host's launch overhead; compare it with
+  the eager ``dc_kernels`` row of the same case (at one image the difference is the host path).
 * ``dc_kernels-inline`` (CPU only): ``dc_kernels`` with ``DC_KERNELS_CHUNK_POOL=0``: the torch
   path's chunks run inline, every op on all intra-op threads (the path before the chunk pool;
   compare the two under load with ``--busy-cores``).
@@ -50,11 +54,12 @@ __all__ = ["PROVIDERS", "QUICK_PROVIDERS", "Prepared", "unavailable_reason", "pr
 
 PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
              "dc_kernels-two-pass", "dc_kernels-overlap", "dc_kernels+cublas",
-             "dc_kernels-inline")
+             "dc_kernels+graph", "dc_kernels-inline")
 QUICK_PROVIDERS = ("reference", "reference+compile", "dc_kernels")
 _PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
           "dc_kernels-overlap": "overlap"}
 _CUBLAS = "dc_kernels+cublas"
+_GRAPH = "dc_kernels+graph"
 _FORWARD_OPS = ("features", "linear", "connector")
 
 Outputs = Tuple[torch.Tensor, ...]
@@ -88,6 +93,11 @@ def unavailable_reason(provider: str, op: str, device: torch.device) -> Optional
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if provider == "dc_kernels-inline" and device.type != "cpu":
         return "the chunk pool it turns off is a CPU feature of the torch path"
+    if provider == _GRAPH:
+        if device.type != "cuda":
+            return "CUDA graphs need CUDA"
+        if op not in _FORWARD_OPS:
+            return "forward ops only (the timed backward allocates its gradients per call)"
     if provider in _PATHS or provider == _CUBLAS:
         if device.type != "cuda":
             return "the Triton paths need CUDA"
@@ -173,6 +183,26 @@ def _cublas_forward(op: str, inputs: Inputs) -> Callable[[], torch.Tensor]:
     return {"linear": linear, "connector": connector, "linear-fwd-bwd": linear}[op]
 
 
+def _graph_replay(forward: Callable[[], torch.Tensor]) -> Callable[[], Outputs]:
+    # warm up (autotuning, launch plans: nothing may tune or compile under capture) on a side
+    # stream, as torch.cuda.graphs asks, then capture one call; replay reuses its output
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = forward()
+
+    def replay():
+        graph.replay()
+        return (out,)
+    return replay
+
+
 def _timed_unit(op: str, forward: Callable[[], torch.Tensor], inputs: Inputs
                 ) -> Callable[[], Outputs]:
     if op in _FORWARD_OPS:
@@ -226,6 +256,9 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
     if provider == _CUBLAS:
         return Prepared(_timed_unit(op, _cublas_forward(op, inputs), inputs),
                         "dc_kernels features (Triton) + torch.addmm (cuBLAS) + F.gelu")
+    if provider == _GRAPH:
+        return Prepared(_graph_replay(_dc_forward(op, inputs, "triton", "auto")),
+                        "backend=triton, auto path, CUDA-graph replay", compiles=True)
     if provider == "dc_kernels-inline":
         unit = _timed_unit(op, _dc_forward(op, inputs, "torch", "auto"), inputs)
 
