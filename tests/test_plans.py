@@ -267,3 +267,28 @@ def test_linear_under_autocast_takes_no_plan():
         y = dense_connector_linear(hs, SPEC, w, b, "gelu", backend="triton")
     assert y.dtype == torch.bfloat16
     assert plan.stats()["hits"] + _misses() == m0
+
+
+@pytest.mark.parametrize("path", ("fused", "two-pass", "overlap"))
+def test_a_plan_keeps_no_tensor_of_its_calls_alive(monkeypatch, path):
+    # plans live long (LRU of 256): the outputs, the features A and the weight of a call must
+    # be freed when the caller drops them (the TMA GEMM's descriptor templates included)
+    import gc
+    import weakref
+    made = []
+    real = common.empty
+
+    def tracking_empty(shape, dtype, device):
+        t = real(shape, dtype, device)
+        made.append(weakref.ref(t))
+        return t
+    monkeypatch.setattr(common, "empty", tracking_empty)
+    hs = [h.float() for h in _hs(81)]
+    w, b = _wb(82, N=40)  # N = 40, K = 72: rows of 16-byte multiples (the TMA GEMM's layout)
+    wref = weakref.ref(w)
+    for _ in range(2):  # the miss and a hit
+        y = dense_connector_linear(hs, SPEC, w, b, "gelu", backend="triton", path=path)
+    del y, w
+    gc.collect()
+    assert made and all(r() is None for r in made), "a plan keeps a call's tensors alive"
+    assert wref() is None, "a plan keeps the weight alive"

@@ -238,6 +238,8 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     tp = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
     if interp:
         _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **cfg))
+    for t in (ta, tw, to, tp):
+        t.base = None  # a plan must not keep the first call's tensors alive (clones set it)
     launch = GemmTmaLaunch()
     launch.templates = (ta, tw, to, tp)
     launch.bias_copy = bias is not None and bias.stride(0) != 1
