@@ -21,6 +21,7 @@ import triton.language as tl
 from ..spec import ConnectorSpec
 from . import common
 from .common import _group_sum, _round, _tile_offsets
+from .direct import DirectLaunch
 
 __all__ = ["features_triton", "features_tma", "features_tma_eligible", "row_tiles",
            "row_of_tile", "FEATURES_CONFIG", "FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG",
@@ -211,7 +212,7 @@ class FeaturesLaunch:
     hidden states of that signature allocates the output and launches, nothing else."""
 
     __slots__ = ("kind", "index", "args", "meta", "grid", "out_shape", "dtype", "device",
-                 "parts")
+                 "parts", "site")
 
     def __call__(self, hidden_states) -> torch.Tensor:
         out = common.empty(self.out_shape, self.dtype, self.device)
@@ -219,15 +220,14 @@ class FeaturesLaunch:
             return out
         entries = tuple([hidden_states[i] for i in self.index])
         if self.kind == "sti":
-            for args, meta, grid in self.parts:
-                _sti_features_kernel[grid](entries, *args[:3], out, *args[3:], **meta)
+            for args, meta, site in self.parts:
+                site((entries, *args[:3], out, *args[3:]), meta)
             return out
         if self.kind == "tma":
             _ensure_allocator()
-            _features_tma_kernel[self.grid](entries, *self.args[:2], out, *self.args[2:],
-                                            **self.meta)
+            self.site((entries, *self.args[:2], out, *self.args[2:]), self.meta)
             return out
-        _features_kernel[self.grid](entries, *self.args[:3], out, *self.args[3:], **self.meta)
+        self.site((entries, *self.args[:3], out, *self.args[3:]), self.meta)
         return out
 
 
@@ -267,7 +267,7 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                 (sb, st, sc, *out_strides, batch, channels, t_keep, tp),
                 dict(PART=part, POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts,
                      SIZES=sizes, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-                     num_warps=cfg["num_warps"]), grid))
+                     num_warps=cfg["num_warps"]), DirectLaunch(_sti_features_kernel, grid)))
         return launch
     width = launch.out_shape[-1]
     flags = common.layout_flags(entries, common.StandIn(launch.out_shape, (t_keep * width, width, 1)))
@@ -288,6 +288,7 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                            ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"], NUM_PROGRAMS=programs,
                            STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
         launch.grid = (programs,)
+        launch.site = DirectLaunch(_features_tma_kernel, launch.grid)
         return launch
     if common.interpreting():
         cfg = FEATURES_CONFIG_INTERPRET
@@ -298,6 +299,7 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, **flags,
                        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     launch.grid = (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
+    launch.site = DirectLaunch(_features_kernel, launch.grid)
     return launch
 
 

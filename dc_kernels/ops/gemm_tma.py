@@ -28,6 +28,7 @@ import triton.language as tl
 
 from . import common
 from .common import _round
+from .direct import DirectLaunch
 
 __all__ = ["gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
 
@@ -204,17 +205,16 @@ class GemmTmaLaunch:
     ``pre`` may be any tensor whose storage starts where the 2-D operand does) builds the four
     descriptors from templates and launches."""
 
-    __slots__ = ("kernel", "grid", "templates", "tail", "meta", "meta_pre", "bias_copy")
+    __slots__ = ("kernel", "grid", "templates", "tail", "meta", "meta_pre", "bias_copy", "site")
 
     def __call__(self, a, weight, bias, out, pre=None):
         ta, tw, to, tp = self.templates
         if bias is not None and self.bias_copy:
             bias = bias.contiguous()  # the epilogue reads it at bias + n
-        self.kernel[self.grid](
-            _clone_desc(ta, a), _clone_desc(tw, weight), _clone_desc(to, out),
-            _clone_desc(tp, pre if pre is not None else out),
-            bias if bias is not None else out, *self.tail,
-            **(self.meta if pre is None else self.meta_pre))
+        self.site((_clone_desc(ta, a), _clone_desc(tw, weight), _clone_desc(to, out),
+                   _clone_desc(tp, pre if pre is not None else out),
+                   bias if bias is not None else out, *self.tail),
+                  self.meta if pre is None else self.meta_pre)
         return out
 
 
@@ -255,12 +255,14 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         launch.meta.update(blocks)
         launch.meta_pre.update(blocks)
         launch.kernel, launch.grid = _gemm_tma_kernel, (min(sms, tiles),)
+        launch.site = DirectLaunch(launch.kernel, launch.grid)
         return launch
 
     def grid(m):
         return (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
     launch.kernel = _AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)]
     launch.grid = grid
+    launch.site = DirectLaunch(launch.kernel, launch.grid)
     return launch
 
 

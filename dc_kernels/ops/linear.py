@@ -24,6 +24,7 @@ import triton.language as tl
 from ..spec import ConnectorSpec
 from . import common
 from .common import _group_sum, _round, _tile_offsets
+from .direct import DirectLaunch
 from .features import features_triton, prepare_features
 from .gemm_tma import gemm_tma_eligible, prepare_gemm_tma
 from .path import choose_linear_path, overlap_chunk_rows
@@ -258,7 +259,7 @@ class KernelLaunch:
     output, unviewed, or its 2-D view)."""
 
     __slots__ = ("kernel", "grid", "strides", "wstrides", "tail", "meta", "meta_pre",
-                 "bias_copy", "pre_ok")
+                 "bias_copy", "pre_ok", "site")
 
     def __call__(self, entries, weight, bias, out, pre=None):
         if pre is not None and not self.pre_ok:
@@ -268,10 +269,9 @@ class KernelLaunch:
             # the epilogue reads the bias at ``bias + n`` (unit stride): a strided or expanded
             # bias (a matrix column, ``b[::2]``, ``expand``) is copied first (N elements)
             bias = bias.contiguous()
-        self.kernel[self.grid](entries, *self.strides, weight, *self.wstrides,
-                               bias if bias is not None else weight, out,
-                               pre if pre is not None else out, *self.tail,
-                               **(self.meta if pre is None else self.meta_pre))
+        self.site((entries, *self.strides, weight, *self.wstrides,
+                   bias if bias is not None else weight, out, pre if pre is not None else out,
+                   *self.tail), self.meta if pre is None else self.meta_pre)
 
 
 def prepare_kernel(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, activation,
@@ -304,6 +304,7 @@ def prepare_kernel(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
         launch.kernel = _AUTOTUNED[("gemm" if not sizes else "fused", bits)]
         launch.grid = grid
     launch.meta, launch.meta_pre = meta, dict(meta, STORE_PRE=True)
+    launch.site = DirectLaunch(launch.kernel, launch.grid)
     return launch
 
 

@@ -96,7 +96,8 @@ SMS = {80: 108, 90: 132}
 
 
 @contextlib.contextmanager
-def record_launches(arch: int = 90, record: bool = True):
+def record_launches(arch: int = 90, record: bool = True,
+                    stand_in: Optional[Callable[..., Any]] = None):
     """Within the block, Triton launches are recorded, not run; yields the record list.
 
     The launchers see the device they would see on an ``sm_{arch}`` card (its capability, SM
@@ -106,6 +107,14 @@ def record_launches(arch: int = 90, record: bool = True):
     ones 256-byte: both give the same 16-byte hints). An autotuned launch records the configs
     that survive the autotuner's pruning. ``record=False``: launches are dropped, nothing is
     kept (host-overhead measurements). Must run without ``TRITON_INTERPRET``.
+
+    ``stand_in(fn, args, kwargs, grid)``: what a launch through the JIT returns instead of the
+    ``CompiledKernel`` it would compile (an object with ``run``, ``function`` and
+    ``packed_metadata``), so that :class:`~dc_kernels.ops.direct.DirectLaunch` sites capture it
+    and launch through it afterwards; an autotuned launch then takes the first config that
+    survives pruning (``best_config``), applies its pre-hook and passes its constants, as the
+    autotuner does. ``direct``'s device and stream lookups answer device 0 and stream 0 inside
+    the block.
     """
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -118,9 +127,11 @@ def record_launches(arch: int = 90, record: bool = True):
     def jit_run(self, *args, grid, warmup, **kwargs):
         if record:
             records.append(LaunchRecord(self, args, kwargs, grid))
+        if stand_in is not None:
+            return stand_in(self, args, kwargs, grid)
 
     def autotuned_run(self, *args, **kwargs):
-        if not record:
+        if not record and stand_in is None:
             return
         grid = kwargs.pop("grid")
         kwargs.pop("warmup", None)
@@ -129,13 +140,23 @@ def record_launches(arch: int = 90, record: bool = True):
             configs = list(self.prune_configs(kwargs))
         finally:
             self.nargs = None
-        records.append(LaunchRecord(self.fn, args, kwargs, grid, configs))
+        if record:
+            records.append(LaunchRecord(self.fn, args, kwargs, grid, configs))
+        if stand_in is not None:
+            config = self.best_config = configs[0]
+            if config.pre_hook is not None:
+                config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs,
+                                 **config.all_kwargs()})
+            return stand_in(self.fn, args, {**kwargs, **config.all_kwargs()}, grid)
 
     def check_launchable(device, dtype):
         if dtype not in common.TRITON_DTYPES:
             raise ValueError(f"the Triton backend does not support {dtype}")
 
+    from . import direct
     patches = [(JITFunction, "run", jit_run), (Autotuner, "run", autotuned_run),
+               (direct, "_current_device", lambda: 0),
+               (direct, "_current_stream", lambda device: 0),
                (common, "check_launchable", check_launchable),
                (gemm_tma, "_capability", lambda index: (arch // 10, arch % 10)),
                (gemm_tma, "_num_sms", lambda index: SMS[arch]),
@@ -173,6 +194,18 @@ def bind(fn, args: Sequence[Any], kwargs: Dict[str, Any], arch: int):
     The same calls ``JITFunction.run`` makes (triton 3.6 and 3.9), against a CUDA backend of
     ``sm_{arch}`` instead of the active device.
     """
+    backend, kwargs, bound, specialization, options = _bound(fn, args, kwargs, arch)
+    return fn._pack_args(backend, kwargs, bound, specialization, options)
+
+
+def bound_values(fn, args: Sequence[Any], kwargs: Dict[str, Any], arch: int) -> List[Any]:
+    """The argument values ``JITFunction.run`` hands the compiled kernel's launcher for this
+    launch (``*bound_args.values()``: every parameter in order, defaults applied), from
+    Triton's own binder."""
+    return list(_bound(fn, args, kwargs, arch)[2].values())
+
+
+def _bound(fn, args, kwargs, arch):
     from triton.runtime.jit import create_function_from_signature
     backend = _backend(arch)
     key = (id(fn), arch)
@@ -187,7 +220,7 @@ def bind(fn, args: Sequence[Any], kwargs: Dict[str, Any], arch: int):
         if name in fields and hasattr(knobs.compilation, name):
             kwargs.setdefault(name, getattr(knobs.compilation, name))
     bound, specialization, options = _BINDERS[key](*args, **kwargs)
-    return fn._pack_args(backend, kwargs, bound, specialization, options)
+    return backend, kwargs, bound, specialization, options
 
 
 def _tool(name: str) -> str:
