@@ -17,7 +17,18 @@ Triton launch stubbed at Triton's own entry
 does: the launchers see an sm_90 card; tensors are CPU stand-ins, nothing is computed), beside a
 tiny ``F.linear`` measured in the same run as the unit. What remains is dc_kernels' own Python:
 validation, dispatch, the custom op or autograd wrapper, the launch plan. Triton's binder and
-the driver launch are outside it (reported separately on a GPU by the bundle).
+the driver launch are outside it.
+
+Two more sets of rows: ``..., direct launch`` -- the same calls once the launches are
+binder-free (``dc_kernels.ops.direct``: the JIT entry hands back a stand-in compiled kernel
+whose launcher does nothing, so every launch after the first goes through the direct path up to
+the driver call); and ``Triton's binder + cache key`` -- Triton's own binder and kernel-cache
+key run on the recorded launches of one first-layer call: the part of each JIT launch that the
+direct path skips, before the driver call (pure Python: the same work on a GPU machine's host;
+the rest of ``JITFunction.run`` -- device and stream lookups, the cache and global-value
+checks, launch metadata -- needs a device and is not in it). On a GPU, a JIT call costs at
+least the first row plus the binder row, a direct call the direct row; the driver launch is in
+both.
 """
 
 from __future__ import annotations
@@ -92,17 +103,59 @@ def _measure(out, budget_s, hs, spec, conn, w1, b1, x, lw) -> None:
                 hs, spec, w1, b1, "gelu", backend="triton"),
             "DenseConnector.forward": lambda: conn(hs),
         }
-        with triton_aot.record_launches(90, record=False):
-            # zero-filled stand-ins: the module's second (real) Linear then never meets
-            # garbage denormals, which make CPU matmuls thousands of times slower
-            common.empty = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype,
-                                                                    device=device)
-            linear.choose_linear_path = lambda *a, **k: "two-pass"
-            try:
+        # zero-filled stand-ins: the module's second (real) Linear then never meets garbage
+        # denormals, which make CPU matmuls thousands of times slower
+        common.empty = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype,
+                                                                device=device)
+        linear.choose_linear_path = lambda *a, **k: "two-pass"
+        try:
+            with triton_aot.record_launches(90, record=False):
                 for name, fn in calls.items():
                     out[name] = _per_call_us(fn, budget_s)
-            finally:
-                common.empty, linear.choose_linear_path = real_empty, real_choose
+            # the binder-free launch (dc_kernels.ops.direct): the JIT entry hands back a
+            # stand-in compiled kernel whose launcher does nothing, so from the second call on
+            # each launch goes through the direct path up to the driver call
+            with triton_aot.record_launches(90, record=False, stand_in=_StandIn):
+                for name, fn in calls.items():
+                    out[f"{name}, direct launch"] = _per_call_us(fn, budget_s)
+            # Triton's binder alone (what each JIT launch adds on the host before the driver
+            # call), for the launches of one call
+            with triton_aot.record_launches(90) as records:
+                calls["dense_connector_linear"]()
+            out["Triton's binder + cache key, the first layer's launches"] = _per_call_us(
+                _binder_of(records), budget_s)
+        finally:
+            common.empty, linear.choose_linear_path = real_empty, real_choose
+
+
+class _StandIn:
+    # stands in for Triton's CompiledKernel: the direct path calls ``run`` (the launcher)
+    function = packed_metadata = None
+
+    def __init__(self, fn, args, kwargs, grid):
+        pass
+
+    def run(self, *args):
+        pass
+
+
+def _binder_of(records) -> Callable[[], None]:
+    """Runs Triton's own binder and kernel-cache key (as ``JITFunction.run`` does per launch
+    before its cache lookup) on every recorded launch of one call."""
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+    from dc_kernels.ops import triton_aot
+    work = []
+    for r in records:
+        binder = create_function_from_signature(r.fn.signature, r.fn.params,
+                                                triton_aot._backend(90))
+        _, args, kwargs, _ = r.variants()[0]
+        work.append((binder, args, dict(kwargs, debug=False), {}))
+
+    def run():
+        for binder, args, kwargs, key_cache in work:
+            _, specialization, options = binder(*args, **kwargs)
+            compute_cache_key(key_cache, specialization, options)
+    return run
 
 
 def host_markdown(res: Dict[str, Dict[str, float]], meta: Dict[str, str]) -> str:
@@ -111,7 +164,9 @@ def host_markdown(res: Dict[str, Dict[str, float]], meta: Dict[str, str]) -> str
              f"{meta['machine']}; torch {meta['torch']}, triton {meta['triton']}. CLIP DCI "
              "spec (25 hidden states), 1 image, T = 5, C = 64, H = 8, bf16 CPU stand-ins, "
              "first layer two-pass (the 1-image path on an H100), launches stubbed at "
-             "Triton's entry (`benchmarks/host.py`). Measured.", "",
+             "Triton's entry (`benchmarks/host.py`); `, direct launch`: the binder-free "
+             "launch (`dc_kernels.ops.direct`) up to the driver call, after the first call. "
+             "Measured.", "",
              "| call | median us | p20-p80 us | x tiny F.linear |", "|---|---|---|---|"]
     for k, v in res.items():
         lines.append(f"| {k} | {v['median_us']:.1f} | {v['p20_us']:.1f}-{v['p80_us']:.1f} | "
