@@ -10,8 +10,11 @@ the max of
   per SM = resident warps x 32 lanes x the mean bytes a warp issues before it waits on a load
   (its SASS load bursts); cp.async / TMA kernels keep ``(stages - 1)`` tiles in flight;
 * L2 bytes / L2 bandwidth: every tile a program loads passes through L2;
-* tensor FLOPs / the tensor-core ceiling of the dtype (none for fp32 without TF32: its FFMAs
-  are counted as issue slots);
+* the busiest SM's tensor FLOPs / its share of the tensor-core ceiling of the dtype (none for
+  fp32 without TF32: its FFMAs are counted as issue slots), counting whole tiles: an edge
+  tile's padding goes through the tensor cores too, and a persistent GEMM program runs
+  ``ceil(tiles / programs)`` tiles (at one CLIP image, 160 tiles of 128 x 128 on 132 programs
+  take two tile times, not 160/132);
 * issue cycles / (4 schedulers x clock): instructions per warp from the SASS (straight-line
   code + each loop body x its trip count) x warps per SM;
 
@@ -164,9 +167,13 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         M, N, K = a["M"], a["N"], a["K"]
         tiles_n = math.ceil(N / c["BLOCK_N"])
         tiles_m = math.ceil(M / c["BLOCK_M"])
+        # persistent: the busiest program runs ceil(tiles / programs) whole tiles (an edge
+        # tile's zero-filled rows and columns go through the tensor cores too)
+        tile = 2.0 * c["BLOCK_M"] * c["BLOCK_N"] * math.ceil(K / c["BLOCK_K"]) * c["BLOCK_K"]
+        P = grid[0] * grid[1] * grid[2]
         return dict(dram=(M * K + K * N + M * N) * e,
                     l2=M * K * e * tiles_n + K * N * e * tiles_m + M * N * e,
-                    flops=2.0 * M * K * N)
+                    flops=2.0 * M * K * N, program_flops=math.ceil(tiles_m * tiles_n / P) * tile)
     if kernel == "_linear_kernel":
         M, N, C = a["M"], a["N"], a["C"]
         K = C * (len(sizes) + 1)
@@ -176,8 +183,11 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
             a_dram, a_l2 = L * M * C * e, entries * M * C * e * tiles_n
         else:
             a_dram, a_l2 = M * K * e, M * K * e * tiles_n
+        # one whole tile per program; the K loop runs per slab (fused) or over A
+        k_steps = (len(sizes) + 1) * math.ceil(C / c["BLOCK_K"])
         return dict(dram=a_dram + K * N * e + M * N * e,
-                    l2=a_l2 + K * N * e * tiles_m + M * N * e, flops=2.0 * M * K * N)
+                    l2=a_l2 + K * N * e * tiles_m + M * N * e, flops=2.0 * M * K * N,
+                    program_flops=2.0 * c["BLOCK_M"] * c["BLOCK_N"] * k_steps * c["BLOCK_K"])
     raise KeyError(f"no work model for kernel {kernel}")
 
 
@@ -229,7 +239,8 @@ def estimate_launch(build: dict, use: dict, gpu: GPU, dtype: str,
     if w["flops"] and stats["mix"].get("tensor"):
         prec = c.get("INPUT_PRECISION", "ieee")
         rate = gpu.tensor_flop_per_s["tf32" if dtype == "fp32" and prec == "tf32" else "16"]
-        tensor_s = per_sm * (w["flops"] / P) / (rate / gpu.sms)
+        # the busiest SM's programs, whole tiles each (wave and tile quantization)
+        tensor_s = per_sm * w["program_flops"] / (rate / gpu.sms)
     terms = dict(dram=dram_s, l2=l2_s, tensor=tensor_s, issue=issue_s)
     bound = max(terms, key=terms.get)
     return dict(kernel=kernel, config=use.get("config_desc", build["config"]), seconds=terms[bound] + gpu.launch_fixed_s,

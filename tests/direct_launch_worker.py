@@ -124,8 +124,9 @@ def cases():
                                                           backend="triton", path=path),
                 [w, b])
 
-    def training_case(spec, hs, N):
-        # one prepared launch, both epilogue variants (with and without STORE_PRE) per call
+    def prepared_case(spec, hs, N, path, first):
+        # one prepared first-layer launch called twice per call: with ``first`` keywords
+        # (an epilogue storing Z too), then plain -- both variants of each site
         B, T, C = hs[0].shape
         w = torch.empty(N, spec.out_channels(C), dtype=torch.bfloat16)
         b = torch.empty(N, dtype=torch.bfloat16)
@@ -133,23 +134,8 @@ def cases():
 
         def call():
             if not launch:
-                launch.append(linear.prepare_linear(hs, spec, B, T, C, w, b, "gelu",
-                                                    path="two-pass"))
-            launch[0](hs, w, b, keep_features=True, keep_pre=True)
-            launch[0](hs, w, b)
-        return call, [w, b]
-
-    def fused_case(spec, hs, N):
-        B, T, C = hs[0].shape
-        w = torch.empty(N, spec.out_channels(C), dtype=torch.bfloat16)
-        b = torch.empty(N, dtype=torch.bfloat16)
-        launch = []
-
-        def call():
-            if not launch:
-                launch.append(linear.prepare_linear(hs, spec, B, T, C, w, b, "gelu",
-                                                    path="fused"))
-            launch[0](hs, w, b, keep_pre=True)
+                launch.append(linear.prepare_linear(hs, spec, B, T, C, w, b, "gelu", path=path))
+            launch[0](hs, w, b, **first)
             launch[0](hs, w, b)
         return call, [w, b]
 
@@ -167,9 +153,10 @@ def cases():
         call, extra = linear_case(clip, hs, 4096, "two-pass")
         out.append((arch, "linear two-pass bf16", hs, call, extra))
     hs_f = hs_of(clip, tokens=41, channels=64)
-    call, extra = fused_case(clip, hs_f, 48)
+    call, extra = prepared_case(clip, hs_f, 48, "fused", dict(keep_pre=True))
     out.append((90, "linear fused, with and without STORE_PRE", hs_f, call, extra))
-    call, extra = training_case(clip, hs, 4096)
+    call, extra = prepared_case(clip, hs, 4096, "two-pass",
+                                dict(keep_features=True, keep_pre=True))
     out.append((90, "linear two-pass training (keep A and Z) and inference", hs, call, extra))
     hs32 = hs_of(clip, tokens=65, channels=128, dtype=torch.float32)
     call, extra = linear_case(clip, hs32, 256, "two-pass", dtype=torch.float32)

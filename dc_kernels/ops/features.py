@@ -274,12 +274,7 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     if features_tma_eligible(entries, base.device):
         cfg = _tma_config()
         n_tiles = row_tiles(spec, batch, tokens) * triton.cdiv(channels, cfg["BLOCK_C"])
-        if common.interpreting():
-            programs = INTERPRET_PROGRAMS
-        else:
-            from .gemm_tma import _num_sms
-            programs = _num_sms(base.device.index or 0) * cfg["programs_per_sm"]
-        programs = max(1, min(programs, n_tiles))
+        programs = _tma_programs(n_tiles, base.device, cfg, len(entries), base.element_size())
         launch.kind = "tma"
         launch.args = (sb, st, width, batch, tokens, channels, t_keep, 0,
                        row_tiles(spec, batch, tokens))
@@ -402,6 +397,34 @@ def row_of_tile(spec: ConnectorSpec, tokens: int, q: int) -> int:
     return (q // per_image) * t_keep + min(t_keep, (q % per_image) * rows)
 
 
+#: Programs per SM of the persistent TMA features kernel, fewer than ``programs_per_sm`` at
+#: small M: each program first creates one device-side descriptor per layer entry (3,384
+#: instructions per warp for CLIP DCI's 25 entries in the sm_90 SASS, ~4.5 tiles' worth at 757
+#: per tile), so a program should walk at least ``MIN_TILES_PER_PROGRAM`` tiles -- as long as
+#: the SM keeps ``INFLIGHT_PER_SM`` bytes of loads in flight (3 TB/s x 1.3 us / 132 SMs ~ 30 KB:
+#: full bandwidth by Little's law) and two warps per scheduler (8 warps) to issue from.
+#: CLIP DCI at 1 image: 264 programs instead of 528 (DRAM-bound instead of issue-bound by the
+#: static model); SCI keeps 4 per SM (3 layers: 6 KiB in flight per program); 16 images keep 4.
+MIN_TILES_PER_PROGRAM = 8
+INFLIGHT_PER_SM = 32 * 1024
+
+
+def _tma_programs(n_tiles: int, device: torch.device, cfg, entries: int, element_size: int
+                  ) -> int:
+    # programs of the persistent grid: whole multiples of the SMs (see MIN_TILES_PER_PROGRAM)
+    if common.interpreting():
+        return max(1, min(INTERPRET_PROGRAMS, n_tiles))
+    from .gemm_tma import _num_sms
+    sms = _num_sms(device.index or 0)
+    inflight = max(1, cfg["STAGES"] - 1) * entries * cfg["ROWS"] * cfg["BLOCK_C"] * element_size
+    per_sm = cfg["programs_per_sm"]
+    while (per_sm > 1 and triton.cdiv(n_tiles, sms * per_sm) < MIN_TILES_PER_PROGRAM
+           and (per_sm - 1) * inflight >= INFLIGHT_PER_SM
+           and (per_sm - 1) * cfg["num_warps"] >= 8):
+        per_sm -= 1
+    return max(1, min(sms * per_sm, n_tiles))
+
+
 def _tma_config(beside_gemm: bool = False):
     if common.interpreting():
         return FEATURES_TMA_CONFIG_INTERPRET
@@ -422,13 +445,8 @@ def features_tma(hidden_states, spec: ConnectorSpec, batch: int, tokens: int, ch
     if q1 <= q0 or channels == 0:
         return out
     n_tiles = (q1 - q0) * triton.cdiv(channels, cfg["BLOCK_C"])
-    if programs is None:
-        if common.interpreting():
-            programs = INTERPRET_PROGRAMS
-        else:
-            from .gemm_tma import _num_sms
-            programs = _num_sms(out.device.index or 0) * cfg["programs_per_sm"]
-    programs = max(1, min(programs, n_tiles))
+    programs = max(1, min(programs, n_tiles)) if programs is not None \
+        else _tma_programs(n_tiles, out.device, cfg, len(entries), out.element_size())
     _ensure_allocator()
     sb, st, _ = common.strides(entries)
     flags = common.layout_flags(entries, out)
