@@ -55,14 +55,17 @@ def stats() -> Dict[str, int]:
     return dict(_STATS)
 
 
-# device and stream of the launch: looked up through the module (the host benchmark, which
-# runs on a CPU, replaces them)
+# device and stream of the launch, as JITFunction.run looks them up (Triton's active driver:
+# with torch loaded, torch's current device and raw current stream); looked up through the
+# module (triton_aot.record_launches replaces them on a CPU)
 def _current_device() -> int:
-    return torch.cuda.current_device()
+    from triton.runtime import driver
+    return driver.active.get_current_device()
 
 
 def _current_stream(device: int) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    from triton.runtime import driver
+    return driver.active.get_current_stream(device)
 
 
 def _hook_set(hook) -> bool:
