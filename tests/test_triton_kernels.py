@@ -376,6 +376,12 @@ def test_config_pruning_keeps_shared_memory_within_the_limit():
         odd = linear_ops.prune_configs(configs, 1, 2, 232448, aligned=False)
         assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128 for c in odd) or \
             len(odd) == 1
+    # odd sizes with wide groups (12-13 layer tiles per K step): K blocks of 16 only (a
+    # 32-deep one spills on sm_80 with triton 3.6); the fused lists have such a config
+    for configs in (linear_ops.FUSED_CONFIGS_16, linear_ops.FUSED_CONFIGS_32):
+        for e in (2, 4):
+            odd = linear_ops.prune_configs(configs, 12, e, 166912, aligned=False)
+            assert odd and all(c.kwargs["BLOCK_K"] <= 16 for c in odd)
 
 
 # --------------------------------------------------------------------------- property-based

@@ -151,15 +151,18 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 # K step, so it takes a narrower K block than a plain GEMM, and for fp32 a single stage (the
 # pipeliner would otherwise multi-buffer every layer's tile in shared memory). Its BLOCK_M = 64
 # configs use 4 warps (one warpgroup): with 8, both warpgroups would rebuild the same A tile.
-#: Fused kernel (features built in the K loop), 16-bit operands.
+#: Fused kernel (features built in the K loop), 16-bit operands. 64 x 64 x 16 serves sizes not
+#: divisible by 16 with wide groups (see prune_configs: with triton 3.6 on sm_80 the 32-deep K
+#: block spills there, 255 registers).
 FUSED_CONFIGS_16 = [
     _cfg(64, 128, 32, 4, 3),
     _cfg(128, 64, 32, 8, 3),
     _cfg(64, 64, 32, 4, 3),
+    _cfg(64, 64, 16, 4, 3),
 ]
-#: Fused kernel, fp32 operands.
+#: Fused kernel, fp32 operands: K blocks of 16 (with triton 3.6, 64 x 64 x 32 spills on sm_90
+#: and, as TF32, on sm_80).
 FUSED_CONFIGS_32 = [
-    _cfg(64, 64, 32, 4, 1),
     _cfg(64, 128, 16, 4, 1),
     _cfg(64, 64, 16, 4, 1),
 ]
@@ -208,13 +211,15 @@ def _aligned16(*sizes) -> bool:
 def prune_configs(configs, max_group: int, element_size: int, shared_limit: int,
                   aligned: bool):
     """The configs that can run: shared memory bound within ``shared_limit``; with sizes or
-    strides not divisible by 16 (``aligned=False``), tiles of at most 64 x 128 and, for fp32,
-    K blocks of at most 16 (larger ones spill their masks' registers). Never empty: falls back
-    to the smallest config."""
+    strides not divisible by 16 (``aligned=False``), tiles of at most 64 x 128 and, for fp32 or
+    groups of more than 4 layers (``max_group``), K blocks of at most 16 (larger ones spill
+    their masks' registers: fp32 with triton 3.9, 12-layer groups with triton 3.6 on sm_80).
+    Never empty: falls back to the smallest config."""
+    narrow_k = element_size >= 4 or max_group > 4
     keep = [c for c in configs
             if shared_bytes_bound(c, max_group, element_size) <= shared_limit
             and (aligned or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
-                             and (element_size < 4 or c.kwargs["BLOCK_K"] <= 16)))]
+                             and (not narrow_k or c.kwargs["BLOCK_K"] <= 16)))]
     if keep:
         return keep
     return [min(configs, key=lambda c: shared_bytes_bound(c, max_group, element_size))]

@@ -618,6 +618,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--arch", default="80,90", help="comma-separated SM versions (80,90)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: bf16,fp16,fp32")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if any build fails, spills or exceeds its shared memory")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler",
@@ -637,6 +639,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(a.json, "w") as f:
                 json.dump(reports, f, indent=1, default=str)
         print(summarize(reports))
+    if a.check:
+        bad = [r for r in reports if "error" in r or r["spill_stores"] or r["spill_loads"]
+               or r["shared"] > r["shared_limit"]]
+        if bad:
+            print(f"--check: {len(bad)} of {len(reports)} builds fail, spill or exceed shared "
+                  f"memory (triton {triton_version()})", file=sys.stderr)
+            return 1
     return 0
 
 
