@@ -17,12 +17,15 @@ C. the same call with ``DC_KERNELS_DIRECT_LAUNCH=0``: through the JIT again, bin
 B's launcher arguments must equal C's binder values position by position (grid, stream,
 function and metadata of A's kernel for that site, then every parameter: the same input
 tensors, outputs of the same layout, the same descriptors and block shapes, the same scalars
-and constants).
+and constants). And no tensor call A allocated may still be alive after the three calls: the
+plans and their launch sites keep none.
 """
 
+import gc
 import json
 import os
 import sys
+import weakref
 
 import torch
 
@@ -34,13 +37,16 @@ from dc_kernels.ops import direct, linear, triton_aot
 class StandInKernel:
     """Stands in for Triton's ``CompiledKernel``: its ``run`` (the driver launcher) logs."""
 
-    def __init__(self, ident, log):
-        self.ident, self.log = ident, log
+    def __init__(self, ident, log, inputs=()):
+        self.ident, self.log, self.inputs = ident, log, inputs
         self.function = ("function", ident)
         self.packed_metadata = ("packed", ident)
 
     def run(self, *args):
-        self.log.append(("direct", self.ident, args))
+        # the launch's head (grid, stream, function, metadata, hooks) and its parameters as
+        # descriptions (no tensor is kept)
+        self.log.append(("direct", self.ident, args[:9],
+                         [describe(v, self.inputs) for v in args[9:]]))
 
 
 def describe(v, inputs):
@@ -56,10 +62,26 @@ def describe(v, inputs):
     return ("value", repr(v))
 
 
+def _tensors(v):
+    # the tensors an argument holds (a tensor, a tuple of them, a descriptor's base)
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, tuple):
+        return [t for x in v for t in _tensors(x)]
+    if type(v).__name__ == "TensorDescriptor":
+        return [v.base]
+    return []
+
+
 def run_case(arch, call, inputs):
     seq = []  # every launch in order: ("jit", kernel, grid, values) or ("direct", kernel, args)
+    first_call = []  # weak references to the tensors call A allocated
 
     def stand_in(fn, args, kwargs, grid):
+        if not first_call or first_call[0] == "open":
+            first_call[:1] = ["open"]
+            first_call.extend(weakref.ref(t) for a in args for t in _tensors(a)
+                              if t.data_ptr() not in inputs)
         values = triton_aot.bound_values(fn, args, kwargs, arch)
         names = [p.name for p in fn.params]
         if callable(grid):
@@ -67,10 +89,11 @@ def run_case(arch, call, inputs):
         grid = tuple(grid) + (1,) * (3 - len(tuple(grid)))
         ident = len(seq)
         seq.append(("jit", ident, grid, [describe(v, inputs) for v in values]))
-        return StandInKernel(ident, seq)
+        return StandInKernel(ident, seq, inputs)
 
     with triton_aot.record_launches(arch, record=False, stand_in=stand_in):
         call()                                   # A
+        first_call[0] = "closed"
         seq_a = list(seq)
         before = direct.stats()
         call()                                   # B
@@ -82,7 +105,11 @@ def run_case(arch, call, inputs):
         finally:
             del os.environ[direct.DIRECT_ENV]
         seq_c = seq[len(seq_a) + len(seq_b):]
+        gc.collect()  # the plans (and their launch sites) are still alive here
+        kept = sum(1 for r in first_call[1:] if r() is not None)
     problems = []
+    if kept:
+        problems.append(f"{kept} tensors of the first call are kept alive (by a plan or site)")
     if not seq_a:
         problems.append("no launch")
     if any(e[0] != "direct" for e in seq_b):
@@ -92,7 +119,7 @@ def run_case(arch, call, inputs):
     if not len(seq_a) == len(seq_b) == len(seq_c):
         problems.append(f"{len(seq_a)} / {len(seq_b)} / {len(seq_c)} launches in A / B / C")
     for k, (a, b, c) in enumerate(zip(seq_a, seq_b, seq_c)):
-        _, ident, args = b[0], b[1], b[2]
+        _, ident, args, got = b
         if ident != a[1]:
             problems.append(f"launch {k}: kernel of launch {ident}, expected {a[1]}")
         if tuple(args[:3]) != c[2]:
@@ -100,7 +127,7 @@ def run_case(arch, call, inputs):
         if args[3] != 0 or args[4] != ("function", ident) or args[5] != ("packed", ident) \
                 or args[6:9] != (None, None, None):
             problems.append(f"launch {k}: stream/function/metadata/hooks {args[3:9]}")
-        got, values = [describe(v, inputs) for v in args[9:]], c[3]
+        values = c[3]
         if got != values:
             diff = [i for i, (g, e) in enumerate(zip(got, values)) if g != e]
             problems.append(f"launch {k}: {len(got)} vs {len(values)} values, differing at "

@@ -5,8 +5,9 @@ Without a GPU the compiled kernel's launcher cannot run, so the CPU test checks 
 to it: ``tests/direct_launch_worker.py`` (a subprocess without ``TRITON_INTERPRET``) runs each
 public call on CPU stand-ins of the real shapes with the launchers seeing an sm_80 / sm_90 card,
 and compares, launch by launch, what the direct path hands the launcher with what Triton's own
-binder derives for the same call through the JIT (grid, kernel, every parameter). The GPU test
-runs both paths on real kernels and compares the outputs bit for bit.
+binder derives for the same call through the JIT (grid, kernel, every parameter), and checks
+that no tensor of the first call stays alive in a plan's launch sites. The GPU test runs both
+paths on real kernels and compares the outputs bit for bit.
 """
 
 import json

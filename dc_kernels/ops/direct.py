@@ -184,6 +184,8 @@ class DirectLaunch:
         if callable(grid):
             grid = grid(dict(zip(state.names, state.values)))
         state.grid = tuple(grid) + (1,) * (3 - len(grid))
+        for i in state.slots:  # a plan must not keep the first call's tensors alive
+            state.values[i] = None
         return state
 
 
