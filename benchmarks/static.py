@@ -447,6 +447,12 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
             bytes_ = sum(x["dram_bytes"] for x in fe)
             cal["features_efficiency_beside_gemm"] = round(
                 bytes_ / gpu.dram_bytes_per_s / sum(under), 3)
+            # what it was read on: the case's distinct layers x bytes per element (bf16)
+            from dc_kernels import ConnectorSpec
+            tower, connector = shape.split("-")
+            enc = {"clip336": "clip", "siglip384": "siglip"}[tower]
+            cal["beside_gemm_layer_bytes"] = 2 * len(
+                ConnectorSpec.preset(enc, connector).used_layers)
     return cal
 
 

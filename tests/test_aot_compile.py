@@ -1,7 +1,7 @@
 """Ahead-of-time builds of the kernels that run, for sm_80 and sm_90, on a CPU-only machine.
 
 ``dc_kernels.ops.triton_aot`` records the launches the public functions make for the benchmark
-shapes (CLIP-L/336 and SigLIP-384 presets; DCI, SCI, STI; 1 and 16 images; N = 4096; every
+shapes (CLIP-L/336 and SigLIP-384 presets; DCI, SCI, STI; 1, 16 and 64 images; N = 4096; every
 dtype, path and autotune config that survives pruning) and for awkward layouts (channel stride
 != 1, misaligned views, token-major storage, sizes not divisible by 16, a transposed weight,
 TF32), binds them with Triton's own binder (the specialization the JIT would compile) and

@@ -486,6 +486,9 @@ def test_dispatch_rule():
     # many rows: the features pass hides under the GEMM
     assert choose(16 * 576, 1024, 4096, 24, 3, 2) == "overlap"
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, cuda=False) == "two-pass"  # no streams
+    # SCI (3 layers): beside the GEMM its features keep too few bytes in flight to hide
+    assert choose(16 * 576, 1024, 4096, 3, 3, 2) == "two-pass"
+    assert choose(64 * 576, 1024, 4096, 3, 3, 2) == "two-pass"
     # layouts the fused kernel is not built for
     assert choose(576, 1024, 128, 24, 3, 2, off64=True) == "two-pass"
     assert choose(576, 1024, 128, 24, 3, 2, uniform=False) == "two-pass"

@@ -21,8 +21,8 @@ __all__ = ["CALIBRATION_FILE", "load_calibration", "PATH_MODEL", "estimate_linea
 CALIBRATION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
 _REQUIRED = ("dram_bytes_per_s", "l2_bytes_per_s", "flop_per_s", "launch_s", "sms",
              "issue_per_s", "features_efficiency", "features_efficiency_beside_gemm",
-             "gemm_efficiency", "gemm_tile_m", "gemm_tile_n", "fused_block_n",
-             "fused_instr_per_element", "measured_over_estimated")
+             "beside_gemm_layer_bytes", "gemm_efficiency", "gemm_tile_m", "gemm_tile_n",
+             "fused_block_n", "fused_instr_per_element", "measured_over_estimated")
 
 
 def load_calibration(path: Optional[str] = None) -> Dict:
@@ -52,7 +52,11 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     * ``two-pass`` = features + GEMM + a launch; ``overlap`` (row chunks of
       :func:`overlap_chunk_rows`, at least two) = the first chunk's features, then the slower
       of the GEMM and the remaining features (which run beside the GEMM's CTAs at
-      ``features_efficiency_beside_gemm`` of the bandwidth) + a launch per chunk;
+      ``features_efficiency_beside_gemm`` of the bandwidth, calibrated on a case reading
+      layers of ``beside_gemm_layer_bytes`` = L x e bytes per element row; with fewer layers
+      a features program beside the GEMM keeps proportionally fewer bytes in flight -- one
+      tile per layer -- so the efficiency scales down with ``L e``: SCI's 3 layers reach about
+      an eighth of DCI's bandwidth there) + a launch per chunk;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
       N tile (``fused_block_n`` wide), the FLOPs, and the issue cost of rebuilding A per N tile
       (``fused_instr_per_element`` warp instructions per layer element and N tile);
@@ -72,7 +76,9 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     if chunks >= 2:
         # the features of chunk 0 run alone, the rest beside the GEMM at
         # ``features_efficiency_beside_gemm`` of the copy bandwidth
-        beside = feats * m["features_efficiency"] / m["features_efficiency_beside_gemm"]
+        eff = m["features_efficiency_beside_gemm"] * min(
+            1.0, num_layers_read * e / m["beside_gemm_layer_bytes"])
+        beside = feats * m["features_efficiency"] / eff
         overlap = (feats / chunks + max(gemm, beside * (chunks - 1) / chunks)
                    + chunks * m["launch_s"])
     else:

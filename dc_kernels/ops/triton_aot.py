@@ -334,7 +334,7 @@ def _hidden_states(spec, images, tokens, channels, dtype, layout="contiguous"):
 
 #: Benchmark shapes: (name, encoder, tokens, channels); N = 4096 (an LLM width of 7B/8B).
 TOWERS = (("clip336", "clip", 577, 1024), ("siglip384", "siglip", 729, 1152))
-BENCH_IMAGES = (1, 16)
+BENCH_IMAGES = (1, 16, 64)
 BENCH_N = 4096
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -371,8 +371,8 @@ def _scatter_call(spec, images, tokens, channels, dtype):
 def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
     """Every public call whose kernels the AOT checks build.
 
-    * ``benchmark``: the benchmark shapes (CLIP-L/336 and SigLIP-384 presets; DCI, SCI, STI; 1
-      and 16 images; N = 4096): features, linear on both paths, and the backward's scatter.
+    * ``benchmark``: the benchmark shapes (CLIP-L/336 and SigLIP-384 presets; DCI, SCI, STI; 1,
+      16 and 64 images; N = 4096): features, linear on every path, and the backward's scatter.
     * ``layout``: what users can also pass: channel stride != 1, views misaligned by one
       element, token-major storage, sizes not divisible by 16, a transposed weight, fp32 with
       TF32 allowed.
