@@ -142,14 +142,12 @@ class _StandIn:
 def _binder_of(records) -> Callable[[], None]:
     """Runs Triton's own binder and kernel-cache key (as ``JITFunction.run`` does per launch
     before its cache lookup) on every recorded launch of one call."""
-    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+    from triton.runtime.jit import compute_cache_key
     from dc_kernels.ops import triton_aot
     work = []
     for r in records:
-        binder = create_function_from_signature(r.fn.signature, r.fn.params,
-                                                triton_aot._backend(90))
         _, args, kwargs, _ = r.variants()[0]
-        work.append((binder, args, dict(kwargs, debug=False), {}))
+        work.append((triton_aot.binder(r.fn, 90), args, dict(kwargs, debug=False), {}))
 
     def run():
         for binder, args, kwargs, key_cache in work:

@@ -449,8 +449,9 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
                 bytes_ / gpu.dram_bytes_per_s / sum(under), 3)
             # what it was read on: the case's distinct layers x bytes per element (bf16)
             from dc_kernels import ConnectorSpec
+            from dc_kernels.ops.triton_aot import TOWERS
             tower, connector = shape.split("-")
-            enc = {"clip336": "clip", "siglip384": "siglip"}[tower]
+            enc = {name: enc for name, enc, _, _ in TOWERS}[tower]
             cal["beside_gemm_layer_bytes"] = 2 * len(
                 ConnectorSpec.preset(enc, connector).used_layers)
     return cal

@@ -36,6 +36,8 @@ import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 
 __all__ = ["DirectLaunch", "DIRECT_ENV", "capture_values", "enabled", "stats"]
 
@@ -59,12 +61,10 @@ def stats() -> Dict[str, int]:
 # with torch loaded, torch's current device and raw current stream); looked up through the
 # module (triton_aot.record_launches replaces them on a CPU)
 def _current_device() -> int:
-    from triton.runtime import driver
     return driver.active.get_current_device()
 
 
 def _current_stream(device: int) -> int:
-    from triton.runtime import driver
     return driver.active.get_current_stream(device)
 
 
@@ -77,7 +77,6 @@ def _hook_set(hook) -> bool:
 
 
 def _hooks_set() -> bool:
-    from triton import knobs
     runtime = knobs.runtime
     return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 

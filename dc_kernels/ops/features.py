@@ -211,8 +211,8 @@ class FeaturesLaunch:
     device, spec): which kernel, its layer-entry order, constants and grid. Calling it with
     hidden states of that signature allocates the output and launches, nothing else."""
 
-    __slots__ = ("kind", "index", "args", "meta", "grid", "out_shape", "dtype", "device",
-                 "parts", "site")
+    __slots__ = ("kind", "index", "args", "meta", "site", "out_shape", "dtype", "device",
+                 "parts")
 
     def __call__(self, hidden_states) -> torch.Tensor:
         out = common.empty(self.out_shape, self.dtype, self.device)
@@ -282,8 +282,7 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                            OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"],
                            ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"], NUM_PROGRAMS=programs,
                            STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
-        launch.grid = (programs,)
-        launch.site = DirectLaunch(_features_tma_kernel, launch.grid)
+        launch.site = DirectLaunch(_features_tma_kernel, (programs,))
         return launch
     if common.interpreting():
         cfg = FEATURES_CONFIG_INTERPRET
@@ -293,8 +292,9 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     launch.args = (sb, st, sc, width, 0, M, channels, t_keep)
     launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, **flags,
                        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    launch.grid = (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
-    launch.site = DirectLaunch(_features_kernel, launch.grid)
+    launch.site = DirectLaunch(
+        _features_kernel,
+        (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(M, cfg["BLOCK_M"]),))
     return launch
 
 

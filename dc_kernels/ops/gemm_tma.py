@@ -205,7 +205,7 @@ class GemmTmaLaunch:
     ``pre`` may be any tensor whose storage starts where the 2-D operand does) builds the four
     descriptors from templates and launches."""
 
-    __slots__ = ("kernel", "grid", "templates", "tail", "meta", "meta_pre", "bias_copy", "site")
+    __slots__ = ("site", "templates", "tail", "meta", "meta_pre", "bias_copy")
 
     def __call__(self, a, weight, bias, out, pre=None):
         ta, tw, to, tp = self.templates
@@ -254,15 +254,13 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         blocks = {k: v for k, v in cfg.items() if k not in ("num_ctas",)}
         launch.meta.update(blocks)
         launch.meta_pre.update(blocks)
-        launch.kernel, launch.grid = _gemm_tma_kernel, (min(sms, tiles),)
-        launch.site = DirectLaunch(launch.kernel, launch.grid)
+        launch.site = DirectLaunch(_gemm_tma_kernel, (min(sms, tiles),))
         return launch
 
     def grid(m):
         return (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
-    launch.kernel = _AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)]
-    launch.grid = grid
-    launch.site = DirectLaunch(launch.kernel, launch.grid)
+    launch.site = DirectLaunch(_AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)],
+                               grid)
     return launch
 
 

@@ -263,8 +263,8 @@ class KernelLaunch:
     starts at the ``[M, N]`` output's first element with row stride N (the plan's ``[B, T', N]``
     output, unviewed, or its 2-D view)."""
 
-    __slots__ = ("kernel", "grid", "strides", "wstrides", "tail", "meta", "meta_pre",
-                 "bias_copy", "pre_ok", "site")
+    __slots__ = ("site", "strides", "wstrides", "tail", "meta", "meta_pre", "bias_copy",
+                 "pre_ok")
 
     def __call__(self, entries, weight, bias, out, pre=None):
         if pre is not None and not self.pre_ok:
@@ -298,18 +298,16 @@ def prepare_kernel(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
                 INPUT_PRECISION="tf32" if allow_tf32 else "ieee")
     if common.interpreting():
         cfg = LINEAR_CONFIG_INTERPRET
-        launch.kernel = _linear_kernel
-        launch.grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) *
-                       triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+        kernel, grid = _linear_kernel, (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) *
+                                        triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
         meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         def grid(m):
             return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
         bits = 32 if dtype == torch.float32 else 16
-        launch.kernel = _AUTOTUNED[("gemm" if not sizes else "fused", bits)]
-        launch.grid = grid
+        kernel = _AUTOTUNED[("gemm" if not sizes else "fused", bits)]
     launch.meta, launch.meta_pre = meta, dict(meta, STORE_PRE=True)
-    launch.site = DirectLaunch(launch.kernel, launch.grid)
+    launch.site = DirectLaunch(kernel, grid)
     return launch
 
 

@@ -205,12 +205,19 @@ def bound_values(fn, args: Sequence[Any], kwargs: Dict[str, Any], arch: int) -> 
     return list(_bound(fn, args, kwargs, arch)[2].values())
 
 
-def _bound(fn, args, kwargs, arch):
+def binder(fn, arch: int) -> Callable:
+    """Triton's binder of ``fn`` against a CUDA backend of ``sm_{arch}`` (made once): what
+    ``JITFunction.run`` calls per launch, ``binder(*args, **kwargs) -> (bound_args,
+    specialization, options)``."""
     from triton.runtime.jit import create_function_from_signature
-    backend = _backend(arch)
     key = (id(fn), arch)
     if key not in _BINDERS:
-        _BINDERS[key] = create_function_from_signature(fn.signature, fn.params, backend)
+        _BINDERS[key] = create_function_from_signature(fn.signature, fn.params, _backend(arch))
+    return _BINDERS[key]
+
+
+def _bound(fn, args, kwargs, arch):
+    backend = _backend(arch)
     kwargs = dict(kwargs)
     kwargs.setdefault("debug", False)
     # launch options JITFunction.run adds from Triton's knobs, when this version has them
@@ -219,7 +226,7 @@ def _bound(fn, args, kwargs, arch):
     for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
         if name in fields and hasattr(knobs.compilation, name):
             kwargs.setdefault(name, getattr(knobs.compilation, name))
-    bound, specialization, options = _BINDERS[key](*args, **kwargs)
+    bound, specialization, options = binder(fn, arch)(*args, **kwargs)
     return backend, kwargs, bound, specialization, options
 
 
