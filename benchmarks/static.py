@@ -39,6 +39,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from dc_kernels.ops.path import SPLIT_PARTIAL_STEPS
+
 __all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown"]
 
 
@@ -104,10 +106,11 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
             return math.ceil(a["C"] / c["BLOCK_K"])
         return 1
     if kernel == "_gemm_tma_kernel":
+        split = c.get("SPLIT_K", 1)
         tiles = math.ceil(a["M"] / c["BLOCK_M"]) * math.ceil(a["N"] / c["BLOCK_N"])
-        per_program = math.ceil(tiles / programs)
+        per_program = math.ceil(tiles * split / programs)  # work units: a tile's K range
         if loop["innermost"]:
-            return per_program * math.ceil(a["K"] / c["BLOCK_K"])
+            return per_program * math.ceil(math.ceil(a["K"] / c["BLOCK_K"]) / split)
         return per_program
     if kernel == "_sti_features_kernel":
         # each pooled segment runs one group's loop, in the programs that have pooled rows
@@ -169,11 +172,25 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         tiles_m = math.ceil(M / c["BLOCK_M"])
         # persistent: the busiest program runs ceil(tiles / programs) whole tiles (an edge
         # tile's zero-filled rows and columns go through the tensor cores too)
-        tile = 2.0 * c["BLOCK_M"] * c["BLOCK_N"] * math.ceil(K / c["BLOCK_K"]) * c["BLOCK_K"]
+        k_tiles = math.ceil(K / c["BLOCK_K"])
+        step = 2.0 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]
         P = grid[0] * grid[1] * grid[2]
-        return dict(dram=(M * K + K * N + M * N) * e,
-                    l2=M * K * e * tiles_n + K * N * e * tiles_m + M * N * e,
-                    flops=2.0 * M * K * N, program_flops=math.ceil(tiles_m * tiles_n / P) * tile)
+        split = c.get("SPLIT_K", 1)
+        dram = (M * K + K * N + M * N) * e
+        l2 = M * K * e * tiles_n + K * N * e * tiles_m + M * N * e
+        if split == 1:
+            return dict(dram=dram, l2=l2, flops=2.0 * M * K * N,
+                        program_flops=math.ceil(tiles_m * tiles_n / P) * k_tiles * step)
+        # split K: every unit writes an fp32 partial tile and the last of a tile's units
+        # reads all of them back (through L2; counted once more through DRAM, as written
+        # back); the busiest program runs its units' K ranges plus the partials' traffic,
+        # at SPLIT_PARTIAL_STEPS main-loop steps per partial tile (the path rule's cost)
+        partials = tiles_m * tiles_n * split * c["BLOCK_M"] * c["BLOCK_N"] * 4
+        units = math.ceil(tiles_m * tiles_n * split / P)
+        steps = (units * (math.ceil(k_tiles / split) + SPLIT_PARTIAL_STEPS)
+                 + split * SPLIT_PARTIAL_STEPS)
+        return dict(dram=dram + partials, l2=l2 + 2 * partials, flops=2.0 * M * K * N,
+                    program_flops=steps * step)
     if kernel == "_linear_kernel":
         M, N, C = a["M"], a["N"], a["C"]
         K = C * (len(sizes) + 1)

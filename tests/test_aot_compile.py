@@ -87,6 +87,21 @@ def test_every_kernel_and_case_is_built(reports):
     assert cases == {c.name for c in triton_aot.aot_cases()}
 
 
+def test_one_image_gemm_splits_k_on_hopper(reports):
+    # 576 rows -> 4096 give 80 tiles for 132 SMs: the two-pass GEMM splits K (the build is
+    # checked like every other: built, no spills, shared memory, wgmma); 16 images do not
+    split = {}
+    for r in reports:
+        if r.get("kernel") != "_gemm_tma_kernel" or r["arch"] != 90 or "error" in r:
+            continue
+        for u in r["uses"]:
+            if u["case"].startswith("linear-two-pass/clip336-dci-") and u["case"].endswith(
+                    "-bf16"):
+                split.setdefault(u["case"], set()).add(r["constexprs"].get("SPLIT_K", 1))
+    assert split["linear-two-pass/clip336-dci-1img-bf16"] == {3}
+    assert split["linear-two-pass/clip336-dci-16img-bf16"] == {1}
+
+
 def test_shared_memory_bound_of_the_pruner_holds(reports):
     # the launcher prunes _linear_kernel configs by shared_bytes_bound: it must bound every
     # real build from above, or a config that does not fit could slip through

@@ -349,6 +349,92 @@ def test_overlap_on_sti_runs_two_pass():
     _check_linear(hs, spec, w, b, "gelu", "overlap", torch.float32)
 
 
+# --------------------------------------------------------------------------- split-K GEMM
+def test_split_k_rule():
+    split = path_ops.gemm_split_k
+    # CLIP-L/336, 1 image -> 4096: 80 tiles of 128 x 256 for 132 SMs, 48 K steps: 3 ranges
+    assert split(80, 48, 132) == 3
+    # SigLIP-384, 1 image: 96 tiles, 54 steps: no split saves 10 % (3 units on the busiest SM)
+    assert split(96, 54, 132) == 1
+    # enough tiles for the SMs (16 images), or too few K steps for 4-step ranges: no split
+    assert split(1152, 48, 132) == 1
+    assert split(128, 48, 132) == 1
+    assert split(1, 7, 132) == 1
+    assert split(0, 48, 132) == split(80, 0, 132) == 1
+    # the path model's GEMM estimate shrinks exactly where the kernel splits
+    assert path_ops.gemm_split_gain(576, 4096, 3072) < 0.9
+    assert path_ops.gemm_split_gain(16 * 576, 4096, 3072) == 1.0
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("split", (2, 3, 4))
+@pytest.mark.parametrize("M,N,K,bias,activation", [(70, 96, 80, True, "gelu"),
+                                                   (33, 40, 48, False, None),
+                                                   (17, 24, 112, True, None)])
+def test_split_k_gemm(monkeypatch, dtype, split, M, N, K, bias, activation):
+    # K ranges of 1-3 steps (ragged: K / 16 is not a multiple of the split), edge tiles in M
+    # and N, outputs and pre-activations poisoned; every tile's partials are summed by
+    # whichever unit arrives last, in range order: the same bits on every call, the arrival
+    # counts back to zero, and within the GEMM bound of fp64
+    from dc_kernels.ops import gemm_tma
+    if not gemm_tma.gemm_tma_eligible(torch.empty(M, K, dtype=dtype, device=DEVICE),
+                                      torch.empty(N, K, dtype=dtype, device=DEVICE),
+                                      torch.empty(M, N, dtype=dtype, device=DEVICE)):
+        pytest.skip("the TMA GEMM needs sm_90 (or the interpreter)")
+    monkeypatch.setattr(gemm_tma, "SPLIT_K", split)
+    g = torch.Generator().manual_seed(M * 1000 + N + K + split)
+    a = torch.randn(M, K, generator=g).to(dtype=dtype, device=DEVICE)
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if bias else None
+    launch = gemm_tma.prepare_gemm_tma(a, w, b, activation, torch.empty(M, N, dtype=dtype,
+                                                                        device=DEVICE))
+    assert launch.split == split
+    outs = []
+    for _ in range(2):
+        out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+        pre = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+        launch(a, w, b, out, pre)
+        outs.append((out, pre))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for counts in gemm_tma._ARRIVALS.values():
+        assert int(counts.abs().sum()) == 0, "a split launch left arrival counts behind"
+    a64, w64 = a.double(), w.double()
+    b64 = b.double() if b is not None else None
+    z = torch.nn.functional.linear(a64, w64, b64)
+    y = torch.nn.functional.gelu(z) if activation == "gelu" else z
+    rtol, atol = _linear_tolerance(a64, w64, b64, dtype)
+    torch.testing.assert_close(outs[0][0].double(), y, rtol=rtol, atol=atol)
+    torch.testing.assert_close(outs[0][1].double(), z, rtol=rtol, atol=atol)
+
+
+def test_split_k_taken_by_the_rule_and_end_to_end(monkeypatch):
+    # under the interpreter (3 programs, 32 x 32 tiles) few tiles and a deep K split on their
+    # own; the two-pass path then runs the split GEMM and stays within the linear bound
+    from dc_kernels.ops import gemm_tma
+    dtype = torch.bfloat16
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 1, 21, 96, dtype, seed=38)  # K = 288: 18 steps of 16
+    w, b = _weights(spec, 96, 24, dtype, seed=39)
+    a = dense_connector_features(hs, spec, backend="triton").reshape(20, 288)
+    out = torch.empty(20, 24, dtype=dtype, device=DEVICE)
+    if not gemm_tma.gemm_tma_eligible(a, w, out):
+        pytest.skip("the TMA GEMM needs sm_90 (or the interpreter)")
+    if common.interpreting():
+        assert gemm_tma.prepare_gemm_tma(a, w, b, "gelu", out).split > 1
+    _check_linear(hs, spec, w, b, "gelu", "two-pass", dtype)
+
+
+def test_split_k_arrivals_per_stream_and_device():
+    # one zeroed buffer per (device, stream), reused, grown when a launch has more tiles
+    from dc_kernels.ops import gemm_tma
+    t = torch.empty(4, device=DEVICE)
+    first = gemm_tma._arrivals(t, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and int(first.abs().sum()) == 0
+    assert gemm_tma._arrivals(t, 10) is first
+    bigger = gemm_tma._arrivals(t, first.numel() + 1)
+    assert bigger.numel() > first.numel() and gemm_tma._arrivals(t, 10) is bigger
+
+
 def test_features_row_range_writes_only_those_rows():
     from dc_kernels.ops.features import features_triton
     spec = ConnectorSpec.preset("clip", "dci")

@@ -8,6 +8,12 @@ epilogue adds the bias, applies exact-erf GELU, rounds once and stores the tile 
 (``STORE_PRE``, training: it also stores the pre-activation, rounded once, through a second
 descriptor).
 
+Split K (``SPLIT_K`` > 1, 16-bit operands, chosen by :func:`dc_kernels.ops.path.gemm_split_k`
+when the tiles are too few for the SMs, e.g. 576 rows): each tile's K loop is cut into ranges
+run by different programs; each writes an fp32 partial tile and arrives on the tile's count
+(an ``acq_rel`` atomic); the last to arrive sums the partials in range order (deterministic,
+nobody waits) and runs the epilogue (``_split_k_epilogue``; ``docs/DESIGN.md`` §4).
+
 Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specialize this loop
 on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
 fails to compile with 4), so the kernel does not ask for it; see ``docs/DESIGN.md`` §4.
@@ -28,7 +34,9 @@ import triton.language as tl
 
 from . import common
 from .common import _round
+from . import direct
 from .direct import DirectLaunch
+from .path import gemm_split_k
 
 __all__ = ["gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
 
@@ -50,14 +58,56 @@ def _epilogue(b_acc, o_desc, p_desc, bias, o_am, o_n0, N, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
+def _split_k_epilogue(b_acc, ws, arrivals, tile, split, o_desc, p_desc, bias, o_am, o_wn, N,
+                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+                      EMULATE_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr):
+    # One K range of a split tile: store its fp32 partial, arrive; the unit that arrives last
+    # (whichever it is) sums the tile's SPLIT_K partials in range order -- the same sum
+    # whatever the arrival order, so the result is deterministic -- runs the epilogue and
+    # resets the tile's arrival count for the next launch. Nobody waits: no schedule (the
+    # interpreter's one-program-at-a-time included) can deadlock.
+    HALVES: tl.constexpr = 2 if SPLIT_EPILOGUE else 1
+    WIDTH: tl.constexpr = BLOCK_N // HALVES
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    o_r = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+    o_c = tl.arange(0, WIDTH)[None, :]
+    mine = ws + (tile * SPLIT_K + split) * TILE
+    if SPLIT_EPILOGUE:
+        b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, WIDTH)), (0, 2, 1))
+        b_lo, b_hi = tl.split(b_acc)
+        tl.store(mine + o_r + o_c, b_lo, cache_modifier=".cg")
+        tl.store(mine + o_r + o_c + WIDTH, b_hi, cache_modifier=".cg")
+    else:
+        tl.store(mine + o_r + o_c, b_acc, cache_modifier=".cg")
+    # every thread's partial stores happen before the arrival (barrier), which releases them
+    # at GPU scope; the last arrival acquires the others' (one thread performs a scalar
+    # atomic; the result reaches the CTA through shared memory after a barrier)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        first = ws + tile * SPLIT_K * TILE
+        for h in tl.static_range(HALVES):
+            b_sum = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):
+                # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
+                b_sum += tl.load(first + j * TILE + o_r + o_c + h * WIDTH, cache_modifier=".cg")
+            _epilogue(b_sum, o_desc, p_desc, bias, o_am, o_wn + h * WIDTH, N, HAS_BIAS,
+                      ACTIVATION, STORE_PRE, EMULATE_RNE, WIDTH)
+        tl.atomic_xchg(arrivals + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _gemm_tma_kernel(
     a_desc, w_desc, o_desc, p_desc,  # A [M, K], W [N, K], out and pre [M, N]: TMA descriptors
-    bias, M, N, K,
+    bias, ws, arrivals,  # split K: fp32 partial tiles [tiles * SPLIT_K, BLOCK_M, BLOCK_N], int32 [tiles]
+    M, N, K,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -65,7 +115,19 @@ def _gemm_tma_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
     num_pid_in_group = GROUP_M * num_pid_n
-    for tile in tl.range(start, num_tiles, NUM_SMS):
+    # a work unit is one tile's K range (split-major: every tile's first range, then the
+    # second, ...); without a split, one tile
+    for unit in tl.range(start, num_tiles * SPLIT_K, NUM_SMS):
+        if SPLIT_K > 1:
+            tile = unit % num_tiles
+            split = unit // num_tiles
+            k_lo = split * k_tiles // SPLIT_K
+            k_hi = (split + 1) * k_tiles // SPLIT_K
+        else:
+            tile = unit
+            split = 0
+            k_lo = 0
+            k_hi = k_tiles
         group_id = tile // num_pid_in_group
         first_pid_m = group_id * GROUP_M
         group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
@@ -75,7 +137,7 @@ def _gemm_tma_kernel(
         o_wn = pid_n * BLOCK_N
 
         b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for ki in range(k_tiles):
+        for ki in range(k_lo, k_hi):
             o_k = ki * BLOCK_K
             b_a = a_desc.load([o_am, o_k])
             b_w = w_desc.load([o_wn, o_k])
@@ -85,7 +147,11 @@ def _gemm_tma_kernel(
             else:
                 b_acc = tl.dot(b_a, b_w.T, b_acc, input_precision=INPUT_PRECISION)
 
-        if SPLIT_EPILOGUE:
+        if SPLIT_K > 1:
+            _split_k_epilogue(b_acc, ws, arrivals, tile, split, o_desc, p_desc, bias, o_am,
+                              o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M,
+                              BLOCK_N, SPLIT_EPILOGUE, SPLIT_K)
+        elif SPLIT_EPILOGUE:
             # two [BLOCK_M, BLOCK_N / 2] halves: half the epilogue's live registers (128 x 256
             # tiles spill without it)
             b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -199,21 +265,57 @@ def _clone_desc(template, base):
     return desc
 
 
+#: K ranges per tile: 0 = :func:`dc_kernels.ops.path.gemm_split_k`'s choice (tests force one)
+SPLIT_K = 0
+#: (device, stream) -> int32 arrival counts of split tiles, zero between launches (the last
+#: arrival of every tile resets its count)
+_ARRIVALS: dict = {}
+
+
+def _arrivals(t: torch.Tensor, tiles: int) -> torch.Tensor:
+    # The arrival counts a split launch on t's device and current stream uses: one zeroed
+    # buffer per (device, stream), kept, since every launch leaves it zeroed (launches on one
+    # stream run one after another; another stream has its own). Under CUDA-graph capture a
+    # missing buffer cannot be zeroed now: that launch gets its own zeroed one, a memset the
+    # graph replays.
+    cuda = t.device.type == "cuda"
+    if cuda:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        key = (index, direct._current_stream(index))
+    else:
+        key = (str(t.device), 0)
+    buf = _ARRIVALS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 256), dtype=torch.int32, device=t.device)
+        if not (cuda and torch.cuda.is_current_stream_capturing()):
+            _ARRIVALS[key] = buf
+    return buf
+
+
 class GemmTmaLaunch:
     """A :func:`gemm_tma` launch prepared for one layout: descriptors' shapes and strides,
     constants, kernel and grid. Calling it with tensors of that layout (``a``, ``out`` and
     ``pre`` may be any tensor whose storage starts where the 2-D operand does) builds the four
-    descriptors from templates and launches."""
+    descriptors from templates and launches; a split launch (``split`` K ranges per tile) also
+    allocates its fp32 partial tiles (``ws_numel`` elements) and takes its stream's arrival
+    counts."""
 
-    __slots__ = ("site", "templates", "tail", "meta", "meta_pre", "bias_copy")
+    __slots__ = ("site", "templates", "tail", "meta", "meta_pre", "bias_copy", "split",
+                 "ws_numel", "tiles")
 
     def __call__(self, a, weight, bias, out, pre=None):
         ta, tw, to, tp = self.templates
         if bias is not None and self.bias_copy:
             bias = bias.contiguous()  # the epilogue reads it at bias + n
+        if self.split > 1:
+            # (through common.empty: tests poison it, so a partial read unwritten shows)
+            ws = common.empty((self.ws_numel,), torch.float32, a.device)
+            arrivals = _arrivals(a, self.tiles)
+        else:
+            ws = arrivals = out  # never read
         self.site((_clone_desc(ta, a), _clone_desc(tw, weight), _clone_desc(to, out),
                    _clone_desc(tp, pre if pre is not None else out),
-                   bias if bias is not None else out, *self.tail),
+                   bias if bias is not None else out, ws, arrivals, *self.tail),
                   self.meta if pre is None else self.meta_pre)
         return out
 
@@ -249,12 +351,24 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                        INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms)
     launch.meta_pre = dict(launch.meta, STORE_PRE=True)
     launch.tail = (M, N, K)
-    if interp:
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        blocks = {k: v for k, v in cfg.items() if k not in ("num_ctas",)}
-        launch.meta.update(blocks)
-        launch.meta_pre.update(blocks)
-        launch.site = DirectLaunch(_gemm_tma_kernel, (min(sms, tiles),))
+    # K split (16-bit operands, not beside the overlapped features: a chunk's GEMM fills the
+    # SMs): the first config's tiles, a fixed config (the split follows from its tiles)
+    split_cfg = cfg if interp else GEMM_TMA_CONFIGS[0].all_kwargs()
+    tiles = triton.cdiv(M, split_cfg["BLOCK_M"]) * triton.cdiv(N, split_cfg["BLOCK_N"])
+    split = 1
+    if a.element_size() == 2 and not leave_room:
+        split = SPLIT_K or gemm_split_k(tiles, triton.cdiv(K, split_cfg["BLOCK_K"]), sms)
+        if tiles * split * split_cfg["BLOCK_M"] * split_cfg["BLOCK_N"] >= 2 ** 31:
+            split = 1  # the partials' offsets are 32-bit
+    launch.split, launch.tiles = split, tiles
+    launch.ws_numel = tiles * split * split_cfg["BLOCK_M"] * split_cfg["BLOCK_N"]
+    if interp or split > 1:
+        if not interp:
+            _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **split_cfg))
+        blocks = {k: v for k, v in split_cfg.items() if k not in ("num_ctas",)}
+        for meta in (launch.meta, launch.meta_pre):
+            meta.update(blocks, SPLIT_K=split)
+        launch.site = DirectLaunch(_gemm_tma_kernel, (min(sms, tiles * split),))
         return launch
 
     def grid(m):

@@ -16,7 +16,8 @@ import os
 from typing import Dict, Optional
 
 __all__ = ["CALIBRATION_FILE", "load_calibration", "PATH_MODEL", "estimate_linear_times",
-           "choose_linear_path", "overlap_chunk_rows"]
+           "choose_linear_path", "overlap_chunk_rows", "gemm_split_k", "gemm_split_gain",
+           "SPLIT_PARTIAL_STEPS"]
 
 CALIBRATION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
 _REQUIRED = ("dram_bytes_per_s", "l2_bytes_per_s", "flop_per_s", "launch_s", "sms",
@@ -48,7 +49,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     * features pass: ``(L*M*C + M*K) e`` through DRAM at ``features_efficiency`` of the copy
       bandwidth;
     * GEMM: ``max(2 M K N / flop_per_s, (M*K + K*N + M*N) e / dram)`` over
-      ``gemm_efficiency``, with wave quantization of 128 x 128 tiles over the SMs;
+      ``gemm_efficiency``, with wave quantization of 128 x 128 tiles over the SMs, times
+      :func:`gemm_split_gain` where the kernel splits K;
     * ``two-pass`` = features + GEMM + a launch; ``overlap`` (row chunks of
       :func:`overlap_chunk_rows`, at least two) = the first chunk's features, then the slower
       of the GEMM and the remaining features (which run beside the GEMM's CTAs at
@@ -58,7 +60,7 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       tile per layer -- so the efficiency scales down with ``L e``: SCI's 3 layers reach about
       an eighth of DCI's bandwidth there) + a launch per chunk;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
-      N tile (``fused_block_n`` wide), the FLOPs, and the issue cost of rebuilding A per N tile
+      N tile (``fused_block_n`` wide) and W once per 64-row tile, the FLOPs, and the issue cost of rebuilding A per N tile
       (``fused_instr_per_element`` warp instructions per layer element and N tile);
     * each multiplied by its ``measured_over_estimated`` factor (1 until a GPU run says more).
     """
@@ -69,7 +71,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     dram = m["dram_bytes_per_s"]
     feats = (layers + M * K * e) / (dram * m["features_efficiency"])
     waves = math.ceil(math.ceil(M / 128) * math.ceil(N / 128) / m["sms"])
-    tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"])
+    tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"]) * gemm_split_gain(
+        M, N, K, m)
     gemm = max(tiles_time, (M * K + K * N + M * N) * e / dram) / m["gemm_efficiency"]
     two_pass = feats + gemm + m["launch_s"]
     chunks = max(1, math.ceil(M / overlap_chunk_rows(M, N, m)))
@@ -85,11 +88,58 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
         overlap = two_pass
     tiles_n = math.ceil(N / m["fused_block_n"])
     rebuild = tiles_n * num_layers_read * M * C * m["fused_instr_per_element"] / m["issue_per_s"]
-    fused = max((layers + (K * N + M * N) * e) / dram, tiles_n * layers / m["l2_bytes_per_s"],
+    tiles_m = math.ceil(M / 64)  # the fused kernel's row tiles (BLOCK_M = 64)
+    fused = max((layers + (K * N + M * N) * e) / dram,
+                (tiles_n * layers + tiles_m * K * N * e) / m["l2_bytes_per_s"],
                 2.0 * M * K * N / m["flop_per_s"], rebuild)
     f = m["measured_over_estimated"]
     return {"fused": fused * f.get("fused", 1.0), "two-pass": two_pass * f.get("two-pass", 1.0),
             "overlap": overlap * f.get("overlap", 1.0)}
+
+
+#: The cost of one fp32 partial tile (written by each unit of a split tile, read back by the
+#: last one), in K steps of the tile's main loop: 128 x 256 x 4 bytes through an SM's ~64 B/clk
+#: path to L2 against a 128 x 256 x 64 wgmma step's ~1,200 clocks -- an ESTIMATE (no GPU run).
+SPLIT_PARTIAL_STEPS = 1.7
+
+
+def gemm_split_k(tiles: int, k_tiles: int, sms: int, max_split: int = 4) -> int:
+    """K ranges per output tile of the persistent GEMM (1: no split).
+
+    With fewer tiles than SMs (576 rows give 80 tiles of 128 x 256 for 132 SMs) each program
+    runs one whole K loop while the other SMs idle. Splitting K ``S`` ways gives ``tiles * S``
+    units; the busiest program runs ``ceil(tiles * S / sms)`` of them, each ``ceil(k_tiles / S)``
+    steps plus a partial tile's store, and one of them sums ``S`` partials
+    (:data:`SPLIT_PARTIAL_STEPS` each). The split with the fewest steps on the busiest program
+    is taken when it saves at least 10 % of the unsplit ``ceil(tiles / sms) * k_tiles``; every
+    range keeps at least 4 steps."""
+    if tiles <= 0 or k_tiles <= 0 or sms <= 0:
+        return 1
+    unsplit = math.ceil(tiles / sms) * k_tiles
+    best, best_cost = 1, unsplit
+    for s in range(2, max_split + 1):
+        if k_tiles < 4 * s:
+            break
+        cost = (math.ceil(tiles * s / sms) * (math.ceil(k_tiles / s) + SPLIT_PARTIAL_STEPS)
+                + s * SPLIT_PARTIAL_STEPS)
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best if best_cost <= 0.9 * unsplit else 1
+
+
+def gemm_split_gain(M: int, N: int, K: int, model: Optional[Dict] = None) -> float:
+    """The busiest program's K steps with the split :func:`gemm_split_k` picks over those
+    without it (1.0: no split), for tiles of the calibration's ``gemm_tile_m`` x
+    ``gemm_tile_n``, 64 deep."""
+    m = model or PATH_MODEL
+    tiles = math.ceil(M / m["gemm_tile_m"]) * math.ceil(N / m["gemm_tile_n"])
+    k_tiles = math.ceil(K / 64)
+    s = gemm_split_k(tiles, k_tiles, m["sms"])
+    if s == 1:
+        return 1.0
+    split = (math.ceil(tiles * s / m["sms"]) * (math.ceil(k_tiles / s) + SPLIT_PARTIAL_STEPS)
+             + s * SPLIT_PARTIAL_STEPS)
+    return split / (math.ceil(tiles / m["sms"]) * k_tiles)
 
 
 def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:

@@ -506,12 +506,37 @@ class Build:
     uses: List[Dict[str, Any]] = field(default_factory=list)
 
 
+def _slim(value: Any) -> Any:
+    # What the binder reads of a stand-in tensor is its dtype and its address's alignment (a
+    # TensorDescriptor adds its shape, strides and block shape, kept): a one-element tensor at
+    # the same address mod 64 binds identically. The builds keep these instead of the
+    # stand-ins (tens of GB of untouched but committed CPU memory over the whole set, which
+    # made forking the build workers fail with ENOMEM).
+    if isinstance(value, torch.Tensor):
+        e = value.element_size()
+        buf = torch.empty(256, dtype=torch.uint8)
+        skip = (value.data_ptr() - buf.data_ptr()) % 64
+        return buf[skip:skip + e].view(value.dtype)
+    if isinstance(value, tuple):
+        return tuple(_slim(v) for v in value)
+    if type(value).__name__ == "TensorDescriptor":
+        desc = copy.copy(value)
+        desc.base = _slim(value.base)
+        return desc
+    return value
+
+
+def _slim_record(rec: LaunchRecord) -> LaunchRecord:
+    return LaunchRecord(rec.fn, tuple(_slim(a) for a in rec.args),
+                        {k: _slim(v) for k, v in rec.kwargs.items()}, rec.grid, rec.configs)
+
+
 def unique_builds(cases: Sequence[Case], archs: Sequence[int] = ARCHS) -> List[Build]:
     """Record every case and group its launches by the kernel the runtime would compile."""
     builds: Dict[Tuple[int, str], Build] = {}
     for case in cases:
         for arch in archs:
-            for li, rec in enumerate(record_case(case, arch)):
+            for li, rec in enumerate(_slim_record(r) for r in record_case(case, arch)):
                 for ci, args, kw, grid in rec.variants():
                     key = binding_key(rec.fn, args, kw, arch)
                     b = builds.setdefault((arch, key), Build(key, arch, rec, ci, args, kw))
@@ -525,7 +550,8 @@ def unique_builds(cases: Sequence[Case], archs: Sequence[int] = ARCHS) -> List[B
 def _config_desc(kw: Dict[str, Any]) -> str:
     tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C")
                      if k in kw)
-    return f"{tiles} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+    split = f" k{kw['SPLIT_K']}" if kw.get("SPLIT_K", 1) > 1 else ""  # K ranges per tile
+    return f"{tiles} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}{split}"
 
 
 def _scalar_args(rec: LaunchRecord) -> Dict[str, Any]:
