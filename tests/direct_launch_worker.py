@@ -188,6 +188,12 @@ def cases():
     call, extra = prepared_case(clip, hs, 4096, "two-pass",
                                 dict(keep_features=True, keep_pre=True))
     out.append((90, "linear two-pass training (keep A and Z) and inference", hs, call, extra))
+    hs4 = hs_of(clip, images=4)  # 2304 rows: three chunks (TMA features, leave-room GEMM)
+    call, extra = linear_case(clip, hs4, 4096, "overlap")
+    out.append((90, "linear overlap, TMA features chunks", hs4, call, extra))
+    hs4c = hs_of(clip, images=4, layout="channel_stride")  # LDG features chunks
+    call, extra = linear_case(clip, hs4c, 4096, "overlap")
+    out.append((90, "linear overlap, LDG features chunks", hs4c, call, extra))
     hs32 = hs_of(clip, tokens=65, channels=128, dtype=torch.float32)
     call, extra = linear_case(clip, hs32, 256, "two-pass", dtype=torch.float32)
     out.append((90, "linear two-pass fp32 (cp.async GEMM)", hs32, call, extra))

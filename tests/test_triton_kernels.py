@@ -342,6 +342,23 @@ def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel
     assert torch.equal(over, two)
 
 
+def test_overlap_launch_is_prepared_once_per_chunk_size(monkeypatch):
+    # the overlapped path's chunks, features launches and GEMMs are prepared on the first call
+    # of a signature and reused; a new chunk size prepares them again
+    calls = _count_calls(monkeypatch, linear_ops, "prepare_overlap")
+    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 16)
+    spec = ConnectorSpec.preset("clip", "dci")
+    dtype = torch.bfloat16
+    hs = _hs(spec, 2, 27, 40, dtype, seed=40)  # 52 rows, a shape no other test uses
+    w, b = _weights(spec, 40, 48, dtype, seed=41)
+    first = _check_linear(hs, spec, w, b, "gelu", "overlap", dtype)
+    again = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="overlap")
+    assert len(calls) == 1 and torch.equal(first, again)
+    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 24)
+    other = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="overlap")
+    assert len(calls) == 2 and torch.equal(first, other)
+
+
 def test_overlap_on_sti_runs_two_pass():
     spec = ConnectorSpec.preset("clip", "sti")
     hs = _hs(spec, 2, 33, 16, torch.float32, seed=36)

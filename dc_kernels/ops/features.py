@@ -24,6 +24,7 @@ from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
 
 __all__ = ["features_triton", "features_tma", "features_tma_eligible", "row_tiles",
+           "prepare_features_chunk", "FeaturesChunkLaunch",
            "row_of_tile", "FEATURES_CONFIG", "FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG",
            "FEATURES_TMA_CONFIG", "FEATURES_TMA_CONFIG_BESIDE"]
 
@@ -211,24 +212,18 @@ class FeaturesLaunch:
     device, spec): which kernel, its layer-entry order, constants and grid. Calling it with
     hidden states of that signature allocates the output and launches, nothing else."""
 
-    __slots__ = ("kind", "index", "args", "meta", "site", "out_shape", "dtype", "device",
-                 "parts")
+    __slots__ = ("kind", "index", "out_shape", "dtype", "device", "parts")
 
     def __call__(self, hidden_states) -> torch.Tensor:
         out = common.empty(self.out_shape, self.dtype, self.device)
         if self.kind == "empty":
             return out
-        entries = tuple([hidden_states[i] for i in self.index])
         if self.kind == "sti":
+            entries = tuple([hidden_states[i] for i in self.index])
             for args, meta, site in self.parts:
                 site((entries, *args[:3], out, *args[3:]), meta)
             return out
-        if self.kind == "tma":
-            _ensure_allocator()
-            self.site((entries, *self.args[:2], out, *self.args[2:]), self.meta)
-            return out
-        self.site((entries, *self.args[:3], out, *self.args[3:]), self.meta)
-        return out
+        return self.parts(hidden_states, out)  # DCI/SCI: one FeaturesChunkLaunch of all rows
 
 
 def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,
@@ -269,32 +264,86 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                      SIZES=sizes, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
                      num_warps=cfg["num_warps"]), DirectLaunch(_sti_features_kernel, grid)))
         return launch
-    width = launch.out_shape[-1]
-    flags = common.layout_flags(entries, common.StandIn(launch.out_shape, (t_keep * width, width, 1)))
-    if features_tma_eligible(entries, base.device):
-        cfg = _tma_config()
-        n_tiles = row_tiles(spec, batch, tokens) * triton.cdiv(channels, cfg["BLOCK_C"])
-        programs = _tma_programs(n_tiles, base.device, cfg, len(entries), base.element_size())
+    launch.kind = "chunk"
+    tiles = (0, row_tiles(spec, batch, tokens)) if features_tma_eligible(entries, base.device) \
+        else None
+    launch.parts = prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
+                                          tiles=tiles)
+    return launch
+
+
+class FeaturesChunkLaunch:
+    """DCI/SCI features of one row range written into a given A, prepared once (the
+    overlapped path's chunks; :func:`features_triton` with ``rows`` and :func:`features_tma`
+    with ``tiles`` prepare one and run it): kernel, row range, constants, grid.
+    ``launch(hidden_states, out)`` launches into ``out``, of the layout it was prepared for."""
+
+    __slots__ = ("kind", "index", "args", "meta", "site")
+
+    def __call__(self, hidden_states, out: torch.Tensor) -> torch.Tensor:
+        if self.kind == "empty":
+            return out
+        entries = tuple([hidden_states[i] for i in self.index])
+        if self.kind == "tma":
+            _ensure_allocator()
+            self.site((entries, *self.args[:2], out, *self.args[2:]), self.meta)
+        else:
+            self.site((entries, *self.args[:3], out, *self.args[3:]), self.meta)
+        return out
+
+
+def prepare_features_chunk(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
+                           batch: int, tokens: int, channels: int,
+                           rows: Optional[Tuple[int, int]] = None,
+                           tiles: Optional[Tuple[int, int]] = None,
+                           programs: Optional[int] = None,
+                           beside_gemm: bool = False) -> FeaturesChunkLaunch:
+    """The :class:`FeaturesChunkLaunch` writing rows ``r0 <= b*T' + t < r1`` of ``out`` with
+    the LDG kernel (``rows``), or row tiles ``[q0, q1)`` of :func:`row_tiles` with the TMA
+    kernel (``tiles``; checked eligible; ``programs``: the persistent grid, default
+    ``_tma_programs``; ``beside_gemm``: :data:`FEATURES_TMA_CONFIG_BESIDE`). DCI/SCI only;
+    the launch writes a contiguous ``[B, T', (G+1)C]`` A (the callers check theirs)."""
+    launch = FeaturesChunkLaunch()
+    base = hidden_states[spec.final_layer]
+    t_keep = spec.tokens_kept(tokens)
+    width = spec.out_channels(channels)
+    entries, starts, sizes = common.layer_entries(hidden_states, spec)
+    launch.index = common.entry_indices(spec)
+    sb, st, sc = common.strides(entries)
+    flags = common.layout_flags(entries, common.StandIn((batch, t_keep, width),
+                                                        (t_keep * width, width, 1)))
+    if tiles is not None:
+        cfg = _tma_config(beside_gemm)
+        q0, q1 = tiles
+        n_tiles = max(0, q1 - q0) * triton.cdiv(channels, cfg["BLOCK_C"])
+        if n_tiles == 0:
+            launch.kind = "empty"
+            return launch
+        programs = max(1, min(programs, n_tiles)) if programs is not None \
+            else _tma_programs(n_tiles, base.device, cfg, len(entries), base.element_size())
         launch.kind = "tma"
-        launch.args = (sb, st, width, batch, tokens, channels, t_keep, 0,
-                       row_tiles(spec, batch, tokens))
+        launch.args = (sb, st, width, batch, tokens, channels, t_keep, q0, q1)
         launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
                            OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"],
                            ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"], NUM_PROGRAMS=programs,
                            STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
         launch.site = DirectLaunch(_features_tma_kernel, (programs,))
         return launch
+    r0, r1 = rows if rows is not None else (0, batch * t_keep)
+    if r1 <= r0 or channels == 0:
+        launch.kind = "empty"
+        return launch
     if common.interpreting():
         cfg = FEATURES_CONFIG_INTERPRET
     else:
         cfg = FEATURES_CONFIG if all(_vector_ok(e) for e in entries) else FEATURES_CONFIG_SCALAR
     launch.kind = "ldg"
-    launch.args = (sb, st, sc, width, 0, M, channels, t_keep)
+    launch.args = (sb, st, sc, width, r0, r1, channels, t_keep)
     launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, **flags,
                        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     launch.site = DirectLaunch(
         _features_kernel,
-        (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(M, cfg["BLOCK_M"]),))
+        (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(r1 - r0, cfg["BLOCK_M"]),))
     return launch
 
 
@@ -331,21 +380,8 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     r0, r1 = rows if rows is not None else (0, M)
     if not 0 <= r0 <= r1 <= M:
         raise ValueError(f"rows {rows} outside the features' {M} rows")
-    if r1 == r0 or channels == 0:
-        return out
-    entries, starts, sizes = common.layer_entries(hidden_states, spec)
-    sb, st, sc = common.strides(entries)
-    if common.interpreting():
-        cfg = FEATURES_CONFIG_INTERPRET
-    else:
-        cfg = FEATURES_CONFIG if all(_vector_ok(e) for e in entries) else FEATURES_CONFIG_SCALAR
-    grid = (triton.cdiv(channels, cfg["BLOCK_C"]) * triton.cdiv(r1 - r0, cfg["BLOCK_M"]),)
-    _features_kernel[grid](
-        tuple(entries), sb, st, sc, out, width, r0, r1, channels, t_keep,
-        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
-        **common.layout_flags(entries, out),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    return out
+    return prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
+                                  rows=(r0, r1))(hidden_states, out)
 
 
 # --------------------------------------------------------------------------- TMA launcher
@@ -438,21 +474,7 @@ def features_tma(hidden_states, spec: ConnectorSpec, batch: int, tokens: int, ch
     ``tiles = (q0, q1)`` of :func:`row_tiles` (default all) written into ``out``.
     ``beside_gemm``: the launch shares the SMs with the GEMM (:data:`FEATURES_TMA_CONFIG_BESIDE`).
     """
-    t_keep = spec.tokens_kept(tokens)
-    entries, starts, sizes = common.layer_entries(hidden_states, spec)
-    cfg = _tma_config(beside_gemm)
-    q0, q1 = tiles if tiles is not None else (0, row_tiles(spec, batch, tokens))
-    if q1 <= q0 or channels == 0:
-        return out
-    n_tiles = (q1 - q0) * triton.cdiv(channels, cfg["BLOCK_C"])
-    programs = max(1, min(programs, n_tiles)) if programs is not None \
-        else _tma_programs(n_tiles, out.device, cfg, len(entries), out.element_size())
-    _ensure_allocator()
-    sb, st, _ = common.strides(entries)
-    flags = common.layout_flags(entries, out)
-    _features_tma_kernel[(programs,)](
-        tuple(entries), sb, st, out, out.stride(-2), batch, tokens, channels, t_keep, q0, q1,
-        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, OFF64=flags["OFF64"],
-        EMULATE_RNE=flags["EMULATE_RNE"], ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"],
-        NUM_PROGRAMS=programs, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
-    return out
+    tiles = tiles if tiles is not None else (0, row_tiles(spec, batch, tokens))
+    return prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
+                                  tiles=tiles, programs=programs,
+                                  beside_gemm=beside_gemm)(hidden_states, out)

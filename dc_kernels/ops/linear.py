@@ -32,7 +32,8 @@ from .path import choose_linear_path, overlap_chunk_rows
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
            "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
            "LINEAR_CONFIG_INTERPRET", "PATHS",
-           "prune_configs", "shared_bytes_bound", "overlap_chunks"]
+           "prune_configs", "shared_bytes_bound", "overlap_chunks", "prepare_overlap",
+           "OverlapLaunch"]
 
 
 @triton.jit
@@ -377,57 +378,84 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
-def _overlapped(hidden_states, spec, batch, tokens, channels, weight, bias, activation, out2d,
-                chunk_rows: int = 0, pre2d=None):
-    # The features of row chunk j + 1 are written (side stream) while the GEMM of chunk j runs
-    # (current stream): the memory-bound pass hides under the compute-bound one. Each GEMM
-    # chunk waits on its features chunk's event only; the result is the two-pass one bit for
-    # bit (same A, same per-row GEMM). The TMA features kernel (sm_90+) keeps its bytes in
-    # flight in shared memory, so it still draws bandwidth beside the GEMM's CTAs; chunks are
-    # then whole row tiles of it. Under the interpreter the chunks run in order.
-    from .features import features_tma, features_tma_eligible
+class OverlapLaunch:
+    """The overlapped path prepared for one input signature and chunk size: the row chunks,
+    one prepared features launch per chunk (:func:`~dc_kernels.ops.features.prepare_features_chunk`)
+    and one prepared GEMM per chunk (:func:`prepare_gemm`, from the first call's operands: a
+    chunk's views keep their alignment from call to call), and the chunks' events.
+
+    ``launch(hidden_states, weight, bias, out2d, pre2d=None)`` allocates A and returns it. The
+    features of row chunk j + 1 are written (side stream) while the GEMM of chunk j runs
+    (current stream): the memory-bound pass hides under the compute-bound one. Each GEMM chunk
+    waits on its features chunk's event only; the result is the two-pass one bit for bit
+    (same A, same per-row GEMM, the GEMM never split: ``leave_room``). The TMA features kernel
+    (sm_90+) keeps its bytes in flight in shared memory, so it still draws bandwidth beside the
+    GEMM's CTAs; chunks are then whole row tiles of it. Off CUDA (the interpreter) the chunks
+    run in order."""
+
+    __slots__ = ("requested", "chunk_rows", "chunks", "features", "gemms", "shape", "dtype",
+                 "device", "activation", "events")
+
+    def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
+        feats = common.empty(self.shape, self.dtype, self.device)
+        a2 = feats.view(-1, self.shape[-1])
+        if self.gemms is None:  # the first call prepares the GEMMs on its real operands
+            self.gemms = [prepare_gemm(a2[r0:r1], weight, bias, self.activation,
+                                       out2d[r0:r1], leave_room=True) for r0, r1 in self.chunks]
+        if self.device.type != "cuda":
+            for (r0, r1), produce, gemm_launch in zip(self.chunks, self.features, self.gemms):
+                produce(hidden_states, feats)
+                gemm_launch(a2[r0:r1], weight, bias, out2d[r0:r1],
+                            None if pre2d is None else pre2d[r0:r1])
+            return feats
+        if self.events is None:
+            self.events = [torch.cuda.Event() for _ in self.chunks]
+        main = torch.cuda.current_stream(self.device)
+        side = _side_stream(self.device)
+        side.wait_stream(main)  # the hidden states are ready
+        with torch.cuda.stream(side):
+            for produce, ev in zip(self.features, self.events):
+                produce(hidden_states, feats)
+                ev.record(side)
+        # (an event recorded again by a later call: a wait already enqueued keeps the record
+        # it was enqueued after)
+        for (r0, r1), gemm_launch, ev in zip(self.chunks, self.gemms, self.events):
+            main.wait_event(ev)
+            gemm_launch(a2[r0:r1], weight, bias, out2d[r0:r1],
+                        None if pre2d is None else pre2d[r0:r1])
+        # feats was allocated on ``main``, which waits for every side-stream write above
+        # before its last GEMM: freeing it after return (or handing it to autograd) is safe
+        # without record_stream
+        return feats
+
+
+def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activation,
+                    chunk_rows: int = 0) -> OverlapLaunch:
+    """The :class:`OverlapLaunch` of these (validated) inputs; ``chunk_rows`` 0:
+    :data:`OVERLAP_CHUNK_ROWS`, else :func:`dc_kernels.ops.path.overlap_chunk_rows`."""
+    from .features import features_tma_eligible, prepare_features_chunk
     base = hidden_states[spec.final_layer]
     t_keep = spec.tokens_kept(tokens)
-    K = spec.out_channels(channels)
     M = batch * t_keep
-    feats = common.empty((batch, t_keep, K), base.dtype, base.device)
-    a2 = feats.view(M, K)
-    chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(M, weight.shape[0])
+    launch = OverlapLaunch()
+    launch.shape = (batch, t_keep, spec.out_channels(channels))
+    launch.dtype, launch.device, launch.activation = base.dtype, base.device, activation
+    launch.requested = OVERLAP_CHUNK_ROWS  # the override it was prepared under
+    launch.chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(M, weight.shape[0])
     entries, _, _ = common.layer_entries(hidden_states, spec)
     if features_tma_eligible(entries, base.device):
-        def produce(q, r):
-            # chunk 0 runs alone; the later chunks share the SMs with the GEMM
-            features_tma(hidden_states, spec, batch, tokens, channels, feats, tiles=q,
-                         beside_gemm=q[0] > 0)
-        chunks = _tile_chunks(spec, batch, tokens, chunk_rows)
+        tiled = _tile_chunks(spec, batch, tokens, launch.chunk_rows)
+        launch.chunks = [r for _, r in tiled]
+        # chunk 0 runs alone; the later chunks share the SMs with the GEMM
+        launch.features = [prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
+                                                  tiles=q, beside_gemm=q[0] > 0)
+                           for q, _ in tiled]
     else:
-        def produce(q, r):
-            features_triton(hidden_states, spec, batch, tokens, channels, out=feats, rows=r)
-        chunks = [(None, r) for r in overlap_chunks(M, chunk_rows)]
-    if base.device.type != "cuda":
-        for q, (r0, r1) in chunks:
-            produce(q, (r0, r1))
-            gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True,
-                 pre=None if pre2d is None else pre2d[r0:r1])
-        return feats
-    main = torch.cuda.current_stream(base.device)
-    side = _side_stream(base.device)
-    side.wait_stream(main)  # the hidden states are ready
-    events = []
-    with torch.cuda.stream(side):
-        for q, r in chunks:
-            produce(q, r)
-            ev = torch.cuda.Event()
-            ev.record(side)
-            events.append(ev)
-    for (q, (r0, r1)), ev in zip(chunks, events):
-        main.wait_event(ev)
-        gemm(a2[r0:r1], weight, bias, activation, out2d[r0:r1], leave_room=True,
-             pre=None if pre2d is None else pre2d[r0:r1])
-    # feats was allocated on ``main``, which waits for every side-stream write above before
-    # its last GEMM: freeing it after return (or handing it to autograd) is safe without
-    # record_stream
-    return feats
+        launch.chunks = overlap_chunks(M, launch.chunk_rows)
+        launch.features = [prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
+                                                  rows=r) for r in launch.chunks]
+    launch.gemms = launch.events = None
+    return launch
 
 
 PATHS = ("auto", "fused", "two-pass", "overlap")
@@ -491,7 +519,7 @@ class LinearLaunch:
     the first call that runs it (from the real, freshly allocated operands)."""
 
     __slots__ = ("path", "spec", "dims", "activation", "out_shape", "dtype", "device", "index",
-                 "features", "kernel", "gemm", "mn")
+                 "features", "kernel", "gemm", "mn", "overlap")
 
     def __call__(self, hidden_states, weight, bias, keep_features=False, keep_pre=False):
         out = common.empty(self.out_shape, self.dtype, self.device)
@@ -504,9 +532,12 @@ class LinearLaunch:
             return out, None, pre
         if path == "overlap":
             M, N = self.mn
-            feats = _overlapped(hidden_states, self.spec, *self.dims, weight, bias,
-                                self.activation, out.view(M, N),
-                                pre2d=None if pre is None else pre.view(M, N))
+            launch = self.overlap
+            if launch is None or launch.requested != OVERLAP_CHUNK_ROWS:
+                launch = self.overlap = prepare_overlap(hidden_states, self.spec, *self.dims,
+                                                        weight, self.activation)
+            feats = launch(hidden_states, weight, bias, out.view(M, N),
+                           None if pre is None else pre.view(M, N))
             return out, (feats if keep_features else None), pre
         feats = self._features(hidden_states)
         gemm_launch = self.gemm
@@ -543,7 +574,7 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     launch.mn = (M, N)
     launch.out_shape = (batch, rows, N)
     launch.dtype, launch.device = base.dtype, base.device
-    launch.gemm = launch.kernel = None
+    launch.gemm = launch.kernel = launch.overlap = None
     launch.features = None  # prepared on the first call that writes A
     if M == 0 or N == 0:
         launch.path = "empty"
