@@ -159,6 +159,19 @@ def target_checks(result: RunResult) -> List[TargetCheck]:
         else:
             checks.append(TargetCheck(name, "reported", "not measured", "MISSING"))
 
+    # the split-K GEMM (chosen by an estimated rule): what it gains where it applies
+    for shape in BUNDLE_SELECTION.shapes:
+        split = find(shape, "linear", 1, "dc_kernels-two-pass")
+        whole = find(shape, "linear", 1, "dc_kernels-two-pass-nosplit")
+        name = f"{shape}, 1 image: two-pass with vs without the GEMM's K split"
+        if split and whole:
+            checks.append(TargetCheck(
+                name, "reported (the rule splits CLIP's 80 tiles 3 ways; SigLIP: no split)",
+                f"{split.median_ms * 1e3:.1f} vs {whole.median_ms * 1e3:.1f} us", "INFO",
+                f"split / unsplit {split.median_ms / whole.median_ms:.3f}"))
+        else:
+            checks.append(TargetCheck(name, "reported", "not measured", "MISSING"))
+
     copy = result.ceilings.copy_bytes_per_s / 1e9
     f16 = find(SHAPE, "features", 16, "dc_kernels")
     name = "features kernel (CLIP, 16 images): GB/s as % of measured copy bandwidth"

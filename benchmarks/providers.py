@@ -10,6 +10,10 @@
   ``F.linear``.
 * ``dc_kernels-fused`` / ``dc_kernels-two-pass`` / ``dc_kernels-overlap`` (CUDA only, ops with
   a first layer): ``dense_connector_linear(..., backend="triton", path=...)``.
+* ``dc_kernels-two-pass-nosplit`` (CUDA only, ops with a first layer): the two-pass path with
+  the TMA GEMM's K split turned off (``gemm_tma.SPLIT_K = 1``): beside ``dc_kernels-two-pass``
+  it measures what the split (chosen by an estimated rule, ``path.gemm_split_k``) gains where
+  it applies (1 CLIP image); elsewhere the two rows run the same kernels.
 * ``dc_kernels+cublas`` (CUDA only, ops with a first layer): dc_kernels' features, then the
   vendor GEMM: ``torch.addmm(b1, A, W1^T)`` + ``F.gelu`` -- where our GEMM stands against
   cuBLAS on the same A.
@@ -53,11 +57,13 @@ __all__ = ["PROVIDERS", "QUICK_PROVIDERS", "Prepared", "unavailable_reason", "pr
            "reference_features", "triton_has_autograd", "compile_mode"]
 
 PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
-             "dc_kernels-two-pass", "dc_kernels-overlap", "dc_kernels+cublas",
+             "dc_kernels-two-pass", "dc_kernels-two-pass-nosplit", "dc_kernels-overlap",
+             "dc_kernels+cublas",
              "dc_kernels+graph", "dc_kernels-inline")
 QUICK_PROVIDERS = ("reference", "reference+compile", "dc_kernels")
 _PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
-          "dc_kernels-overlap": "overlap"}
+          "dc_kernels-two-pass-nosplit": "two-pass", "dc_kernels-overlap": "overlap"}
+_NOSPLIT = "dc_kernels-two-pass-nosplit"
 _CUBLAS = "dc_kernels+cublas"
 _GRAPH = "dc_kernels+graph"
 _FORWARD_OPS = ("features", "linear", "connector")
@@ -275,5 +281,15 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
                     os.environ[CHUNK_POOL_ENV] = old
         return Prepared(inline, "backend=torch, chunk pool off (DC_KERNELS_CHUNK_POOL=0)")
     path = _PATHS[provider]
-    return Prepared(_timed_unit(op, _dc_forward(op, inputs, "triton", path), inputs),
-                    f"backend=triton, path={path}")
+    unit = _timed_unit(op, _dc_forward(op, inputs, "triton", path), inputs)
+    if provider == _NOSPLIT:
+        def nosplit():
+            from dc_kernels.ops import gemm_tma
+            old = gemm_tma.SPLIT_K
+            gemm_tma.SPLIT_K = 1  # a launch-plan switch: these calls get plans of their own
+            try:
+                return unit()
+            finally:
+                gemm_tma.SPLIT_K = old
+        return Prepared(nosplit, f"backend=triton, path={path}, GEMM K never split")
+    return Prepared(unit, f"backend=triton, path={path}")

@@ -75,15 +75,15 @@ def _switches() -> Tuple:
     # module-level switches of the launchers that change what a plan holds (tests flip them)
     if not _SWITCH_MODULES:
         try:
-            from .ops import common, features, linear
-            _SWITCH_MODULES.extend((common, features, linear))
+            from .ops import common, features, gemm_tma, linear
+            _SWITCH_MODULES.extend((common, features, linear, gemm_tma))
         except ImportError:  # no triton: the torch backend has no switches
             _SWITCH_MODULES.append(None)
     if _SWITCH_MODULES[0] is None:
         return ()
-    common, features, linear = _SWITCH_MODULES
+    common, features, linear, gemm_tma = _SWITCH_MODULES
     return (features.USE_TMA, common.FORCE_OFF64, common.interpreting, common.empty,
-            linear.OVERLAP_CHUNK_ROWS)
+            linear.OVERLAP_CHUNK_ROWS, gemm_tma.SPLIT_K)
 
 
 def lookup(key: Hashable, build: Callable[[], Any]) -> Any:
