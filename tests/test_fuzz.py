@@ -513,6 +513,42 @@ def test_fuzz_linear_parameters(wkind, bkind, activation, path, backend, spec_n)
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol + 4 * U32)
 
 
+@fuzz(12)
+@given(st.integers(1, 80), st.integers(1, 12), st.integers(2, 32), st.integers(1, 5),
+       st.sampled_from((torch.float16, torch.bfloat16)), st.booleans(),
+       st.sampled_from((None, "gelu")), st.integers(0, 2 ** 31 - 1))
+def test_fuzz_split_k_gemm(M, n8, k8, split, dtype, has_bias, activation, seed):
+    # the TMA GEMM with its K loop split ``split`` ways (1: unsplit) on random sizes (rows of
+    # 16-byte multiples, TMA's layout), poisoned output, pre-activation and partials: within
+    # the GEMM bound of fp64, the same bits on a second call, every arrival count back to 0
+    from dc_kernels.ops import gemm_tma
+    N, K = 8 * n8, 8 * k8
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, K, generator=g).to(dtype=dtype, device=DEVICE)
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if has_bias else None
+    out = torch.empty(M, N, dtype=dtype, device=DEVICE)
+    assume(gemm_tma.gemm_tma_eligible(a, w, out))  # sm_90 or the interpreter
+    with mock.patch.object(gemm_tma, "SPLIT_K", split), poisoned():
+        launch = gemm_tma.prepare_gemm_tma(a, w, b, activation, out)
+        assert launch.split == split
+        got = []
+        for _ in range(2):
+            y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+            z = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+            launch(a, w, b, y, z)
+            got.append((y, z))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert all(int(c.abs().sum()) == 0 for c in gemm_tma._ARRIVALS.values())
+    a64, w64 = a.double(), w.double()
+    b64 = None if b is None else b.double()
+    z64 = F.linear(a64, w64, b64)
+    y64 = F.gelu(z64) if activation == "gelu" else z64
+    rtol, atol = _linear_bound(a64, w64, b64, dtype)
+    torch.testing.assert_close(got[0][0].double(), y64, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got[0][1].double(), z64, rtol=rtol, atol=atol)
+
+
 _size = st.one_of(st.integers(-3, 9), st.floats(-3, 9), st.booleans(), st.none(),
                   st.text(max_size=2), st.builds(np.int64, st.integers(-2, 9)))
 
