@@ -332,8 +332,10 @@ def test_two_pass_uses_tma_gemm_where_layout_allows(monkeypatch, dtype):
 @pytest.mark.parametrize("chunk", (16, 23, 1000))
 def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel):
     # row chunks of any size (ragged last chunk; one chunk when chunk >= M) give the two-pass
-    # result bit for bit: the same A, and every output row from the same GEMM arithmetic
+    # result bit for bit: the same A, and every output row from the same GEMM arithmetic (no
+    # GEMM here splits K: 2 x 2 tiles of K = 72, too shallow for 4-step ranges)
     monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", chunk)
+    assert path_ops.gemm_split_k(4, 5, 3) == 1
     spec = ConnectorSpec.preset("siglip", "dci")
     hs = _hs(spec, 3, 19, 24, dtype, seed=34)
     w, b = _weights(spec, 24, 40, dtype, seed=35)
@@ -357,6 +359,26 @@ def test_overlap_launch_is_prepared_once_per_chunk_size(monkeypatch):
     monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 24)
     other = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="overlap")
     assert len(calls) == 2 and torch.equal(first, other)
+
+
+def test_overlap_last_chunk_gemm_may_split(monkeypatch):
+    # the chunks' GEMMs leave room for the next chunk's features and never split K; the last
+    # one runs alone and follows the split rule (under the interpreter: 1 tile, 18 K steps)
+    from dc_kernels.ops import gemm_tma
+    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 32)
+    dtype = torch.bfloat16
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 2, 21, 96, dtype, seed=42)  # 40 rows, K = 288
+    w, b = _weights(spec, 96, 24, dtype, seed=43)
+    _check_linear(hs, spec, w, b, "gelu", "overlap", dtype)
+    launch = linear_ops.prepare_linear(hs, spec, 2, 21, 96, w, b, "gelu", path="overlap")
+    launch(hs, w, b)
+    gemms = launch.overlap.gemms
+    assert len(gemms) >= 2
+    if common.interpreting():  # (on a GPU the split depends on its SM count)
+        assert all(isinstance(g, gemm_tma.GemmTmaLaunch) for g in gemms)
+        assert [g.split for g in gemms[:-1]] == [1] * (len(gemms) - 1)
+        assert gemms[-1].split > 1
 
 
 def test_overlap_on_sti_runs_two_pass():

@@ -52,8 +52,9 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       ``gemm_efficiency``, with wave quantization of 128 x 128 tiles over the SMs, times
       :func:`gemm_split_gain` where the kernel splits K;
     * ``two-pass`` = features + GEMM + a launch; ``overlap`` (row chunks of
-      :func:`overlap_chunk_rows`, at least two) = the first chunk's features, then the slower
-      of the GEMM and the remaining features (which run beside the GEMM's CTAs at
+      :func:`overlap_chunk_rows`, at least two) = the first chunk's features, then per chunk
+      the slower of its GEMM (quantized per chunk; only the last chunk's may split K) and the
+      next chunk's features (which run beside the GEMM's CTAs at
       ``features_efficiency_beside_gemm`` of the bandwidth, calibrated on a case reading
       layers of ``beside_gemm_layer_bytes`` = L x e bytes per element row; with fewer layers
       a features program beside the GEMM keeps proportionally fewer bytes in flight -- one
@@ -69,21 +70,31 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     K = num_slabs * C
     layers = num_layers_read * M * C * e
     dram = m["dram_bytes_per_s"]
-    feats = (layers + M * K * e) / (dram * m["features_efficiency"])
-    waves = math.ceil(math.ceil(M / 128) * math.ceil(N / 128) / m["sms"])
-    tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"]) * gemm_split_gain(
-        M, N, K, m)
-    gemm = max(tiles_time, (M * K + K * N + M * N) * e / dram) / m["gemm_efficiency"]
-    two_pass = feats + gemm + m["launch_s"]
-    chunks = max(1, math.ceil(M / overlap_chunk_rows(M, N, m)))
+    feats_per_row = (layers / M + K * e) / (dram * m["features_efficiency"])
+    feats = feats_per_row * M
+
+    def gemm_of(rows: int, may_split: bool) -> float:
+        waves = math.ceil(math.ceil(rows / 128) * math.ceil(N / 128) / m["sms"])
+        tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"])
+        if may_split:
+            tiles_time *= gemm_split_gain(rows, N, K, m)
+        return max(tiles_time, (rows * K + K * N + rows * N) * e / dram) / m["gemm_efficiency"]
+
+    two_pass = feats + gemm_of(M, True) + m["launch_s"]
+    rows = overlap_chunk_rows(M, N, m)
+    chunks = max(1, math.ceil(M / rows))
     if chunks >= 2:
-        # the features of chunk 0 run alone, the rest beside the GEMM at
-        # ``features_efficiency_beside_gemm`` of the copy bandwidth
+        # the features of chunk 0 run alone, those of chunk j + 1 beside the GEMM of chunk j
+        # at ``features_efficiency_beside_gemm`` of the copy bandwidth; every chunk's GEMM is
+        # quantized on its own, and only the last one (nothing runs beside it) may split K
         eff = m["features_efficiency_beside_gemm"] * min(
             1.0, num_layers_read * e / m["beside_gemm_layer_bytes"])
-        beside = feats * m["features_efficiency"] / eff
-        overlap = (feats / chunks + max(gemm, beside * (chunks - 1) / chunks)
-                   + chunks * m["launch_s"])
+        beside_per_row = feats_per_row * m["features_efficiency"] / eff
+        sizes = [rows] * (chunks - 1) + [M - rows * (chunks - 1)]
+        overlap = feats_per_row * sizes[0] + chunks * m["launch_s"]
+        for j, r in enumerate(sizes):
+            nxt = beside_per_row * sizes[j + 1] if j + 1 < chunks else 0.0
+            overlap += max(gemm_of(r, j == chunks - 1), nxt)
     else:
         overlap = two_pass
     tiles_n = math.ceil(N / m["fused_block_n"])
