@@ -453,7 +453,12 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
         gemm_efficiency=round(g_floor / (gemm["seconds"] - gpu.launch_fixed_s), 3),
         gemm_tile_m=int(gemm["config"].split("x")[0]),
         gemm_tile_n=int(gemm["config"].split("x")[1]),
+        gemm_split_k=arch >= 90,  # the TMA GEMM splits K; sm_80's cp.async GEMM does not
         fused_block_n=int(fl["config"].split("x")[1]),
+        # groups of at most 4 layers (SCI) leave the fused kernel room for wider tiles
+        fused_block_n_small_groups=int(
+            by[f"linear-fused/{shape.split('-')[0]}-sci-{images}img-bf16"]["launches"][0]
+            ["config"].split("x")[1]),
         fused_instr_per_element=round(
             fl["instr_per_warp"] * fl["programs"] * int(fl["config"].split("w")[1].split()[0])
             / max(1.0, layer_elems / 2), 4))
@@ -474,12 +479,17 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
     return cal
 
 
-def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = None) -> str:
-    """Merge ``cal`` into the package's calibration file (keeps measured factors)."""
+def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = None,
+                      arch: int = 90) -> str:
+    """Merge ``cal`` into the package's calibration file of ``sm_{arch}`` (keeps measured
+    factors; a missing file starts with factors of 1)."""
     from dc_kernels.ops import path as path_mod
-    target = path or path_mod.CALIBRATION_FILE
-    with open(target) as f:
-        old = json.load(f)
+    target = path or path_mod.CALIBRATION_FILES[arch]
+    old: Dict[str, Any] = {"measured_over_estimated": {"fused": 1.0, "two-pass": 1.0,
+                                                       "overlap": 1.0}}
+    if os.path.exists(target):
+        with open(target) as f:
+            old = json.load(f)
     old.update(cal)
     old["source"] = source
     with open(target, "w") as f:
@@ -515,11 +525,13 @@ def run_static(out_dir: str, archs: Sequence[int] = (90, 80), dtypes=("bf16", "f
                                    for r in reports if r["arch"] == arch]),
                       f, indent=1, default=str)
         paths += [base + ".md", base + ".json"]
-        if calibrate and arch == 90:
+        if calibrate:
             cal = calibration_from_rows(rows, arch)
+            cal["device"] = GPUS[arch].name.replace("(est.)", "(assumed ceilings)")
             paths.append(write_calibration(
-                cal, f"estimate: static cost model of sm_90 builds ({meta['date']}, triton "
-                     f"{meta['triton']}; {os.path.basename(base)}.json), no GPU measurement"))
+                cal, f"estimate: static cost model of sm_{arch} builds ({meta['date']}, triton "
+                     f"{meta['triton']}; {os.path.basename(base)}.json), no GPU measurement",
+                arch=arch))
     return paths
 
 

@@ -250,6 +250,7 @@ def column_shard_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
     if chosen != "triton" or not _triton_available():
         return path
     from .ops import common
+    from .ops.gemm_tma import arch_of
     from .ops.path import choose_linear_path
     B, T, C = base.shape
     M = B * spec.out_tokens(T)
@@ -259,7 +260,7 @@ def column_shard_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
     off64 = flags["OFF64"] or M * full_width >= limit or full_width * weight.shape[1] >= limit
     return choose_linear_path(M, C, full_width, len(spec.used_layers), spec.num_groups + 1,
                               base.element_size(), flags["UNIFORM"], off64,
-                              sti=spec.connector_type == "sti")
+                              sti=spec.connector_type == "sti", arch=arch_of(base))
 
 
 def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,

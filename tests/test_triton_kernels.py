@@ -618,10 +618,52 @@ def test_dispatch_rule():
     assert choose(576, 1024, 128, 24, 3, 2, off64=True) == "two-pass"
     assert choose(576, 1024, 128, 24, 3, 2, uniform=False) == "two-pass"
     assert choose(576, 1024, 128, 3, 1, 2, sti=True) == "two-pass"
+    # an sm_80 card reads its own calibration: 108 SMs, the cp.async GEMM's 128 x 128 tiles
+    # (whole waves: 1280 rows for N = 4096), and its GEMM never splits K
+    a100 = path_ops.model_for(80)
+    assert path_ops.model_for(90) is path_ops.PATH_MODEL is path_ops.model_for(None)
+    assert a100["sms"] == 108 and a100["gemm_split_k"] is False
+    assert path_ops.overlap_chunk_rows(16 * 576, 4096, a100) == 1280
+    assert path_ops.gemm_split_gain(576, 4096, 3072, a100) == 1.0
     # the choice is the smallest estimate among the paths that run
     for M, N in ((576, 128), (576, 4096), (9216, 256), (9216, 4096)):
         t = path_ops.estimate_linear_times(M, 1024, N, 24, 3, 2)
         assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
+
+
+@pytest.mark.parametrize("arch", (90, 80))
+def test_path_rule_agrees_with_the_static_report(arch):
+    # the path rule (a small roofline model, one calibration per architecture) against the
+    # committed static report (every kernel built as the JIT builds it, estimated from its
+    # SASS): for every DCI / SCI benchmark case, the path the rule picks is within 10 % of the
+    # report's fastest path (both are estimates; the rule is the coarser one)
+    import glob
+    import json
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    reports = sorted(glob.glob(os.path.join(here, "benchmarks", "results",
+                                            f"*-static-sm{arch}.json")))
+    assert reports, f"no committed static report for sm_{arch}"
+    with open(reports[-1]) as f:
+        rows = json.load(f)["rows"]
+    towers = {"clip336": ("clip", 576, 1024), "siglip384": ("siglip", 729, 1152)}
+    times = {}
+    for r in rows:
+        if r["case"].startswith("linear-") and r["dtype"] != "fp32":
+            path, case = r["case"][len("linear-"):].split("/")
+            times.setdefault(case, {})[path] = r["est_s"]
+    checked = 0
+    for case, t in times.items():
+        tower, connector, images, _ = case.split("-")
+        if connector == "sti":
+            continue  # always two-pass (the rule's own argument)
+        enc, tokens, C = towers[tower]
+        spec = ConnectorSpec.preset(enc, connector)
+        M = int(images[:-3]) * tokens
+        pick = path_ops.choose_linear_path(M, C, 4096, len(spec.used_layers),
+                                           spec.num_groups + 1, 2, arch=arch)
+        assert t[pick] <= 1.10 * min(t.values()), (case, pick, t)
+        checked += 1
+    assert checked >= 12
 
 
 def test_calibration_file_is_complete(tmp_path):

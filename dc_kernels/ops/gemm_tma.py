@@ -38,7 +38,7 @@ from . import direct
 from .direct import DirectLaunch
 from .path import gemm_split_k
 
-__all__ = ["gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
+__all__ = ["arch_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
 
 
 @triton.jit
@@ -226,6 +226,16 @@ def _num_sms(index: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _capability(index: int):
     return torch.cuda.get_device_capability(index)
+
+
+def arch_of(t: torch.Tensor) -> Optional[int]:
+    """The SM version of the CUDA device ``t`` is on (90 for an H100), None off CUDA: which
+    calibration the path rule reads (:func:`dc_kernels.ops.path.model_for`)."""
+    if not _cuda_device(t):
+        return None
+    index = t.device.index if t.device.index is not None else 0
+    major, minor = _capability(index)
+    return 10 * major + minor
 
 
 def _cuda_device(t: torch.Tensor) -> bool:

@@ -26,8 +26,8 @@ from . import common
 from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
 from .features import features_triton, prepare_features
-from .gemm_tma import gemm_tma_eligible, prepare_gemm_tma
-from .path import choose_linear_path, overlap_chunk_rows
+from .gemm_tma import arch_of, gemm_tma_eligible, prepare_gemm_tma
+from .path import choose_linear_path, model_for, overlap_chunk_rows
 
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
            "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
@@ -448,7 +448,8 @@ def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activa
     launch.shape = (batch, t_keep, spec.out_channels(channels))
     launch.dtype, launch.device, launch.activation = base.dtype, base.device, activation
     launch.requested = OVERLAP_CHUNK_ROWS  # the override it was prepared under
-    launch.chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(M, weight.shape[0])
+    launch.chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(
+        M, weight.shape[0], model_for(arch_of(base)))
     entries, _, _ = common.layer_entries(hidden_states, spec)
     if features_tma_eligible(entries, base.device):
         tiled = _tile_chunks(spec, batch, tokens, launch.chunk_rows)
@@ -594,7 +595,7 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     if path == "auto":
         path = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
                                   base.element_size(), flags["UNIFORM"], flags["OFF64"], sti=sti,
-                                  cuda=base.device.type == "cuda")
+                                  cuda=base.device.type == "cuda", arch=arch_of(base))
     elif path == "fused" and not fusable:
         path = "two-pass"
     elif path == "overlap" and sti:

@@ -1,7 +1,8 @@
 """The path rule: which Triton route computes ``act(features @ W^T + b)`` for a shape.
 
 :func:`estimate_linear_times` estimates each path from the constants of the committed
-calibration (``calibration.json`` beside this file): the ceilings of the card it describes, the
+calibration of the card's architecture (``calibration.json`` beside this file for sm_90,
+``calibration-sm80.json`` for sm_80): the ceilings of the card it describes, the
 efficiencies the static cost model (``python -m benchmarks --static``) reads from the compiled
 kernels, and the measured/estimated factors a GPU run (``python -m benchmarks --gpu-bundle``)
 adds. :func:`choose_linear_path` picks the fastest. Until a GPU run is committed the
@@ -15,15 +16,23 @@ import math
 import os
 from typing import Dict, Optional
 
-__all__ = ["CALIBRATION_FILE", "load_calibration", "PATH_MODEL", "estimate_linear_times",
-           "choose_linear_path", "overlap_chunk_rows", "gemm_split_k", "gemm_split_gain",
-           "SPLIT_PARTIAL_STEPS"]
+__all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
+           "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
+           "gemm_split_k", "gemm_split_gain", "SPLIT_PARTIAL_STEPS"]
 
-CALIBRATION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: The sm_90 (H100-class) calibration: the default model (the interpreter, no card known).
+CALIBRATION_FILE = os.path.join(_HERE, "calibration.json")
+#: One calibration per architecture the static model builds for (``python -m benchmarks
+#: --static`` writes both): sm_90 cards run the TMA GEMM (which splits K), sm_80 cards the
+#: cp.async one (which does not), on other SM counts, tiles and ceilings.
+CALIBRATION_FILES = {90: CALIBRATION_FILE, 80: os.path.join(_HERE, "calibration-sm80.json")}
 _REQUIRED = ("dram_bytes_per_s", "l2_bytes_per_s", "flop_per_s", "launch_s", "sms",
              "issue_per_s", "features_efficiency", "features_efficiency_beside_gemm",
              "beside_gemm_layer_bytes", "gemm_efficiency", "gemm_tile_m", "gemm_tile_n",
-             "fused_block_n", "fused_instr_per_element", "measured_over_estimated")
+             "gemm_split_k", "fused_block_n", "fused_block_n_small_groups",
+             "fused_instr_per_element",
+             "measured_over_estimated")
 
 
 def load_calibration(path: Optional[str] = None) -> Dict:
@@ -36,8 +45,15 @@ def load_calibration(path: Optional[str] = None) -> Dict:
     return cal
 
 
-#: The constants in use (read once at import).
-PATH_MODEL = load_calibration()
+#: The constants in use per architecture (read once at import); PATH_MODEL: sm_90's.
+PATH_MODELS = {arch: load_calibration(f) for arch, f in CALIBRATION_FILES.items()}
+PATH_MODEL = PATH_MODELS[90]
+
+
+def model_for(arch: Optional[int]) -> Dict:
+    """The calibration of an ``sm_{arch}`` card: sm_90's for 90 and up (and for None: the
+    interpreter, or no card known), sm_80's below."""
+    return PATH_MODEL if arch is None or arch >= 90 else PATH_MODELS[80]
 
 
 def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
@@ -61,7 +77,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       tile per layer -- so the efficiency scales down with ``L e``: SCI's 3 layers reach about
       an eighth of DCI's bandwidth there) + a launch per chunk;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
-      N tile (``fused_block_n`` wide) and W once per 64-row tile, the FLOPs, and the issue cost of rebuilding A per N tile
+      N tile (``fused_block_n`` wide; ``fused_block_n_small_groups`` when the slabs average
+      at most 4 layers) and W once per 64-row tile, the FLOPs, and the issue cost of rebuilding A per N tile
       (``fused_instr_per_element`` warp instructions per layer element and N tile);
     * each multiplied by its ``measured_over_estimated`` factor (1 until a GPU run says more).
     """
@@ -97,7 +114,10 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
             overlap += max(gemm_of(r, j == chunks - 1), nxt)
     else:
         overlap = two_pass
-    tiles_n = math.ceil(N / m["fused_block_n"])
+    # the fused kernel's N tile: its shared memory holds one A tile per group member, so
+    # small groups (SCI's single layers) leave room for wider tiles than DCI's 12-layer groups
+    small = num_layers_read <= 4 * num_slabs
+    tiles_n = math.ceil(N / m["fused_block_n_small_groups" if small else "fused_block_n"])
     rebuild = tiles_n * num_layers_read * M * C * m["fused_instr_per_element"] / m["issue_per_s"]
     tiles_m = math.ceil(M / 64)  # the fused kernel's row tiles (BLOCK_M = 64)
     fused = max((layers + (K * N + M * N) * e) / dram,
@@ -140,9 +160,11 @@ def gemm_split_k(tiles: int, k_tiles: int, sms: int, max_split: int = 4) -> int:
 
 def gemm_split_gain(M: int, N: int, K: int, model: Optional[Dict] = None) -> float:
     """The busiest program's K steps with the split :func:`gemm_split_k` picks over those
-    without it (1.0: no split), for tiles of the calibration's ``gemm_tile_m`` x
-    ``gemm_tile_n``, 64 deep."""
+    without it (1.0: no split, or a calibration whose ``gemm_split_k`` is false), for tiles of
+    the calibration's ``gemm_tile_m`` x ``gemm_tile_n``, 64 deep."""
     m = model or PATH_MODEL
+    if not m["gemm_split_k"]:  # the card's GEMM (sm_80: cp.async) never splits
+        return 1.0
     tiles = math.ceil(M / m["gemm_tile_m"]) * math.ceil(N / m["gemm_tile_n"])
     k_tiles = math.ceil(K / 64)
     s = gemm_split_k(tiles, k_tiles, m["sms"])
@@ -173,7 +195,7 @@ def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
                        element_size: int, uniform: bool = True, off64: bool = False,
-                       sti: bool = False, cuda: bool = True) -> str:
+                       sti: bool = False, cuda: bool = True, arch: Optional[int] = None) -> str:
     """Pick ``"fused"``, ``"two-pass"`` or ``"overlap"``: the smallest estimate that runs.
 
     The fused kernel saves the features' DRAM round trip and a launch, but rebuilds each row
@@ -184,12 +206,14 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     chosen); STI (``sti=True``) is always two-pass: its features are ``1 + G / pool`` times a
     layer (1.25x for the presets), cheap to write and re-read, while building a pooled row
     inside the GEMM would re-read ``pool`` tokens of every group member per N tile.
+    ``arch``: the card's SM version (:func:`model_for` picks its calibration).
     """
     if sti:
         return "two-pass"
-    t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size)
+    model = model_for(arch)
+    t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size, model)
     if not uniform or off64:
         t.pop("fused")
-    if not cuda or math.ceil(M / overlap_chunk_rows(M, N)) < 2:
+    if not cuda or math.ceil(M / overlap_chunk_rows(M, N, model)) < 2:
         t.pop("overlap")
     return min(t, key=t.get)
