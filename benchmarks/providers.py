@@ -239,7 +239,8 @@ def _dc_note(op: str, inputs: Inputs, device: torch.device) -> Tuple[str, str]:
     path = choose_linear_path(case.rows, case.shape.channels, case.shape.hidden,
                               case.layers_read, inputs.spec.num_groups + 1,
                               inputs.hidden_states[0].element_size(),
-                              sti=inputs.spec.connector_type == "sti", arch=arch_of(inputs.hidden_states[0]))
+                              sti=inputs.spec.connector_type == "sti",
+                              arch=arch_of(inputs.hidden_states[0]))
     return "auto", f"backend=triton, auto path={path}"
 
 

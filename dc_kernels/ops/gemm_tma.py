@@ -38,7 +38,8 @@ from . import direct
 from .direct import DirectLaunch
 from .path import gemm_split_k
 
-__all__ = ["arch_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET"]
+__all__ = ["arch_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch",
+           "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "SPLIT_K"]
 
 
 @triton.jit
@@ -100,7 +101,8 @@ def _split_k_epilogue(b_acc, ws, arrivals, tile, split, o_desc, p_desc, bias, o_
 @triton.jit
 def _gemm_tma_kernel(
     a_desc, w_desc, o_desc, p_desc,  # A [M, K], W [N, K], out and pre [M, N]: TMA descriptors
-    bias, ws, arrivals,  # split K: fp32 partial tiles [tiles * SPLIT_K, BLOCK_M, BLOCK_N], int32 [tiles]
+    bias,
+    ws, arrivals,  # SPLIT_K > 1: fp32 partials [tiles * SPLIT_K, BLOCK_M, BLOCK_N], int32 [tiles]
     M, N, K,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     EMULATE_RNE: tl.constexpr,

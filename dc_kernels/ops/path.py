@@ -78,8 +78,9 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       an eighth of DCI's bandwidth there) + a launch per chunk;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
       N tile (``fused_block_n`` wide; ``fused_block_n_small_groups`` when the slabs average
-      at most 4 layers) and W once per 64-row tile, the FLOPs, and the issue cost of rebuilding A per N tile
-      (``fused_instr_per_element`` warp instructions per layer element and N tile);
+      at most 4 layers) and W once per 64-row tile, the FLOPs, and the issue cost of
+      rebuilding A per N tile (``fused_instr_per_element`` warp instructions per layer
+      element and N tile);
     * each multiplied by its ``measured_over_estimated`` factor (1 until a GPU run says more).
     """
     m = model or PATH_MODEL
