@@ -11,9 +11,10 @@
 * ``dc_kernels-fused`` / ``dc_kernels-two-pass`` / ``dc_kernels-overlap`` (CUDA only, ops with
   a first layer): ``dense_connector_linear(..., backend="triton", path=...)``.
 * ``dc_kernels-two-pass-nosplit`` (CUDA only, ops with a first layer): the two-pass path with
-  the TMA GEMM's K split turned off (``gemm_tma.SPLIT_K = 1``): beside ``dc_kernels-two-pass``
-  it measures what the split (chosen by an estimated rule, ``path.gemm_split_k``) gains where
-  it applies (1 CLIP image); elsewhere the two rows run the same kernels.
+  the TMA GEMM's stream K turned off (``gemm_tma.STREAM_K_ITERS = -1``): beside
+  ``dc_kernels-two-pass`` it measures what stream K (chosen by an estimated rule,
+  ``path.gemm_stream_k``) gains where it applies (1 image); elsewhere the two rows run the same
+  kernels.
 * ``dc_kernels+cublas`` (CUDA only, ops with a first layer): dc_kernels' features, then the
   vendor GEMM: ``torch.addmm(b1, A, W1^T)`` + ``F.gelu`` -- where our GEMM stands against
   cuBLAS on the same A.
@@ -287,11 +288,11 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
     if provider == _NOSPLIT:
         def nosplit():
             from dc_kernels.ops import gemm_tma
-            old = gemm_tma.SPLIT_K
-            gemm_tma.SPLIT_K = 1  # a launch-plan switch: these calls get plans of their own
+            old = gemm_tma.STREAM_K_ITERS
+            gemm_tma.STREAM_K_ITERS = -1  # a launch-plan switch: these calls get own plans
             try:
                 return unit()
             finally:
-                gemm_tma.SPLIT_K = old
-        return Prepared(nosplit, f"backend=triton, path={path}, GEMM K never split")
+                gemm_tma.STREAM_K_ITERS = old
+        return Prepared(nosplit, f"backend=triton, path={path}, no stream K")
     return Prepared(unit, f"backend=triton, path={path}")

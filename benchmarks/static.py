@@ -106,11 +106,16 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
             return math.ceil(a["C"] / c["BLOCK_K"])
         return 1
     if kernel == "_gemm_tma_kernel":
-        split = c.get("SPLIT_K", 1)
+        if c.get("SEGMENTS", 0):
+            # stream K: ITERS K steps (the wgmma loop) per program over SEGMENTS tiles; the
+            # sum of a shared tile's partials loops over its PARTS at most
+            if not loop["innermost"]:
+                return c["SEGMENTS"]
+            return a["ITERS"] if loop["mix"].get("tensor") else c["PARTS"]
         tiles = math.ceil(a["M"] / c["BLOCK_M"]) * math.ceil(a["N"] / c["BLOCK_N"])
-        per_program = math.ceil(tiles * split / programs)  # work units: a tile's K range
+        per_program = math.ceil(tiles / programs)
         if loop["innermost"]:
-            return per_program * math.ceil(math.ceil(a["K"] / c["BLOCK_K"]) / split)
+            return per_program * math.ceil(a["K"] / c["BLOCK_K"])
         return per_program
     if kernel == "_sti_features_kernel":
         # each pooled segment runs one group's loop, in the programs that have pooled rows
@@ -175,20 +180,19 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         k_tiles = math.ceil(K / c["BLOCK_K"])
         step = 2.0 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]
         P = grid[0] * grid[1] * grid[2]
-        split = c.get("SPLIT_K", 1)
         dram = (M * K + K * N + M * N) * e
         l2 = M * K * e * tiles_n + K * N * e * tiles_m + M * N * e
-        if split == 1:
+        if not c.get("SEGMENTS", 0):
             return dict(dram=dram, l2=l2, flops=2.0 * M * K * N,
                         program_flops=math.ceil(tiles_m * tiles_n / P) * k_tiles * step)
-        # split K: every unit writes an fp32 partial tile and the last of a tile's units
-        # reads all of them back (through L2; counted once more through DRAM, as written
-        # back); the busiest program runs its units' K ranges plus the partials' traffic,
-        # at SPLIT_PARTIAL_STEPS main-loop steps per partial tile (the path rule's cost)
-        partials = tiles_m * tiles_n * split * c["BLOCK_M"] * c["BLOCK_N"] * 4
-        units = math.ceil(tiles_m * tiles_n * split / P)
-        steps = (units * (math.ceil(k_tiles / split) + SPLIT_PARTIAL_STEPS)
-                 + split * SPLIT_PARTIAL_STEPS)
+        # stream K: every piece of a shared tile writes an fp32 partial tile and the tile's
+        # last piece reads all of them back (through L2; counted once more through DRAM, as
+        # written back: at most one partial per program and tile boundary); the busiest
+        # program runs ITERS steps plus a partial store per segment and one sum of PARTS
+        # partials, at SPLIT_PARTIAL_STEPS main-loop steps each (the path rule's cost)
+        pieces = min(P + tiles_m * tiles_n, tiles_m * tiles_n * c["PARTS"])
+        partials = pieces * c["BLOCK_M"] * c["BLOCK_N"] * 4
+        steps = a["ITERS"] + (c["SEGMENTS"] + c["PARTS"]) * SPLIT_PARTIAL_STEPS
         return dict(dram=dram + partials, l2=l2 + 2 * partials, flops=2.0 * M * K * N,
                     program_flops=steps * step)
     if kernel == "_linear_kernel":
@@ -453,7 +457,7 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
         gemm_efficiency=round(g_floor / (gemm["seconds"] - gpu.launch_fixed_s), 3),
         gemm_tile_m=int(gemm["config"].split("x")[0]),
         gemm_tile_n=int(gemm["config"].split("x")[1]),
-        gemm_split_k=arch >= 90,  # the TMA GEMM splits K; sm_80's cp.async GEMM does not
+        gemm_split_k=arch >= 90,  # the TMA GEMM runs stream K; sm_80's cp.async GEMM does not
         fused_block_n=int(fl["config"].split("x")[1]),
         # groups of at most 4 layers (SCI) leave the fused kernel room for wider tiles
         fused_block_n_small_groups=int(

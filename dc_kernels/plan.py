@@ -83,7 +83,7 @@ def _switches() -> Tuple:
         return ()
     common, features, linear, gemm_tma = _SWITCH_MODULES
     return (features.USE_TMA, common.FORCE_OFF64, common.interpreting, common.empty,
-            linear.OVERLAP_CHUNK_ROWS, gemm_tma.SPLIT_K)
+            linear.OVERLAP_CHUNK_ROWS, gemm_tma.STREAM_K_ITERS)
 
 
 def lookup(key: Hashable, build: Callable[[], Any]) -> Any:

@@ -87,19 +87,21 @@ def test_every_kernel_and_case_is_built(reports):
     assert cases == {c.name for c in triton_aot.aot_cases()}
 
 
-def test_one_image_gemm_splits_k_on_hopper(reports):
-    # 576 rows -> 4096 give 80 tiles for 132 SMs: the two-pass GEMM splits K (the build is
-    # checked like every other: built, no spills, shared memory, wgmma); 16 images do not
-    split = {}
+def test_one_image_gemm_runs_stream_k_on_hopper(reports):
+    # 576 rows -> 4096 give 80 tiles for 132 SMs: the two-pass GEMM runs stream K (the build
+    # is checked like every other: built, no spills, shared memory, wgmma); 16 images do not
+    shapes = {}
     for r in reports:
         if r.get("kernel") != "_gemm_tma_kernel" or r["arch"] != 90 or "error" in r:
             continue
         for u in r["uses"]:
             if u["case"].startswith("linear-two-pass/clip336-dci-") and u["case"].endswith(
                     "-bf16"):
-                split.setdefault(u["case"], set()).add(r["constexprs"].get("SPLIT_K", 1))
-    assert split["linear-two-pass/clip336-dci-1img-bf16"] == {3}
-    assert split["linear-two-pass/clip336-dci-16img-bf16"] == {1}
+                shapes.setdefault(u["case"], set()).add(
+                    (r["constexprs"].get("SEGMENTS", 0), r["constexprs"].get("PARTS", 1),
+                     u["args"]["ITERS"]))
+    assert shapes["linear-two-pass/clip336-dci-1img-bf16"] == {(2, 3, 30)}
+    assert {s[0] for s in shapes["linear-two-pass/clip336-dci-16img-bf16"]} == {0}
 
 
 def test_shared_memory_bound_of_the_pruner_holds(reports):

@@ -92,21 +92,21 @@ def test_reduce_overhead_compile_of_the_module():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_split_k_gemm_replays_in_a_cuda_graph():
-    # 576 rows, K = 3072, N = 512: 10 tiles, 48 K steps -> a split GEMM (gemm_split_k). The
+def test_stream_k_gemm_replays_in_a_cuda_graph():
+    # 576 rows, K = 3072, N = 512: 10 tiles, 48 K steps -> stream K (gemm_stream_k). The
     # graph's capture stream has no arrival counts yet (warm-up ran on another stream): the
     # captured launch zeroes its own, and the replays equal the eager result bit for bit (the
     # partials are summed in range order whoever arrives last)
     from dc_kernels.ops import gemm_tma
     if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the TMA GEMM (and its split) needs sm_90+")
+        pytest.skip("the TMA GEMM (and its stream K) needs sm_90+")
     g = torch.Generator(device="cuda").manual_seed(5)
     a = torch.randn(576, 3072, device="cuda", dtype=torch.bfloat16, generator=g)
     w = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16, generator=g) / 55
     b = torch.randn(512, device="cuda", dtype=torch.bfloat16, generator=g)
     out = torch.empty(576, 512, device="cuda", dtype=torch.bfloat16)
     launch = gemm_tma.prepare_gemm_tma(a, w, b, "gelu", out)
-    assert launch.split > 1
+    assert launch.iters > 0
 
     def run():
         return launch(a, w, b, torch.empty_like(out))

@@ -514,15 +514,16 @@ def test_fuzz_linear_parameters(wkind, bkind, activation, path, backend, spec_n)
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9,
-                    reason="the TMA GEMM (and its split) needs sm_90+")
+                    reason="the TMA GEMM (and its stream K) needs sm_90+")
 @fuzz(12)
-@given(st.integers(1, 80), st.integers(1, 12), st.integers(2, 32), st.integers(1, 5),
+@given(st.integers(1, 80), st.integers(1, 12), st.integers(2, 32), st.integers(-1, 9),
        st.sampled_from((torch.float16, torch.bfloat16)), st.booleans(),
        st.sampled_from((None, "gelu")), st.integers(0, 2 ** 31 - 1))
-def test_fuzz_split_k_gemm(M, n8, k8, split, dtype, has_bias, activation, seed):
-    # the TMA GEMM with its K loop split ``split`` ways (1: unsplit) on random sizes (rows of
-    # 16-byte multiples, TMA's layout), poisoned output, pre-activation and partials: within
-    # the GEMM bound of fp64, the same bits on a second call, every arrival count back to 0
+def test_fuzz_stream_k_gemm(M, n8, k8, iters, dtype, has_bias, activation, seed):
+    # the TMA GEMM with ``iters`` K steps per program (-1: whole tiles; 0: the rule) on random
+    # sizes (rows of 16-byte multiples, TMA's layout), poisoned output, pre-activation and
+    # partials: within the GEMM bound of fp64, the same bits on a second call, every arrival
+    # count back to 0
     from dc_kernels.ops import gemm_tma
     N, K = 8 * n8, 8 * k8
     g = torch.Generator().manual_seed(seed)
@@ -531,9 +532,12 @@ def test_fuzz_split_k_gemm(M, n8, k8, split, dtype, has_bias, activation, seed):
     b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if has_bias else None
     out = torch.empty(M, N, dtype=dtype, device=DEVICE)
     assert gemm_tma.gemm_tma_eligible(a, w, out)  # sm_90 or the interpreter; TMA's layout
-    with mock.patch.object(gemm_tma, "SPLIT_K", split), poisoned():
+    with mock.patch.object(gemm_tma, "STREAM_K_ITERS", iters), poisoned():
         launch = gemm_tma.prepare_gemm_tma(a, w, b, activation, out)
-        assert launch.split == split
+        if iters > 0:
+            assert launch.iters == iters
+        elif iters < 0:
+            assert launch.iters == 0
         got = []
         for _ in range(2):
             y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)

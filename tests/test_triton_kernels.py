@@ -333,9 +333,9 @@ def test_two_pass_uses_tma_gemm_where_layout_allows(monkeypatch, dtype):
 def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel):
     # row chunks of any size (ragged last chunk; one chunk when chunk >= M) give the two-pass
     # result bit for bit: the same A, and every output row from the same GEMM arithmetic (no
-    # GEMM here splits K: 2 x 2 tiles of K = 72, too shallow for 4-step ranges)
+    # GEMM here runs stream K: 2 x 2 tiles of 5 K steps)
     monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", chunk)
-    assert path_ops.gemm_split_k(4, 5, 3) == 1
+    assert path_ops.gemm_stream_k(4, 5, 3) == 0
     spec = ConnectorSpec.preset("siglip", "dci")
     hs = _hs(spec, 3, 19, 24, dtype, seed=34)
     w, b = _weights(spec, 24, 40, dtype, seed=35)
@@ -361,9 +361,9 @@ def test_overlap_launch_is_prepared_once_per_chunk_size(monkeypatch):
     assert len(calls) == 2 and torch.equal(first, other)
 
 
-def test_overlap_last_chunk_gemm_may_split(monkeypatch):
-    # the chunks' GEMMs leave room for the next chunk's features and never split K; the last
-    # one runs alone and follows the split rule (under the interpreter: 1 tile, 18 K steps)
+def test_overlap_last_chunk_gemm_may_run_stream_k(monkeypatch):
+    # the chunks' GEMMs leave room for the next chunk's features and never run stream K; the
+    # last one runs alone and follows the rule (under the interpreter: 1 tile, 18 K steps)
     from dc_kernels.ops import gemm_tma
     monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 32)
     dtype = torch.bfloat16
@@ -377,8 +377,8 @@ def test_overlap_last_chunk_gemm_may_split(monkeypatch):
     assert len(gemms) >= 2
     if common.interpreting():  # (on a GPU the split depends on its SM count)
         assert all(isinstance(g, gemm_tma.GemmTmaLaunch) for g in gemms)
-        assert [g.split for g in gemms[:-1]] == [1] * (len(gemms) - 1)
-        assert gemms[-1].split > 1
+        assert [g.iters for g in gemms[:-1]] == [0] * (len(gemms) - 1)
+        assert gemms[-1].iters > 0
 
 
 def test_overlap_on_sti_runs_two_pass():
@@ -388,46 +388,48 @@ def test_overlap_on_sti_runs_two_pass():
     _check_linear(hs, spec, w, b, "gelu", "overlap", torch.float32)
 
 
-# --------------------------------------------------------------------------- split-K GEMM
-def test_split_k_rule():
-    split = path_ops.gemm_split_k
-    # CLIP-L/336, 1 image -> 4096: 80 tiles of 128 x 256 for 132 SMs, 48 K steps: 3 ranges
-    assert split(80, 48, 132) == 3
-    # SigLIP-384, 1 image: 96 tiles, 54 steps: no split saves 10 % (3 units on the busiest SM)
-    assert split(96, 54, 132) == 1
-    # enough tiles for the SMs (16 images), or too few K steps for 4-step ranges: no split
-    assert split(1152, 48, 132) == 1
-    assert split(128, 48, 132) == 1
-    assert split(1, 7, 132) == 1
-    assert split(0, 48, 132) == split(80, 0, 132) == 1
-    # the path model's GEMM estimate shrinks exactly where the kernel splits
+# --------------------------------------------------------------------------- stream-K GEMM
+def test_stream_k_rule():
+    rule, shape = path_ops.gemm_stream_k, path_ops.stream_k_shape
+    # CLIP-L/336, 1 image -> 4096: 80 tiles of 128 x 256 for 132 SMs, 48 K steps each: 30
+    # steps per program on 128 programs; a program touches 2 tiles, a tile spans 3 programs
+    assert rule(80, 48, 132) == 30 and shape(80, 48, 30) == (128, 2, 3)
+    # SigLIP-384, 1 image (96 tiles, 54 steps) and CLIP, 2 images (144 tiles: 2 per program
+    # on 12 SMs with whole tiles)
+    assert rule(96, 54, 132) == 40 and rule(144, 48, 132) == 53
+    # whole waves of tiles (16 images; 128 tiles), or too few steps: whole tiles
+    assert rule(1152, 48, 132) == rule(128, 48, 132) == rule(2, 5, 3) == 0
+    assert rule(0, 48, 132) == rule(80, 0, 132) == 0
+    # the path model's GEMM estimate shrinks exactly where the kernel runs stream K
     assert path_ops.gemm_split_gain(576, 4096, 3072) < 0.9
     assert path_ops.gemm_split_gain(16 * 576, 4096, 3072) == 1.0
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("split", (2, 3, 4))
+@pytest.mark.parametrize("iters", (1, 2, 3, 5))
 @pytest.mark.parametrize("M,N,K,bias,activation", [(70, 96, 80, True, "gelu"),
                                                    (33, 40, 48, False, None),
                                                    (17, 24, 112, True, None)])
-def test_split_k_gemm(monkeypatch, dtype, split, M, N, K, bias, activation):
-    # K ranges of 1-3 steps (ragged: K / 16 is not a multiple of the split), edge tiles in M
-    # and N, outputs and pre-activations poisoned; every tile's partials are summed by
-    # whichever unit arrives last, in range order: the same bits on every call, the arrival
-    # counts back to zero, and within the GEMM bound of fp64
+def test_stream_k_gemm(monkeypatch, dtype, iters, M, N, K, bias, activation):
+    # ``iters`` K steps per program (under the interpreter 16 deep: K = 48-112 is 3-7 steps
+    # per tile, 3-12 tiles): tiles spread over up to 7 programs, programs crossing up to 3
+    # tiles, tiles one program runs whole; edge tiles in M and N; outputs, pre-activations
+    # and partials poisoned. Every shared tile's partials are summed in K order by whichever
+    # piece arrives last: the same bits on every call, the arrival counts back to zero, and
+    # within the GEMM bound of fp64
     from dc_kernels.ops import gemm_tma
     if not gemm_tma.gemm_tma_eligible(torch.empty(M, K, dtype=dtype, device=DEVICE),
                                       torch.empty(N, K, dtype=dtype, device=DEVICE),
                                       torch.empty(M, N, dtype=dtype, device=DEVICE)):
         pytest.skip("the TMA GEMM needs sm_90 (or the interpreter)")
-    monkeypatch.setattr(gemm_tma, "SPLIT_K", split)
-    g = torch.Generator().manual_seed(M * 1000 + N + K + split)
+    monkeypatch.setattr(gemm_tma, "STREAM_K_ITERS", iters)
+    g = torch.Generator().manual_seed(M * 1000 + N + K + iters)
     a = torch.randn(M, K, generator=g).to(dtype=dtype, device=DEVICE)
     w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype=dtype, device=DEVICE)
     b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if bias else None
     launch = gemm_tma.prepare_gemm_tma(a, w, b, activation, torch.empty(M, N, dtype=dtype,
                                                                         device=DEVICE))
-    assert launch.split == split
+    assert launch.iters == iters
     outs = []
     for _ in range(2):
         out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
@@ -436,7 +438,7 @@ def test_split_k_gemm(monkeypatch, dtype, split, M, N, K, bias, activation):
         outs.append((out, pre))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     for counts in gemm_tma._ARRIVALS.values():
-        assert int(counts.abs().sum()) == 0, "a split launch left arrival counts behind"
+        assert int(counts.abs().sum()) == 0, "a stream-K launch left arrival counts behind"
     a64, w64 = a.double(), w.double()
     b64 = b.double() if b is not None else None
     z = torch.nn.functional.linear(a64, w64, b64)
@@ -446,9 +448,10 @@ def test_split_k_gemm(monkeypatch, dtype, split, M, N, K, bias, activation):
     torch.testing.assert_close(outs[0][1].double(), z, rtol=rtol, atol=atol)
 
 
-def test_split_k_taken_by_the_rule_and_end_to_end(monkeypatch):
-    # under the interpreter (3 programs, 32 x 32 tiles) few tiles and a deep K split on their
-    # own; the two-pass path then runs the split GEMM and stays within the linear bound
+def test_stream_k_taken_by_the_rule_and_end_to_end(monkeypatch):
+    # under the interpreter (3 programs, 32 x 32 tiles) one tile and 18 K steps take stream K
+    # on their own (6 steps per program); the two-pass path then runs it and stays within
+    # the linear bound
     from dc_kernels.ops import gemm_tma
     dtype = torch.bfloat16
     spec = ConnectorSpec.preset("clip", "dci")
@@ -459,11 +462,11 @@ def test_split_k_taken_by_the_rule_and_end_to_end(monkeypatch):
     if not gemm_tma.gemm_tma_eligible(a, w, out):
         pytest.skip("the TMA GEMM needs sm_90 (or the interpreter)")
     if common.interpreting():
-        assert gemm_tma.prepare_gemm_tma(a, w, b, "gelu", out).split > 1
+        assert gemm_tma.prepare_gemm_tma(a, w, b, "gelu", out).iters == 6
     _check_linear(hs, spec, w, b, "gelu", "two-pass", dtype)
 
 
-def test_split_k_arrivals_per_stream_and_device():
+def test_stream_k_arrivals_per_stream_and_device():
     # one zeroed buffer per (device, stream), reused, grown when a launch has more tiles
     from dc_kernels.ops import gemm_tma
     t = torch.empty(4, device=DEVICE)
@@ -622,7 +625,7 @@ def test_dispatch_rule():
     # (whole waves: 1280 rows for N = 4096), and its GEMM never splits K
     a100 = path_ops.model_for(80)
     assert path_ops.model_for(90) is path_ops.PATH_MODEL is path_ops.model_for(None)
-    assert a100["sms"] == 108 and a100["gemm_split_k"] is False
+    assert a100["sms"] == 108 and a100["gemm_split_k"] is False  # no stream K there
     assert path_ops.overlap_chunk_rows(16 * 576, 4096, a100) == 1280
     assert path_ops.gemm_split_gain(576, 4096, 3072, a100) == 1.0
     # the choice is the smallest estimate among the paths that run

@@ -8,11 +8,12 @@ epilogue adds the bias, applies exact-erf GELU, rounds once and stores the tile 
 (``STORE_PRE``, training: it also stores the pre-activation, rounded once, through a second
 descriptor).
 
-Split K (``SPLIT_K`` > 1, 16-bit operands, chosen by :func:`dc_kernels.ops.path.gemm_split_k`
-when the tiles are too few for the SMs, e.g. 576 rows): each tile's K loop is cut into ranges
-run by different programs; each writes an fp32 partial tile and arrives on the tile's count
-(an ``acq_rel`` atomic); the last to arrive sums the partials in range order (deterministic,
-nobody waits) and runs the epilogue (``_split_k_epilogue``; ``docs/DESIGN.md`` §4).
+Stream K (``SEGMENTS`` > 0, 16-bit operands, chosen by :func:`dc_kernels.ops.path.gemm_stream_k`
+when whole tiles leave SMs idle, e.g. 576 or 1152 rows): every program runs the same number
+of steps of the (tile, K step) sequence, crossing tiles where it must; a range of a shared tile
+writes an fp32 partial tile and arrives on the tile's count (an ``acq_rel`` atomic); the last
+to arrive sums the partials in K order (deterministic, nobody waits) and runs the epilogue
+(``_partial_epilogue``; ``docs/DESIGN.md`` §4).
 
 Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specialize this loop
 on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
@@ -36,10 +37,10 @@ from . import common
 from .common import _round
 from . import direct
 from .direct import DirectLaunch
-from .path import gemm_split_k
+from .path import gemm_stream_k, stream_k_shape
 
 __all__ = ["arch_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch",
-           "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "SPLIT_K"]
+           "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS"]
 
 
 @triton.jit
@@ -59,21 +60,71 @@ def _epilogue(b_acc, o_desc, p_desc, bias, o_am, o_n0, N, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
-def _split_k_epilogue(b_acc, ws, arrivals, tile, split, o_desc, p_desc, bias, o_am, o_wn, N,
-                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
-                      EMULATE_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT_EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr):
-    # One K range of a split tile: store its fp32 partial, arrive; the unit that arrives last
-    # (whichever it is) sums the tile's SPLIT_K partials in range order -- the same sum
-    # whatever the arrival order, so the result is deterministic -- runs the epilogue and
-    # resets the tile's arrival count for the next launch. Nobody waits: no schedule (the
-    # interpreter's one-program-at-a-time included) can deadlock.
+def _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    # grouped order: GROUP_M row tiles share the W columns they sweep (W stays in L2)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    # fp32 A[o_am:, k] W[o_wn:, k]^T over the K steps [k_lo, k_hi)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ki in range(k_lo, k_hi):
+        o_k = ki * BLOCK_K
+        b_a = a_desc.load([o_am, o_k])
+        b_w = w_desc.load([o_wn, o_k])
+        if DOT_FP32:  # the interpreter has no 16-bit arithmetic
+            b_acc = tl.dot(b_a.to(tl.float32), b_w.to(tl.float32).T, b_acc,
+                           input_precision="ieee")
+        else:
+            b_acc = tl.dot(b_a, b_w.T, b_acc, input_precision=INPUT_PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS: tl.constexpr,
+                   ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+    if SPLIT_EPILOGUE:
+        # two [BLOCK_M, BLOCK_N / 2] halves: half the epilogue's live registers (128 x 256
+        # tiles spill without it)
+        b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        b_lo, b_hi = tl.split(b_acc)
+        _epilogue(b_lo, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
+                  EMULATE_RNE, BLOCK_N // 2)
+        _epilogue(b_hi, o_desc, p_desc, bias, o_am, o_wn + BLOCK_N // 2, N, HAS_BIAS,
+                  ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_N // 2)
+    else:
+        _epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                  STORE_PRE, EMULATE_RNE, BLOCK_N)
+
+
+@triton.jit
+def _partial_epilogue(b_acc, ws, arrivals, tile, slot, parts, o_desc, p_desc, bias, o_am, o_wn,
+                      N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                      STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_EPILOGUE: tl.constexpr, PARTS: tl.constexpr):
+    # One of a tile's ``parts`` K ranges (``slot``: its place in K order): store its fp32
+    # partial, arrive; the range that arrives last (whichever it is) sums the tile's partials
+    # in K order -- the same sum whatever the arrival order, so the result is deterministic --
+    # runs the epilogue and resets the tile's count for the next launch. Nobody waits: no
+    # schedule (the interpreter's one program at a time included) can deadlock.
     HALVES: tl.constexpr = 2 if SPLIT_EPILOGUE else 1
     WIDTH: tl.constexpr = BLOCK_N // HALVES
     TILE: tl.constexpr = BLOCK_M * BLOCK_N
     o_r = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
     o_c = tl.arange(0, WIDTH)[None, :]
-    mine = ws + (tile * SPLIT_K + split) * TILE
+    mine = ws + (tile * PARTS + slot) * TILE
     if SPLIT_EPILOGUE:
         b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, WIDTH)), (0, 2, 1))
         b_lo, b_hi = tl.split(b_acc)
@@ -86,11 +137,11 @@ def _split_k_epilogue(b_acc, ws, arrivals, tile, split, o_desc, p_desc, bias, o_
     # atomic; the result reaches the CTA through shared memory after a barrier)
     tl.debug_barrier()
     arrived = tl.atomic_add(arrivals + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT_K - 1:
-        first = ws + tile * SPLIT_K * TILE
+    if arrived == parts - 1:
+        first = ws + tile * PARTS * TILE
         for h in tl.static_range(HALVES):
             b_sum = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
-            for j in tl.static_range(SPLIT_K):
+            for j in range(parts):
                 # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
                 b_sum += tl.load(first + j * TILE + o_r + o_c + h * WIDTH, cache_modifier=".cg")
             _epilogue(b_sum, o_desc, p_desc, bias, o_am, o_wn + h * WIDTH, N, HAS_BIAS,
@@ -102,69 +153,58 @@ def _split_k_epilogue(b_acc, ws, arrivals, tile, split, o_desc, p_desc, bias, o_
 def _gemm_tma_kernel(
     a_desc, w_desc, o_desc, p_desc,  # A [M, K], W [N, K], out and pre [M, N]: TMA descriptors
     bias,
-    ws, arrivals,  # SPLIT_K > 1: fp32 partials [tiles * SPLIT_K, BLOCK_M, BLOCK_N], int32 [tiles]
+    ws, arrivals,  # stream K: fp32 partials [tiles * PARTS, BLOCK_M, BLOCK_N], int32 [tiles]
     M, N, K,
+    ITERS,  # stream K: the K steps of (tile, K step) order each program runs
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
-    SPLIT_K: tl.constexpr = 1,
+    SEGMENTS: tl.constexpr = 0,  # stream K: the most tiles one program's steps touch (0: off)
+    PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
+    WHOLE: tl.constexpr = False,  # stream K: ITERS >= the K steps of a tile (one may run whole)
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
-    num_pid_in_group = GROUP_M * num_pid_n
-    # a work unit is one tile's K range (split-major: every tile's first range, then the
-    # second, ...); without a split, one tile
-    for unit in tl.range(start, num_tiles * SPLIT_K, NUM_SMS):
-        if SPLIT_K > 1:
-            tile = unit % num_tiles
-            split = unit // num_tiles
-            k_lo = split * k_tiles // SPLIT_K
-            k_hi = (split + 1) * k_tiles // SPLIT_K
-        else:
-            tile = unit
-            split = 0
-            k_lo = 0
-            k_hi = k_tiles
-        group_id = tile // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
-        pid_n = (tile % num_pid_in_group) // group_size_m
-        o_am = pid_m * BLOCK_M
-        o_wn = pid_n * BLOCK_N
-
-        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for ki in range(k_lo, k_hi):
-            o_k = ki * BLOCK_K
-            b_a = a_desc.load([o_am, o_k])
-            b_w = w_desc.load([o_wn, o_k])
-            if DOT_FP32:  # the interpreter has no 16-bit arithmetic
-                b_acc = tl.dot(b_a.to(tl.float32), b_w.to(tl.float32).T, b_acc,
-                               input_precision="ieee")
-            else:
-                b_acc = tl.dot(b_a, b_w.T, b_acc, input_precision=INPUT_PRECISION)
-
-        if SPLIT_K > 1:
-            _split_k_epilogue(b_acc, ws, arrivals, tile, split, o_desc, p_desc, bias, o_am,
-                              o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M,
-                              BLOCK_N, SPLIT_EPILOGUE, SPLIT_K)
-        elif SPLIT_EPILOGUE:
-            # two [BLOCK_M, BLOCK_N / 2] halves: half the epilogue's live registers (128 x 256
-            # tiles spill without it)
-            b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            b_lo, b_hi = tl.split(b_acc)
-            _epilogue(b_lo, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
-                      EMULATE_RNE, BLOCK_N // 2)
-            _epilogue(b_hi, o_desc, p_desc, bias, o_am, o_wn + BLOCK_N // 2, N, HAS_BIAS,
-                      ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_N // 2)
-        else:
-            _epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
-                      STORE_PRE, EMULATE_RNE, BLOCK_N)
+    if SEGMENTS == 0:
+        # data parallel: whole tiles, NUM_SMS programs apart
+        for tile in tl.range(start, num_tiles, NUM_SMS):
+            o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
+            b_acc = _k_range(a_desc, w_desc, o_am, o_wn, 0, k_tiles, DOT_FP32,
+                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                           STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+    else:
+        # stream K: program p runs the steps [p ITERS, (p + 1) ITERS) of the (tile, K step)
+        # sequence, one segment per tile they touch; a tile whose steps one program runs
+        # whole takes the plain epilogue, the others are summed by their last range
+        it0 = start * ITERS
+        it1 = min(it0 + ITERS, num_tiles * k_tiles)
+        for seg in range(SEGMENTS):
+            tile = it0 // k_tiles + seg
+            t0 = tile * k_tiles
+            k_lo = max(it0, t0) - t0
+            k_hi = min(it1, t0 + k_tiles) - t0
+            if k_lo < k_hi:
+                o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M,
+                                          BLOCK_N)
+                b_acc = _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32,
+                                 INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                first = t0 // ITERS  # the programs that run this tile's steps, in K order
+                parts = (t0 + k_tiles - 1) // ITERS - first + 1
+                if WHOLE and parts == 1:  # (ITERS < k_tiles: every tile is shared)
+                    _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS,
+                                   ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N,
+                                   SPLIT_EPILOGUE)
+                else:
+                    _partial_epilogue(b_acc, ws, arrivals, tile, start - first, parts, o_desc,
+                                      p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                                      STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE,
+                                      PARTS)
 
 
 def _set_blocks(nargs):
@@ -277,15 +317,16 @@ def _clone_desc(template, base):
     return desc
 
 
-#: K ranges per tile: 0 = :func:`dc_kernels.ops.path.gemm_split_k`'s choice (tests force one)
-SPLIT_K = 0
-#: (device, stream) -> int32 arrival counts of split tiles, zero between launches (the last
+#: Stream K: 0 = :func:`dc_kernels.ops.path.gemm_stream_k`'s choice, -1 = never, n > 0 = n K
+#: steps per program wherever stream K may run (tests force it)
+STREAM_K_ITERS = 0
+#: (device, stream) -> int32 arrival counts of shared tiles, zero between launches (the last
 #: arrival of every tile resets its count)
 _ARRIVALS: dict = {}
 
 
 def _arrivals(t: torch.Tensor, tiles: int) -> torch.Tensor:
-    # The arrival counts a split launch on t's device and current stream uses: one zeroed
+    # The arrival counts a stream-K launch on t's device and current stream uses: one zeroed
     # buffer per (device, stream), kept, since every launch leaves it zeroed (launches on one
     # stream run one after another; another stream has its own). Under CUDA-graph capture a
     # missing buffer cannot be zeroed now: that launch gets its own zeroed one, a memset the
@@ -308,18 +349,18 @@ class GemmTmaLaunch:
     """A :func:`gemm_tma` launch prepared for one layout: descriptors' shapes and strides,
     constants, kernel and grid. Calling it with tensors of that layout (``a``, ``out`` and
     ``pre`` may be any tensor whose storage starts where the 2-D operand does) builds the four
-    descriptors from templates and launches; a split launch (``split`` K ranges per tile) also
-    allocates its fp32 partial tiles (``ws_numel`` elements) and takes its stream's arrival
-    counts."""
+    descriptors from templates and launches; a stream-K launch (``iters`` K steps per
+    program, 0: whole tiles) also allocates its fp32 partial tiles (``ws_numel`` elements) and
+    takes its stream's arrival counts."""
 
-    __slots__ = ("site", "templates", "tail", "meta", "meta_pre", "bias_copy", "split",
+    __slots__ = ("site", "templates", "tail", "meta", "meta_pre", "bias_copy", "iters",
                  "ws_numel", "tiles")
 
     def __call__(self, a, weight, bias, out, pre=None):
         ta, tw, to, tp = self.templates
         if bias is not None and self.bias_copy:
             bias = bias.contiguous()  # the epilogue reads it at bias + n
-        if self.split > 1:
+        if self.iters:
             # (through common.empty: tests poison it, so a partial read unwritten shows)
             ws = common.empty((self.ws_numel,), torch.float32, a.device)
             arrivals = _arrivals(a, self.tiles)
@@ -362,25 +403,28 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                        STORE_PRE=False, EMULATE_RNE=interp, DOT_FP32=interp,
                        INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms)
     launch.meta_pre = dict(launch.meta, STORE_PRE=True)
-    launch.tail = (M, N, K)
-    # K split (16-bit operands, not beside the overlapped features: a chunk's GEMM fills the
-    # SMs): the first config's tiles, a fixed config (the split follows from its tiles)
-    split_cfg = cfg if interp else GEMM_TMA_CONFIGS[0].all_kwargs()
-    tiles = triton.cdiv(M, split_cfg["BLOCK_M"]) * triton.cdiv(N, split_cfg["BLOCK_N"])
-    split = 1
-    if a.element_size() == 2 and not leave_room:
-        split = SPLIT_K or gemm_split_k(tiles, triton.cdiv(K, split_cfg["BLOCK_K"]), sms)
-        if tiles * split * split_cfg["BLOCK_M"] * split_cfg["BLOCK_N"] >= 2 ** 31:
-            split = 1  # the partials' offsets are 32-bit
-    launch.split, launch.tiles = split, tiles
-    launch.ws_numel = tiles * split * split_cfg["BLOCK_M"] * split_cfg["BLOCK_N"]
-    if interp or split > 1:
+    # stream K (16-bit operands, not beside the overlapped features: a chunk's GEMM fills the
+    # SMs): a fixed config, the first one (the steps per program follow from its tiles)
+    sk_cfg = cfg if interp else GEMM_TMA_CONFIGS[0].all_kwargs()
+    tiles = triton.cdiv(M, sk_cfg["BLOCK_M"]) * triton.cdiv(N, sk_cfg["BLOCK_N"])
+    k_tiles = triton.cdiv(K, sk_cfg["BLOCK_K"])
+    iters = 0
+    if a.element_size() == 2 and not leave_room and STREAM_K_ITERS >= 0:
+        iters = STREAM_K_ITERS or gemm_stream_k(tiles, k_tiles, sms)
+    programs, segments, parts = stream_k_shape(tiles, k_tiles, iters) if iters else (0, 0, 1)
+    if tiles * parts * sk_cfg["BLOCK_M"] * sk_cfg["BLOCK_N"] >= 2 ** 31:
+        iters, segments, parts = 0, 0, 1  # the partials' offsets are 32-bit
+    launch.iters, launch.tiles = iters, tiles
+    launch.ws_numel = tiles * parts * sk_cfg["BLOCK_M"] * sk_cfg["BLOCK_N"]
+    launch.tail = (M, N, K, iters)
+    if interp or iters:
         if not interp:
-            _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **split_cfg))
-        blocks = {k: v for k, v in split_cfg.items() if k not in ("num_ctas",)}
+            _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **sk_cfg))
+        blocks = {k: v for k, v in sk_cfg.items() if k not in ("num_ctas",)}
         for meta in (launch.meta, launch.meta_pre):
-            meta.update(blocks, SPLIT_K=split)
-        launch.site = DirectLaunch(_gemm_tma_kernel, (min(sms, tiles * split),))
+            meta.update(blocks, SEGMENTS=segments, PARTS=parts, WHOLE=iters >= k_tiles)
+        grid = programs if iters else min(sms, tiles)
+        launch.site = DirectLaunch(_gemm_tma_kernel, (grid,))
         return launch
 
     def grid(m):

@@ -388,10 +388,10 @@ class OverlapLaunch:
     features of row chunk j + 1 are written (side stream) while the GEMM of chunk j runs
     (current stream): the memory-bound pass hides under the compute-bound one. Each GEMM chunk
     waits on its features chunk's event only. A is the two-pass A bit for bit; so is every
-    output row where neither path's GEMM splits K (a chunk's GEMM leaves room for the next
-    chunk's features and never splits, except the last chunk's, which runs alone; the
-    two-pass GEMM splits when its tiles are too few for the SMs): a split changes only the
-    fp32 summation order, within the same bound. The TMA features kernel
+    output row where neither path's GEMM runs stream K (a chunk's GEMM leaves room for the next
+    chunk's features and never does, except the last chunk's, which runs alone; the two-pass
+    GEMM does when whole tiles leave SMs idle): stream K changes only the fp32 summation
+    order, within the same bound. The TMA features kernel
     (sm_90+) keeps its bytes in flight in shared memory, so it still draws bandwidth beside the
     GEMM's CTAs; chunks are then whole row tiles of it. Off CUDA (the interpreter) the chunks
     run in order."""
@@ -404,7 +404,7 @@ class OverlapLaunch:
         a2 = feats.view(-1, self.shape[-1])
         if self.gemms is None:  # the first call prepares the GEMMs on its real operands
             # every chunk's GEMM but the last leaves room for the next chunk's features; the
-            # last runs alone (its features are done) and may split K (gemm_split_k)
+            # last runs alone (its features are done) and may run stream K (gemm_stream_k)
             last = len(self.chunks) - 1
             self.gemms = [prepare_gemm(a2[r0:r1], weight, bias, self.activation,
                                        out2d[r0:r1], leave_room=j < last)

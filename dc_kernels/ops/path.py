@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
-           "gemm_split_k", "gemm_split_gain", "SPLIT_PARTIAL_STEPS"]
+           "gemm_stream_k", "stream_k_shape", "gemm_split_gain", "SPLIT_PARTIAL_STEPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: The sm_90 (H100-class) calibration: the default model (the interpreter, no card known).
 CALIBRATION_FILE = os.path.join(_HERE, "calibration.json")
 #: One calibration per architecture the static model builds for (``python -m benchmarks
-#: --static`` writes both): sm_90 cards run the TMA GEMM (which splits K), sm_80 cards the
+#: --static`` writes both): sm_90 cards run the TMA GEMM (which may run stream K), sm_80 cards the
 #: cp.async one (which does not), on other SM counts, tiles and ceilings.
 CALIBRATION_FILES = {90: CALIBRATION_FILE, 80: os.path.join(_HERE, "calibration-sm80.json")}
 _REQUIRED = ("dram_bytes_per_s", "l2_bytes_per_s", "flop_per_s", "launch_s", "sms",
@@ -66,10 +66,10 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       bandwidth;
     * GEMM: ``max(2 M K N / flop_per_s, (M*K + K*N + M*N) e / dram)`` over
       ``gemm_efficiency``, with wave quantization of 128 x 128 tiles over the SMs, times
-      :func:`gemm_split_gain` where the kernel splits K;
+      :func:`gemm_split_gain` where the kernel runs stream K;
     * ``two-pass`` = features + GEMM + a launch; ``overlap`` (row chunks of
       :func:`overlap_chunk_rows`, at least two) = the first chunk's features, then per chunk
-      the slower of its GEMM (quantized per chunk; only the last chunk's may split K) and the
+      the slower of its GEMM (quantized per chunk; only the last chunk's may run stream K) and the
       next chunk's features (which run beside the GEMM's CTAs at
       ``features_efficiency_beside_gemm`` of the bandwidth, calibrated on a case reading
       layers of ``beside_gemm_layer_bytes`` = L x e bytes per element row; with fewer layers
@@ -104,7 +104,7 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     if chunks >= 2:
         # the features of chunk 0 run alone, those of chunk j + 1 beside the GEMM of chunk j
         # at ``features_efficiency_beside_gemm`` of the copy bandwidth; every chunk's GEMM is
-        # quantized on its own, and only the last one (nothing runs beside it) may split K
+        # quantized on its own, and only the last one (nothing runs beside it) may run stream K
         eff = m["features_efficiency_beside_gemm"] * min(
             1.0, num_layers_read * e / m["beside_gemm_layer_bytes"])
         beside_per_row = feats_per_row * m["features_efficiency"] / eff
@@ -129,51 +129,62 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
             "overlap": overlap * f.get("overlap", 1.0)}
 
 
-#: The cost of one fp32 partial tile (written by each unit of a split tile, read back by the
-#: last one), in K steps of the tile's main loop: 128 x 256 x 4 bytes through an SM's ~64 B/clk
+#: The cost of one fp32 partial tile (written by a range of a split tile, read back by the last
+#: one), in K steps of the tile's main loop: 128 x 256 x 4 bytes through an SM's ~64 B/clk
 #: path to L2 against a 128 x 256 x 64 wgmma step's ~1,200 clocks -- an ESTIMATE (no GPU run).
 SPLIT_PARTIAL_STEPS = 1.7
 
 
-def gemm_split_k(tiles: int, k_tiles: int, sms: int, max_split: int = 4) -> int:
-    """K ranges per output tile of the persistent GEMM (1: no split).
+def stream_k_shape(tiles: int, k_tiles: int, iters: int) -> Tuple[int, int, int]:
+    """``(programs, segments, parts)`` of a stream-K launch running ``iters`` steps of the
+    (tile, K step) sequence per program: the programs, the most tiles one program's steps
+    touch, the most programs one tile's steps are spread over."""
+    total = tiles * k_tiles
+    programs = math.ceil(total / iters)
+    segments = max((min(total, (p + 1) * iters) - 1) // k_tiles - (p * iters) // k_tiles + 1
+                   for p in range(programs))
+    parts = max(((t + 1) * k_tiles - 1) // iters - (t * k_tiles) // iters + 1
+                for t in range(tiles))
+    return programs, segments, parts
 
-    With fewer tiles than SMs (576 rows give 80 tiles of 128 x 256 for 132 SMs) each program
-    runs one whole K loop while the other SMs idle. Splitting K ``S`` ways gives ``tiles * S``
-    units; the busiest program runs ``ceil(tiles * S / sms)`` of them, each ``ceil(k_tiles / S)``
-    steps plus a partial tile's store, and one of them sums ``S`` partials
-    (:data:`SPLIT_PARTIAL_STEPS` each). The split with the fewest steps on the busiest program
-    is taken when it saves at least 10 % of the unsplit ``ceil(tiles / sms) * k_tiles``; every
-    range keeps at least 4 steps."""
+
+def _stream_k_steps(tiles: int, k_tiles: int, iters: int) -> float:
+    # the busiest program: its steps, a partial store per segment, one sum of a tile's parts
+    _, segments, parts = stream_k_shape(tiles, k_tiles, iters)
+    return iters + (segments + parts) * SPLIT_PARTIAL_STEPS
+
+
+def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
+    """K steps per program of a stream-K launch of the persistent GEMM, 0: whole tiles.
+
+    With whole tiles the busiest program runs ``ceil(tiles / sms)`` of them: 576 rows give 80
+    tiles of 128 x 256 for 132 SMs, one 48-step K loop each while 52 SMs idle; 1152 rows give
+    144, two per program on 12 SMs. Stream K spreads the ``tiles * k_tiles`` steps evenly:
+    ``ceil(tiles * k_tiles / sms)`` per program, crossing tiles where it must; each piece of a
+    shared tile stores an fp32 partial and the tile's last piece sums them
+    (:data:`SPLIT_PARTIAL_STEPS` each). Taken when the busiest program saves at least 10 %."""
     if tiles <= 0 or k_tiles <= 0 or sms <= 0:
-        return 1
+        return 0
+    iters = math.ceil(tiles * k_tiles / sms)
+    if iters < 4:
+        return 0
     unsplit = math.ceil(tiles / sms) * k_tiles
-    best, best_cost = 1, unsplit
-    for s in range(2, max_split + 1):
-        if k_tiles < 4 * s:
-            break
-        cost = (math.ceil(tiles * s / sms) * (math.ceil(k_tiles / s) + SPLIT_PARTIAL_STEPS)
-                + s * SPLIT_PARTIAL_STEPS)
-        if cost < best_cost:
-            best, best_cost = s, cost
-    return best if best_cost <= 0.9 * unsplit else 1
+    return iters if _stream_k_steps(tiles, k_tiles, iters) <= 0.9 * unsplit else 0
 
 
 def gemm_split_gain(M: int, N: int, K: int, model: Optional[Dict] = None) -> float:
-    """The busiest program's K steps with the split :func:`gemm_split_k` picks over those
-    without it (1.0: no split, or a calibration whose ``gemm_split_k`` is false), for tiles of
-    the calibration's ``gemm_tile_m`` x ``gemm_tile_n``, 64 deep."""
+    """The busiest program's K steps with stream K (:func:`gemm_stream_k`) over those with
+    whole tiles (1.0: whole tiles, or a calibration whose ``gemm_split_k`` is false), for
+    tiles of the calibration's ``gemm_tile_m`` x ``gemm_tile_n``, 64 deep."""
     m = model or PATH_MODEL
     if not m["gemm_split_k"]:  # the card's GEMM (sm_80: cp.async) never splits
         return 1.0
     tiles = math.ceil(M / m["gemm_tile_m"]) * math.ceil(N / m["gemm_tile_n"])
     k_tiles = math.ceil(K / 64)
-    s = gemm_split_k(tiles, k_tiles, m["sms"])
-    if s == 1:
+    iters = gemm_stream_k(tiles, k_tiles, m["sms"])
+    if not iters:
         return 1.0
-    split = (math.ceil(tiles * s / m["sms"]) * (math.ceil(k_tiles / s) + SPLIT_PARTIAL_STEPS)
-             + s * SPLIT_PARTIAL_STEPS)
-    return split / (math.ceil(tiles / m["sms"]) * k_tiles)
+    return _stream_k_steps(tiles, k_tiles, iters) / (math.ceil(tiles / m["sms"]) * k_tiles)
 
 
 def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:

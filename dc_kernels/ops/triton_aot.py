@@ -550,8 +550,9 @@ def unique_builds(cases: Sequence[Case], archs: Sequence[int] = ARCHS) -> List[B
 def _config_desc(kw: Dict[str, Any]) -> str:
     tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C")
                      if k in kw)
-    split = f" k{kw['SPLIT_K']}" if kw.get("SPLIT_K", 1) > 1 else ""  # K ranges per tile
-    return f"{tiles} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}{split}"
+    # stream K: the most tiles a program touches x the most programs a tile is spread over
+    sk = f" sk{kw['SEGMENTS']}x{kw['PARTS']}" if kw.get("SEGMENTS", 0) else ""
+    return f"{tiles} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}{sk}"
 
 
 def _scalar_args(rec: LaunchRecord) -> Dict[str, Any]:
