@@ -396,8 +396,8 @@ class OverlapLaunch:
     GEMM's CTAs; chunks are then whole row tiles of it. Off CUDA (the interpreter) the chunks
     run in order."""
 
-    __slots__ = ("requested", "chunk_rows", "chunks", "features", "gemms", "shape", "dtype",
-                 "device", "activation", "events")
+    __slots__ = ("chunks", "features", "gemms", "shape", "dtype", "device", "activation",
+                 "events")
 
     def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
         feats = common.empty(self.shape, self.dtype, self.device)
@@ -409,11 +409,16 @@ class OverlapLaunch:
             self.gemms = [prepare_gemm(a2[r0:r1], weight, bias, self.activation,
                                        out2d[r0:r1], leave_room=j < last)
                           for j, (r0, r1) in enumerate(self.chunks)]
+
+        def gemm_chunk(j):
+            r0, r1 = self.chunks[j]
+            self.gemms[j](a2[r0:r1], weight, bias, out2d[r0:r1],
+                          None if pre2d is None else pre2d[r0:r1])
+
         if self.device.type != "cuda":
-            for (r0, r1), produce, gemm_launch in zip(self.chunks, self.features, self.gemms):
+            for j, produce in enumerate(self.features):
                 produce(hidden_states, feats)
-                gemm_launch(a2[r0:r1], weight, bias, out2d[r0:r1],
-                            None if pre2d is None else pre2d[r0:r1])
+                gemm_chunk(j)
             return feats
         if self.events is None:
             self.events = [torch.cuda.Event() for _ in self.chunks]
@@ -426,10 +431,9 @@ class OverlapLaunch:
                 ev.record(side)
         # (an event recorded again by a later call: a wait already enqueued keeps the record
         # it was enqueued after)
-        for (r0, r1), gemm_launch, ev in zip(self.chunks, self.gemms, self.events):
+        for j, ev in enumerate(self.events):
             main.wait_event(ev)
-            gemm_launch(a2[r0:r1], weight, bias, out2d[r0:r1],
-                        None if pre2d is None else pre2d[r0:r1])
+            gemm_chunk(j)
         # feats was allocated on ``main``, which waits for every side-stream write above
         # before its last GEMM: freeing it after return (or handing it to autograd) is safe
         # without record_stream
@@ -447,19 +451,18 @@ def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activa
     launch = OverlapLaunch()
     launch.shape = (batch, t_keep, spec.out_channels(channels))
     launch.dtype, launch.device, launch.activation = base.dtype, base.device, activation
-    launch.requested = OVERLAP_CHUNK_ROWS  # the override it was prepared under
-    launch.chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(
+    chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(
         M, weight.shape[0], model_for(arch_of(base)))
     entries, _, _ = common.layer_entries(hidden_states, spec)
     if features_tma_eligible(entries, base.device):
-        tiled = _tile_chunks(spec, batch, tokens, launch.chunk_rows)
+        tiled = _tile_chunks(spec, batch, tokens, chunk_rows)
         launch.chunks = [r for _, r in tiled]
         # chunk 0 runs alone; the later chunks share the SMs with the GEMM
         launch.features = [prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
                                                   tiles=q, beside_gemm=q[0] > 0)
                            for q, _ in tiled]
     else:
-        launch.chunks = overlap_chunks(M, launch.chunk_rows)
+        launch.chunks = overlap_chunks(M, chunk_rows)
         launch.features = [prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
                                                   rows=r) for r in launch.chunks]
     launch.gemms = launch.events = None
@@ -541,7 +544,7 @@ class LinearLaunch:
         if path == "overlap":
             M, N = self.mn
             launch = self.overlap
-            if launch is None or launch.requested != OVERLAP_CHUNK_ROWS:
+            if launch is None:  # (OVERLAP_CHUNK_ROWS is a plan switch: a new one, a new plan)
                 launch = self.overlap = prepare_overlap(hidden_states, self.spec, *self.dims,
                                                         weight, self.activation)
             feats = launch(hidden_states, weight, bias, out.view(M, N),
