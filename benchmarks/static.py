@@ -39,7 +39,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dc_kernels.ops.path import SPLIT_PARTIAL_STEPS
+from dc_kernels.ops.path import stream_k_program_steps
 
 __all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown"]
 
@@ -189,10 +189,10 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         # last piece reads all of them back (through L2; counted once more through DRAM, as
         # written back: at most one partial per program and tile boundary); the busiest
         # program runs ITERS steps plus a partial store per segment and one sum of PARTS
-        # partials, at SPLIT_PARTIAL_STEPS main-loop steps each (the path rule's cost)
+        # partials (the path rule's own cost, path.stream_k_program_steps)
         pieces = min(P + tiles_m * tiles_n, tiles_m * tiles_n * c["PARTS"])
         partials = pieces * c["BLOCK_M"] * c["BLOCK_N"] * 4
-        steps = a["ITERS"] + (c["SEGMENTS"] + c["PARTS"]) * SPLIT_PARTIAL_STEPS
+        steps = stream_k_program_steps(a["ITERS"], c["SEGMENTS"], c["PARTS"])
         return dict(dram=dram + partials, l2=l2 + 2 * partials, flops=2.0 * M * K * N,
                     program_flops=steps * step)
     if kernel == "_linear_kernel":

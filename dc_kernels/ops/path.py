@@ -18,7 +18,8 @@ from typing import Dict, Optional, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
-           "gemm_stream_k", "stream_k_shape", "gemm_split_gain", "SPLIT_PARTIAL_STEPS"]
+           "gemm_stream_k", "stream_k_shape", "stream_k_program_steps", "gemm_split_gain",
+           "SPLIT_PARTIAL_STEPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: The sm_90 (H100-class) calibration: the default model (the interpreter, no card known).
@@ -148,10 +149,16 @@ def stream_k_shape(tiles: int, k_tiles: int, iters: int) -> Tuple[int, int, int]
     return programs, segments, parts
 
 
-def _stream_k_steps(tiles: int, k_tiles: int, iters: int) -> float:
-    # the busiest program: its steps, a partial store per segment, one sum of a tile's parts
-    _, segments, parts = stream_k_shape(tiles, k_tiles, iters)
+def stream_k_program_steps(iters: int, segments: int, parts: int) -> float:
+    """Main-loop step-equivalents of the busiest program of a stream-K launch: its ``iters``
+    steps, a partial store per segment and one sum of a tile's ``parts`` partials
+    (:data:`SPLIT_PARTIAL_STEPS` each; the static cost model counts the same)."""
     return iters + (segments + parts) * SPLIT_PARTIAL_STEPS
+
+
+def _stream_k_steps(tiles: int, k_tiles: int, iters: int) -> float:
+    _, segments, parts = stream_k_shape(tiles, k_tiles, iters)
+    return stream_k_program_steps(iters, segments, parts)
 
 
 def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
