@@ -201,6 +201,24 @@ LAYOUTS = ("every_other_channel", "channel_window", "transposed_tc", "transposed
            "expanded_batch", "token_stride")
 
 
+def run_gemm_launch_twice(launch, a, w, b):
+    """Two calls of a prepared TMA GEMM launch (``dc_kernels.ops.gemm_tma``) into NaN-poisoned
+    outputs and pre-activations: asserts the same bits both times and every stream-K arrival
+    count back to zero; returns ``(out, pre)`` of the first call."""
+    from dc_kernels.ops import gemm_tma
+    M, N = a.shape[0], w.shape[0]
+    got = []
+    for _ in range(2):
+        out = torch.full((M, N), float("nan"), dtype=a.dtype, device=a.device)
+        pre = torch.full((M, N), float("nan"), dtype=a.dtype, device=a.device)
+        launch(a, w, b, out, pre)
+        got.append((out, pre))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    for counts in gemm_tma._ARRIVALS.values():
+        assert int(counts.abs().sum()) == 0, "a stream-K launch left arrival counts behind"
+    return got[0]
+
+
 # --------------------------------------------------------------------------- hypothesis profiles
 # Chosen with $HYPOTHESIS_PROFILE, else "ci" when $CI is set, else "dev":
 # * ci: derandomized (the same examples every run: CI is reproducible) and sized so that the

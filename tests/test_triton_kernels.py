@@ -23,7 +23,8 @@ from hypothesis import given, settings, strategies as st
 
 import reference
 from conftest import (CUSTOM_SPECS, LAYOUTS, UNIT_ROUNDOFF, accumulation_terms,
-                      assert_close_to_fp64, make_hidden_states, max_abs, strided_layer)
+                      assert_close_to_fp64, make_hidden_states, max_abs, run_gemm_launch_twice,
+                      strided_layer)
 from dc_kernels import ConnectorSpec, dense_connector_features, dense_connector_linear
 from dc_kernels.ops import torch_ops
 from dc_kernels.ops import common, linear as linear_ops, path as path_ops
@@ -430,22 +431,14 @@ def test_stream_k_gemm(monkeypatch, dtype, iters, M, N, K, bias, activation):
     launch = gemm_tma.prepare_gemm_tma(a, w, b, activation, torch.empty(M, N, dtype=dtype,
                                                                         device=DEVICE))
     assert launch.iters == iters
-    outs = []
-    for _ in range(2):
-        out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-        pre = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-        launch(a, w, b, out, pre)
-        outs.append((out, pre))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    for counts in gemm_tma._ARRIVALS.values():
-        assert int(counts.abs().sum()) == 0, "a stream-K launch left arrival counts behind"
+    out, pre = run_gemm_launch_twice(launch, a, w, b)
     a64, w64 = a.double(), w.double()
     b64 = b.double() if b is not None else None
     z = torch.nn.functional.linear(a64, w64, b64)
     y = torch.nn.functional.gelu(z) if activation == "gelu" else z
     rtol, atol = _linear_tolerance(a64, w64, b64, dtype)
-    torch.testing.assert_close(outs[0][0].double(), y, rtol=rtol, atol=atol)
-    torch.testing.assert_close(outs[0][1].double(), z, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.double(), y, rtol=rtol, atol=atol)
+    torch.testing.assert_close(pre.double(), z, rtol=rtol, atol=atol)
 
 
 def test_stream_k_taken_by_the_rule_and_end_to_end(monkeypatch):
