@@ -46,7 +46,7 @@ BUNDLE_SELECTION = Selection(shapes=[SHAPE, "siglip384-4096"], images=[1, 16, 64
 ISSUE3_BYTES_PER_S = 3.0e12
 ISSUE3_FLOP_PER_S = 8.0e14
 _DC_PROVIDERS = ("dc_kernels", "dc_kernels-fused", "dc_kernels-two-pass",
-                 "dc_kernels-overlap")
+                 "dc_kernels-overlap", "dc_kernels-pipelined")
 
 
 @dataclass
@@ -220,7 +220,7 @@ def calibration_update(pairs: List[dict]) -> dict:
     for p in pairs:
         provider = p["row"].rsplit("/", 1)[1]
         path = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
-                "dc_kernels-overlap": "overlap"}.get(provider)
+                "dc_kernels-overlap": "overlap", "dc_kernels-pipelined": "pipelined"}.get(provider)
         if path and p["row"].startswith("linear/"):
             by.setdefault(path, []).append(p["measured_over_estimated"])
     return {k: round(statistics.median(v), 3) for k, v in by.items()}

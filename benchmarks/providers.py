@@ -8,8 +8,9 @@
 * ``dc_kernels``: ``dense_connector_features`` / ``dense_connector_linear`` with
   ``backend="auto"`` (torch on CPU, Triton on CUDA); the connector's second Linear is
   ``F.linear``.
-* ``dc_kernels-fused`` / ``dc_kernels-two-pass`` / ``dc_kernels-overlap`` (CUDA only, ops with
-  a first layer): ``dense_connector_linear(..., backend="triton", path=...)``.
+* ``dc_kernels-fused`` / ``dc_kernels-two-pass`` / ``dc_kernels-overlap`` /
+  ``dc_kernels-pipelined`` (CUDA only, ops with a first layer):
+  ``dense_connector_linear(..., backend="triton", path=...)``.
 * ``dc_kernels-two-pass-nosplit`` (CUDA only, ops with a first layer): the two-pass path with
   the TMA GEMM's stream K turned off (``gemm_tma.STREAM_K_ITERS = -1``): beside
   ``dc_kernels-two-pass`` it measures what stream K (chosen by an estimated rule,
@@ -59,11 +60,12 @@ __all__ = ["PROVIDERS", "QUICK_PROVIDERS", "Prepared", "unavailable_reason", "pr
 
 PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
              "dc_kernels-two-pass", "dc_kernels-two-pass-nosplit", "dc_kernels-overlap",
-             "dc_kernels+cublas",
+             "dc_kernels-pipelined", "dc_kernels+cublas",
              "dc_kernels+graph", "dc_kernels-inline")
 QUICK_PROVIDERS = ("reference", "reference+compile", "dc_kernels")
 _PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
-          "dc_kernels-two-pass-nosplit": "two-pass", "dc_kernels-overlap": "overlap"}
+          "dc_kernels-two-pass-nosplit": "two-pass", "dc_kernels-overlap": "overlap",
+          "dc_kernels-pipelined": "pipelined"}
 _NOSPLIT = "dc_kernels-two-pass-nosplit"
 _CUBLAS = "dc_kernels+cublas"
 _GRAPH = "dc_kernels+graph"

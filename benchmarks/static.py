@@ -39,7 +39,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dc_kernels.ops.path import stream_k_program_steps
+from dc_kernels.ops.path import pipelined_makespan, stream_k_program_steps
 
 __all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown"]
 
@@ -117,6 +117,26 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
         if loop["innermost"]:
             return per_program * math.ceil(a["K"] / c["BLOCK_K"])
         return per_program
+    if kernel == "_gemm_ready_kernel":
+        # pipelined GEMM: whole tiles claimed by ticket (the busiest program: ceil(tiles /
+        # programs)); its own row-tile production runs only while the first wave waits (the
+        # ramp term of estimate_rows), the final reset loop once
+        tiles = math.ceil(a["M"] / c["BLOCK_M"]) * math.ceil(a["N"] / c["BLOCK_N"])
+        per_program = math.ceil(tiles / programs)
+        if loop["mix"].get("tensor"):
+            return per_program * (math.ceil(a["K"] / c["BLOCK_K"]) if loop["innermost"] else 1)
+        if loop["mix"].get("global_load"):  # the ramp's production and waits
+            return 0
+        return 1
+    if kernel == "_features_helper_kernel":
+        # row tiles claimed by ticket: ceil(Q / programs) each, C / BLOCK_C channel tiles per
+        # row tile (the TMA loop)
+        per_program = math.ceil(a["Q"] / programs)
+        if loop["mix"].get("tma") and loop["innermost"]:
+            return per_program * math.ceil(a["C"] / c["BLOCK_C"])
+        if loop["mix"].get("tma"):
+            return per_program
+        return 1
     if kernel == "_sti_features_kernel":
         # each pooled segment runs one group's loop, in the programs that have pooled rows
         active = min(1.0, math.ceil(a["B"] * a["TP"] / c["BLOCK_M"]) / max(1, grid[0]))
@@ -130,10 +150,11 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
 def _inflight_per_cta(kernel: str, build: dict, c: dict, e: int, stats: dict) -> float:
     """Bytes of global loads one CTA keeps in flight."""
     stages = c.get("STAGES", build["num_stages"])
-    if kernel == "_features_tma_kernel":  # TMA ring: (STAGES - 1) tiles of every layer ahead
+    if kernel in ("_features_tma_kernel", "_features_helper_kernel"):
+        # TMA ring: (STAGES - 1) tiles of every layer ahead
         tile = (1 + sum(c["SIZES"])) * c["ROWS"] * c["BLOCK_C"] * e
         return max(1, stages - 1) * tile
-    if kernel == "_gemm_tma_kernel":
+    if kernel in ("_gemm_tma_kernel", "_gemm_ready_kernel"):
         return max(1, stages - 1) * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * e
     if stages > 1 and stats["mix"].get("cp_async"):
         loop = max((lp for lp in stats["loops"] if lp["innermost"]),
@@ -151,6 +172,10 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
     if kernel == "_features_tma_kernel":
         rows = min((a["Q1"] - a["Q0"]) * c["ROWS"], a["B"] * a["T_KEEP"])
         C = a["C"]
+        out = rows * (len(sizes) + 1) * C * e
+        return dict(dram=L * rows * C * e + out, l2=entries * rows * C * e + out, flops=0)
+    if kernel == "_features_helper_kernel":  # every row of A (the GEMM's share: the ramp)
+        rows, C = a["B"] * a["T_KEEP"], a["C"]
         out = rows * (len(sizes) + 1) * C * e
         return dict(dram=L * rows * C * e + out, l2=entries * rows * C * e + out, flops=0)
     if kernel == "_features_kernel":
@@ -171,7 +196,7 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         ga = (M // T) * tk * (len(c["SLAB_SCALE"])) * C * e
         reads = sum(len(s) for s in c["SLABS"]) * (M // T) * tk * C * e
         return dict(dram=ga + n_out * M * C * e, l2=reads + n_out * M * C * e, flops=0)
-    if kernel == "_gemm_tma_kernel":
+    if kernel in ("_gemm_tma_kernel", "_gemm_ready_kernel"):
         M, N, K = a["M"], a["N"], a["K"]
         tiles_n = math.ceil(N / c["BLOCK_N"])
         tiles_m = math.ceil(M / c["BLOCK_M"])
@@ -280,6 +305,7 @@ _SHAPE_NAMES = {("clip336", "dci"): "clip336-4096", ("siglip384", "dci"): "sigli
                 ("clip336", "sti"): "clip336-4096-sti", ("siglip384", "sti"): "siglip384-4096-sti"}
 _PROVIDER = {"features": "dc_kernels", "linear-fused": "dc_kernels-fused",
              "linear-two-pass": "dc_kernels-two-pass", "linear-overlap": "dc_kernels-overlap",
+             "linear-pipelined": "dc_kernels-pipelined",
              "scatter": "dc_kernels"}
 
 
@@ -357,6 +383,9 @@ def estimate_rows(reports: Sequence[dict], arch: int) -> List[Dict[str, Any]]:
             total = under[0] + sum(max(g["seconds"], under[j + 1] if j + 1 < len(under)
                                        else 0.0) for j, g in enumerate(ge))
             row["overlap_features_under_gemm_s"] = under
+        if case.startswith("linear-pipelined") and any(
+                x["kernel"] == "_gemm_ready_kernel" for x in chosen):
+            total = _pipelined_total(row, chosen, rows, gpu, f)
         for x in chosen:
             x.pop("_build", None)
             x.pop("_use", None)
@@ -371,9 +400,40 @@ def estimate_rows(reports: Sequence[dict], arch: int) -> List[Dict[str, Any]]:
             est_s=total, floor_s=floor_s, est_over_floor=total / floor_s if floor_s else None,
             compile_ref_est_s=comp, speedup_vs_compile_est=(comp / total) if comp else None,
             launches=chosen, floor_bytes=fb, floor_flops=ff,
-            **({"overlap_features_under_gemm_s": row["overlap_features_under_gemm_s"]}
-               if "overlap_features_under_gemm_s" in row else {})))
+            **{k: row[k] for k in ("overlap_features_under_gemm_s", "pipelined_ramp_s",
+                                   "pipelined_helper_beside_gemm_s") if k in row}))
     return out
+
+
+def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> float:
+    """The pipelined path (``dc_kernels.ops.pipelined``): the helper's features launch beside
+    the one persistent GEMM launch, whose schedule :func:`dc_kernels.ops.path.pipelined_makespan`
+    replays (the path rule's own): the tiles of the GEMM's estimate (whole tiles, claimed in
+    grouped order), each waiting for its row block -- the first wave's rows produced at this
+    case's ``features/`` row rate (every waiting GEMM program helps), the rest at the helper's
+    estimate beside the GEMM (what one GEMM CTA leaves on every SM)."""
+    gemm = next(x for x in chosen if x["kernel"] == "_gemm_ready_kernel")
+    helper = next((x for x in chosen if x["kernel"] == "_features_helper_kernel"), None)
+    c, a = gemm["_build"]["constexprs"], gemm["_use"]["args"]
+    M, N = a["M"], a["N"]
+    tiles = math.ceil(M / c["BLOCK_M"]) * math.ceil(N / c["BLOCK_N"])
+    one_tile = (gemm["seconds"] - gpu.launch_fixed_s) / max(1, math.ceil(tiles / gemm["programs"]))
+    feats = rows.get(f"features/{row['case'].split('/', 1)[1]}")
+    feats_s = min(x["seconds"] for x in feats["launches"][0]) if feats else helper["seconds"]
+    alone = (feats_s - gpu.launch_fixed_s) / M
+    beside = alone
+    if helper is not None:
+        try:
+            b = estimate_launch(helper["_build"], helper["_use"], gpu, f["dtype"],
+                                beside=gemm["_build"])["seconds"]
+        except ValueError:  # not resident beside the GEMM: it runs as the GEMM's CTAs end
+            b = helper["seconds"] + gemm["seconds"]
+        row["pipelined_helper_beside_gemm_s"] = b
+        beside = (b - gpu.launch_fixed_s) / M
+    row["pipelined_ramp_s"] = alone * min(M, math.ceil(gpu.sms / math.ceil(N / c["BLOCK_N"]))
+                                          * c["BLOCK_M"])
+    return pipelined_makespan(M, N, c["BLOCK_M"], c["BLOCK_N"], c["GROUP_M"], gemm["programs"],
+                              one_tile, alone, beside) + gpu.launch_fixed_s
 
 
 # --------------------------------------------------------------------------- reports
@@ -490,7 +550,7 @@ def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = No
     from dc_kernels.ops import path as path_mod
     target = path or path_mod.CALIBRATION_FILES[arch]
     old: Dict[str, Any] = {"measured_over_estimated": {"fused": 1.0, "two-pass": 1.0,
-                                                       "overlap": 1.0}}
+                                                       "overlap": 1.0, "pipelined": 1.0}}
     if os.path.exists(target):
         with open(target) as f:
             old = json.load(f)

@@ -23,7 +23,7 @@ BACKENDS = ("auto", "torch", "triton")
 #: Environment variable that forces the backend chosen by ``backend="auto"``.
 BACKEND_ENV = "DC_KERNELS_BACKEND"
 ACTIVATIONS = (None, "gelu")
-PATHS = ("auto", "fused", "two-pass", "overlap")
+PATHS = ("auto", "fused", "two-pass", "overlap", "pipelined")
 
 
 def _triton_available() -> bool:
@@ -258,9 +258,14 @@ def column_shard_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
     flags = common.layout_flags(entries, weight)
     limit = 2 ** 31 - 1
     off64 = flags["OFF64"] or M * full_width >= limit or full_width * weight.shape[1] >= limit
+    from .ops import linear
+    from .ops.pipelined import pipelined_eligible
+    pipelinable = linear.PIPELINED and pipelined_eligible(
+        entries, spec, weight, (full_width * base.element_size()) % 16 == 0)
     return choose_linear_path(M, C, full_width, len(spec.used_layers), spec.num_groups + 1,
                               base.element_size(), flags["UNIFORM"], off64,
-                              sti=spec.connector_type == "sti", arch=arch_of(base))
+                              sti=spec.connector_type == "sti", arch=arch_of(base),
+                              pipelined=pipelinable)
 
 
 def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
@@ -273,7 +278,9 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     On the Triton backend the features are built inside the GEMM's K loop (``path="fused"``),
     written once by the features kernel and fed to a GEMM (``path="two-pass"``; a persistent
     TMA kernel on Hopper), or written in row chunks on a side stream while the GEMM consumes
-    the previous chunk (``path="overlap"``); ``path="auto"`` chooses from the shape
+    the previous chunk (``path="overlap"``), or by one features launch running beside one
+    persistent GEMM launch whose tiles wait on their rows' ready counts (``path="pipelined"``;
+    16-bit DCI/SCI on sm_90+); ``path="auto"`` chooses from the shape
     (``dc_kernels.ops.path.choose_linear_path``). Every path computes the same A.
 
     Args:
@@ -282,7 +289,8 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
             device as the hidden states.
         bias: ``[N]`` or None.
         activation: None or ``"gelu"`` (exact erf, as ``nn.GELU()``).
-        path: ``"auto"``, ``"fused"``, ``"two-pass"`` or ``"overlap"`` (Triton backend only).
+        path: ``"auto"``, ``"fused"``, ``"two-pass"``, ``"overlap"`` or ``"pipelined"`` (Triton
+            backend only).
 
     Returns:
         ``[B, spec.out_tokens(T), N]`` in the input dtype; fp32 accumulation; a fresh tensor

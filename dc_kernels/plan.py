@@ -75,15 +75,16 @@ def _switches() -> Tuple:
     # module-level switches of the launchers that change what a plan holds (tests flip them)
     if not _SWITCH_MODULES:
         try:
-            from .ops import common, features, gemm_tma, linear
-            _SWITCH_MODULES.extend((common, features, linear, gemm_tma))
+            from .ops import common, features, gemm_tma, linear, pipelined
+            _SWITCH_MODULES.extend((common, features, linear, gemm_tma, pipelined))
         except ImportError:  # no triton: the torch backend has no switches
             _SWITCH_MODULES.append(None)
     if _SWITCH_MODULES[0] is None:
         return ()
-    common, features, linear, gemm_tma = _SWITCH_MODULES
+    common, features, linear, gemm_tma, pipelined = _SWITCH_MODULES
     return (features.USE_TMA, common.FORCE_OFF64, common.interpreting, common.empty,
-            linear.OVERLAP_CHUNK_ROWS, gemm_tma.STREAM_K_ITERS)
+            linear.OVERLAP_CHUNK_ROWS, gemm_tma.STREAM_K_ITERS, linear.PIPELINED,
+            pipelined.HELPER, pipelined.HELPER_ROW_TILES)
 
 
 def lookup(key: Hashable, build: Callable[[], Any]) -> Any:

@@ -44,7 +44,7 @@ def _replay_with(graph, static, fresh):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("path", ("fused", "two-pass", "overlap"))
+@pytest.mark.parametrize("path", ("fused", "two-pass", "overlap", "pipelined"))
 def test_first_layer_replays_in_a_cuda_graph(path):
     spec = ConnectorSpec.preset("clip", "dci")
     static = _inputs(spec, 4, 577, 64, seed=0)

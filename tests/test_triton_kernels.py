@@ -389,6 +389,83 @@ def test_overlap_on_sti_runs_two_pass():
     _check_linear(hs, spec, w, b, "gelu", "overlap", torch.float32)
 
 
+# --------------------------------------------------------------------------- pipelined path
+def _ready_counts_zero():
+    from dc_kernels.ops import gemm_tma
+    return all(int(buf.abs().sum()) == 0 for buf in gemm_tma._ARRIVALS.values())
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("helper", ("all", "none", "some"))
+@pytest.mark.parametrize("encoder,B,T,C,N", (("siglip", 3, 19, 24, 40), ("clip", 2, 38, 32, 72)))
+def test_pipelined_path_equals_two_pass(monkeypatch, dtype, helper, encoder, B, T, C, N):
+    # the helper writes every row tile ("all"), none ("none": the GEMM's programs produce them
+    # all themselves, the deadlock-free fallback), or three per program ("some": both
+    # producers); row tiles of 4 rows straddle the GEMM's 32-row blocks (T' = 18 or 37 per
+    # image). Same A and same output bits as two-pass (whose GEMM runs whole tiles here),
+    # into NaN-poisoned outputs, and every count back to zero afterwards
+    from dc_kernels.ops import pipelined
+    from dc_kernels import plan
+    monkeypatch.setattr(pipelined, "HELPER", helper != "none")
+    monkeypatch.setattr(pipelined, "HELPER_ROW_TILES", 3 if helper == "some" else 0)
+    plan.clear()
+    calls = _count_calls(monkeypatch, linear_ops, "prepare_pipelined")
+    spec = ConnectorSpec.preset(encoder, "dci")
+    hs = _hs(spec, B, T, C, dtype, seed=50 + B)
+    w, b = _weights(spec, C, N, dtype, seed=51)
+    M, K = B * spec.out_tokens(T), spec.out_channels(C)
+    assert path_ops.gemm_stream_k(math.ceil(M / 32) * math.ceil(N / 32), math.ceil(K / 16),
+                                  3) == 0
+    got = _check_linear(hs, spec, w, b, "gelu", "pipelined", dtype)
+    assert calls, "the pipelined path did not run"
+    two = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="two-pass")
+    assert torch.equal(got, two)
+    assert _ready_counts_zero()
+    # training: A kept and Z stored, both equal to two-pass's
+    out, feats, pre = linear_ops.linear_triton_for_training(
+        hs, spec, B, T, C, w, b, "gelu", path="pipelined", keep_features=True, keep_pre=True)
+    out2, feats2, pre2 = linear_ops.linear_triton_for_training(
+        hs, spec, B, T, C, w, b, "gelu", path="two-pass", keep_features=True, keep_pre=True)
+    assert torch.equal(out, out2) and torch.equal(feats, feats2) and torch.equal(pre, pre2)
+    assert _ready_counts_zero()
+
+
+def test_pipelined_falls_back_where_it_is_not_built():
+    # fp32, STI and weights TMA cannot read run two-pass when "pipelined" is asked for
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = _hs(spec, 2, 21, 24, torch.float32, seed=52)
+    w, b = _weights(spec, 24, 40, torch.float32, seed=53)
+    launch = linear_ops.prepare_linear(hs, spec, 2, 21, 24, w, b, "gelu", path="pipelined")
+    assert launch.path == "two-pass"
+    _check_linear(hs, spec, w, b, "gelu", "pipelined", torch.float32)
+    sti = ConnectorSpec.preset("clip", "sti")
+    hs = _hs(sti, 2, 33, 16, torch.bfloat16, seed=54)
+    w, b = _weights(sti, 16, 24, torch.bfloat16, seed=55)
+    assert linear_ops.prepare_linear(hs, sti, 2, 33, 16, w, b, None,
+                                     path="pipelined").path == "two-pass"
+    _check_linear(hs, sti, w, b, None, "pipelined", torch.bfloat16)
+    # a weight whose rows are not 16-byte multiples (K = 21): no TMA descriptor for it
+    hs = _hs(spec, 2, 21, 7, torch.bfloat16, seed=56)
+    w, b = _weights(spec, 7, 24, torch.bfloat16, seed=57)
+    assert linear_ops.prepare_linear(hs, spec, 2, 21, 7, w, b, None,
+                                     path="pipelined").path == "two-pass"
+    _check_linear(hs, spec, w, b, None, "pipelined", torch.bfloat16)
+
+
+def test_pipelined_makespan():
+    # the schedule replay of the pipelined GEMM: no ramp -> whole tiles over the programs;
+    # a ramp delays it by less than the ramp (programs that start early take more tiles)
+    span = path_ops.pipelined_makespan
+    assert span(1024, 4096, 128, 256, 8, 132, 1.0, 0.0, 0.0) == 1.0  # 128 tiles, 132 programs
+    assert span(9216, 4096, 128, 256, 8, 132, 1.0, 0.0, 0.0) == 9.0  # 1152 tiles: 8.7 waves
+    ramp = 1e-3 * 9 * 128  # the first wave's 9 row blocks
+    ramped = span(9216, 4096, 128, 256, 8, 132, 1.0, 1e-3, 0.0)
+    assert 9.0 < ramped < 9.0 + ramp
+    # a helper slower than the GEMM bounds it: the last row block is ready after all rows
+    slow = span(9216, 4096, 128, 256, 8, 132, 1.0, 1e-3, 1e-2)
+    assert slow >= ramp + 1e-2 * (9216 - 9 * 128)
+
+
 # --------------------------------------------------------------------------- stream-K GEMM
 def test_stream_k_rule():
     rule, shape = path_ops.gemm_stream_k, path_ops.stream_k_shape
@@ -607,6 +684,12 @@ def test_dispatch_rule():
     # many rows: the features pass hides under the GEMM
     assert choose(16 * 576, 1024, 4096, 24, 3, 2) == "overlap"
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, cuda=False) == "two-pass"  # no streams
+    # the pipelined path (where it can run): one GEMM launch instead of chunks, from 2 images
+    # on; one image keeps the two-pass stream-K GEMM
+    assert choose(16 * 576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
+    assert choose(64 * 576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
+    assert choose(576, 1024, 4096, 24, 3, 2, pipelined=True) == "two-pass"
+    assert choose(16 * 576, 1024, 4096, 24, 3, 2, pipelined=True, cuda=False) == "two-pass"
     # SCI (3 layers): beside the GEMM its features keep too few bytes in flight to hide
     assert choose(16 * 576, 1024, 4096, 3, 3, 2) == "two-pass"
     assert choose(64 * 576, 1024, 4096, 3, 3, 2) == "two-pass"
@@ -624,6 +707,8 @@ def test_dispatch_rule():
     # the choice is the smallest estimate among the paths that run
     for M, N in ((576, 128), (576, 4096), (9216, 256), (9216, 4096)):
         t = path_ops.estimate_linear_times(M, 1024, N, 24, 3, 2)
+        assert choose(M, 1024, N, 24, 3, 2, pipelined=True) == min(t, key=t.get)
+        t.pop("pipelined")
         assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
 
 
@@ -656,7 +741,8 @@ def test_path_rule_agrees_with_the_static_report(arch):
         spec = ConnectorSpec.preset(enc, connector)
         M = int(images[:-3]) * tokens
         pick = path_ops.choose_linear_path(M, C, 4096, len(spec.used_layers),
-                                           spec.num_groups + 1, 2, arch=arch)
+                                           spec.num_groups + 1, 2, arch=arch,
+                                           pipelined="pipelined" in t)
         assert t[pick] <= 1.10 * min(t.values()), (case, pick, t)
         checked += 1
     assert checked >= 12

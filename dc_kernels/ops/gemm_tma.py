@@ -311,7 +311,7 @@ def _clone_desc(template, base):
     # TensorDescriptor's validation: ``base`` has the layout the template was validated for
     # (the plan's signature guarantees it). The autotune pre-hook assigns block shapes to the
     # clone, never to the template.
-    desc = _TD.__new__(_TD)
+    desc = object.__new__(type(template))
     desc.__dict__.update(template.__dict__)
     desc.base = base
     return desc
@@ -377,9 +377,7 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      activation: Optional[str], out: torch.Tensor,
                      leave_room: bool = False) -> GemmTmaLaunch:
     """The :class:`GemmTmaLaunch` of these operands (checked eligible, all 2-D)."""
-    global _TD
     from triton.tools.tensor_descriptor import TensorDescriptor
-    _TD = TensorDescriptor
     M, K = a.shape
     N = weight.shape[0]
     allow_tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
@@ -432,9 +430,6 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     launch.site = DirectLaunch(_AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)],
                                grid)
     return launch
-
-
-_TD = None  # triton.tools.tensor_descriptor.TensorDescriptor, imported on first use
 
 
 def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

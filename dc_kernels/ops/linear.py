@@ -28,6 +28,7 @@ from .direct import DirectLaunch
 from .features import features_triton, prepare_features
 from .gemm_tma import arch_of, gemm_tma_eligible, prepare_gemm_tma
 from .path import choose_linear_path, model_for, overlap_chunk_rows
+from .pipelined import pipelined_eligible, prepare_pipelined
 
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
            "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
@@ -352,6 +353,9 @@ def gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: torch.Ten
 #: Overlapped path: rows per chunk; 0 = :func:`dc_kernels.ops.path.overlap_chunk_rows`
 #: (whole GEMM waves per chunk). Tests set it to exercise small and ragged chunks.
 OVERLAP_CHUNK_ROWS = 0
+#: False: the path rule never picks the pipelined path and ``path="pipelined"`` runs two-pass
+#: (a plan switch, like every launcher switch)
+PIPELINED = True
 _SIDE_STREAMS = {}
 
 
@@ -469,7 +473,7 @@ def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activa
     return launch
 
 
-PATHS = ("auto", "fused", "two-pass", "overlap")
+PATHS = ("auto", "fused", "two-pass", "overlap", "pipelined")
 
 
 def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
@@ -484,11 +488,16 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
       sm_90+, cp.async kernel elsewhere) reads it;
     * ``"overlap"``: two-pass in row chunks, the features of chunk j + 1 written on a side
       stream while the GEMM of chunk j runs;
+    * ``"pipelined"``: one features launch (side stream) and one persistent GEMM launch
+      running at once, each GEMM tile waiting on its row block's ready count
+      (:mod:`dc_kernels.ops.pipelined`; 16-bit DCI/SCI with TMA layouts on sm_90+);
     * ``"auto"``: :func:`dc_kernels.ops.path.choose_linear_path`.
 
     A layout the fused kernel is not built for (layers with differing strides, 2^31+ element
-    tensors, STI) runs two-pass when ``"fused"`` is asked for, and STI runs two-pass when
-    ``"overlap"`` is asked for; the result is the same.
+    tensors, STI) runs two-pass when ``"fused"`` is asked for, STI runs two-pass when
+    ``"overlap"`` is asked for, and what the pipelined path is not built for (STI, fp32, layouts
+    TMA cannot read, no sm_90) runs two-pass when ``"pipelined"`` is asked for; the result is
+    the same within the GEMM's bound (bit for bit where neither runs stream K).
     """
     return _linear(hidden_states, spec, batch, tokens, channels, weight, bias, activation, path,
                    False, False)[0]
@@ -530,7 +539,7 @@ class LinearLaunch:
     the first call that runs it (from the real, freshly allocated operands)."""
 
     __slots__ = ("path", "spec", "dims", "activation", "out_shape", "dtype", "device", "index",
-                 "features", "kernel", "gemm", "mn", "overlap")
+                 "features", "kernel", "gemm", "mn", "overlap", "pipelined")
 
     def __call__(self, hidden_states, weight, bias, keep_features=False, keep_pre=False):
         out = common.empty(self.out_shape, self.dtype, self.device)
@@ -541,6 +550,11 @@ class LinearLaunch:
         if path == "fused" and not keep_features:  # (the fused kernel never writes A)
             self.kernel(tuple([hidden_states[i] for i in self.index]), weight, bias, out, pre)
             return out, None, pre
+        if path == "pipelined":
+            M, N = self.mn
+            feats = self.pipelined(hidden_states, weight, bias, out.view(M, N),
+                                   None if pre is None else pre.view(M, N))
+            return out, (feats if keep_features else None), pre
         if path == "overlap":
             M, N = self.mn
             launch = self.overlap
@@ -585,7 +599,7 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     launch.mn = (M, N)
     launch.out_shape = (batch, rows, N)
     launch.dtype, launch.device = base.dtype, base.device
-    launch.gemm = launch.kernel = launch.overlap = None
+    launch.gemm = launch.kernel = launch.overlap = launch.pipelined = None
     launch.features = None  # prepared on the first call that writes A
     if M == 0 or N == 0:
         launch.path = "empty"
@@ -595,18 +609,26 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     flags = common.layout_flags(entries, weight, common.StandIn((M, N), (N, 1)))
     sti = spec.connector_type == "sti"
     fusable = flags["UNIFORM"] and not flags["OFF64"] and not sti
+    pipelinable = PIPELINED and pipelined_eligible(entries, spec, weight,
+                                                   (N * base.element_size()) % 16 == 0)
     if path == "auto":
         path = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
                                   base.element_size(), flags["UNIFORM"], flags["OFF64"], sti=sti,
-                                  cuda=base.device.type == "cuda", arch=arch_of(base))
+                                  cuda=base.device.type == "cuda", arch=arch_of(base),
+                                  pipelined=pipelinable)
     elif path == "fused" and not fusable:
         path = "two-pass"
     elif path == "overlap" and sti:
+        path = "two-pass"
+    elif path == "pipelined" and not pipelinable:
         path = "two-pass"
     launch.path = path
     if path == "fused":
         launch.kernel = prepare_kernel(entries, starts, sizes, M, channels, t_keep,
                                        spec.token_offset, weight, bias, activation, N, flags)
+    elif path == "pipelined":
+        launch.pipelined = prepare_pipelined(hidden_states, spec, batch, tokens, channels,
+                                             weight, bias, activation)
     return launch
 
 

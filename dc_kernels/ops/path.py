@@ -19,6 +19,7 @@ from typing import Dict, Optional, Tuple
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
            "gemm_stream_k", "stream_k_shape", "stream_k_program_steps", "gemm_split_gain",
+           "pipelined_makespan",
            "SPLIT_PARTIAL_STEPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +78,10 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       a features program beside the GEMM keeps proportionally fewer bytes in flight -- one
       tile per layer -- so the efficiency scales down with ``L e``: SCI's 3 layers reach about
       an eighth of DCI's bandwidth there) + a launch per chunk;
+    * ``pipelined`` (one features launch beside one persistent GEMM whose tiles wait on
+      per-row-block ready counts; :mod:`dc_kernels.ops.pipelined`) = its schedule replayed by
+      :func:`pipelined_makespan` (whole tiles, no stream K; the first wave's rows at the
+      features pass's rate, the rest at its rate beside the GEMM) + a launch;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
       N tile (``fused_block_n`` wide; ``fused_block_n_small_groups`` when the slabs average
       at most 4 layers) and W once per 64-row tile, the FLOPs, and the issue cost of
@@ -116,6 +121,17 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
             overlap += max(gemm_of(r, j == chunks - 1), nxt)
     else:
         overlap = two_pass
+    # pipelined: one GEMM launch (whole tiles) whose first wave waits for its rows' features
+    # (produced at the features pass's rate: every program helps while it waits), while the
+    # rest of the features run beside it (their rate beside the GEMM bounds it from below)
+    eff = m["features_efficiency_beside_gemm"] * min(
+        1.0, num_layers_read * e / m["beside_gemm_layer_bytes"])
+    tile_m, tile_n = m["gemm_tile_m"], m["gemm_tile_n"]
+    tiles = math.ceil(M / tile_m) * math.ceil(N / tile_n)
+    one_tile = gemm_of(M, False) / max(1, math.ceil(tiles / m["sms"]))
+    pipelined = pipelined_makespan(M, N, tile_m, tile_n, 8, m["sms"], one_tile, feats_per_row,
+                                   feats_per_row * m["features_efficiency"] / eff) \
+        + m["launch_s"]
     # the fused kernel's N tile: its shared memory holds one A tile per group member, so
     # small groups (SCI's single layers) leave room for wider tiles than DCI's 12-layer groups
     small = num_layers_read <= 4 * num_slabs
@@ -127,7 +143,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
                 2.0 * M * K * N / m["flop_per_s"], rebuild)
     f = m["measured_over_estimated"]
     return {"fused": fused * f.get("fused", 1.0), "two-pass": two_pass * f.get("two-pass", 1.0),
-            "overlap": overlap * f.get("overlap", 1.0)}
+            "overlap": overlap * f.get("overlap", 1.0),
+            "pipelined": pipelined * f.get("pipelined", 1.0)}
 
 
 #: The cost of one fp32 partial tile (written by a range of a split tile, read back by the last
@@ -194,6 +211,39 @@ def gemm_split_gain(M: int, N: int, K: int, model: Optional[Dict] = None) -> flo
     return _stream_k_steps(tiles, k_tiles, iters) / (math.ceil(tiles / m["sms"]) * k_tiles)
 
 
+def pipelined_makespan(M: int, N: int, tile_m: int, tile_n: int, group_m: int, sms: int,
+                       tile_s: float, alone_s_per_row: float, beside_s_per_row: float) -> float:
+    """Seconds of the pipelined path's GEMM launch (:mod:`dc_kernels.ops.pipelined`), its
+    schedule replayed: ``sms`` programs claim the ``tile_m x tile_n`` output tiles in the
+    kernel's grouped order (``group_m`` row tiles per group), each as soon as it is free and
+    the tile's row block is ready (``tile_s`` per tile). Row blocks become ready in row order:
+    those the first wave needs at ``alone_s_per_row`` (every waiting program produces rows
+    with the helper), the rest at ``beside_s_per_row`` (the helper alone beside the GEMM)."""
+    import heapq
+    pm, pn = math.ceil(M / tile_m), math.ceil(N / tile_n)
+    first_blocks = min(pm, math.ceil(sms / pn))
+    ramp_end = alone_s_per_row * min(M, first_blocks * tile_m)
+
+    def ready(r: int) -> float:
+        rows = min(M, (r + 1) * tile_m)
+        if r < first_blocks:
+            return alone_s_per_row * rows
+        return ramp_end + beside_s_per_row * (rows - first_blocks * tile_m)
+
+    free = [0.0] * min(sms, pm * pn)
+    heapq.heapify(free)
+    end = 0.0
+    per_group = group_m * pn
+    for t in range(pm * pn):
+        first = (t // per_group) * group_m
+        size = min(pm - first, group_m)
+        r = first + (t % per_group) % size
+        start = max(heapq.heappop(free), ready(r))
+        heapq.heappush(free, start + tile_s)
+        end = max(end, start + tile_s)
+    return end
+
+
 def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:
     """Rows per chunk of the overlapped path: the fewest whole GEMM row tiles (of the
     calibration's ``gemm_tile_m`` x ``gemm_tile_n``) whose tiles fill the SMs' waves to at
@@ -214,8 +264,10 @@ def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
                        element_size: int, uniform: bool = True, off64: bool = False,
-                       sti: bool = False, cuda: bool = True, arch: Optional[int] = None) -> str:
-    """Pick ``"fused"``, ``"two-pass"`` or ``"overlap"``: the smallest estimate that runs.
+                       sti: bool = False, cuda: bool = True, arch: Optional[int] = None,
+                       pipelined: bool = False) -> str:
+    """Pick ``"fused"``, ``"two-pass"``, ``"overlap"`` or ``"pipelined"``: the smallest
+    estimate that runs.
 
     The fused kernel saves the features' DRAM round trip and a launch, but rebuilds each row
     tile's features once per N tile, so its issue and L2 cost grow with ``N / fused_block_n``:
@@ -226,6 +278,8 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     layer (1.25x for the presets), cheap to write and re-read, while building a pooled row
     inside the GEMM would re-read ``pool`` tokens of every group member per N tile.
     ``arch``: the card's SM version (:func:`model_for` picks its calibration).
+    ``pipelined``: the pipelined path can run (:func:`dc_kernels.ops.pipelined.pipelined_eligible`;
+    it also needs CUDA streams).
     """
     if sti:
         return "two-pass"
@@ -235,4 +289,6 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
         t.pop("fused")
     if not cuda or math.ceil(M / overlap_chunk_rows(M, N, model)) < 2:
         t.pop("overlap")
+    if not cuda or not pipelined:
+        t.pop("pipelined")
     return min(t, key=t.get)

@@ -405,7 +405,8 @@ def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
                     cases.append(Case(f"features/{base}", "benchmark",
                                       lambda hs=hs, spec=spec: _features_call(hs(), spec),
                                       dict(facts, op="features")))
-                    paths = ("two-pass",) if ct == "sti" else ("fused", "two-pass", "overlap")
+                    paths = ("two-pass",) if ct == "sti" else ("fused", "two-pass", "overlap",
+                                                               "pipelined")
                     for path in paths:
                         cases.append(Case(
                             f"linear-{path}/{base}", "benchmark",
@@ -453,7 +454,7 @@ def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
                 weight=torch.empty(3072, 4096, dtype=dtype).t()),
             dict(op="linear", layout="weight-transposed", dtype=dt)))
         # training launches (STORE_PRE): frozen and trainable ViT
-        for path in ("fused", "two-pass", "overlap"):
+        for path in ("fused", "two-pass", "overlap", "pipelined"):
             for vit in ("frozen", "trainable"):
                 if vit == "trainable" and path != "fused":
                     continue  # the other paths run the frozen ViT's launches

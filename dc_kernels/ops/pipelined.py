@@ -1,0 +1,375 @@
+"""The pipelined first layer: one features launch and one GEMM launch running at once, the
+GEMM's tiles waiting on per-row-block ready counts instead of on a stream boundary.
+
+The overlapped path (:class:`.linear.OverlapLaunch`) hides the features pass under the GEMM in
+row chunks, but pays the first chunk's features alone and one GEMM launch per chunk (a whole
+wave each, its tail, its fixed cost). Here the whole GEMM is one persistent launch:
+
+* ``_features_helper_kernel`` (side stream, one program per SM beside the GEMM's CTAs, the
+  TMA features kernel's tile body): each program claims features row tiles by ticket (an
+  atomic counter: tiles are produced in row order), writes every slab of that row tile of A
+  and *publishes* it: a CTA barrier, then a ``release`` add on the ready count of each GEMM
+  row block the tile's rows fall in.
+* ``_gemm_ready_kernel`` (current stream, persistent, the Hopper TMA GEMM's K loop and
+  epilogue): each program claims output tiles by ticket, in the grouped order, and before a
+  tile's K loop waits until its row block's ready count reaches the number of features row
+  tiles overlapping it (an ``acquire`` load), then issues ``fence.proxy.async.global`` (A was
+  written by generic stores of other SMs and is read by TMA, the async proxy) and runs the
+  tile.
+
+No wait can depend on a program that has not started: a GEMM program that finds its row block
+not ready and some of its row tiles *not yet claimed* claims the next row tile itself and
+produces it (pointer loads, the features kernel's tile body) instead of spinning; it spins
+only once every row tile of its block has been claimed -- by running programs, which finish
+without waiting on anything. So the GEMM completes even if the helper never becomes resident
+(and under the interpreter, which runs programs one after another). Results are deterministic:
+every row of A is the features kernel's, bit for bit, whoever writes it; every output tile is
+the TMA GEMM's whole-tile K loop and epilogue.
+
+The counts live in the per-(device, stream) zeroed int32 buffer of the stream-K arrivals
+(:func:`.gemm_tma._arrivals`): ``[0]`` the row-tile ticket, ``[1]`` the output-tile ticket,
+``[2]`` GEMM programs done, ``[3]`` helper programs done, ``[4 + r]`` row block r's ready
+count. The GEMM's last program waits for every helper program to have finished (the helper
+never waits on the GEMM, and starts once SMs free up), then zeroes them all, so the buffer is
+zero again for the next launch on the stream.
+
+16-bit operands only (the 128 x 256 tiles of the overlapped path's GEMM); sm_90+ with TMA
+layouts, or the interpreter. :func:`pipelined_eligible` says when it applies;
+:func:`prepare_pipelined` prepares a launch. ``docs/DESIGN.md`` §5.2.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .direct import DirectLaunch
+from .features import _layer_descs, _ldg_tile, _tma_tile
+from .gemm_tma import _k_range, _tile_epilogue, _tile_origin
+
+__all__ = ["pipelined_eligible", "prepare_pipelined", "PipelinedLaunch", "HELPER",
+           "HELPER_ROW_TILES", "PRODUCE_C", "PRODUCE_C_INTERPRET"]
+
+#: ``[0]`` row-tile ticket, ``[1]`` output-tile ticket, ``[2]`` GEMM programs done, ``[3]``
+#: helper programs done; the ready counts follow
+_HEAD = 4
+
+
+@triton.jit
+def _fence_proxy_async(THREADS: tl.constexpr):
+    # every thread: order its view of generic-proxy writes (acquired from other SMs) before its
+    # later async-proxy (TMA) reads of the same global memory
+    tl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, $1;", "=r,r",
+                              [tl.arange(0, THREADS)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _row_tile_rows(q, T_KEEP, PER_IMAGE, ROWS: tl.constexpr):
+    # features row tile q: its image, first token, and rows [r0, r1) of A (tiles never
+    # straddle images: PER_IMAGE = cdiv(T', ROWS) per image)
+    b = q // PER_IMAGE
+    t0 = (q % PER_IMAGE) * ROWS
+    r0 = b * T_KEEP + t0
+    r1 = b * T_KEEP + tl.minimum(T_KEEP, t0 + ROWS)
+    return b, t0, r0, r1
+
+
+@triton.jit
+def _row_tile_of(row, T_KEEP, PER_IMAGE, ROWS: tl.constexpr):
+    # the features row tile holding row ``row`` of A
+    return (row // T_KEEP) * PER_IMAGE + (row % T_KEEP) // ROWS
+
+
+@triton.jit
+def _publish(state, r0, r1, BLOCK_M: tl.constexpr):
+    # every thread's stores of the row tile happen before the barrier; one thread's release
+    # add per GEMM row block the rows [r0, r1) fall in (at most two) makes them visible with it
+    tl.debug_barrier()
+    blk0 = r0 // BLOCK_M
+    blk1 = (r1 - 1) // BLOCK_M
+    tl.atomic_add(state + 4 + blk0, 1, sem="release", scope="gpu")
+    if blk1 != blk0:
+        tl.atomic_add(state + 4 + blk1, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _features_helper_kernel(
+    layers, stride_b, stride_t,  # tuples: every layer [B, T, C] with unit channel stride
+    out, stride_om,  # A [B*T', (G+1)*C], unit channel stride
+    state,  # int32 counts (see the module docstring)
+    B, T, C, T_KEEP, Q,  # Q: features row tiles, B * cdiv(T', ROWS)
+    LIMIT,  # row tiles one program may claim (tests: leave some to the GEMM)
+    TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
+    OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+):
+    descs = _layer_descs(layers, stride_b, stride_t, B, T, C, ROWS, BLOCK_C)
+    per_image = tl.cdiv(T_KEEP, ROWS)
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    taken = 0
+    q = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
+    while q < Q:
+        b = q // per_image
+        t0 = (q % per_image) * ROWS
+        o_r = t0 + tl.arange(0, ROWS)
+        if OFF64:
+            o_row = b.to(tl.int64) * T_KEEP + o_r
+        else:
+            o_row = b * T_KEEP + o_r
+        m_r = o_r < T_KEEP
+        for ct in tl.range(0, c_tiles, num_stages=STAGES):
+            o_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = m_r[:, None] & (o_c < C)[None, :]
+            p_out = out + o_row[:, None] * stride_om + o_c[None, :]
+            _tma_tile(descs, p_out, b, TOK0 + t0, ct * BLOCK_C, mask, C, STARTS, SIZES,
+                      EMULATE_RNE, ROWS, BLOCK_C)
+        _, _, r0, r1 = _row_tile_rows(q, T_KEEP, per_image, ROWS)  # (fewer live registers)
+        _publish(state, r0, r1, BLOCK_M)
+        taken += 1
+        q = Q  # a claimed row tile is always produced: claim only while allowed to
+        if taken < LIMIT:
+            q = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
+    # this program touches nothing more: the GEMM's last program may reset the counts
+    tl.atomic_add(state + 3, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _produce_row_tile(q, layers, stride_b, stride_t, stride_c, out, stride_om, state, C,
+                      T_KEEP, PER_IMAGE, TOK0: tl.constexpr, STARTS: tl.constexpr,
+                      SIZES: tl.constexpr, UNIFORM: tl.constexpr, OFF64: tl.constexpr,
+                      EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr, PRODUCE_C: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    # a GEMM program's own production of row tile q (pointer loads, the features kernel's
+    # tile body: the same sums in the same order as the helper's), then its publication
+    b, t0, r0, r1 = _row_tile_rows(q, T_KEEP, PER_IMAGE, ROWS)
+    o_t = t0 + tl.arange(0, ROWS)
+    m_t = o_t < T_KEEP
+    if OFF64:
+        o_row = b.to(tl.int64) * T_KEEP + o_t
+    else:
+        o_row = b * T_KEEP + o_t
+    for c0 in range(0, C, PRODUCE_C):
+        o_c = c0 + tl.arange(0, PRODUCE_C)
+        mask = m_t[:, None] & (o_c < C)[None, :]
+        p_out = out + o_row[:, None] * stride_om + o_c[None, :]
+        _ldg_tile(layers, stride_b, stride_t, stride_c, p_out, b, o_t + TOK0, o_c, mask, C,
+                  STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C)
+    _publish(state, r0, r1, BLOCK_M)
+
+
+@triton.jit
+def _gemm_ready_kernel(
+    a_desc, w_desc, o_desc, p_desc,  # A [M, K], W [N, K], out and pre [M, N]: TMA descriptors
+    bias,
+    state,  # int32 counts (see the module docstring)
+    layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
+    feats, stride_am,  # A again, for the program's own row tiles (pointer stores)
+    M, N, K, C, T_KEEP, Q,
+    HELPERS,  # programs of the helper launch (0: none was launched)
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr, UNIFORM: tl.constexpr,
+    OFF64: tl.constexpr, ROWS: tl.constexpr, PRODUCE_C: tl.constexpr,
+    FENCE: tl.constexpr, THREADS: tl.constexpr, R_BLOCK: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    per_image = tl.cdiv(T_KEEP, ROWS)
+    tile = tl.atomic_add(state + 1, 1, sem="relaxed", scope="gpu")
+    while tile < num_tiles:
+        o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
+        blk = o_am // BLOCK_M
+        last = _row_tile_of(tl.minimum(M, o_am + BLOCK_M) - 1, T_KEEP, per_image, ROWS)
+        need = last - _row_tile_of(o_am, T_KEEP, per_image, ROWS) + 1
+        seen = tl.atomic_add(state + 4 + blk, 0, sem="acquire", scope="gpu")
+        while seen < need:
+            # a row tile of this block nobody has claimed: produce one (the next in ticket
+            # order) instead of waiting on a program that may not have started
+            if tl.atomic_add(state, 0, sem="relaxed", scope="gpu") <= last:
+                q = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
+                if q < Q:
+                    _produce_row_tile(q, layers, stride_b, stride_t, stride_c, feats,
+                                      stride_am, state, C, T_KEEP, per_image, TOK0, STARTS,
+                                      SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C,
+                                      BLOCK_M)
+            seen = tl.atomic_add(state + 4 + blk, 0, sem="acquire", scope="gpu")
+        if FENCE:
+            _fence_proxy_async(THREADS)
+        b_acc = _k_range(a_desc, w_desc, o_am, o_wn, 0, k_tiles, DOT_FP32, INPUT_PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_K)
+        _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                       STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+        tile = tl.atomic_add(state + 1, 1, sem="relaxed", scope="gpu")
+    # the last program out waits for the helper's programs to be done, then leaves every count
+    # zero for the next launch on this stream
+    tl.debug_barrier()
+    done = tl.atomic_add(state + 2, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:
+        while tl.atomic_add(state + 3, 0, sem="acquire", scope="gpu") < HELPERS:
+            pass
+        for r0 in range(0, num_pid_m + 4, R_BLOCK):
+            o_r = r0 + tl.arange(0, R_BLOCK)
+            tl.atomic_xchg(state + o_r, 0, mask=o_r < num_pid_m + 4, sem="relaxed",
+                           scope="gpu")
+
+
+# --------------------------------------------------------------------------- launcher
+#: Module switches (tests): ``HELPER`` False launches no helper (the GEMM produces every row
+#: tile itself); ``HELPER_ROW_TILES`` > 0 caps the row tiles each helper program claims.
+HELPER = True
+HELPER_ROW_TILES = 0
+#: Channels per step of a GEMM program's own row-tile production (8 warps over 8 x 256: one
+#: 16-byte load per thread and layer); the interpreter's
+PRODUCE_C = 256
+PRODUCE_C_INTERPRET = 16
+
+
+#: Register caps (``maxnreg``) that keep one helper CTA resident beside every GEMM CTA: 8 GEMM
+#: warps x 224 + 2 helper warps x 128 = the SM's 65,536 registers (without them the GEMM
+#: builds with 232 and the helper with up to 147: the helper would wait for SMs the GEMM frees).
+GEMM_MAXNREG = 216
+HELPER_MAXNREG = 160
+
+
+def _regs(cap: int) -> dict:
+    return {} if common.interpreting() else {"maxnreg": cap}
+
+
+def _configs():
+    from .features import FEATURES_TMA_CONFIG_BESIDE, FEATURES_TMA_CONFIG_INTERPRET
+    from .gemm_tma import GEMM_TMA_CONFIG_INTERPRET, GEMM_TMA_CONFIGS_OVERLAP
+    if common.interpreting():
+        return GEMM_TMA_CONFIG_INTERPRET, FEATURES_TMA_CONFIG_INTERPRET, PRODUCE_C_INTERPRET
+    return GEMM_TMA_CONFIGS_OVERLAP[0], FEATURES_TMA_CONFIG_BESIDE, PRODUCE_C
+
+
+def pipelined_eligible(entries, spec, weight: torch.Tensor, out2d_layout_ok: bool) -> bool:
+    """Whether the pipelined path can run: a DCI/SCI spec, 16-bit operands, the TMA features
+    kernel's layer layout and the TMA GEMM's (sm_90+ or the interpreter)."""
+    from .features import features_tma_eligible
+    from .gemm_tma import _tma_layout_ok
+    base = entries[0]
+    return (spec.connector_type != "sti" and base.element_size() == 2
+            and weight.dtype == base.dtype and out2d_layout_ok
+            and features_tma_eligible(entries, base.device) and _tma_layout_ok(weight))
+
+
+class PipelinedLaunch:
+    """The pipelined path prepared for one input signature (see the module docstring):
+    constants, grids, descriptor templates. ``launch(hidden_states, weight, bias, out2d,
+    pre2d=None)`` allocates A, launches the helper (side stream) and the GEMM (current
+    stream), and returns A."""
+
+    __slots__ = ("shape", "dtype", "device", "index", "helper_args", "helper_meta",
+                 "helper_site", "helpers", "gemm_tail", "gemm_meta", "gemm_meta_pre",
+                 "gemm_site", "templates", "bias_copy", "state_len")
+
+    def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
+        from .features import _ensure_allocator
+        from .gemm_tma import _arrivals, _clone_desc
+        feats = common.empty(self.shape, self.dtype, self.device)
+        a2 = feats.view(-1, self.shape[-1])
+        entries = tuple([hidden_states[i] for i in self.index])
+        state = _arrivals(a2, self.state_len)  # zero; the GEMM's last program re-zeroes it
+        if bias is not None and self.bias_copy:
+            bias = bias.contiguous()
+        ta, tw, to, tp = self.templates
+        gemm_args = (_clone_desc(ta, a2), _clone_desc(tw, weight), _clone_desc(to, out2d),
+                     _clone_desc(tp, pre2d if pre2d is not None else out2d),
+                     bias if bias is not None else out2d, state, entries,
+                     *self.gemm_tail[:3], a2, *self.gemm_tail[3:])
+        meta = self.gemm_meta if pre2d is None else self.gemm_meta_pre
+        cuda = self.device.type == "cuda"
+        if self.helpers:
+            _ensure_allocator()
+            helper_args = (entries, *self.helper_args[:2], a2, *self.helper_args[2:3], state,
+                           *self.helper_args[3:])
+        if not cuda:  # the interpreter: the helper's programs, then the GEMM's
+            if self.helpers:
+                self.helper_site(helper_args, self.helper_meta)
+            self.gemm_site(gemm_args, meta)
+            return feats
+        from .linear import _side_stream
+        main = torch.cuda.current_stream(self.device)
+        if self.helpers:
+            side = _side_stream(self.device)
+            side.wait_stream(main)  # the hidden states and the zeroed counts are ready
+            with torch.cuda.stream(side):
+                self.helper_site(helper_args, self.helper_meta)
+        self.gemm_site(gemm_args, meta)
+        if self.helpers:
+            # (the GEMM's last program already waited for the helper's: this only tells the
+            # caching allocator, A being allocated on ``main``)
+            main.wait_stream(side)
+        return feats
+
+
+def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: int,
+                      weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      activation: Optional[str]) -> PipelinedLaunch:
+    """The :class:`PipelinedLaunch` of these (validated, :func:`pipelined_eligible`) inputs."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from .gemm_tma import INTERPRET_SMS, _num_sms, _set_blocks
+    from .features import INTERPRET_PROGRAMS
+    base = hidden_states[spec.final_layer]
+    interp = common.interpreting()
+    gcfg, fcfg, produce_c = _configs()
+    g = gcfg.all_kwargs()
+    t_keep = spec.tokens_kept(tokens)
+    width = spec.out_channels(channels)
+    M, N = batch * t_keep, weight.shape[0]
+    launch = PipelinedLaunch()
+    launch.shape = (batch, t_keep, width)
+    launch.dtype, launch.device = base.dtype, base.device
+    entries, starts, sizes = common.layer_entries(hidden_states, spec)
+    launch.index = common.entry_indices(spec)
+    sb, st, sc = common.strides(entries)
+    flags = common.layout_flags(entries, weight, common.StandIn((M, N), (N, 1)),
+                                common.StandIn((batch, t_keep, width), (t_keep * width, width, 1)))
+    rows = fcfg["ROWS"]
+    Q = batch * triton.cdiv(t_keep, rows)
+    sms = INTERPRET_SMS if interp else _num_sms(base.device.index or 0)
+    tiles = triton.cdiv(M, g["BLOCK_M"]) * triton.cdiv(N, g["BLOCK_N"])
+    launch.state_len = _HEAD + triton.cdiv(M, g["BLOCK_M"])
+    # descriptors: stand-ins of the operands' layout (the calls' tensors replace the bases)
+    like = torch.empty((8,), dtype=base.dtype, device=base.device)  # (an aligned base)
+    ta = TensorDescriptor(like, [M, width], [width, 1], [g["BLOCK_M"], g["BLOCK_K"]])
+    tw = TensorDescriptor.from_tensor(weight, [g["BLOCK_N"], g["BLOCK_K"]])
+    to = TensorDescriptor(like, [M, N], [N, 1], [g["BLOCK_M"], g["BLOCK_N"]])
+    tp = TensorDescriptor(like, [M, N], [N, 1], [g["BLOCK_M"], g["BLOCK_N"]])
+    _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **g))
+    for t in (ta, tw, to, tp):
+        t.base = None  # a plan must not keep tensors alive (the calls' clones set it)
+    launch.templates = (ta, tw, to, tp)
+    launch.bias_copy = bias is not None and bias.stride(0) != 1
+    allow_tf32 = False  # 16-bit operands only (pipelined_eligible)
+    launch.helpers = (INTERPRET_PROGRAMS if interp else sms) if HELPER else 0
+    launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers)
+    launch.gemm_meta = dict(
+        HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=False,
+        EMULATE_RNE=flags["EMULATE_RNE"], DOT_FP32=interp,
+        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"],
+        SPLIT_EPILOGUE=g["SPLIT_EPILOGUE"], TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
+        UNIFORM=flags["UNIFORM"], OFF64=flags["OFF64"], ROWS=rows, PRODUCE_C=produce_c,
+        FENCE=not interp, THREADS=32 * gcfg.num_warps, R_BLOCK=256,
+        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **_regs(GEMM_MAXNREG))
+    launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True)
+    launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (min(sms, tiles),))
+    launch.helper_args = (sb, st, width, batch, tokens, channels, t_keep, Q,
+                          HELPER_ROW_TILES if HELPER_ROW_TILES > 0 else 2 ** 31 - 1)
+    launch.helper_meta = dict(
+        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, OFF64=flags["OFF64"],
+        EMULATE_RNE=flags["EMULATE_RNE"], ROWS=rows, BLOCK_C=fcfg["BLOCK_C"],
+        BLOCK_M=g["BLOCK_M"], STAGES=fcfg["STAGES"], num_warps=fcfg["num_warps"],
+        **_regs(HELPER_MAXNREG))
+    launch.helper_site = DirectLaunch(_features_helper_kernel, (max(1, launch.helpers),))
+    return launch
