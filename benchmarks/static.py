@@ -383,8 +383,9 @@ def estimate_rows(reports: Sequence[dict], arch: int) -> List[Dict[str, Any]]:
             total = under[0] + sum(max(g["seconds"], under[j + 1] if j + 1 < len(under)
                                        else 0.0) for j, g in enumerate(ge))
             row["overlap_features_under_gemm_s"] = under
-        if case.startswith("linear-pipelined") and any(
-                x["kernel"] == "_gemm_ready_kernel" for x in chosen):
+        if case.startswith("linear-pipelined"):
+            if not any(x["kernel"] == "_gemm_ready_kernel" for x in chosen):
+                continue  # not built for this card (sm_80 runs two-pass for it)
             total = _pipelined_total(row, chosen, rows, gpu, f)
         for x in chosen:
             x.pop("_build", None)

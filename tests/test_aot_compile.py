@@ -66,8 +66,8 @@ def test_shared_memory_within_each_architecture(reports):
 
 def test_tensor_core_gemms_use_wgmma_on_hopper(reports):
     for r in reports:
-        if "error" in r or r["arch"] < 90 or r["kernel"] not in ("_linear_kernel",
-                                                                 "_gemm_tma_kernel"):
+        if "error" in r or r["arch"] < 90 or r["kernel"] not in (
+                "_linear_kernel", "_gemm_tma_kernel", "_gemm_ready_kernel"):
             continue
         dtypes = {u["facts"].get("dtype") for u in r["uses"]}
         tf32 = r["constexprs"].get("INPUT_PRECISION") == "tf32"
@@ -102,6 +102,27 @@ def test_one_image_gemm_runs_stream_k_on_hopper(reports):
                      u["args"]["ITERS"]))
     assert shapes["linear-two-pass/clip336-dci-1img-bf16"] == {(2, 3, 30)}
     assert {s[0] for s in shapes["linear-two-pass/clip336-dci-16img-bf16"]} == {0}
+
+
+def test_pipelined_helper_fits_beside_its_gemm_on_hopper(reports):
+    # the pipelined path's two launches share every SM: 8 GEMM warps and 2 helper warps within
+    # the register file (allocated per warp in 256-register units) and shared memory (1 KiB
+    # reserved per CTA), for every benchmark case that runs them; sm_80 never builds them
+    from benchmarks.static import GPUS, occupancy
+    by_case = {}
+    for r in reports:
+        if r.get("kernel") in ("_gemm_ready_kernel", "_features_helper_kernel") \
+                and "error" not in r:
+            assert r["arch"] == 90
+            for u in r["uses"]:
+                by_case.setdefault(u["case"], {})[r["kernel"]] = r
+    assert any(c.startswith("linear-pipelined/clip336-dci-16img") for c in by_case)
+    for case, ks in by_case.items():
+        gemm, helper = ks["_gemm_ready_kernel"], ks.get("_features_helper_kernel")
+        assert occupancy(gemm["registers"], gemm["shared"], gemm["num_warps"], GPUS[90]) >= 1
+        if helper is not None:
+            assert occupancy(helper["registers"], helper["shared"], helper["num_warps"],
+                             GPUS[90], beside=gemm) >= 1, case
 
 
 def test_shared_memory_bound_of_the_pruner_holds(reports):

@@ -237,6 +237,9 @@ PRODUCE_C_INTERPRET = 16
 #: builds with 232 and the helper with up to 147: the helper would wait for SMs the GEMM frees).
 GEMM_MAXNREG = 216
 HELPER_MAXNREG = 160
+#: The same for training launches (the epilogue also stores Z: triton 3.6 spills at 216)
+GEMM_MAXNREG_PRE = 224
+HELPER_MAXNREG_PRE = 128
 
 
 def _regs(cap: int) -> dict:
@@ -269,7 +272,8 @@ class PipelinedLaunch:
     stream), and returns A."""
 
     __slots__ = ("shape", "dtype", "device", "index", "helper_args", "helper_meta",
-                 "helper_site", "helpers", "gemm_tail", "gemm_meta", "gemm_meta_pre",
+                 "helper_meta_pre", "helper_site", "helpers", "gemm_tail", "gemm_meta",
+                 "gemm_meta_pre",
                  "gemm_site", "templates", "bias_copy", "state_len")
 
     def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
@@ -287,6 +291,7 @@ class PipelinedLaunch:
                      bias if bias is not None else out2d, state, entries,
                      *self.gemm_tail[:3], a2, *self.gemm_tail[3:])
         meta = self.gemm_meta if pre2d is None else self.gemm_meta_pre
+        helper_meta = self.helper_meta if pre2d is None else self.helper_meta_pre
         cuda = self.device.type == "cuda"
         if self.helpers:
             _ensure_allocator()
@@ -294,7 +299,7 @@ class PipelinedLaunch:
                            *self.helper_args[3:])
         if not cuda:  # the interpreter: the helper's programs, then the GEMM's
             if self.helpers:
-                self.helper_site(helper_args, self.helper_meta)
+                self.helper_site(helper_args, helper_meta)
             self.gemm_site(gemm_args, meta)
             return feats
         from .linear import _side_stream
@@ -303,7 +308,7 @@ class PipelinedLaunch:
             side = _side_stream(self.device)
             side.wait_stream(main)  # the hidden states and the zeroed counts are ready
             with torch.cuda.stream(side):
-                self.helper_site(helper_args, self.helper_meta)
+                self.helper_site(helper_args, helper_meta)
         self.gemm_site(gemm_args, meta)
         if self.helpers:
             # (the GEMM's last program already waited for the helper's: this only tells the
@@ -362,7 +367,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         UNIFORM=flags["UNIFORM"], OFF64=flags["OFF64"], ROWS=rows, PRODUCE_C=produce_c,
         FENCE=not interp, THREADS=32 * gcfg.num_warps, R_BLOCK=256,
         num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **_regs(GEMM_MAXNREG))
-    launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True)
+    launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True, **_regs(GEMM_MAXNREG_PRE))
     launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (min(sms, tiles),))
     launch.helper_args = (sb, st, width, batch, tokens, channels, t_keep, Q,
                           HELPER_ROW_TILES if HELPER_ROW_TILES > 0 else 2 ** 31 - 1)
@@ -371,5 +376,6 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         EMULATE_RNE=flags["EMULATE_RNE"], ROWS=rows, BLOCK_C=fcfg["BLOCK_C"],
         BLOCK_M=g["BLOCK_M"], STAGES=fcfg["STAGES"], num_warps=fcfg["num_warps"],
         **_regs(HELPER_MAXNREG))
+    launch.helper_meta_pre = dict(launch.helper_meta, **_regs(HELPER_MAXNREG_PRE))
     launch.helper_site = DirectLaunch(_features_helper_kernel, (max(1, launch.helpers),))
     return launch
