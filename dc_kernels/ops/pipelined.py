@@ -355,13 +355,12 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         t.base = None  # a plan must not keep tensors alive (the calls' clones set it)
     launch.templates = (ta, tw, to, tp)
     launch.bias_copy = bias is not None and bias.stride(0) != 1
-    allow_tf32 = False  # 16-bit operands only (pipelined_eligible)
     launch.helpers = (INTERPRET_PROGRAMS if interp else sms) if HELPER else 0
     launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers)
     launch.gemm_meta = dict(
         HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=False,
         EMULATE_RNE=flags["EMULATE_RNE"], DOT_FP32=interp,
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        INPUT_PRECISION="ieee",  # 16-bit operands only (pipelined_eligible)
         BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"],
         SPLIT_EPILOGUE=g["SPLIT_EPILOGUE"], TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
         UNIFORM=flags["UNIFORM"], OFF64=flags["OFF64"], ROWS=rows, PRODUCE_C=produce_c,
