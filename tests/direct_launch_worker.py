@@ -194,6 +194,12 @@ def cases():
     hs4c = hs_of(clip, images=4, layout="channel_stride")  # LDG features chunks
     call, extra = linear_case(clip, hs4c, 4096, "overlap")
     out.append((90, "linear overlap, LDG features chunks", hs4c, call, extra))
+    # the pipelined path: the helper (side stream) and the ready-count GEMM, both variants
+    call, extra = linear_case(clip, hs4, 4096, "pipelined")
+    out.append((90, "linear pipelined, helper and ready GEMM", hs4, call, extra))
+    call, extra = prepared_case(clip, hs4, 4096, "pipelined",
+                                dict(keep_features=True, keep_pre=True))
+    out.append((90, "linear pipelined training (keep A and Z) and inference", hs4, call, extra))
     hs32 = hs_of(clip, tokens=65, channels=128, dtype=torch.float32)
     call, extra = linear_case(clip, hs32, 256, "two-pass", dtype=torch.float32)
     out.append((90, "linear two-pass fp32 (cp.async GEMM)", hs32, call, extra))
