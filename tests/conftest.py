@@ -201,6 +201,18 @@ LAYOUTS = ("every_other_channel", "channel_window", "transposed_tc", "transposed
            "expanded_batch", "token_stride")
 
 
+def nan_empty(shape, dtype, device):
+    """Stands in for ``dc_kernels.ops.common.empty`` (every buffer the kernels' launchers
+    allocate): NaN-filled, so an element a kernel does not write cannot pass a comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def poison_outputs(monkeypatch) -> None:
+    """Makes every kernel output of the test start as NaN (:func:`nan_empty`)."""
+    from dc_kernels.ops import common
+    monkeypatch.setattr(common, "empty", nan_empty)
+
+
 def run_gemm_launch_twice(launch, a, w, b):
     """Two calls of a prepared TMA GEMM launch (``dc_kernels.ops.gemm_tma``) into NaN-poisoned
     outputs and pre-activations: asserts the same bits both times and every stream-K arrival

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import reference
-from conftest import make_hidden_states
+from conftest import make_hidden_states, poison_outputs
 from dc_kernels import BACKEND_ENV, ConnectorSpec, DenseConnector, DenseConnectorLinear, \
     dense_connector_features, dense_connector_linear
 from dc_kernels.distributed import any_dtensor, shard_range
@@ -26,10 +26,7 @@ SPEC = ConnectorSpec.preset("clip", "dci")
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(common, "empty", nan_empty)
+    poison_outputs(monkeypatch)
 
 
 def _hs(C=12, B=2, T=9, dtype=torch.float32, seed=0, **kw):

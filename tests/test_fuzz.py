@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from hypothesis import assume, given, note, settings, strategies as st
 
 import reference
-from conftest import (FUZZ_SCALE, UNIT_ROUNDOFF, accumulation_terms, run_gemm_launch_twice,
-                      tolerances_vs_fp64)
+from conftest import (FUZZ_SCALE, UNIT_ROUNDOFF, accumulation_terms, nan_empty,
+                      run_gemm_launch_twice, tolerances_vs_fp64)
 from dc_kernels import (ConnectorSpec, DenseConnector, StreamingFeatures,
                         dense_connector_features, dense_connector_linear)
 from dc_kernels import functional
@@ -56,8 +56,6 @@ def fuzz(n: int):
 @contextlib.contextmanager
 def poisoned():
     """Kernel outputs start as NaN: an element a kernel never writes cannot pass."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
     with mock.patch.object(common, "empty", nan_empty):
         yield
 

@@ -27,10 +27,9 @@ import torch
 
 import reference
 from conftest import (UNIT_ROUNDOFF, assert_close_to_fp64, accumulation_terms,
-                      make_hidden_states, max_abs)
+                      make_hidden_states, max_abs, poison_outputs)
 from dc_kernels import (ConnectorSpec, DenseConnector, StreamingFeatures,
                         dense_connector_features, dense_connector_linear)
-from dc_kernels.ops import common
 from dc_kernels.spec import MAX_HIDDEN_STATES, MAX_POOL_SIZE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,11 +37,9 @@ SPEC = ConnectorSpec("dci", final_layer=4, groups=((0, 3), (2, 5)), drop_cls=Tru
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
+def _poisoned(monkeypatch):
     """Every kernel output starts as NaN: unwritten elements cannot pass."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(common, "empty", nan_empty)
+    poison_outputs(monkeypatch)
 
 
 def _linear_exact(hs, spec, w, b, activation):

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import reference
-from conftest import make_hidden_states
+from conftest import make_hidden_states, poison_outputs
 from dc_kernels import (BACKEND_ENV, ConnectorSpec, DenseConnector, dense_connector_features,
                         dense_connector_linear)
-from dc_kernels.ops import common, linear as linear_ops, path as path_ops
+from dc_kernels.ops import linear as linear_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "triton")
@@ -22,10 +22,7 @@ TOKENS = {"clip": 9, "siglip": 11}
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(common, "empty", nan_empty)
+    poison_outputs(monkeypatch)
 
 
 def _original(hs, spec, projector, is_siglip):

@@ -9,7 +9,7 @@ same values and gradients as the custom op that ``torch.compile`` traces.
 import pytest
 import torch
 
-from conftest import make_hidden_states
+from conftest import make_hidden_states, poison_outputs
 from dc_kernels import ConnectorSpec, dense_connector_features, dense_connector_linear, plan
 from dc_kernels.autograd import features_op, linear_op, spec_args
 from dc_kernels.ops import common
@@ -21,10 +21,7 @@ SPEC = ConnectorSpec.preset("clip", "dci")
 @pytest.fixture(autouse=True)
 def _fresh_plans(monkeypatch):
     plan.clear()
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(common, "empty", nan_empty)
+    poison_outputs(monkeypatch)
     yield
     plan.clear()
 

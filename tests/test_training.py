@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import reference
-from conftest import CUSTOM_SPECS, make_hidden_states
+from conftest import CUSTOM_SPECS, make_hidden_states, poison_outputs
 from dc_kernels import BACKEND_ENV, ConnectorSpec, DenseConnector, dense_connector_linear
 from dc_kernels.ops import common, features as features_ops, linear as linear_ops
 from test_modules import TOL
@@ -46,10 +46,7 @@ SPECS = {  # name -> (spec, number of hidden states, is_siglip for the original'
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(common, "empty", nan_empty)
+    poison_outputs(monkeypatch)
 
 
 def _setup(name, dtype, B=2, C=16, H=24, seed=0, hs_grad=False):

@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 import reference
 from conftest import (CUSTOM_SPECS, LAYOUTS, UNIT_ROUNDOFF, accumulation_terms,
                       assert_close_to_fp64, make_hidden_states, max_abs, run_gemm_launch_twice,
-                      strided_layer)
+                      poison_outputs, strided_layer)
 from dc_kernels import ConnectorSpec, dense_connector_features, dense_connector_linear
 from dc_kernels.ops import torch_ops
 from dc_kernels.ops import common, linear as linear_ops, path as path_ops
@@ -36,11 +36,9 @@ TOKENS = {"clip": 21, "siglip": 19}  # T' = 20 / 19: ragged against BLOCK_M 16 a
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
+def _poisoned(monkeypatch):
     """Every kernel output starts as NaN: unwritten elements cannot pass."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(common, "empty", nan_empty)
+    poison_outputs(monkeypatch)
 
 
 def _hs(spec, B, T, C, dtype, seed):
