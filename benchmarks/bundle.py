@@ -146,31 +146,31 @@ def target_checks(result: RunResult) -> List[TargetCheck]:
                                           else f"{v:.2f}x", "MISSING" if v is None
                                           else _status(v >= 1.6), auto.note if auto else ""))
 
-    # issue 11: the 1-image row eager and as a CUDA-graph replay (the GPU-bound time)
-    for shape in BUNDLE_SELECTION.shapes:
-        eager = find(shape, "linear", 1, "dc_kernels")
-        graph = find(shape, "linear", 1, "dc_kernels+graph")
-        name = f"{shape}, 1 image: dc_kernels eager vs CUDA-graph replay"
-        if eager and graph:
-            checks.append(TargetCheck(
-                name, "reported (host share = 1 - replay / eager)",
-                f"eager {eager.median_ms * 1e3:.1f} us, replay {graph.median_ms * 1e3:.1f} us",
-                "INFO", f"replay / floor {graph.median_ms / floor_ms(shape, 1):.2f}x"))
-        else:
-            checks.append(TargetCheck(name, "reported", "not measured", "MISSING"))
+    def one_image_pair(title, target, first, second, measured, note):
+        # an INFO check per bundle shape comparing two providers' 1-image first-layer rows
+        for shape in BUNDLE_SELECTION.shapes:
+            a = find(shape, "linear", 1, first)
+            b = find(shape, "linear", 1, second)
+            name = f"{shape}, 1 image: {title}"
+            if a and b:
+                checks.append(TargetCheck(name, target, measured(a, b), "INFO",
+                                          note(a, b, shape)))
+            else:
+                checks.append(TargetCheck(name, "reported", "not measured", "MISSING"))
 
+    # issue 11: the 1-image row eager and as a CUDA-graph replay (the GPU-bound time)
+    one_image_pair(
+        "dc_kernels eager vs CUDA-graph replay", "reported (host share = 1 - replay / eager)",
+        "dc_kernels", "dc_kernels+graph",
+        lambda e, g: f"eager {e.median_ms * 1e3:.1f} us, replay {g.median_ms * 1e3:.1f} us",
+        lambda e, g, shape: f"replay / floor {g.median_ms / floor_ms(shape, 1):.2f}x")
     # the stream-K GEMM (chosen by an estimated rule): what it gains where it applies
-    for shape in BUNDLE_SELECTION.shapes:
-        split = find(shape, "linear", 1, "dc_kernels-two-pass")
-        whole = find(shape, "linear", 1, "dc_kernels-two-pass-nosplit")
-        name = f"{shape}, 1 image: two-pass with vs without the GEMM's stream K"
-        if split and whole:
-            checks.append(TargetCheck(
-                name, "reported (the rule runs stream K for CLIP's 80 and SigLIP's 96 tiles)",
-                f"{split.median_ms * 1e3:.1f} vs {whole.median_ms * 1e3:.1f} us", "INFO",
-                f"stream K / whole tiles {split.median_ms / whole.median_ms:.3f}"))
-        else:
-            checks.append(TargetCheck(name, "reported", "not measured", "MISSING"))
+    one_image_pair(
+        "two-pass with vs without the GEMM's stream K",
+        "reported (the rule runs stream K for CLIP's 80 and SigLIP's 96 tiles)",
+        "dc_kernels-two-pass", "dc_kernels-two-pass-nosplit",
+        lambda s, w: f"{s.median_ms * 1e3:.1f} vs {w.median_ms * 1e3:.1f} us",
+        lambda s, w, shape: f"stream K / whole tiles {s.median_ms / w.median_ms:.3f}")
 
     copy = result.ceilings.copy_bytes_per_s / 1e9
     f16 = find(SHAPE, "features", 16, "dc_kernels")
