@@ -39,7 +39,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dc_kernels.ops.path import pipelined_makespan, stream_k_program_steps
+from dc_kernels.ops.path import (pipelined_makespan, pipelined_stream_k_makespan,
+                                 pipelined_stream_k_steps, stream_k_program_steps)
 
 __all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown"]
 
@@ -117,6 +118,19 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
         if loop["innermost"]:
             return per_program * math.ceil(a["K"] / c["BLOCK_K"])
         return per_program
+    if kernel == "_gemm_ready_kernel" and c.get("SEGMENTS", 0):
+        # pipelined stream K: ITERS K steps of every slab (one wgmma loop per slab) over
+        # SEGMENTS tiles; the sum of a shared tile's partials (loads, no stores) loops over its
+        # PARTS at most; its own units' production (loads and stores) only while it waits
+        # (the ready times of the schedule replay), spins and the final reset once
+        if loop["mix"].get("tensor"):
+            return a["ITERS"] if loop["innermost"] else c["SEGMENTS"]
+        if loop["innermost"] and loop["mix"].get("global_load") \
+                and not loop["mix"].get("global_store") and loop["mix"].get("fp32", 0) >= 32:
+            return c["PARTS"]
+        if loop["mix"].get("global_load") or loop["mix"].get("global_store"):
+            return 0
+        return 1
     if kernel == "_gemm_ready_kernel":
         # pipelined GEMM: whole tiles claimed by ticket (the busiest program: ceil(tiles /
         # programs)); its own row-tile production runs only while the first wave waits (the
@@ -129,13 +143,13 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
             return 0
         return 1
     if kernel == "_features_helper_kernel":
-        # row tiles claimed by ticket: ceil(Q / programs) each, C / BLOCK_C channel tiles per
-        # row tile (the TMA loop)
+        # units claimed by ticket: ceil(Q / programs) row tiles each (SPLIT: as many units of
+        # every slab, one TMA loop per slab), C / BLOCK_C channel tiles per unit
         per_program = math.ceil(a["Q"] / programs)
         if loop["mix"].get("tma") and loop["innermost"]:
             return per_program * math.ceil(a["C"] / c["BLOCK_C"])
         if loop["mix"].get("tma"):
-            return per_program
+            return per_program * (len(c["SIZES"]) + 1 if c.get("SPLIT") else 1)
         return 1
     if kernel == "_sti_features_kernel":
         # each pooled segment runs one group's loop, in the programs that have pooled rows
@@ -151,8 +165,10 @@ def _inflight_per_cta(kernel: str, build: dict, c: dict, e: int, stats: dict) ->
     """Bytes of global loads one CTA keeps in flight."""
     stages = c.get("STAGES", build["num_stages"])
     if kernel in ("_features_tma_kernel", "_features_helper_kernel"):
-        # TMA ring: (STAGES - 1) tiles of every layer ahead
-        tile = (1 + sum(c["SIZES"])) * c["ROWS"] * c["BLOCK_C"] * e
+        # TMA ring: (STAGES - 1) tiles of every layer ahead (SPLIT: of one slab's layers; the
+        # groups', which carry all but a layer of the bytes)
+        layers = max(c["SIZES"]) if c.get("SPLIT") else 1 + sum(c["SIZES"])
+        tile = layers * c["ROWS"] * c["BLOCK_C"] * e
         return max(1, stages - 1) * tile
     if kernel in ("_gemm_tma_kernel", "_gemm_ready_kernel"):
         return max(1, stages - 1) * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * e
@@ -217,7 +233,11 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         # partials (the path rule's own cost, path.stream_k_program_steps)
         pieces = min(P + tiles_m * tiles_n, tiles_m * tiles_n * c["PARTS"])
         partials = pieces * c["BLOCK_M"] * c["BLOCK_N"] * 4
-        steps = stream_k_program_steps(a["ITERS"], c["SEGMENTS"], c["PARTS"])
+        if kernel == "_gemm_ready_kernel":  # ITERS steps of every slab, ring refills
+            steps = pipelined_stream_k_steps(a["ITERS"], len(sizes) + 1, c["SEGMENTS"],
+                                             c["PARTS"])
+        else:
+            steps = stream_k_program_steps(a["ITERS"], c["SEGMENTS"], c["PARTS"])
         return dict(dram=dram + partials, l2=l2 + 2 * partials, flops=2.0 * M * K * N,
                     program_flops=steps * step)
     if kernel == "_linear_kernel":
@@ -430,7 +450,26 @@ def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> 
         except ValueError:  # not resident beside the GEMM: it runs as the GEMM's CTAs end
             b = helper["seconds"] + gemm["seconds"]
         row["pipelined_helper_beside_gemm_s"] = b
-        beside = (b - gpu.launch_fixed_s) / M
+        # per row of the helper's throughput: its busiest program's units (the estimate's
+        # ceil(Q / programs) row tiles' worth) over every program's rows (not the rows of A:
+        # with fewer row tiles than programs, the busiest program's time is one unit's latency)
+        hc, ha = helper["_build"]["constexprs"], helper["_use"]["args"]
+        counted = math.ceil(ha["Q"] / helper["programs"]) * hc["ROWS"] * helper["programs"]
+        beside = (b - gpu.launch_fixed_s) / counted
+    if c.get("SEGMENTS", 0):
+        # stream K over the slabs: the busiest program's step-equivalents give one step's
+        # seconds; units slab-major, each slab's bytes per row its layers read and its write
+        sizes = c["SIZES"]
+        steps = pipelined_stream_k_steps(a["ITERS"], len(sizes) + 1, c["SEGMENTS"],
+                                         c["PARTS"])
+        step_s = (gemm["seconds"] - gpu.launch_fixed_s) / steps
+        slab_bytes = [2.0] + [size + 1.0 for size in sizes]
+        row["pipelined_ramp_s"] = alone * M * slab_bytes[0] / sum(slab_bytes)
+        return pipelined_stream_k_makespan(
+            M, N, c["BLOCK_M"], c["BLOCK_N"], c["GROUP_M"], a["C"] // c["BLOCK_K"], a["ITERS"],
+            step_s, helper["programs"] if helper is not None else gpu.sms,
+            helper["_build"]["constexprs"]["ROWS"] if helper is not None else 8, alone,
+            beside, slab_bytes) + gpu.launch_fixed_s
     row["pipelined_ramp_s"] = alone * min(M, math.ceil(gpu.sms / math.ceil(N / c["BLOCK_N"]))
                                           * c["BLOCK_M"])
     return pipelined_makespan(M, N, c["BLOCK_M"], c["BLOCK_N"], c["GROUP_M"], gemm["programs"],

@@ -428,6 +428,56 @@ def test_pipelined_path_equals_two_pass(monkeypatch, dtype, helper, encoder, B, 
     assert _ready_counts_zero()
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("helper", ("all", "none", "some"))
+@pytest.mark.parametrize("encoder,B,T,C,N,iters", (("siglip", 3, 19, 48, 40, 2),
+                                                   ("clip", 2, 38, 32, 72, 1),
+                                                   ("clip", 1, 45, 64, 40, 3)))
+def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, iters):
+    # the stream-K GEMM of the pipelined path (``iters`` K steps of every slab per program;
+    # slabs of 2-4 K steps, 16 deep under the interpreter): programs crossing tiles, tiles
+    # spread over up to 3 programs, the helper producing every (slab, row tile) unit, none or
+    # three per program. A equals two-pass's bit for bit; the output and the training Z are
+    # within the GEMM bound of fp64 (their sums run in another order than two-pass's), the
+    # same bits on a second call into NaN-poisoned outputs; every count back to zero
+    from dc_kernels.ops import pipelined
+    from dc_kernels import plan
+    monkeypatch.setattr(pipelined, "HELPER", helper != "none")
+    monkeypatch.setattr(pipelined, "HELPER_ROW_TILES", 3 if helper == "some" else 0)
+    monkeypatch.setattr(pipelined, "STREAM_K_ITERS", iters)
+    plan.clear()
+    spec = ConnectorSpec.preset(encoder, "dci")
+    hs = _hs(spec, B, T, C, dtype, seed=60 + B + C)
+    w, b = _weights(spec, C, N, dtype, seed=61)
+    launch = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", path="pipelined")
+    assert launch.path == "pipelined" and launch.pipelined.iters == iters
+    got = _check_linear(hs, spec, w, b, "gelu", "pipelined", dtype)
+    assert _ready_counts_zero()
+    again = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="pipelined")
+    assert torch.equal(got, again) and _ready_counts_zero()
+    out, feats, pre = linear_ops.linear_triton_for_training(
+        hs, spec, B, T, C, w, b, "gelu", path="pipelined", keep_features=True, keep_pre=True)
+    _, feats2, _ = linear_ops.linear_triton_for_training(
+        hs, spec, B, T, C, w, b, "gelu", path="two-pass", keep_features=True, keep_pre=True)
+    assert torch.equal(feats, feats2) and torch.equal(out, got)
+    a64, w64, b64 = feats2.reshape(-1, feats2.shape[-1]).double(), w.double(), b.double()
+    rtol, atol = _linear_tolerance(a64, w64, b64, dtype)
+    torch.testing.assert_close(pre.reshape(-1, N).double(),
+                               torch.nn.functional.linear(a64, w64, b64), rtol=rtol, atol=atol)
+    assert _ready_counts_zero()
+
+
+def test_pipelined_stream_k_rule():
+    rule = path_ops.pipelined_stream_k
+    # CLIP-L/336 -> 4096 (80 tiles of 128 x 256 per image, 3 slabs of 16 K steps), 132 SMs:
+    # 1 image: 10 steps of every slab per program (30 + partials against 48 whole); 2 images
+    # (144 tiles: two whole tiles on 12 SMs): 18; 16 images (1152 tiles): whole tiles
+    assert rule(80, 16, 3, 132) == 10
+    assert rule(144, 16, 3, 132) == 18
+    assert rule(1152, 16, 3, 132) == 0 and rule(128, 16, 3, 132) == 0
+    assert rule(0, 16, 3, 132) == rule(80, 0, 3, 132) == rule(1, 1, 1, 132) == 0
+
+
 def test_pipelined_falls_back_where_it_is_not_built():
     # fp32, STI and weights TMA cannot read run two-pass when "pipelined" is asked for
     spec = ConnectorSpec.preset("clip", "dci")

@@ -67,17 +67,30 @@ def _ldg_tile(layers, stride_b, stride_t, stride_c, p_out, b, t, o_c, mask, C,
               BLOCK_C: tl.constexpr):
     # One [BLOCK_R, BLOCK_C] tile of every slab of A at p_out (rows: image b, token t; pointer
     # loads): the features kernel's body, also the pipelined GEMM's own producer
-    # (:mod:`.pipelined`). Slab 0: the base features, copied as they are.
+    # (:mod:`.pipelined`)
     o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t, o_c, OFF64)
-    b_x = tl.load(layers[0] + o_x, mask=mask)
-    tl.store(p_out, b_x.to(p_out.dtype.element_ty), mask=mask)
+    for s in tl.static_range(len(SIZES) + 1):
+        _ldg_slab(layers, stride_b, stride_t, stride_c, o_x, p_out, b, t, o_c, mask, C, s,
+                  STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE, BLOCK_R, BLOCK_C)
 
-    # slab g + 1: the mean of group g, fp32 accumulation, one rounding
-    for g in tl.static_range(len(SIZES)):
-        b_sum = _group_sum(layers, stride_b, stride_t, stride_c, STARTS[g], SIZES[g], o_x, b, t,
-                           o_c, mask, UNIFORM, OFF64, BLOCK_R, BLOCK_C)
-        b_mean = _round(b_sum / SIZES[g], p_out.dtype.element_ty, EMULATE_RNE)
-        tl.store(p_out + (g + 1) * C, b_mean, mask=mask)
+
+@triton.jit
+def _ldg_slab(layers, stride_b, stride_t, stride_c, o_x, p_out, b, t, o_c, mask, C,
+              SLAB: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
+              UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Slab SLAB of one tile of A (``o_x``: the base layer's offsets of the tile). Slab 0: the
+    # base features, copied as they are; slab g + 1: the mean of group g, fp32 accumulation,
+    # one rounding
+    if SLAB == 0:
+        b_x = tl.load(layers[0] + o_x, mask=mask)
+        tl.store(p_out, b_x.to(p_out.dtype.element_ty), mask=mask)
+    else:
+        b_sum = _group_sum(layers, stride_b, stride_t, stride_c, STARTS[SLAB - 1],
+                           SIZES[SLAB - 1], o_x, b, t, o_c, mask, UNIFORM, OFF64, BLOCK_R,
+                           BLOCK_C)
+        b_mean = _round(b_sum / SIZES[SLAB - 1], p_out.dtype.element_ty, EMULATE_RNE)
+        tl.store(p_out + SLAB * C, b_mean, mask=mask)
 
 
 @triton.jit
@@ -179,12 +192,25 @@ def _tma_tile(descs, p_out, b, t0, c0, mask, C, STARTS: tl.constexpr, SIZES: tl.
               EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     # One [ROWS, BLOCK_C] tile of every slab of A at p_out (image b, tokens t0.., channels
     # c0..; TMA loads): the TMA features kernel's body, also the pipelined path's helper's
-    b_x = descs[0].load([b, t0, c0]).reshape(ROWS, BLOCK_C)
-    tl.store(p_out, b_x.to(p_out.dtype.element_ty), mask=mask)
-    for g in tl.static_range(len(SIZES)):
-        b_sum = _tma_group_sum(descs, STARTS[g], SIZES[g], b, t0, c0, ROWS, BLOCK_C)
-        tl.store(p_out + (g + 1) * C,
-                 _round(b_sum / SIZES[g], p_out.dtype.element_ty, EMULATE_RNE), mask=mask)
+    for s in tl.static_range(len(SIZES) + 1):
+        _tma_slab(descs, p_out, b, t0, c0, mask, C, s, STARTS, SIZES, EMULATE_RNE, ROWS,
+                  BLOCK_C)
+
+
+@triton.jit
+def _tma_slab(descs, p_out, b, t0, c0, mask, C, SLAB: tl.constexpr, STARTS: tl.constexpr,
+              SIZES: tl.constexpr, EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    # Slab SLAB of that tile: slab 0 the base copied, slab g + 1 the mean of group g
+    if SLAB == 0:
+        b_x = descs[0].load([b, t0, c0]).reshape(ROWS, BLOCK_C)
+        tl.store(p_out, b_x.to(p_out.dtype.element_ty), mask=mask)
+    else:
+        b_sum = _tma_group_sum(descs, STARTS[SLAB - 1], SIZES[SLAB - 1], b, t0, c0, ROWS,
+                               BLOCK_C)
+        tl.store(p_out + SLAB * C,
+                 _round(b_sum / SIZES[SLAB - 1], p_out.dtype.element_ty, EMULATE_RNE),
+                 mask=mask)
 
 
 @triton.jit

@@ -77,7 +77,14 @@ def _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
     # fp32 A[o_am:, k] W[o_wn:, k]^T over the K steps [k_lo, k_hi)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return _k_steps(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), a_desc, w_desc, o_am, o_wn,
+                    k_lo, k_hi, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+
+
+@triton.jit
+def _k_steps(b_acc, a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    # b_acc + A[o_am:, k] W[o_wn:, k]^T over the K steps [k_lo, k_hi), in K order
     for ki in range(k_lo, k_hi):
         o_k = ki * BLOCK_K
         b_a = a_desc.load([o_am, o_k])

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
            "gemm_stream_k", "stream_k_shape", "stream_k_program_steps", "gemm_split_gain",
-           "pipelined_makespan",
+           "pipelined_makespan", "pipelined_stream_k", "pipelined_stream_k_makespan",
+           "pipelined_stream_k_steps", "SLAB_FILL_STEPS",
            "SPLIT_PARTIAL_STEPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,8 +81,9 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       an eighth of DCI's bandwidth there) + a launch per chunk;
     * ``pipelined`` (one features launch beside one persistent GEMM whose tiles wait on
       per-row-block ready counts; :mod:`dc_kernels.ops.pipelined`) = its schedule replayed by
-      :func:`pipelined_makespan` (whole tiles, no stream K; the first wave's rows at the
-      features pass's rate, the rest at its rate beside the GEMM) + a launch;
+      :func:`pipelined_makespan` (whole tiles; the first wave's rows at the features pass's
+      rate, the rest at its rate beside the GEMM) or, where :func:`pipelined_stream_k` splits
+      the slabs' K steps (few tiles), by :func:`pipelined_stream_k_makespan` + a launch;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
       N tile (``fused_block_n`` wide; ``fused_block_n_small_groups`` when the slabs average
       at most 4 layers) and W once per 64-row tile, the FLOPs, and the issue cost of
@@ -129,9 +131,22 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     tile_m, tile_n = m["gemm_tile_m"], m["gemm_tile_n"]
     tiles = math.ceil(M / tile_m) * math.ceil(N / tile_n)
     one_tile = gemm_of(M, False) / max(1, math.ceil(tiles / m["sms"]))
-    pipelined = pipelined_makespan(M, N, tile_m, tile_n, 8, m["sms"], one_tile, feats_per_row,
-                                   feats_per_row * m["features_efficiency"] / eff) \
-        + m["launch_s"]
+    beside_per_row = feats_per_row * m["features_efficiency"] / eff
+    ks = C // 64 if C % 64 == 0 else 0  # K steps of a slab (stream K needs whole ones)
+    iters = pipelined_stream_k(tiles, ks, num_slabs, m["sms"]) if m["gemm_split_k"] else 0
+    if iters:
+        # stream K over the slabs: units slab-major; slab 0 copies the base (a layer read and
+        # written), the groups share the other layers evenly
+        step = one_tile / (num_slabs * ks)
+        groups = max(1, num_slabs - 1)
+        slab_bytes = [2.0] + [(num_layers_read - 1) / groups + 1.0] * (num_slabs - 1)
+        pipelined = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, iters, step,
+                                                m["sms"], 8, feats_per_row, beside_per_row,
+                                                slab_bytes)
+    else:
+        pipelined = pipelined_makespan(M, N, tile_m, tile_n, 8, m["sms"], one_tile,
+                                       feats_per_row, beside_per_row)
+    pipelined += m["launch_s"]
     # the fused kernel's N tile: its shared memory holds one A tile per group member, so
     # small groups (SCI's single layers) leave room for wider tiles than DCI's 12-layer groups
     small = num_layers_read <= 4 * num_slabs
@@ -194,6 +209,125 @@ def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
         return 0
     unsplit = math.ceil(tiles / sms) * k_tiles
     return iters if _stream_k_steps(tiles, k_tiles, iters) <= 0.9 * unsplit else 0
+
+
+#: A slab's K loop after the first in a stream-K segment of the pipelined GEMM restarts its
+#: TMA ring (the wait for that slab's rows sits between the loops): about one L2 round trip,
+#: ~600 clocks against a 128 x 256 x 64 step's ~1,200 -- an ESTIMATE (no GPU run).
+SLAB_FILL_STEPS = 0.5
+
+
+def pipelined_stream_k_steps(iters: int, slabs: int, segments: int, parts: int) -> float:
+    """Main-loop step-equivalents of the busiest program of the pipelined path's stream-K GEMM:
+    ``iters`` steps of each of ``slabs`` slabs, :func:`stream_k_program_steps`' partials, and
+    a ring refill (:data:`SLAB_FILL_STEPS`) per slab after the first of every segment (the
+    static cost model counts the same)."""
+    return (stream_k_program_steps(slabs * iters, segments, parts)
+            + segments * (slabs - 1) * SLAB_FILL_STEPS)
+
+
+def pipelined_stream_k(tiles: int, ks: int, slabs: int, sms: int) -> int:
+    """K steps of every slab per program of the pipelined path's stream-K GEMM, 0: whole
+    tiles (:mod:`dc_kernels.ops.pipelined`).
+
+    Its programs run the same positions of every slab's (tile, K step) sequence (``ks`` steps
+    of a tile per slab): ``ceil(tiles * ks / sms)`` positions, ``slabs`` times, plus
+    partials and refills (:func:`pipelined_stream_k_steps`). Taken, as :func:`gemm_stream_k`,
+    when the busiest program saves at least 10 % over whole tiles."""
+    if tiles <= 0 or ks <= 0 or sms <= 0 or slabs <= 0:
+        return 0
+    iters = math.ceil(tiles * ks / sms)
+    if iters * slabs < 4:
+        return 0
+    _, segments, parts = stream_k_shape(tiles, ks, iters)
+    split = pipelined_stream_k_steps(iters, slabs, segments, parts)
+    return iters if split <= 0.9 * math.ceil(tiles / sms) * slabs * ks else 0
+
+
+def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_m: int,
+                                ks: int, iters: int, step_s: float, sms: int, unit_rows: int,
+                                alone_s_per_row: float, beside_s_per_row: float,
+                                slab_bytes: Sequence[float]) -> float:
+    """Seconds of the pipelined path's stream-K GEMM launch, both launches' schedule replayed
+    (events in time order; every cost deterministic).
+
+    * Units (slab, ``unit_rows`` rows) are claimed by ticket, slab-major, by ``sms`` helper
+      programs -- each unit at ``beside_s_per_row`` (the helper launch beside the GEMM) times
+      the programs -- and by GEMM programs that wait -- at ``alone_s_per_row`` (the features
+      pass) times ``sms``: a program alone gets its share of the bandwidth; a unit's seconds
+      are its slab's share of ``slab_bytes`` (bytes per row: layers read + written).
+    * GEMM program p runs positions ``[p iters, (p + 1) iters)`` of the (tile, K step of a
+      slab) sequence (grouped tile order, ``ks`` steps per slab; of two segments the longer
+      first), slab after slab; before a slab's steps (``step_s`` each; a ring refill of
+      :data:`SLAB_FILL_STEPS` before every slab after the first) it waits until that slab of
+      the tile's row block is produced, producing the next unit itself while some it needs are
+      unclaimed; a shared tile's range stores a partial, the last to arrive sums them
+      (:data:`SPLIT_PARTIAL_STEPS` each).
+    """
+    import heapq
+    slabs = len(slab_bytes)
+    total = float(sum(slab_bytes))
+    share = [b / total for b in slab_bytes]
+    pm, pn = math.ceil(M / tile_m), math.ceil(N / tile_n)
+    tiles = pm * pn
+    Q = math.ceil(M / unit_rows)
+    units = slabs * Q
+    cost_h = [beside_s_per_row * sms * unit_rows * f for f in share]
+    cost_g = [alone_s_per_row * sms * unit_rows * f for f in share]
+    finish: list = [None] * units
+    per_group = group_m * pn
+    runs = []  # per GEMM program: [(tile, slab, steps, first unit, last unit, segment end)]
+    for p in range(math.ceil(tiles * ks / iters)):
+        it0, it1 = p * iters, min((p + 1) * iters, tiles * ks)
+        segs = []
+        for tile in range(it0 // ks, (it1 - 1) // ks + 1):
+            steps = min(it1, (tile + 1) * ks) - max(it0, tile * ks)
+            first = (tile // per_group) * group_m
+            r = first + (tile % per_group) % min(pm - first, group_m)
+            q0, q1 = r * tile_m // unit_rows, (min(M, (r + 1) * tile_m) - 1) // unit_rows
+            parts = ((tile + 1) * ks - 1) // iters - (tile * ks) // iters + 1
+            segs.append((tile, steps, q0, q1, parts > 1 or iters < ks))
+        if len(segs) == 2 and segs[0][1] < segs[1][1]:
+            segs.reverse()  # the kernel runs the longer of two segments first
+        runs.append([(tile, sl, steps, sl * Q + q0, sl * Q + q1, split and sl == slabs - 1)
+                     for tile, steps, q0, q1, split in segs for sl in range(slabs)])
+    events = [(0.0, 0, i) for i in range(sms)] + [(0.0, 1, p) for p in range(len(runs))]
+    heapq.heapify(events)
+    nxt = 0
+    pos = [0] * len(runs)
+    ends = [0.0] * len(runs)
+    arrivals: Dict[int, list] = {}
+    while events:
+        t, kind, i = heapq.heappop(events)
+        if kind == 0:  # a helper program: the next unit, if any
+            if nxt < units:
+                finish[nxt] = t + cost_h[nxt // Q]
+                heapq.heappush(events, (finish[nxt], 0, i))
+                nxt += 1
+            continue
+        if pos[i] == len(runs[i]):
+            ends[i] = t
+            continue
+        tile, sl, steps, u0, u1, seg_end = runs[i][pos[i]]
+        if nxt <= u1:  # some unit this slab needs is unclaimed: produce the next one
+            finish[nxt] = t + cost_g[nxt // Q]
+            heapq.heappush(events, (finish[nxt], 1, i))
+            nxt += 1
+            continue
+        ready = max(finish[u0:u1 + 1])
+        if ready > t:
+            heapq.heappush(events, (ready, 1, i))
+            continue
+        t += steps * step_s + (SLAB_FILL_STEPS * step_s if sl else 0.0)
+        if seg_end:
+            t += SPLIT_PARTIAL_STEPS * step_s
+            arrivals.setdefault(tile, []).append((t, i))
+        pos[i] += 1
+        heapq.heappush(events, (t, 1, i))
+    for arr in arrivals.values():  # the last arrival sums the tile's partials
+        _, p = max(arr)
+        ends[p] += len(arr) * SPLIT_PARTIAL_STEPS * step_s
+    return max(ends)
 
 
 def gemm_split_gain(M: int, N: int, K: int, model: Optional[Dict] = None) -> float:

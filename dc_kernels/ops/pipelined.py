@@ -48,11 +48,13 @@ import triton.language as tl
 
 from . import common
 from .direct import DirectLaunch
-from .features import _layer_descs, _ldg_tile, _tma_tile
-from .gemm_tma import _k_range, _tile_epilogue, _tile_origin
+from .common import _tile_offsets
+from .features import _layer_descs, _ldg_slab, _ldg_tile, _tma_slab, _tma_tile
+from .gemm_tma import _k_range, _k_steps, _partial_epilogue, _tile_epilogue, _tile_origin
 
 __all__ = ["pipelined_eligible", "prepare_pipelined", "PipelinedLaunch", "HELPER",
-           "HELPER_ROW_TILES", "PRODUCE_C", "PRODUCE_C_INTERPRET"]
+           "HELPER_ROW_TILES", "STREAM_K", "STREAM_K_ITERS", "PRODUCE_C",
+           "PRODUCE_C_INTERPRET"]
 
 #: ``[0]`` row-tile ticket, ``[1]`` output-tile ticket, ``[2]`` GEMM programs done, ``[3]``
 #: helper programs done; the ready counts follow
@@ -85,15 +87,16 @@ def _row_tile_of(row, T_KEEP, PER_IMAGE, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _publish(state, r0, r1, BLOCK_M: tl.constexpr):
-    # every thread's stores of the row tile happen before the barrier; one thread's release
-    # add per GEMM row block the rows [r0, r1) fall in (at most two) makes them visible with it
+def _publish(cnt, r0, r1, BLOCK_M: tl.constexpr):
+    # every thread's stores of the unit happen before the barrier; one thread's release add
+    # per GEMM row block the rows [r0, r1) fall in (at most two; ``cnt``: the counts of the
+    # unit's slab, or of every slab) makes them visible with it
     tl.debug_barrier()
     blk0 = r0 // BLOCK_M
     blk1 = (r1 - 1) // BLOCK_M
-    tl.atomic_add(state + 4 + blk0, 1, sem="release", scope="gpu")
+    tl.atomic_add(cnt + blk0, 1, sem="release", scope="gpu")
     if blk1 != blk0:
-        tl.atomic_add(state + 4 + blk1, 1, sem="release", scope="gpu")
+        tl.atomic_add(cnt + blk1, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -102,17 +105,29 @@ def _features_helper_kernel(
     out, stride_om,  # A [B*T', (G+1)*C], unit channel stride
     state,  # int32 counts (see the module docstring)
     B, T, C, T_KEEP, Q,  # Q: features row tiles, B * cdiv(T', ROWS)
-    LIMIT,  # row tiles one program may claim (tests: leave some to the GEMM)
+    PM,  # GEMM row blocks (SPLIT: the ready counts of slab s start at 4 + s * PM)
+    LIMIT,  # units one program may claim (tests: leave some to the GEMM)
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
     OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,  # units are (slab, row tile), slab-major (the stream-K GEMM's)
 ):
     descs = _layer_descs(layers, stride_b, stride_t, B, T, C, ROWS, BLOCK_C)
     per_image = tl.cdiv(T_KEEP, ROWS)
     c_tiles = tl.cdiv(C, BLOCK_C)
+    SLABS: tl.constexpr = len(SIZES) + 1
+    if SPLIT:
+        units = Q * SLABS
+    else:
+        units = Q
     taken = 0
-    q = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
-    while q < Q:
+    u = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
+    while u < units:
+        if SPLIT:
+            s = u // Q
+            q = u - s * Q
+        else:
+            q = u
         b = q // per_image
         t0 = (q % per_image) * ROWS
         o_r = t0 + tl.arange(0, ROWS)
@@ -121,30 +136,48 @@ def _features_helper_kernel(
         else:
             o_row = b * T_KEEP + o_r
         m_r = o_r < T_KEEP
-        for ct in tl.range(0, c_tiles, num_stages=STAGES):
-            o_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask = m_r[:, None] & (o_c < C)[None, :]
-            p_out = out + o_row[:, None] * stride_om + o_c[None, :]
-            _tma_tile(descs, p_out, b, TOK0 + t0, ct * BLOCK_C, mask, C, STARTS, SIZES,
-                      EMULATE_RNE, ROWS, BLOCK_C)
+        if SPLIT:
+            # one slab: its own channel loop per slab (each a pipelined TMA ring)
+            for sl in tl.static_range(SLABS):
+                if s == sl:
+                    for ct in tl.range(0, c_tiles, num_stages=STAGES):
+                        o_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+                        mask = m_r[:, None] & (o_c < C)[None, :]
+                        p_out = out + o_row[:, None] * stride_om + o_c[None, :]
+                        _tma_slab(descs, p_out, b, TOK0 + t0, ct * BLOCK_C, mask, C, sl,
+                                  STARTS, SIZES, EMULATE_RNE, ROWS, BLOCK_C)
+            cnt = state + 4 + s * PM
+        else:
+            for ct in tl.range(0, c_tiles, num_stages=STAGES):
+                o_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+                mask = m_r[:, None] & (o_c < C)[None, :]
+                p_out = out + o_row[:, None] * stride_om + o_c[None, :]
+                _tma_tile(descs, p_out, b, TOK0 + t0, ct * BLOCK_C, mask, C, STARTS, SIZES,
+                          EMULATE_RNE, ROWS, BLOCK_C)
+            cnt = state + 4
         _, _, r0, r1 = _row_tile_rows(q, T_KEEP, per_image, ROWS)  # (fewer live registers)
-        _publish(state, r0, r1, BLOCK_M)
+        _publish(cnt, r0, r1, BLOCK_M)
         taken += 1
-        q = Q  # a claimed row tile is always produced: claim only while allowed to
+        u = units  # a claimed unit is always produced: claim only while allowed to
         if taken < LIMIT:
-            q = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
+            u = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
     # this program touches nothing more: the GEMM's last program may reset the counts
     tl.atomic_add(state + 3, 1, sem="release", scope="gpu")
 
 
 @triton.jit
-def _produce_row_tile(q, layers, stride_b, stride_t, stride_c, out, stride_om, state, C,
-                      T_KEEP, PER_IMAGE, TOK0: tl.constexpr, STARTS: tl.constexpr,
-                      SIZES: tl.constexpr, UNIFORM: tl.constexpr, OFF64: tl.constexpr,
-                      EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr, PRODUCE_C: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    # a GEMM program's own production of row tile q (pointer loads, the features kernel's
-    # tile body: the same sums in the same order as the helper's), then its publication
+def _produce_unit(u, layers, stride_b, stride_t, stride_c, out, stride_om, state, C,
+                  T_KEEP, PER_IMAGE, Q, PM, TOK0: tl.constexpr, STARTS: tl.constexpr,
+                  SIZES: tl.constexpr, UNIFORM: tl.constexpr, OFF64: tl.constexpr,
+                  EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr, PRODUCE_C: tl.constexpr,
+                  BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    # a GEMM program's own production of unit u (pointer loads, the features kernel's tile
+    # body: the same sums in the same order as the helper's), then its publication
+    if SPLIT:
+        s = u // Q
+        q = u - s * Q
+    else:
+        q = u
     b, t0, r0, r1 = _row_tile_rows(q, T_KEEP, PER_IMAGE, ROWS)
     o_t = t0 + tl.arange(0, ROWS)
     m_t = o_t < T_KEEP
@@ -156,9 +189,41 @@ def _produce_row_tile(q, layers, stride_b, stride_t, stride_c, out, stride_om, s
         o_c = c0 + tl.arange(0, PRODUCE_C)
         mask = m_t[:, None] & (o_c < C)[None, :]
         p_out = out + o_row[:, None] * stride_om + o_c[None, :]
-        _ldg_tile(layers, stride_b, stride_t, stride_c, p_out, b, o_t + TOK0, o_c, mask, C,
-                  STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C)
-    _publish(state, r0, r1, BLOCK_M)
+        if SPLIT:
+            o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, o_t + TOK0, o_c,
+                                OFF64)
+            for sl in tl.static_range(len(SIZES) + 1):
+                if s == sl:
+                    _ldg_slab(layers, stride_b, stride_t, stride_c, o_x, p_out, b, o_t + TOK0,
+                              o_c, mask, C, sl, STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE,
+                              ROWS, PRODUCE_C)
+        else:
+            _ldg_tile(layers, stride_b, stride_t, stride_c, p_out, b, o_t + TOK0, o_c, mask,
+                      C, STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C)
+    if SPLIT:
+        _publish(state + 4 + s * PM, r0, r1, BLOCK_M)
+    else:
+        _publish(state + 4, r0, r1, BLOCK_M)
+
+
+@triton.jit
+def _wait_ready(cnt, need, last, units, state, layers, stride_b, stride_t, stride_c, out,
+                stride_om, C, T_KEEP, PER_IMAGE, Q, PM, TOK0: tl.constexpr,
+                STARTS: tl.constexpr, SIZES: tl.constexpr, UNIFORM: tl.constexpr,
+                OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr,
+                PRODUCE_C: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    # until ``*cnt`` reaches ``need`` (acquire): while units up to ``last`` (the last one
+    # this count waits for, in ticket order) are unclaimed, claim the next and produce it
+    # instead of waiting on a program that may not have started
+    seen = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+    while seen < need:
+        if tl.atomic_add(state, 0, sem="relaxed", scope="gpu") <= last:
+            u = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
+            if u < units:
+                _produce_unit(u, layers, stride_b, stride_t, stride_c, out, stride_om, state,
+                              C, T_KEEP, PER_IMAGE, Q, PM, TOK0, STARTS, SIZES, UNIFORM,
+                              OFF64, EMULATE_RNE, ROWS, PRODUCE_C, BLOCK_M, SPLIT)
+        seen = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
 
 
 @triton.jit
@@ -166,10 +231,12 @@ def _gemm_ready_kernel(
     a_desc, w_desc, o_desc, p_desc,  # A [M, K], W [N, K], out and pre [M, N]: TMA descriptors
     bias,
     state,  # int32 counts (see the module docstring)
+    ws,  # stream K: fp32 partials [tiles * PARTS, BLOCK_M, BLOCK_N] (else unused)
     layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
-    feats, stride_am,  # A again, for the program's own row tiles (pointer stores)
+    feats, stride_am,  # A again, for the program's own units (pointer stores)
     M, N, K, C, T_KEEP, Q,
     HELPERS,  # programs of the helper launch (0: none was launched)
+    ITERS,  # stream K: the K steps of every slab each program runs
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     EMULATE_RNE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -177,37 +244,92 @@ def _gemm_ready_kernel(
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr, UNIFORM: tl.constexpr,
     OFF64: tl.constexpr, ROWS: tl.constexpr, PRODUCE_C: tl.constexpr,
     FENCE: tl.constexpr, THREADS: tl.constexpr, R_BLOCK: tl.constexpr,
+    SEGMENTS: tl.constexpr = 0,  # stream K: the most tiles one program's steps touch (0: off)
+    PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
+    WHOLE: tl.constexpr = False,  # stream K: ITERS >= a slab's K steps (one may run a tile)
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
     per_image = tl.cdiv(T_KEEP, ROWS)
-    tile = tl.atomic_add(state + 1, 1, sem="relaxed", scope="gpu")
-    while tile < num_tiles:
-        o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
-        blk = o_am // BLOCK_M
-        last = _row_tile_of(tl.minimum(M, o_am + BLOCK_M) - 1, T_KEEP, per_image, ROWS)
-        need = last - _row_tile_of(o_am, T_KEEP, per_image, ROWS) + 1
-        seen = tl.atomic_add(state + 4 + blk, 0, sem="acquire", scope="gpu")
-        while seen < need:
-            # a row tile of this block nobody has claimed: produce one (the next in ticket
-            # order) instead of waiting on a program that may not have started
-            if tl.atomic_add(state, 0, sem="relaxed", scope="gpu") <= last:
-                q = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
-                if q < Q:
-                    _produce_row_tile(q, layers, stride_b, stride_t, stride_c, feats,
-                                      stride_am, state, C, T_KEEP, per_image, TOK0, STARTS,
-                                      SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C,
-                                      BLOCK_M)
-            seen = tl.atomic_add(state + 4 + blk, 0, sem="acquire", scope="gpu")
-        if FENCE:
-            _fence_proxy_async(THREADS)
-        b_acc = _k_range(a_desc, w_desc, o_am, o_wn, 0, k_tiles, DOT_FP32, INPUT_PRECISION,
-                         BLOCK_M, BLOCK_N, BLOCK_K)
-        _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
-                       STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+    SLABS: tl.constexpr = len(SIZES) + 1
+    if SEGMENTS == 0:
+        # whole tiles claimed by ticket in grouped order; a tile waits for every slab of its
+        # row block (units: whole row tiles)
         tile = tl.atomic_add(state + 1, 1, sem="relaxed", scope="gpu")
+        while tile < num_tiles:
+            o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
+            blk = o_am // BLOCK_M
+            last = _row_tile_of(tl.minimum(M, o_am + BLOCK_M) - 1, T_KEEP, per_image, ROWS)
+            need = last - _row_tile_of(o_am, T_KEEP, per_image, ROWS) + 1
+            _wait_ready(state + 4 + blk, need, last, Q, state, layers, stride_b, stride_t,
+                        stride_c, feats, stride_am, C, T_KEEP, per_image, Q, num_pid_m, TOK0,
+                        STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C, BLOCK_M,
+                        False)
+            if FENCE:
+                _fence_proxy_async(THREADS)
+            b_acc = _k_range(a_desc, w_desc, o_am, o_wn, 0, k_tiles, DOT_FP32,
+                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                           STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+            tile = tl.atomic_add(state + 1, 1, sem="relaxed", scope="gpu")
+        n_counts = 4 + num_pid_m
+    else:
+        # stream K over the slabs (units: (slab, row tile), slab-major): program p runs the
+        # steps [p ITERS, (p + 1) ITERS) of the (tile, K step of one slab) sequence -- the same
+        # tiles and K offsets in every slab, one accumulator per tile it touches -- slab by
+        # slab, each slab's steps once that slab of the row block is ready; a shared tile's
+        # ranges store fp32 partials summed by the last to arrive (gemm_tma's stream K). No
+        # program waits on another GEMM program: any grid size is deadlock-free
+        p = tl.program_id(0)
+        ks = C // BLOCK_K  # (pipelined_stream_k: C is a multiple of BLOCK_K)
+        it0 = p * ITERS
+        it1 = tl.minimum(it0 + ITERS, num_tiles * ks)
+        arrivals = state + 4 + SLABS * num_pid_m
+        # two segments: the longer first (its last slab is needed later, when more of the
+        # helper's units are ready); the order changes no result (partials sum in K order)
+        head = tl.minimum(it1, (it0 // ks + 1) * ks) - it0
+        swap = (head < it1 - it0 - head).to(tl.int32)
+        for j in range(SEGMENTS):
+            if SEGMENTS == 2:
+                seg = j ^ swap
+            else:
+                seg = j
+            tile = it0 // ks + seg
+            t0 = tile * ks
+            k_lo = tl.maximum(it0, t0) - t0
+            k_hi = tl.minimum(it1, t0 + ks) - t0
+            if k_lo < k_hi:
+                o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M,
+                                          BLOCK_N)
+                blk = o_am // BLOCK_M
+                last = _row_tile_of(tl.minimum(M, o_am + BLOCK_M) - 1, T_KEEP, per_image,
+                                    ROWS)
+                need = last - _row_tile_of(o_am, T_KEEP, per_image, ROWS) + 1
+                b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for sl in tl.static_range(SLABS):
+                    _wait_ready(state + 4 + sl * num_pid_m + blk, need, sl * Q + last,
+                                SLABS * Q, state, layers, stride_b, stride_t, stride_c, feats,
+                                stride_am, C, T_KEEP, per_image, Q, num_pid_m, TOK0, STARTS,
+                                SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C, BLOCK_M,
+                                True)
+                    if FENCE:
+                        _fence_proxy_async(THREADS)
+                    b_acc = _k_steps(b_acc, a_desc, w_desc, o_am, o_wn, sl * ks + k_lo,
+                                     sl * ks + k_hi, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                first = t0 // ITERS  # the programs that run this tile's steps, in K order
+                parts = (t0 + ks - 1) // ITERS - first + 1
+                if WHOLE and parts == 1:
+                    _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS,
+                                   ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N,
+                                   SPLIT_EPILOGUE)
+                else:
+                    _partial_epilogue(b_acc, ws, arrivals, tile, p - first, parts, o_desc,
+                                      p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                                      STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N,
+                                      SPLIT_EPILOGUE, PARTS)
+        n_counts = 4 + SLABS * num_pid_m  # (the partials' arrivals reset themselves)
     # the last program out waits for the helper's programs to be done, then leaves every count
     # zero for the next launch on this stream
     tl.debug_barrier()
@@ -215,10 +337,9 @@ def _gemm_ready_kernel(
     if done == tl.num_programs(0) - 1:
         while tl.atomic_add(state + 3, 0, sem="acquire", scope="gpu") < HELPERS:
             pass
-        for r0 in range(0, num_pid_m + 4, R_BLOCK):
+        for r0 in range(0, n_counts, R_BLOCK):
             o_r = r0 + tl.arange(0, R_BLOCK)
-            tl.atomic_xchg(state + o_r, 0, mask=o_r < num_pid_m + 4, sem="relaxed",
-                           scope="gpu")
+            tl.atomic_xchg(state + o_r, 0, mask=o_r < n_counts, sem="relaxed", scope="gpu")
 
 
 # --------------------------------------------------------------------------- launcher
@@ -226,6 +347,13 @@ def _gemm_ready_kernel(
 #: tile itself); ``HELPER_ROW_TILES`` > 0 caps the row tiles each helper program claims.
 HELPER = True
 HELPER_ROW_TILES = 0
+#: ``STREAM_K`` False: whole tiles always; ``STREAM_K_ITERS`` > 0 forces that many K steps of
+#: every slab per program wherever a slab is whole K steps (tests), 0: the path rule's choice
+STREAM_K = True
+STREAM_K_ITERS = 0
+#: A stream-K launch's helper loads one slab per unit (at most one group's layers, not every
+#: slab's): one more ring stage keeps as many bytes in flight in the same shared memory
+SPLIT_EXTRA_STAGES = 1
 #: Channels per step of a GEMM program's own row-tile production (8 warps over 8 x 256: one
 #: 16-byte load per thread and layer); the interpreter's
 PRODUCE_C = 256
@@ -273,8 +401,8 @@ class PipelinedLaunch:
 
     __slots__ = ("shape", "dtype", "device", "index", "helper_args", "helper_meta",
                  "helper_meta_pre", "helper_site", "helpers", "gemm_tail", "gemm_meta",
-                 "gemm_meta_pre",
-                 "gemm_site", "templates", "bias_copy", "state_len")
+                 "gemm_meta_pre", "gemm_site", "templates", "bias_copy", "state_len",
+                 "iters", "ws_numel")
 
     def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
         from .features import _ensure_allocator
@@ -286,9 +414,12 @@ class PipelinedLaunch:
         if bias is not None and self.bias_copy:
             bias = bias.contiguous()
         ta, tw, to, tp = self.templates
+        # stream K: fp32 partial tiles (through common.empty: tests poison them)
+        ws = common.empty((self.ws_numel,), torch.float32, self.device) if self.ws_numel \
+            else state
         gemm_args = (_clone_desc(ta, a2), _clone_desc(tw, weight), _clone_desc(to, out2d),
                      _clone_desc(tp, pre2d if pre2d is not None else out2d),
-                     bias if bias is not None else out2d, state, entries,
+                     bias if bias is not None else out2d, state, ws, entries,
                      *self.gemm_tail[:3], a2, *self.gemm_tail[3:])
         meta = self.gemm_meta if pre2d is None else self.gemm_meta_pre
         helper_meta = self.helper_meta if pre2d is None else self.helper_meta_pre
@@ -324,6 +455,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     from triton.tools.tensor_descriptor import TensorDescriptor
     from .gemm_tma import INTERPRET_SMS, _num_sms, _set_blocks
     from .features import INTERPRET_PROGRAMS
+    from .path import pipelined_stream_k, stream_k_shape
     base = hidden_states[spec.final_layer]
     interp = common.interpreting()
     gcfg, fcfg, produce_c = _configs()
@@ -342,8 +474,23 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     rows = fcfg["ROWS"]
     Q = batch * triton.cdiv(t_keep, rows)
     sms = INTERPRET_SMS if interp else _num_sms(base.device.index or 0)
-    tiles = triton.cdiv(M, g["BLOCK_M"]) * triton.cdiv(N, g["BLOCK_N"])
-    launch.state_len = _HEAD + triton.cdiv(M, g["BLOCK_M"])
+    pm = triton.cdiv(M, g["BLOCK_M"])
+    tiles = pm * triton.cdiv(N, g["BLOCK_N"])
+    slabs = spec.num_groups + 1
+    # stream K over the slabs where whole tiles would leave SMs idle (path.pipelined_stream_k;
+    # a slab must be whole K steps): units (slab, row tile), a ready count per slab and row
+    # block, then the split tiles' arrival counts
+    iters, segments, parts = 0, 0, 1
+    if STREAM_K and channels % g["BLOCK_K"] == 0:
+        ks = channels // g["BLOCK_K"]
+        iters = STREAM_K_ITERS or pipelined_stream_k(tiles, ks, slabs, sms)
+        if iters:
+            programs, segments, parts = stream_k_shape(tiles, ks, iters)
+            if tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] >= 2 ** 31:
+                iters, segments, parts = 0, 0, 1  # the partials' offsets are 32-bit
+    launch.iters = iters
+    launch.ws_numel = tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] if iters else 0
+    launch.state_len = _HEAD + (slabs * pm + tiles if iters else pm)
     # descriptors: stand-ins of the operands' layout (the calls' tensors replace the bases)
     like = torch.empty((8,), dtype=base.dtype, device=base.device)  # (an aligned base)
     ta = TensorDescriptor(like, [M, width], [width, 1], [g["BLOCK_M"], g["BLOCK_K"]])
@@ -356,7 +503,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     launch.templates = (ta, tw, to, tp)
     launch.bias_copy = bias is not None and bias.stride(0) != 1
     launch.helpers = (INTERPRET_PROGRAMS if interp else sms) if HELPER else 0
-    launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers)
+    launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers,
+                        iters)
     launch.gemm_meta = dict(
         HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=False,
         EMULATE_RNE=flags["EMULATE_RNE"], DOT_FP32=interp,
@@ -365,15 +513,18 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         SPLIT_EPILOGUE=g["SPLIT_EPILOGUE"], TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
         UNIFORM=flags["UNIFORM"], OFF64=flags["OFF64"], ROWS=rows, PRODUCE_C=produce_c,
         FENCE=not interp, THREADS=32 * gcfg.num_warps, R_BLOCK=256,
+        SEGMENTS=segments, PARTS=parts, WHOLE=bool(iters) and iters >= channels // g["BLOCK_K"],
         num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **_regs(GEMM_MAXNREG))
     launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True, **_regs(GEMM_MAXNREG_PRE))
-    launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (min(sms, tiles),))
-    launch.helper_args = (sb, st, width, batch, tokens, channels, t_keep, Q,
+    launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (programs if iters else min(sms, tiles),))
+    launch.helper_args = (sb, st, width, batch, tokens, channels, t_keep, Q, pm,
                           HELPER_ROW_TILES if HELPER_ROW_TILES > 0 else 2 ** 31 - 1)
     launch.helper_meta = dict(
         TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, OFF64=flags["OFF64"],
         EMULATE_RNE=flags["EMULATE_RNE"], ROWS=rows, BLOCK_C=fcfg["BLOCK_C"],
-        BLOCK_M=g["BLOCK_M"], STAGES=fcfg["STAGES"], num_warps=fcfg["num_warps"],
+        BLOCK_M=g["BLOCK_M"], STAGES=fcfg["STAGES"] + (SPLIT_EXTRA_STAGES if iters else 0),
+        SPLIT=bool(iters),
+        num_warps=fcfg["num_warps"],
         **_regs(HELPER_MAXNREG))
     launch.helper_meta_pre = dict(launch.helper_meta, **_regs(HELPER_MAXNREG_PRE))
     launch.helper_site = DirectLaunch(_features_helper_kernel, (max(1, launch.helpers),))
