@@ -143,12 +143,13 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
             return 0
         return 1
     if kernel == "_features_helper_kernel":
-        # units claimed by ticket: ceil(Q / programs) row tiles each (SPLIT: as many units of
-        # every slab, one TMA loop per slab), C / BLOCK_C channel tiles per unit
+        # units claimed by ticket: ceil(Q / programs) row tiles' worth each, C / BLOCK_C
+        # channel steps per unit (SPLIT: units of one slab, a channel loop per slab, each
+        # running that many steps on average); the unit loop once per unit
         per_program = math.ceil(a["Q"] / programs)
-        if loop["mix"].get("tma") and loop["innermost"]:
+        if loop["innermost"] and loop["mix"].get("global_load"):
             return per_program * math.ceil(a["C"] / c["BLOCK_C"])
-        if loop["mix"].get("tma"):
+        if loop["mix"].get("global_load"):
             return per_program * (len(c["SIZES"]) + 1 if c.get("SPLIT") else 1)
         return 1
     if kernel == "_sti_features_kernel":
@@ -164,11 +165,9 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
 def _inflight_per_cta(kernel: str, build: dict, c: dict, e: int, stats: dict) -> float:
     """Bytes of global loads one CTA keeps in flight."""
     stages = c.get("STAGES", build["num_stages"])
-    if kernel in ("_features_tma_kernel", "_features_helper_kernel"):
-        # TMA ring: (STAGES - 1) tiles of every layer ahead (SPLIT: of one slab's layers; the
-        # groups', which carry all but a layer of the bytes)
-        layers = max(c["SIZES"]) if c.get("SPLIT") else 1 + sum(c["SIZES"])
-        tile = layers * c["ROWS"] * c["BLOCK_C"] * e
+    if kernel == "_features_tma_kernel":
+        # TMA ring: (STAGES - 1) tiles of every layer ahead
+        tile = (1 + sum(c["SIZES"])) * c["ROWS"] * c["BLOCK_C"] * e
         return max(1, stages - 1) * tile
     if kernel in ("_gemm_tma_kernel", "_gemm_ready_kernel"):
         return max(1, stages - 1) * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * e
@@ -191,7 +190,8 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         out = rows * (len(sizes) + 1) * C * e
         return dict(dram=L * rows * C * e + out, l2=entries * rows * C * e + out, flops=0)
     if kernel == "_features_helper_kernel":  # every row of A (the GEMM's share: the ramp)
-        rows, C = a["B"] * a["T_KEEP"], a["C"]
+        images = a["Q"] // math.ceil(a["T_KEEP"] / c["ROWS"])
+        rows, C = images * a["T_KEEP"], a["C"]
         out = rows * (len(sizes) + 1) * C * e
         return dict(dram=L * rows * C * e + out, l2=entries * rows * C * e + out, flops=0)
     if kernel == "_features_kernel":
@@ -429,10 +429,12 @@ def estimate_rows(reports: Sequence[dict], arch: int) -> List[Dict[str, Any]]:
 def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> float:
     """The pipelined path (``dc_kernels.ops.pipelined``): the helper's features launch beside
     the one persistent GEMM launch, whose schedule :func:`dc_kernels.ops.path.pipelined_makespan`
-    replays (the path rule's own): the tiles of the GEMM's estimate (whole tiles, claimed in
-    grouped order), each waiting for its row block -- the first wave's rows produced at this
-    case's ``features/`` row rate (every waiting GEMM program helps), the rest at the helper's
-    estimate beside the GEMM (what one GEMM CTA leaves on every SM)."""
+    replays (the path rule's own; stream K over the slabs:
+    :func:`dc_kernels.ops.path.pipelined_stream_k_makespan`): the tiles of the GEMM's estimate
+    (whole tiles, claimed in grouped order), each waiting for its row block -- the first wave's
+    rows produced at this case's ``features/`` row rate (every waiting GEMM program helps), the
+    rest at the helper's estimate beside the GEMM (what one GEMM CTA leaves on every SM), no
+    faster than each helper program's share of that launch's DRAM bandwidth."""
     gemm = next(x for x in chosen if x["kernel"] == "_gemm_ready_kernel")
     helper = next((x for x in chosen if x["kernel"] == "_features_helper_kernel"), None)
     c, a = gemm["_build"]["constexprs"], gemm["_use"]["args"]
@@ -445,17 +447,22 @@ def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> 
     beside = alone
     if helper is not None:
         try:
-            b = estimate_launch(helper["_build"], helper["_use"], gpu, f["dtype"],
-                                beside=gemm["_build"])["seconds"]
+            est = estimate_launch(helper["_build"], helper["_use"], gpu, f["dtype"],
+                                  beside=gemm["_build"])
+            b, dram_s = est["seconds"], est["terms"]["dram"]
         except ValueError:  # not resident beside the GEMM: it runs as the GEMM's CTAs end
             b = helper["seconds"] + gemm["seconds"]
+            dram_s = 0.0
         row["pipelined_helper_beside_gemm_s"] = b
         # per row of the helper's throughput: its busiest program's units (the estimate's
         # ceil(Q / programs) row tiles' worth) over every program's rows (not the rows of A:
-        # with fewer row tiles than programs, the busiest program's time is one unit's latency)
+        # with fewer row tiles than programs, the busiest program's time is one unit's
+        # latency), but no faster than every program's share of the launch's DRAM bandwidth
+        # (all of A's rows through DRAM: with few row tiles a program's issue rate alone would
+        # let the programs together read faster than the bandwidth)
         hc, ha = helper["_build"]["constexprs"], helper["_use"]["args"]
         counted = math.ceil(ha["Q"] / helper["programs"]) * hc["ROWS"] * helper["programs"]
-        beside = (b - gpu.launch_fixed_s) / counted
+        beside = max((b - gpu.launch_fixed_s) / counted, dram_s / M)
     if c.get("SEGMENTS", 0):
         # stream K over the slabs: the busiest program's step-equivalents give one step's
         # seconds; units slab-major, each slab's bytes per row its layers read and its write
@@ -580,6 +587,28 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
             enc = {name: enc for name, enc, _, _ in TOWERS}[tower]
             cal["beside_gemm_layer_bytes"] = 2 * len(
                 ConnectorSpec.preset(enc, connector).used_layers)
+    # the pipelined path's helper beside the GEMM (its own kernel, not the overlap's features
+    # launch): the lower of its efficiencies at one image and at ``images``; and the layer
+    # bytes per element row below which it keeps too few bytes in flight, read off SCI's
+    # (3 layers) efficiency at ``images``, as beside_gemm_layer_bytes for the overlap
+    def helper_eff(case):
+        row = by.get(case)
+        h = [x for x in row["launches"] if x["kernel"] == "_features_helper_kernel"] \
+            if row and row.get("pipelined_helper_beside_gemm_s") else []
+        return h[0]["dram_bytes"] / gpu.dram_bytes_per_s / (
+            row["pipelined_helper_beside_gemm_s"] - gpu.launch_fixed_s) if h else None
+    effs = [x for x in (helper_eff(f"linear-pipelined/{shape}-{n}img-bf16")
+                        for n in sorted({1, images})) if x]
+    eff = min(effs) if effs else cal["features_efficiency_beside_gemm"]
+    cal["helper_efficiency_beside_gemm"] = round(eff, 3)
+    tower = shape.split("-")[0]
+    sci = helper_eff(f"linear-pipelined/{tower}-sci-{images}img-bf16")
+    from dc_kernels import ConnectorSpec
+    from dc_kernels.ops.triton_aot import TOWERS
+    enc = {name: enc for name, enc, _, _ in TOWERS}[tower]
+    sci_bytes = 2 * len(ConnectorSpec.preset(enc, "sci").used_layers)
+    cal["helper_layer_bytes"] = round(sci_bytes * eff / sci) if sci and sci < eff \
+        else sci_bytes
     return cal
 
 

@@ -476,6 +476,16 @@ def test_pipelined_stream_k_rule():
     assert rule(144, 16, 3, 132) == 18
     assert rule(1152, 16, 3, 132) == 0 and rule(128, 16, 3, 132) == 0
     assert rule(0, 16, 3, 132) == rule(80, 0, 3, 132) == rule(1, 1, 1, 132) == 0
+    # ... and the launcher takes it only where the replayed schedule beats whole tiles (the
+    # committed sm_90 calibration): 1 CLIP DCI image, not 2 (whose 144 whole tiles the
+    # schedule spreads better), nor SigLIP's 1 (96 tiles: no split), nor 16 images
+    wins = path_ops.pipelined_stream_k_wins
+    assert wins(576, 1024, 4096, 25, 3, 2)
+    assert not wins(1152, 1024, 4096, 25, 3, 2) and not wins(729, 1152, 4096, 27, 3, 2)
+    assert not wins(9216, 1024, 4096, 25, 3, 2)
+    whole, split = path_ops._pipelined_makespans(576, 1024, 4096, 25, 3, 2, path_ops.PATH_MODEL)
+    t = path_ops.estimate_linear_times(576, 1024, 4096, 25, 3, 2)
+    assert split < whole and t["pipelined"] == split
 
 
 def test_pipelined_falls_back_where_it_is_not_built():

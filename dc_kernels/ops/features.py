@@ -191,26 +191,13 @@ def _features_tma_kernel(
 def _tma_tile(descs, p_out, b, t0, c0, mask, C, STARTS: tl.constexpr, SIZES: tl.constexpr,
               EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     # One [ROWS, BLOCK_C] tile of every slab of A at p_out (image b, tokens t0.., channels
-    # c0..; TMA loads): the TMA features kernel's body, also the pipelined path's helper's
-    for s in tl.static_range(len(SIZES) + 1):
-        _tma_slab(descs, p_out, b, t0, c0, mask, C, s, STARTS, SIZES, EMULATE_RNE, ROWS,
-                  BLOCK_C)
-
-
-@triton.jit
-def _tma_slab(descs, p_out, b, t0, c0, mask, C, SLAB: tl.constexpr, STARTS: tl.constexpr,
-              SIZES: tl.constexpr, EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_C: tl.constexpr):
-    # Slab SLAB of that tile: slab 0 the base copied, slab g + 1 the mean of group g
-    if SLAB == 0:
-        b_x = descs[0].load([b, t0, c0]).reshape(ROWS, BLOCK_C)
-        tl.store(p_out, b_x.to(p_out.dtype.element_ty), mask=mask)
-    else:
-        b_sum = _tma_group_sum(descs, STARTS[SLAB - 1], SIZES[SLAB - 1], b, t0, c0, ROWS,
-                               BLOCK_C)
-        tl.store(p_out + SLAB * C,
-                 _round(b_sum / SIZES[SLAB - 1], p_out.dtype.element_ty, EMULATE_RNE),
-                 mask=mask)
+    # c0..; TMA loads): the TMA features kernel's body
+    b_x = descs[0].load([b, t0, c0]).reshape(ROWS, BLOCK_C)
+    tl.store(p_out, b_x.to(p_out.dtype.element_ty), mask=mask)
+    for g in tl.static_range(len(SIZES)):
+        b_sum = _tma_group_sum(descs, STARTS[g], SIZES[g], b, t0, c0, ROWS, BLOCK_C)
+        tl.store(p_out + (g + 1) * C,
+                 _round(b_sum / SIZES[g], p_out.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
 @triton.jit

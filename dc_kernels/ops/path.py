@@ -20,7 +20,7 @@ __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MO
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
            "gemm_stream_k", "stream_k_shape", "stream_k_program_steps", "gemm_split_gain",
            "pipelined_makespan", "pipelined_stream_k", "pipelined_stream_k_makespan",
-           "pipelined_stream_k_steps", "SLAB_FILL_STEPS",
+           "pipelined_stream_k_steps", "pipelined_stream_k_wins", "SLAB_FILL_STEPS",
            "SPLIT_PARTIAL_STEPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +32,9 @@ CALIBRATION_FILE = os.path.join(_HERE, "calibration.json")
 CALIBRATION_FILES = {90: CALIBRATION_FILE, 80: os.path.join(_HERE, "calibration-sm80.json")}
 _REQUIRED = ("dram_bytes_per_s", "l2_bytes_per_s", "flop_per_s", "launch_s", "sms",
              "issue_per_s", "features_efficiency", "features_efficiency_beside_gemm",
-             "beside_gemm_layer_bytes", "gemm_efficiency", "gemm_tile_m", "gemm_tile_n",
+             "helper_efficiency_beside_gemm", "helper_layer_bytes", "beside_gemm_layer_bytes",
+             "gemm_efficiency",
+             "gemm_tile_m", "gemm_tile_n",
              "gemm_split_k", "fused_block_n", "fused_block_n_small_groups",
              "fused_instr_per_element",
              "measured_over_estimated")
@@ -82,8 +84,11 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     * ``pipelined`` (one features launch beside one persistent GEMM whose tiles wait on
       per-row-block ready counts; :mod:`dc_kernels.ops.pipelined`) = its schedule replayed by
       :func:`pipelined_makespan` (whole tiles; the first wave's rows at the features pass's
-      rate, the rest at its rate beside the GEMM) or, where :func:`pipelined_stream_k` splits
-      the slabs' K steps (few tiles), by :func:`pipelined_stream_k_makespan` + a launch;
+      rate, the rest at the helper's, ``helper_efficiency_beside_gemm`` of the bandwidth,
+      scaled down as above below ``helper_layer_bytes`` per element row) or, where
+      :func:`pipelined_stream_k` splits the slabs' K steps (few tiles) and its replay
+      (:func:`pipelined_stream_k_makespan`) is faster (:func:`pipelined_stream_k_wins`), by
+      that; + a launch;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
       N tile (``fused_block_n`` wide; ``fused_block_n_small_groups`` when the slabs average
       at most 4 layers) and W once per 64-row tile, the FLOPs, and the issue cost of
@@ -100,11 +105,7 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     feats = feats_per_row * M
 
     def gemm_of(rows: int, may_split: bool) -> float:
-        waves = math.ceil(math.ceil(rows / 128) * math.ceil(N / 128) / m["sms"])
-        tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"])
-        if may_split:
-            tiles_time *= gemm_split_gain(rows, N, K, m)
-        return max(tiles_time, (rows * K + K * N + rows * N) * e / dram) / m["gemm_efficiency"]
+        return _gemm_time(rows, N, K, e, m, may_split)
 
     two_pass = feats + gemm_of(M, True) + m["launch_s"]
     rows = overlap_chunk_rows(M, N, m)
@@ -123,30 +124,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
             overlap += max(gemm_of(r, j == chunks - 1), nxt)
     else:
         overlap = two_pass
-    # pipelined: one GEMM launch (whole tiles) whose first wave waits for its rows' features
-    # (produced at the features pass's rate: every program helps while it waits), while the
-    # rest of the features run beside it (their rate beside the GEMM bounds it from below)
-    eff = m["features_efficiency_beside_gemm"] * min(
-        1.0, num_layers_read * e / m["beside_gemm_layer_bytes"])
-    tile_m, tile_n = m["gemm_tile_m"], m["gemm_tile_n"]
-    tiles = math.ceil(M / tile_m) * math.ceil(N / tile_n)
-    one_tile = gemm_of(M, False) / max(1, math.ceil(tiles / m["sms"]))
-    beside_per_row = feats_per_row * m["features_efficiency"] / eff
-    ks = C // 64 if C % 64 == 0 else 0  # K steps of a slab (stream K needs whole ones)
-    iters = pipelined_stream_k(tiles, ks, num_slabs, m["sms"]) if m["gemm_split_k"] else 0
-    if iters:
-        # stream K over the slabs: units slab-major; slab 0 copies the base (a layer read and
-        # written), the groups share the other layers evenly
-        step = one_tile / (num_slabs * ks)
-        groups = max(1, num_slabs - 1)
-        slab_bytes = [2.0] + [(num_layers_read - 1) / groups + 1.0] * (num_slabs - 1)
-        pipelined = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, iters, step,
-                                                m["sms"], 8, feats_per_row, beside_per_row,
-                                                slab_bytes)
-    else:
-        pipelined = pipelined_makespan(M, N, tile_m, tile_n, 8, m["sms"], one_tile,
-                                       feats_per_row, beside_per_row)
-    pipelined += m["launch_s"]
+    whole, split = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, e, m)
+    pipelined = min(whole, split) if split is not None else whole
     # the fused kernel's N tile: its shared memory holds one A tile per group member, so
     # small groups (SCI's single layers) leave room for wider tiles than DCI's 12-layer groups
     small = num_layers_read <= 4 * num_slabs
@@ -394,6 +373,63 @@ def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:
         if eff > best_eff:
             best, best_eff = k, eff
     return best * tm
+
+
+def _gemm_time(rows: int, N: int, K: int, e: int, m: Dict, may_split: bool) -> float:
+    # the path model's GEMM: wave-quantized 128 x 128 tiles against the FLOP and DRAM limits,
+    # times gemm_split_gain where the kernel runs stream K
+    waves = math.ceil(math.ceil(rows / 128) * math.ceil(N / 128) / m["sms"])
+    tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"])
+    if may_split:
+        tiles_time *= gemm_split_gain(rows, N, K, m)
+    return max(tiles_time, (rows * K + K * N + rows * N) * e / m["dram_bytes_per_s"]) \
+        / m["gemm_efficiency"]
+
+
+def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
+                         e: int, m: Dict) -> Tuple[float, Optional[float]]:
+    """The pipelined path's replayed seconds with whole tiles and, where
+    :func:`pipelined_stream_k` allows it, with stream K over the slabs (else None)."""
+    K = num_slabs * C
+    feats_per_row = (num_layers_read * C * e + K * e) / (
+        m["dram_bytes_per_s"] * m["features_efficiency"])
+    # the first wave's rows at the features pass's rate (every waiting program helps), the
+    # rest at the helper's beside the GEMM (fewer layers keep fewer bytes in flight, as for
+    # the overlap's features)
+    eff = m["helper_efficiency_beside_gemm"] * min(
+        1.0, num_layers_read * e / m["helper_layer_bytes"])
+    beside_per_row = feats_per_row * m["features_efficiency"] / eff
+    tile_m, tile_n = m["gemm_tile_m"], m["gemm_tile_n"]
+    tiles = math.ceil(M / tile_m) * math.ceil(N / tile_n)
+    one_tile = _gemm_time(M, N, K, e, m, False) / max(1, math.ceil(tiles / m["sms"]))
+    whole = pipelined_makespan(M, N, tile_m, tile_n, 8, m["sms"], one_tile, feats_per_row,
+                               beside_per_row) + m["launch_s"]
+    ks = C // 64 if C % 64 == 0 else 0  # K steps of a slab (stream K needs whole ones)
+    iters = pipelined_stream_k(tiles, ks, num_slabs, m["sms"]) if m["gemm_split_k"] else 0
+    if not iters:
+        return whole, None
+    # stream K over the slabs: units slab-major; slab 0 copies the base (a layer read and
+    # written), the groups share the other layers evenly
+    groups = max(1, num_slabs - 1)
+    slab_bytes = [2.0] + [(num_layers_read - 1) / groups + 1.0] * (num_slabs - 1)
+    split = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, iters,
+                                        one_tile / (num_slabs * ks), m["sms"], 8,
+                                        feats_per_row, beside_per_row, slab_bytes)
+    return whole, split + m["launch_s"]
+
+
+def pipelined_stream_k_wins(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
+                            element_size: int, model: Optional[Dict] = None,
+                            sms: Optional[int] = None) -> bool:
+    """Whether the pipelined path should run its GEMM as stream K over the slabs: where
+    :func:`pipelined_stream_k` allows it and the replayed schedule is faster than whole
+    tiles' (e.g. one CLIP image at N = 4096: 80 tiles for 132 SMs; not two, whose 144 tiles
+    the whole-tile schedule spreads better). ``sms``: the card's, in place of the model's."""
+    m = model or PATH_MODEL
+    if sms is not None:
+        m = dict(m, sms=sms)
+    whole, split = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, element_size, m)
+    return split is not None and split < whole
 
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,

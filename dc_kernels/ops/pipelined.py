@@ -5,33 +5,45 @@ The overlapped path (:class:`.linear.OverlapLaunch`) hides the features pass und
 row chunks, but pays the first chunk's features alone and one GEMM launch per chunk (a whole
 wave each, its tail, its fixed cost). Here the whole GEMM is one persistent launch:
 
-* ``_features_helper_kernel`` (side stream, one program per SM beside the GEMM's CTAs, the
-  TMA features kernel's tile body): each program claims features row tiles by ticket (an
-  atomic counter: tiles are produced in row order), writes every slab of that row tile of A
+* ``_features_helper_kernel`` (side stream, one program per SM beside the GEMM's CTAs): each
+  program claims *units* of A by ticket (an atomic counter: units are produced in ticket
+  order), writes the unit with the features kernel's pointer-load body (``_produce_unit``;
+  Triton's pipeliner keeps the next channel step's loads in flight as ``cp.async`` copies)
   and *publishes* it: a CTA barrier, then a ``release`` add on the ready count of each GEMM
-  row block the tile's rows fall in.
+  row block the unit's rows fall in. A unit is a row tile (``ROWS`` rows) of every slab, or,
+  for the stream-K GEMM below, of one slab.
 * ``_gemm_ready_kernel`` (current stream, persistent, the Hopper TMA GEMM's K loop and
-  epilogue): each program claims output tiles by ticket, in the grouped order, and before a
-  tile's K loop waits until its row block's ready count reaches the number of features row
-  tiles overlapping it (an ``acquire`` load), then issues ``fence.proxy.async.global`` (A was
-  written by generic stores of other SMs and is read by TMA, the async proxy) and runs the
-  tile.
+  epilogue). With whole tiles, each program claims output tiles by ticket, in the grouped
+  order, and before a tile's K loop waits until its row block's ready count reaches the
+  number of row tiles overlapping it (an ``acquire`` load), then issues
+  ``fence.proxy.async.global`` (A was written by generic stores of other SMs and is read by
+  TMA, the async proxy) and runs the tile. Where whole tiles would leave SMs idle (e.g. one
+  CLIP image: 80 tiles of 128 x 256 for 132 SMs; :func:`.path.pipelined_stream_k`) and the
+  replayed schedule says so (:func:`.path.pipelined_stream_k_wins`), it runs
+  *stream K over the slabs*: units are (slab, row tile), slab-major, with a ready count per
+  slab and row block; program p runs the same positions ``[p ITERS, (p + 1) ITERS)`` of every
+  slab's (tile, K step) sequence, slab by slab, each slab's steps once that slab of the row
+  block is ready -- so slab 0 (the base layer, a copy) is multiplied while the helper still
+  averages the groups -- and a tile shared by several programs is finished by the last to
+  arrive, which sums the fp32 partials in K order (:mod:`.gemm_tma`'s stream K).
 
-No wait can depend on a program that has not started: a GEMM program that finds its row block
-not ready and some of its row tiles *not yet claimed* claims the next row tile itself and
-produces it (pointer loads, the features kernel's tile body) instead of spinning; it spins
-only once every row tile of its block has been claimed -- by running programs, which finish
-without waiting on anything. So the GEMM completes even if the helper never becomes resident
-(and under the interpreter, which runs programs one after another). Results are deterministic:
-every row of A is the features kernel's, bit for bit, whoever writes it; every output tile is
-the TMA GEMM's whole-tile K loop and epilogue.
+No wait can depend on a program that has not started: a GEMM program that finds its count
+short while some unit it needs is *not yet claimed* claims the next unit itself and produces
+it (the same body: same sums, same order) instead of spinning; it spins only once every unit
+it needs has been claimed -- by running programs, which finish without waiting on anything.
+No GEMM program waits on another GEMM program. So the GEMM completes even if the helper never
+becomes resident (and under the interpreter, which runs programs one after another). Results
+are deterministic: every row of A is the features kernel's, bit for bit, whoever writes it;
+every output tile is the TMA GEMM's K loop (stream K: partials summed in K order) and
+epilogue.
 
 The counts live in the per-(device, stream) zeroed int32 buffer of the stream-K arrivals
-(:func:`.gemm_tma._arrivals`): ``[0]`` the row-tile ticket, ``[1]`` the output-tile ticket,
-``[2]`` GEMM programs done, ``[3]`` helper programs done, ``[4 + r]`` row block r's ready
-count. The GEMM's last program waits for every helper program to have finished (the helper
-never waits on the GEMM, and starts once SMs free up), then zeroes them all, so the buffer is
-zero again for the next launch on the stream.
+(:func:`.gemm_tma._arrivals`): ``[0]`` the unit ticket, ``[1]`` the output-tile ticket,
+``[2]`` GEMM programs done, ``[3]`` helper programs done, then the ready counts (one per row
+block; stream K: one per slab and row block, then the split tiles' arrivals). The GEMM's last
+program waits for every helper program to have finished (the helper never waits on the GEMM,
+and starts once SMs free up), then zeroes them all, so the buffer is zero again for the next
+launch on the stream.
 
 16-bit operands only (the 128 x 256 tiles of the overlapped path's GEMM); sm_90+ with TMA
 layouts, or the interpreter. :func:`pipelined_eligible` says when it applies;
@@ -49,7 +61,7 @@ import triton.language as tl
 from . import common
 from .direct import DirectLaunch
 from .common import _tile_offsets
-from .features import _layer_descs, _ldg_slab, _ldg_tile, _tma_slab, _tma_tile
+from .features import _ldg_slab, _ldg_tile
 from .gemm_tma import _k_range, _k_steps, _partial_epilogue, _tile_epilogue, _tile_origin
 
 __all__ = ["pipelined_eligible", "prepare_pipelined", "PipelinedLaunch", "HELPER",
@@ -101,62 +113,31 @@ def _publish(cnt, r0, r1, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _features_helper_kernel(
-    layers, stride_b, stride_t,  # tuples: every layer [B, T, C] with unit channel stride
+    layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
     out, stride_om,  # A [B*T', (G+1)*C], unit channel stride
     state,  # int32 counts (see the module docstring)
-    B, T, C, T_KEEP, Q,  # Q: features row tiles, B * cdiv(T', ROWS)
+    C, T_KEEP, Q,  # Q: features row tiles, B * cdiv(T', ROWS)
     PM,  # GEMM row blocks (SPLIT: the ready counts of slab s start at 4 + s * PM)
     LIMIT,  # units one program may claim (tests: leave some to the GEMM)
-    TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
+    TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr, UNIFORM: tl.constexpr,
     OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     SPLIT: tl.constexpr,  # units are (slab, row tile), slab-major (the stream-K GEMM's)
+    STAGES: tl.constexpr,
 ):
-    descs = _layer_descs(layers, stride_b, stride_t, B, T, C, ROWS, BLOCK_C)
+    # claims units by ticket and produces each with the GEMM's own producer (pointer loads,
+    # the features kernel's body), BLOCK_C channels at a time, then publishes it
     per_image = tl.cdiv(T_KEEP, ROWS)
-    c_tiles = tl.cdiv(C, BLOCK_C)
-    SLABS: tl.constexpr = len(SIZES) + 1
     if SPLIT:
-        units = Q * SLABS
+        units = Q * (len(SIZES) + 1)
     else:
         units = Q
     taken = 0
     u = tl.atomic_add(state, 1, sem="relaxed", scope="gpu")
     while u < units:
-        if SPLIT:
-            s = u // Q
-            q = u - s * Q
-        else:
-            q = u
-        b = q // per_image
-        t0 = (q % per_image) * ROWS
-        o_r = t0 + tl.arange(0, ROWS)
-        if OFF64:
-            o_row = b.to(tl.int64) * T_KEEP + o_r
-        else:
-            o_row = b * T_KEEP + o_r
-        m_r = o_r < T_KEEP
-        if SPLIT:
-            # one slab: its own channel loop per slab (each a pipelined TMA ring)
-            for sl in tl.static_range(SLABS):
-                if s == sl:
-                    for ct in tl.range(0, c_tiles, num_stages=STAGES):
-                        o_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-                        mask = m_r[:, None] & (o_c < C)[None, :]
-                        p_out = out + o_row[:, None] * stride_om + o_c[None, :]
-                        _tma_slab(descs, p_out, b, TOK0 + t0, ct * BLOCK_C, mask, C, sl,
-                                  STARTS, SIZES, EMULATE_RNE, ROWS, BLOCK_C)
-            cnt = state + 4 + s * PM
-        else:
-            for ct in tl.range(0, c_tiles, num_stages=STAGES):
-                o_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-                mask = m_r[:, None] & (o_c < C)[None, :]
-                p_out = out + o_row[:, None] * stride_om + o_c[None, :]
-                _tma_tile(descs, p_out, b, TOK0 + t0, ct * BLOCK_C, mask, C, STARTS, SIZES,
-                          EMULATE_RNE, ROWS, BLOCK_C)
-            cnt = state + 4
-        _, _, r0, r1 = _row_tile_rows(q, T_KEEP, per_image, ROWS)  # (fewer live registers)
-        _publish(cnt, r0, r1, BLOCK_M)
+        _produce_unit(u, layers, stride_b, stride_t, stride_c, out, stride_om, state, C,
+                      T_KEEP, per_image, Q, PM, TOK0, STARTS, SIZES, UNIFORM, OFF64,
+                      EMULATE_RNE, ROWS, BLOCK_C, BLOCK_M, SPLIT, STAGES)
         taken += 1
         u = units  # a claimed unit is always produced: claim only while allowed to
         if taken < LIMIT:
@@ -170,7 +151,7 @@ def _produce_unit(u, layers, stride_b, stride_t, stride_c, out, stride_om, state
                   T_KEEP, PER_IMAGE, Q, PM, TOK0: tl.constexpr, STARTS: tl.constexpr,
                   SIZES: tl.constexpr, UNIFORM: tl.constexpr, OFF64: tl.constexpr,
                   EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr, PRODUCE_C: tl.constexpr,
-                  BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr = 1):
     # a GEMM program's own production of unit u (pointer loads, the features kernel's tile
     # body: the same sums in the same order as the helper's), then its publication
     if SPLIT:
@@ -185,19 +166,24 @@ def _produce_unit(u, layers, stride_b, stride_t, stride_c, out, stride_om, state
         o_row = b.to(tl.int64) * T_KEEP + o_t
     else:
         o_row = b * T_KEEP + o_t
-    for c0 in range(0, C, PRODUCE_C):
-        o_c = c0 + tl.arange(0, PRODUCE_C)
-        mask = m_t[:, None] & (o_c < C)[None, :]
-        p_out = out + o_row[:, None] * stride_om + o_c[None, :]
-        if SPLIT:
-            o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, o_t + TOK0, o_c,
-                                OFF64)
-            for sl in tl.static_range(len(SIZES) + 1):
-                if s == sl:
+    if SPLIT:
+        # one slab: a channel loop of its own per slab (only the unit's runs)
+        for sl in tl.static_range(len(SIZES) + 1):
+            if s == sl:
+                for c0 in tl.range(0, C, PRODUCE_C, num_stages=STAGES):
+                    o_c = c0 + tl.arange(0, PRODUCE_C)
+                    mask = m_t[:, None] & (o_c < C)[None, :]
+                    p_out = out + o_row[:, None] * stride_om + o_c[None, :]
+                    o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, o_t + TOK0,
+                                        o_c, OFF64)
                     _ldg_slab(layers, stride_b, stride_t, stride_c, o_x, p_out, b, o_t + TOK0,
                               o_c, mask, C, sl, STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE,
                               ROWS, PRODUCE_C)
-        else:
+    else:
+        for c0 in tl.range(0, C, PRODUCE_C, num_stages=STAGES):
+            o_c = c0 + tl.arange(0, PRODUCE_C)
+            mask = m_t[:, None] & (o_c < C)[None, :]
+            p_out = out + o_row[:, None] * stride_om + o_c[None, :]
             _ldg_tile(layers, stride_b, stride_t, stride_c, p_out, b, o_t + TOK0, o_c, mask,
                       C, STARTS, SIZES, UNIFORM, OFF64, EMULATE_RNE, ROWS, PRODUCE_C)
     if SPLIT:
@@ -351,9 +337,14 @@ HELPER_ROW_TILES = 0
 #: every slab per program wherever a slab is whole K steps (tests), 0: the path rule's choice
 STREAM_K = True
 STREAM_K_ITERS = 0
-#: A stream-K launch's helper loads one slab per unit (at most one group's layers, not every
-#: slab's): one more ring stage keeps as many bytes in flight in the same shared memory
-SPLIT_EXTRA_STAGES = 1
+#: Helper programs, one beside every GEMM CTA: 2 warps over 8-row x 128-channel steps of a
+#: unit, pointer loads that Triton's pipeliner turns into ``cp.async`` copies one step ahead
+#: (``STAGES`` = 2: ~24 KiB of shared memory, every member layer's next step in flight, two
+#: 16-byte copies per thread and layer; 48 registers, sm_90, triton 3.9). ``ROWS`` is also the
+#: unit of the GEMM programs' own production. The interpreter's: small tiles, so blocks span
+#: several units
+HELPER_CONFIG = {"ROWS": 8, "BLOCK_C": 128, "num_warps": 2, "STAGES": 2}
+HELPER_CONFIG_INTERPRET = {"ROWS": 4, "BLOCK_C": 32, "num_warps": 4, "STAGES": 2}
 #: Channels per step of a GEMM program's own row-tile production (8 warps over 8 x 256: one
 #: 16-byte load per thread and layer); the interpreter's
 PRODUCE_C = 256
@@ -361,8 +352,8 @@ PRODUCE_C_INTERPRET = 16
 
 
 #: Register caps (``maxnreg``) that keep one helper CTA resident beside every GEMM CTA: 8 GEMM
-#: warps x 224 + 2 helper warps x 128 = the SM's 65,536 registers (without them the GEMM
-#: builds with 232 and the helper with up to 147: the helper would wait for SMs the GEMM frees).
+#: warps x 216 + 2 helper warps x 160 = the SM's 65,536 registers (without the cap the GEMM
+#: builds with 232, and the helper could not sit beside it; the helper itself builds with ~48).
 GEMM_MAXNREG = 216
 HELPER_MAXNREG = 160
 #: The same for training launches (the epilogue also stores Z: triton 3.6 spills at 216)
@@ -375,11 +366,10 @@ def _regs(cap: int) -> dict:
 
 
 def _configs():
-    from .features import FEATURES_TMA_CONFIG_BESIDE, FEATURES_TMA_CONFIG_INTERPRET
     from .gemm_tma import GEMM_TMA_CONFIG_INTERPRET, GEMM_TMA_CONFIGS_OVERLAP
     if common.interpreting():
-        return GEMM_TMA_CONFIG_INTERPRET, FEATURES_TMA_CONFIG_INTERPRET, PRODUCE_C_INTERPRET
-    return GEMM_TMA_CONFIGS_OVERLAP[0], FEATURES_TMA_CONFIG_BESIDE, PRODUCE_C
+        return GEMM_TMA_CONFIG_INTERPRET, HELPER_CONFIG_INTERPRET, PRODUCE_C_INTERPRET
+    return GEMM_TMA_CONFIGS_OVERLAP[0], HELPER_CONFIG, PRODUCE_C
 
 
 def pipelined_eligible(entries, spec, weight: torch.Tensor, out2d_layout_ok: bool) -> bool:
@@ -405,7 +395,6 @@ class PipelinedLaunch:
                  "iters", "ws_numel")
 
     def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
-        from .features import _ensure_allocator
         from .gemm_tma import _arrivals, _clone_desc
         feats = common.empty(self.shape, self.dtype, self.device)
         a2 = feats.view(-1, self.shape[-1])
@@ -425,9 +414,8 @@ class PipelinedLaunch:
         helper_meta = self.helper_meta if pre2d is None else self.helper_meta_pre
         cuda = self.device.type == "cuda"
         if self.helpers:
-            _ensure_allocator()
-            helper_args = (entries, *self.helper_args[:2], a2, *self.helper_args[2:3], state,
-                           *self.helper_args[3:])
+            helper_args = (entries, *self.helper_args[:3], a2, *self.helper_args[3:4], state,
+                           *self.helper_args[4:])
         if not cuda:  # the interpreter: the helper's programs, then the GEMM's
             if self.helpers:
                 self.helper_site(helper_args, helper_meta)
@@ -453,12 +441,12 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
                       activation: Optional[str]) -> PipelinedLaunch:
     """The :class:`PipelinedLaunch` of these (validated, :func:`pipelined_eligible`) inputs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    from .gemm_tma import INTERPRET_SMS, _num_sms, _set_blocks
+    from .gemm_tma import INTERPRET_SMS, _num_sms, _set_blocks, arch_of
     from .features import INTERPRET_PROGRAMS
-    from .path import pipelined_stream_k, stream_k_shape
+    from .path import model_for, pipelined_stream_k, pipelined_stream_k_wins, stream_k_shape
     base = hidden_states[spec.final_layer]
     interp = common.interpreting()
-    gcfg, fcfg, produce_c = _configs()
+    gcfg, hcfg, produce_c = _configs()
     g = gcfg.all_kwargs()
     t_keep = spec.tokens_kept(tokens)
     width = spec.out_channels(channels)
@@ -471,7 +459,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     sb, st, sc = common.strides(entries)
     flags = common.layout_flags(entries, weight, common.StandIn((M, N), (N, 1)),
                                 common.StandIn((batch, t_keep, width), (t_keep * width, width, 1)))
-    rows = fcfg["ROWS"]
+    rows = hcfg["ROWS"]
     Q = batch * triton.cdiv(t_keep, rows)
     sms = INTERPRET_SMS if interp else _num_sms(base.device.index or 0)
     pm = triton.cdiv(M, g["BLOCK_M"])
@@ -484,6 +472,10 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     if STREAM_K and channels % g["BLOCK_K"] == 0:
         ks = channels // g["BLOCK_K"]
         iters = STREAM_K_ITERS or pipelined_stream_k(tiles, ks, slabs, sms)
+        if iters and not STREAM_K_ITERS and not pipelined_stream_k_wins(
+                M, channels, N, len(spec.used_layers), slabs, base.element_size(),
+                model_for(None if interp else arch_of(base)), sms):
+            iters = 0  # whole tiles replay faster (e.g. 2 CLIP images)
         if iters:
             programs, segments, parts = stream_k_shape(tiles, ks, iters)
             if tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] >= 2 ** 31:
@@ -517,15 +509,13 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **_regs(GEMM_MAXNREG))
     launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True, **_regs(GEMM_MAXNREG_PRE))
     launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (programs if iters else min(sms, tiles),))
-    launch.helper_args = (sb, st, width, batch, tokens, channels, t_keep, Q, pm,
+    launch.helper_args = (sb, st, sc, width, channels, t_keep, Q, pm,
                           HELPER_ROW_TILES if HELPER_ROW_TILES > 0 else 2 ** 31 - 1)
     launch.helper_meta = dict(
-        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, OFF64=flags["OFF64"],
-        EMULATE_RNE=flags["EMULATE_RNE"], ROWS=rows, BLOCK_C=fcfg["BLOCK_C"],
-        BLOCK_M=g["BLOCK_M"], STAGES=fcfg["STAGES"] + (SPLIT_EXTRA_STAGES if iters else 0),
-        SPLIT=bool(iters),
-        num_warps=fcfg["num_warps"],
-        **_regs(HELPER_MAXNREG))
+        TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, UNIFORM=flags["UNIFORM"],
+        OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"], ROWS=rows,
+        BLOCK_C=hcfg["BLOCK_C"], BLOCK_M=g["BLOCK_M"], SPLIT=bool(iters), STAGES=hcfg["STAGES"],
+        num_warps=hcfg["num_warps"], **_regs(HELPER_MAXNREG))
     launch.helper_meta_pre = dict(launch.helper_meta, **_regs(HELPER_MAXNREG_PRE))
     launch.helper_site = DirectLaunch(_features_helper_kernel, (max(1, launch.helpers),))
     return launch
