@@ -42,7 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from dc_kernels.ops.path import (pipelined_makespan, pipelined_stream_k_makespan,
                                  pipelined_stream_k_steps, stream_k_program_steps)
 
-__all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown"]
+__all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown",
+           "pipelined_residency_problems"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,32 @@ def occupancy(registers: int, shared: int, warps: int, gpu: GPU,
     by_smem = max(0, smem) // (shared + 1024) if shared else cmax
     by_warps = max(0, wmax) // warps
     return max(0, min(by_regs, by_smem, by_warps, cmax))
+
+
+def pipelined_residency_problems(reports: Sequence[dict]) -> List[str]:
+    """The benchmark cases (``dc_kernels.ops.triton_aot`` build reports, any triton version)
+    whose pipelined launches cannot share an sm_90 SM: one GEMM CTA and one helper CTA within
+    the register file and shared memory (:func:`occupancy`); the whole design rests on it."""
+    by_case: Dict[str, Dict[str, dict]] = {}
+    for r in reports:
+        if r.get("kernel") in ("_gemm_ready_kernel", "_features_helper_kernel") \
+                and "error" not in r and r.get("arch") == 90:
+            for u in r["uses"]:
+                by_case.setdefault(u["case"], {})[r["kernel"]] = r
+    bad = []
+    for case, ks in sorted(by_case.items()):
+        gemm, helper = ks.get("_gemm_ready_kernel"), ks.get("_features_helper_kernel")
+        if gemm is None:
+            continue
+        if occupancy(gemm["registers"], gemm["shared"], gemm["num_warps"], GPUS[90]) < 1:
+            bad.append(f"{case}: the GEMM ({gemm['registers']} registers, {gemm['shared']} B) "
+                       f"does not fit an SM")
+        elif helper is not None and occupancy(helper["registers"], helper["shared"],
+                                              helper["num_warps"], GPUS[90], beside=gemm) < 1:
+            bad.append(f"{case}: the helper ({helper['registers']} registers, "
+                       f"{helper['shared']} B) does not fit beside the GEMM "
+                       f"({gemm['registers']} registers, {gemm['shared']} B)")
+    return bad
 
 
 def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(1, 1, 1)
