@@ -329,8 +329,8 @@ def _gemm_ready_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
-#: Module switches (tests): ``HELPER`` False launches no helper (the GEMM produces every row
-#: tile itself); ``HELPER_ROW_TILES`` > 0 caps the row tiles each helper program claims.
+#: Module switches (tests): ``HELPER`` False launches no helper (the GEMM produces every
+#: unit itself); ``HELPER_ROW_TILES`` > 0 caps the units each helper program claims.
 HELPER = True
 HELPER_ROW_TILES = 0
 #: ``STREAM_K`` False: whole tiles always; ``STREAM_K_ITERS`` > 0 forces that many K steps of
