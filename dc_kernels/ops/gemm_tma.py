@@ -157,6 +157,26 @@ def _partial_epilogue(b_acc, ws, arrivals, tile, slot, parts, o_desc, p_desc, bi
 
 
 @triton.jit
+def _segment_epilogue(b_acc, ws, arrivals, tile, program, t0, k_tiles, ITERS, o_desc, p_desc,
+                      bias, o_am, o_wn, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                      STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_EPILOGUE: tl.constexpr, PARTS: tl.constexpr, WHOLE: tl.constexpr):
+    # The end of a stream-K segment: ``program``'s K range of ``tile`` (whose K steps start at
+    # t0 in the (tile, K step) order, ITERS per program). A tile one program runs whole takes
+    # the plain epilogue; the others store a partial, and their last range sums them
+    first = t0 // ITERS  # the programs that run this tile's steps, in K order
+    parts = (t0 + k_tiles - 1) // ITERS - first + 1
+    if WHOLE and parts == 1:  # (ITERS < k_tiles: every tile is shared)
+        _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
+                       STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+    else:
+        _partial_epilogue(b_acc, ws, arrivals, tile, program - first, parts, o_desc, p_desc,
+                          bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE, EMULATE_RNE,
+                          BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, PARTS)
+
+
+@triton.jit
 def _gemm_tma_kernel(
     a_desc, w_desc, o_desc, p_desc,  # A [M, K], W [N, K], out and pre [M, N]: TMA descriptors
     bias,
@@ -201,17 +221,9 @@ def _gemm_tma_kernel(
                                           BLOCK_N)
                 b_acc = _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32,
                                  INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                first = t0 // ITERS  # the programs that run this tile's steps, in K order
-                parts = (t0 + k_tiles - 1) // ITERS - first + 1
-                if WHOLE and parts == 1:  # (ITERS < k_tiles: every tile is shared)
-                    _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS,
-                                   ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N,
-                                   SPLIT_EPILOGUE)
-                else:
-                    _partial_epilogue(b_acc, ws, arrivals, tile, start - first, parts, o_desc,
-                                      p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
-                                      STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE,
-                                      PARTS)
+                _segment_epilogue(b_acc, ws, arrivals, tile, start, t0, k_tiles, ITERS, o_desc,
+                                  p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
+                                  EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, PARTS, WHOLE)
 
 
 def _set_blocks(nargs):

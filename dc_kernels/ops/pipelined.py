@@ -62,7 +62,7 @@ from . import common
 from .direct import DirectLaunch
 from .common import _tile_offsets
 from .features import _ldg_slab, _ldg_tile
-from .gemm_tma import _k_range, _k_steps, _partial_epilogue, _tile_epilogue, _tile_origin
+from .gemm_tma import _k_range, _k_steps, _segment_epilogue, _tile_epilogue, _tile_origin
 
 __all__ = ["pipelined_eligible", "prepare_pipelined", "PipelinedLaunch", "HELPER",
            "HELPER_ROW_TILES", "STREAM_K", "STREAM_K_ITERS", "PRODUCE_C",
@@ -304,17 +304,9 @@ def _gemm_ready_kernel(
                         _fence_proxy_async(THREADS)
                     b_acc = _k_steps(b_acc, a_desc, w_desc, o_am, o_wn, sl * ks + k_lo,
                                      sl * ks + k_hi, DOT_FP32, INPUT_PRECISION, BLOCK_K)
-                first = t0 // ITERS  # the programs that run this tile's steps, in K order
-                parts = (t0 + ks - 1) // ITERS - first + 1
-                if WHOLE and parts == 1:
-                    _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS,
-                                   ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N,
-                                   SPLIT_EPILOGUE)
-                else:
-                    _partial_epilogue(b_acc, ws, arrivals, tile, p - first, parts, o_desc,
-                                      p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
-                                      STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N,
-                                      SPLIT_EPILOGUE, PARTS)
+                _segment_epilogue(b_acc, ws, arrivals, tile, p, t0, ks, ITERS, o_desc, p_desc,
+                                  bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
+                                  EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, PARTS, WHOLE)
         n_counts = 4 + SLABS * num_pid_m  # (the partials' arrivals reset themselves)
     # the last program out waits for the helper's programs to be done, then leaves every count
     # zero for the next launch on this stream
