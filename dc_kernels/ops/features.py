@@ -166,7 +166,11 @@ def _features_tma_kernel(
     # member-layer loads are TMA copies into a STAGES-deep shared-memory ring, so a program
     # keeps whole tiles of every layer in flight with few registers (it runs beside the GEMM
     # on the overlapped path). Row tiles never straddle two images (cdiv(T', ROWS) per image).
-    descs = _layer_descs(layers, stride_b, stride_t, B, T, C, ROWS, BLOCK_C)
+    descs = ()
+    for i in tl.static_range(len(layers)):
+        descs = descs + (tl.make_tensor_descriptor(
+            layers[i], shape=[B, T, C], strides=[stride_b[i], stride_t[i], 1],
+            block_shape=[1, ROWS, BLOCK_C]),)
     row_tiles = tl.cdiv(T_KEEP, ROWS)
     c_tiles = tl.cdiv(C, BLOCK_C)
     n_tiles = (Q1 - Q0) * c_tiles
@@ -183,33 +187,13 @@ def _features_tma_kernel(
         else:
             o_row = b * T_KEEP + o_r
         p_out = out + o_row[:, None] * stride_om + o_c[None, :]
-        _tma_tile(descs, p_out, b, TOK0 + t0, c0, mask, C, STARTS, SIZES, EMULATE_RNE, ROWS,
-                  BLOCK_C)
-
-
-@triton.jit
-def _tma_tile(descs, p_out, b, t0, c0, mask, C, STARTS: tl.constexpr, SIZES: tl.constexpr,
-              EMULATE_RNE: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    # One [ROWS, BLOCK_C] tile of every slab of A at p_out (image b, tokens t0.., channels
-    # c0..; TMA loads): the TMA features kernel's body
-    b_x = descs[0].load([b, t0, c0]).reshape(ROWS, BLOCK_C)
-    tl.store(p_out, b_x.to(p_out.dtype.element_ty), mask=mask)
-    for g in tl.static_range(len(SIZES)):
-        b_sum = _tma_group_sum(descs, STARTS[g], SIZES[g], b, t0, c0, ROWS, BLOCK_C)
-        tl.store(p_out + (g + 1) * C,
-                 _round(b_sum / SIZES[g], p_out.dtype.element_ty, EMULATE_RNE), mask=mask)
-
-
-@triton.jit
-def _layer_descs(layers, stride_b, stride_t, B, T, C, ROWS: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-    # one device-side descriptor per layer entry, [1, ROWS, BLOCK_C] boxes
-    descs = ()
-    for i in tl.static_range(len(layers)):
-        descs = descs + (tl.make_tensor_descriptor(
-            layers[i], shape=[B, T, C], strides=[stride_b[i], stride_t[i], 1],
-            block_shape=[1, ROWS, BLOCK_C]),)
-    return descs
+        b_x = descs[0].load([b, TOK0 + t0, c0]).reshape(ROWS, BLOCK_C)
+        tl.store(p_out, b_x.to(out.dtype.element_ty), mask=mask)
+        for g in tl.static_range(len(SIZES)):
+            b_sum = _tma_group_sum(descs, STARTS[g], SIZES[g], b, TOK0 + t0, c0, ROWS,
+                                   BLOCK_C)
+            tl.store(p_out + (g + 1) * C,
+                     _round(b_sum / SIZES[g], out.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
 # --------------------------------------------------------------------------- configs
