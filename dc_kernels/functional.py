@@ -258,10 +258,8 @@ def column_shard_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
     flags = common.layout_flags(entries, weight)
     limit = 2 ** 31 - 1
     off64 = flags["OFF64"] or M * full_width >= limit or full_width * weight.shape[1] >= limit
-    from .ops import linear
-    from .ops.pipelined import pipelined_eligible
-    pipelinable = linear.PIPELINED and pipelined_eligible(
-        entries, spec, weight, (full_width * base.element_size()) % 16 == 0)
+    from .ops.linear import pipelined_serves
+    pipelinable = pipelined_serves(entries, spec, weight, full_width)
     return choose_linear_path(M, C, full_width, len(spec.used_layers), spec.num_groups + 1,
                               base.element_size(), flags["UNIFORM"], off64,
                               sti=spec.connector_type == "sti", arch=arch_of(base),

@@ -32,6 +32,7 @@ from .pipelined import pipelined_eligible, prepare_pipelined
 
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
            "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
+           "pipelined_serves",
            "LINEAR_CONFIG_INTERPRET", "PATHS",
            "prune_configs", "shared_bytes_bound", "overlap_chunks", "prepare_overlap",
            "OverlapLaunch"]
@@ -356,6 +357,14 @@ OVERLAP_CHUNK_ROWS = 0
 #: False: the path rule never picks the pipelined path and ``path="pipelined"`` runs two-pass
 #: (a plan switch, like every launcher switch)
 PIPELINED = True
+
+
+def pipelined_serves(entries, spec: ConnectorSpec, weight: torch.Tensor, n_out: int) -> bool:
+    """Whether the pipelined path may run for these layer entries (``common.layer_entries``)
+    and weight, its output ``n_out`` columns wide: :data:`PIPELINED` on and
+    :func:`.pipelined.pipelined_eligible` (output rows 16-byte aligned for TMA)."""
+    return PIPELINED and pipelined_eligible(entries, spec, weight,
+                                            (n_out * entries[0].element_size()) % 16 == 0)
 _SIDE_STREAMS = {}
 
 
@@ -609,8 +618,7 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     flags = common.layout_flags(entries, weight, common.StandIn((M, N), (N, 1)))
     sti = spec.connector_type == "sti"
     fusable = flags["UNIFORM"] and not flags["OFF64"] and not sti
-    pipelinable = PIPELINED and pipelined_eligible(entries, spec, weight,
-                                                   (N * base.element_size()) % 16 == 0)
+    pipelinable = pipelined_serves(entries, spec, weight, N)
     if path == "auto":
         path = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
                                   base.element_size(), flags["UNIFORM"], flags["OFF64"], sti=sti,
