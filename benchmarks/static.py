@@ -570,8 +570,12 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
                           shape: str = "clip336-dci", images: int = 16) -> Dict[str, Any]:
     """Constants of the path model (``dc_kernels/ops/calibration.json``) read off the static
     estimates of one shape (bf16): how far each pass lands from its own roofline."""
+    from dc_kernels import ConnectorSpec
+    from dc_kernels.ops.triton_aot import TOWERS
     gpu = GPUS[arch]
     by = {r["case"]: r for r in rows}
+    tower, connector = shape.split("-")
+    enc = {name: enc for name, enc, _, _ in TOWERS}[tower]
     tag = f"{shape}-{images}img-bf16"
     feats = by[f"features/{tag}"]
     two = by[f"linear-two-pass/{tag}"]
@@ -595,7 +599,7 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
         fused_block_n=int(fl["config"].split("x")[1]),
         # groups of at most 4 layers (SCI) leave the fused kernel room for wider tiles
         fused_block_n_small_groups=int(
-            by[f"linear-fused/{shape.split('-')[0]}-sci-{images}img-bf16"]["launches"][0]
+            by[f"linear-fused/{tower}-sci-{images}img-bf16"]["launches"][0]
             ["config"].split("x")[1]),
         fused_instr_per_element=round(
             fl["instr_per_warp"] * fl["programs"] * int(fl["config"].split("w")[1].split()[0])
@@ -608,10 +612,6 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
             cal["features_efficiency_beside_gemm"] = round(
                 bytes_ / gpu.dram_bytes_per_s / sum(under), 3)
             # what it was read on: the case's distinct layers x bytes per element (bf16)
-            from dc_kernels import ConnectorSpec
-            from dc_kernels.ops.triton_aot import TOWERS
-            tower, connector = shape.split("-")
-            enc = {name: enc for name, enc, _, _ in TOWERS}[tower]
             cal["beside_gemm_layer_bytes"] = 2 * len(
                 ConnectorSpec.preset(enc, connector).used_layers)
     # the pipelined path's helper beside the GEMM (its own kernel, not the overlap's features
@@ -628,11 +628,7 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
                         for n in sorted({1, images})) if x]
     eff = min(effs) if effs else cal["features_efficiency_beside_gemm"]
     cal["helper_efficiency_beside_gemm"] = round(eff, 3)
-    tower = shape.split("-")[0]
     sci = helper_eff(f"linear-pipelined/{tower}-sci-{images}img-bf16")
-    from dc_kernels import ConnectorSpec
-    from dc_kernels.ops.triton_aot import TOWERS
-    enc = {name: enc for name, enc, _, _ in TOWERS}[tower]
     sci_bytes = 2 * len(ConnectorSpec.preset(enc, "sci").used_layers)
     cal["helper_layer_bytes"] = round(sci_bytes * eff / sci) if sci and sci < eff \
         else sci_bytes
