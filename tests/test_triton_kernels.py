@@ -440,7 +440,7 @@ def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, ite
     # three per program. A equals two-pass's bit for bit; the output and the training Z are
     # within the GEMM bound of fp64 (their sums run in another order than two-pass's), the
     # same bits on a second call into NaN-poisoned outputs; every count back to zero
-    from dc_kernels.ops import pipelined
+    from dc_kernels.ops import features, pipelined
     from dc_kernels import plan
     monkeypatch.setattr(pipelined, "HELPER", helper != "none")
     monkeypatch.setattr(pipelined, "HELPER_ROW_TILES", 3 if helper == "some" else 0)
@@ -451,6 +451,12 @@ def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, ite
     w, b = _weights(spec, C, N, dtype, seed=61)
     launch = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", path="pipelined")
     assert launch.path == "pipelined" and launch.pipelined.iters == iters
+    # the split launch's helper: split_helpers' count, its wider steps (masked where C < 64)
+    rows = pipelined.HELPER_CONFIG_SPLIT_INTERPRET["ROWS"]
+    if helper != "none":
+        assert launch.pipelined.helpers == path_ops.split_helpers(
+            B * math.ceil(spec.tokens_kept(T) / rows), features.INTERPRET_PROGRAMS)
+    assert launch.pipelined.helper_meta["BLOCK_C"] == 64
     got = _check_linear(hs, spec, w, b, "gelu", "pipelined", dtype)
     assert _ready_counts_zero()
     again = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="pipelined")
@@ -477,15 +483,35 @@ def test_pipelined_stream_k_rule():
     assert rule(1152, 16, 3, 132) == 0 and rule(128, 16, 3, 132) == 0
     assert rule(0, 16, 3, 132) == rule(80, 0, 3, 132) == rule(1, 1, 1, 132) == 0
     # ... and the launcher takes it only where the replayed schedule beats whole tiles (the
-    # committed sm_90 calibration): 1 CLIP DCI image, not 2 (whose 144 whole tiles the
-    # schedule spreads better), nor SigLIP's 1 (96 tiles: no split), nor 16 images
+    # committed sm_90 calibration): 1 and 2 CLIP DCI images (72 helper programs, one per
+    # 8-row unit of a slab), not SigLIP's 1 (96 tiles: no split), nor 16 images, nor SCI's
+    # one image (a unit of a one-layer slab keeps too few bytes in flight)
     wins = path_ops.pipelined_stream_k_wins
-    assert wins(576, 1024, 4096, 25, 3, 2)
-    assert not wins(1152, 1024, 4096, 25, 3, 2) and not wins(729, 1152, 4096, 27, 3, 2)
-    assert not wins(9216, 1024, 4096, 25, 3, 2)
+    assert wins(576, 1024, 4096, 25, 3, 2) and wins(1152, 1024, 4096, 25, 3, 2)
+    assert not wins(729, 1152, 4096, 27, 3, 2) and not wins(9216, 1024, 4096, 25, 3, 2)
+    assert not wins(576, 1024, 4096, 3, 3, 2)
     whole, split = path_ops._pipelined_makespans(576, 1024, 4096, 25, 3, 2, path_ops.PATH_MODEL)
     t = path_ops.estimate_linear_times(576, 1024, 4096, 25, 3, 2)
-    assert split < whole and t["pipelined"] == split
+    assert split < whole and t["pipelined"] == split < t["two-pass"]
+    assert path_ops.choose_linear_path(576, 1024, 4096, 25, 3, 2, arch=90,
+                                       pipelined=True) == "pipelined"
+
+
+def test_split_helpers():
+    # as few helper programs as take the same number of rounds per slab as one per SM
+    split = path_ops.split_helpers
+    assert split(72, 132) == 72  # one CLIP image: one round per slab
+    assert split(144, 132) == 72  # two: two rounds either way, of 72 units each
+    assert split(133, 132) == 67 and split(264, 132) == 132 and split(265, 132) == 89
+    assert split(1, 132) == 1 and split(0, 132) == 132 and split(5, 3) == 3
+    # the replay: 72 programs make every slab of one image ready sooner than 132 (same
+    # aggregate bandwidth; 144 group units over 132 programs leave 12 to a second round)
+    args = (576, 4096, 128, 256, 8, 16, 10, 0.69e-6)
+    rows = dict(unit_rows=8, alone_s_per_row=1.8e-8, beside_s_per_row=1.97e-8,
+                slab_bytes=(2.0, 13.0, 13.0))
+    few = path_ops.pipelined_stream_k_makespan(*args, sms=72, **rows)
+    many = path_ops.pipelined_stream_k_makespan(*args, sms=132, **rows)
+    assert few < 0.85 * many
 
 
 def test_pipelined_falls_back_where_it_is_not_built():
@@ -742,11 +768,13 @@ def test_dispatch_rule():
     # many rows: the features pass hides under the GEMM
     assert choose(16 * 576, 1024, 4096, 24, 3, 2) == "overlap"
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, cuda=False) == "two-pass"  # no streams
-    # the pipelined path (where it can run): one GEMM launch instead of chunks, from 2 images
-    # on; one image keeps the two-pass stream-K GEMM
+    # the pipelined path (where it can run): one GEMM launch instead of chunks; at one CLIP
+    # image its stream-K GEMM over the slabs with one helper per unit of a slab; one SigLIP
+    # image (729 rows, no split) keeps two-pass
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
     assert choose(64 * 576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
-    assert choose(576, 1024, 4096, 24, 3, 2, pipelined=True) == "two-pass"
+    assert choose(576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
+    assert choose(729, 1152, 4096, 26, 3, 2, pipelined=True) == "two-pass"
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, pipelined=True, cuda=False) == "two-pass"
     # SCI (3 layers): beside the GEMM its features keep too few bytes in flight to hide
     assert choose(16 * 576, 1024, 4096, 3, 3, 2) == "two-pass"

@@ -20,8 +20,8 @@ __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MO
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
            "gemm_stream_k", "stream_k_shape", "stream_k_program_steps", "gemm_split_gain",
            "pipelined_makespan", "pipelined_stream_k", "pipelined_stream_k_makespan",
-           "pipelined_stream_k_steps", "pipelined_stream_k_wins", "SLAB_FILL_STEPS",
-           "SPLIT_PARTIAL_STEPS"]
+           "pipelined_stream_k_steps", "pipelined_stream_k_wins", "split_helpers",
+           "SLAB_FILL_STEPS", "SPLIT_PARTIAL_STEPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: The sm_90 (H100-class) calibration: the default model (the interpreter, no card known).
@@ -223,6 +223,23 @@ def pipelined_stream_k(tiles: int, ks: int, slabs: int, sms: int) -> int:
     return iters if split <= 0.9 * math.ceil(tiles / sms) * slabs * ks else 0
 
 
+def split_helpers(row_tiles: int, sms: int) -> int:
+    """Helper programs of the pipelined path's stream-K launch (units (slab, row tile),
+    slab-major): as few as produce each slab's ``row_tiles`` units in the same number of
+    rounds as one per SM would, ``ceil(row_tiles / ceil(row_tiles / sms))`` (one CLIP image:
+    72 row tiles of 8 rows, 72 programs).
+
+    Helper programs share the DRAM bandwidth, so a unit's time grows with their number: 132
+    programs over 72 units per slab leave some of every slab's units to a second round at a
+    132nd of the bandwidth (slab 2 ready after ~19 us instead of ~11 us at one image, by the
+    replay of :func:`pipelined_stream_k_makespan`); one program per unit produces each slab
+    in one round at a 72nd. Each program then needs the bytes in flight of 132 / 72 programs
+    (the launcher's wider, 4-warp helper steps, ``pipelined.HELPER_CONFIG_SPLIT``)."""
+    if row_tiles <= 0 or sms <= 0:
+        return max(1, sms)
+    return math.ceil(row_tiles / math.ceil(row_tiles / sms))
+
+
 def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_m: int,
                                 ks: int, iters: int, step_s: float, sms: int, unit_rows: int,
                                 alone_s_per_row: float, beside_s_per_row: float,
@@ -409,12 +426,20 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     if not iters:
         return whole, None
     # stream K over the slabs: units slab-major; slab 0 copies the base (a layer read and
-    # written), the groups share the other layers evenly
+    # written), the groups share the other layers evenly. A unit reads one slab's layers,
+    # so its bytes in flight, and the helper's efficiency, scale with a group's layers (SCI:
+    # one), not with every layer read
     groups = max(1, num_slabs - 1)
-    slab_bytes = [2.0] + [(num_layers_read - 1) / groups + 1.0] * (num_slabs - 1)
+    per_group = (num_layers_read - 1) / groups
+    slab_bytes = [2.0] + [per_group + 1.0] * (num_slabs - 1)
+    eff_split = m["helper_efficiency_beside_gemm"] * min(
+        1.0, per_group * e / m["helper_layer_bytes"])
     split = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, iters,
-                                        one_tile / (num_slabs * ks), m["sms"], 8,
-                                        feats_per_row, beside_per_row, slab_bytes)
+                                        one_tile / (num_slabs * ks),
+                                        split_helpers(math.ceil(M / 8), m["sms"]), 8,
+                                        feats_per_row,
+                                        feats_per_row * m["features_efficiency"] / eff_split,
+                                        slab_bytes)
     return whole, split + m["launch_s"]
 
 
@@ -423,8 +448,9 @@ def pipelined_stream_k_wins(M: int, C: int, N: int, num_layers_read: int, num_sl
                             sms: Optional[int] = None) -> bool:
     """Whether the pipelined path should run its GEMM as stream K over the slabs: where
     :func:`pipelined_stream_k` allows it and the replayed schedule is faster than whole
-    tiles' (e.g. one CLIP image at N = 4096: 80 tiles for 132 SMs; not two, whose 144 tiles
-    the whole-tile schedule spreads better). ``sms``: the card's, in place of the model's."""
+    tiles' (e.g. one and two CLIP DCI images at N = 4096: 80 and 144 tiles for 132 SMs; not
+    SCI's one image, whose one-layer slabs leave the split helper too few bytes in flight).
+    ``sms``: the card's, in place of the model's."""
     m = model or PATH_MODEL
     if sms is not None:
         m = dict(m, sms=sms)

@@ -5,8 +5,9 @@ The overlapped path (:class:`.linear.OverlapLaunch`) hides the features pass und
 row chunks, but pays the first chunk's features alone and one GEMM launch per chunk (a whole
 wave each, its tail, its fixed cost). Here the whole GEMM is one persistent launch:
 
-* ``_features_helper_kernel`` (side stream, one program per SM beside the GEMM's CTAs): each
-  program claims *units* of A by ticket (an atomic counter: units are produced in ticket
+* ``_features_helper_kernel`` (side stream, one program per SM beside the GEMM's CTAs; beside
+  the stream-K GEMM below, :func:`.path.split_helpers` programs, one per unit of a slab at one
+  CLIP image, with wider steps): each program claims *units* of A by ticket (an atomic counter: units are produced in ticket
   order), writes the unit with the features kernel's pointer-load body (``_produce_unit``;
   Triton's pipeliner keeps the next channel step's loads in flight as ``cp.async`` copies)
   and *publishes* it: a CTA barrier, then a ``release`` add on the ready count of each GEMM
@@ -336,7 +337,13 @@ STREAM_K_ITERS = 0
 #: unit of the GEMM programs' own production. The interpreter's: small tiles, so blocks span
 #: several units
 HELPER_CONFIG = {"ROWS": 8, "BLOCK_C": 128, "num_warps": 2, "STAGES": 2}
+#: The stream-K launch's helper: fewer programs (:func:`.path.split_helpers`, one per unit of
+#: a slab at one CLIP image), each with twice the bytes in flight and the issue rate of the
+#: one above: 4 warps over 8 x 256 steps (48 registers, ~48 KiB of shared memory, sm_90,
+#: triton 3.9). Same ``ROWS``: the GEMM programs' own units are the same
+HELPER_CONFIG_SPLIT = {"ROWS": 8, "BLOCK_C": 256, "num_warps": 4, "STAGES": 2}
 HELPER_CONFIG_INTERPRET = {"ROWS": 4, "BLOCK_C": 32, "num_warps": 4, "STAGES": 2}
+HELPER_CONFIG_SPLIT_INTERPRET = {"ROWS": 4, "BLOCK_C": 64, "num_warps": 4, "STAGES": 2}
 #: Channels per step of a GEMM program's own row-tile production (8 warps over 8 x 256: one
 #: 16-byte load per thread and layer); the interpreter's
 PRODUCE_C = 256
@@ -351,6 +358,10 @@ HELPER_MAXNREG = 160
 #: The same for training launches (the epilogue also stores Z: triton 3.6 spills at 216)
 GEMM_MAXNREG_PRE = 224
 HELPER_MAXNREG_PRE = 128
+#: The 4-warp stream-K helper's caps: what the GEMM leaves over 128 threads (216 x 256 +
+#: 80 x 128 = 65,536; training: 224 x 256 + 64 x 128)
+HELPER_MAXNREG_SPLIT = 80
+HELPER_MAXNREG_SPLIT_PRE = 64
 
 
 def _regs(cap: int) -> dict:
@@ -362,6 +373,25 @@ def _configs():
     if common.interpreting():
         return GEMM_TMA_CONFIG_INTERPRET, HELPER_CONFIG_INTERPRET, PRODUCE_C_INTERPRET
     return GEMM_TMA_CONFIGS_OVERLAP[0], HELPER_CONFIG, PRODUCE_C
+
+
+def _helper_launch(split: bool, interp: bool, row_tiles: int, sms: int):
+    """(programs, config, register cap, training register cap) of the helper launch: one
+    program per SM (``sms``) over :data:`HELPER_CONFIG` steps, or, beside the stream-K GEMM
+    (``split``), :func:`.path.split_helpers` programs over :data:`HELPER_CONFIG_SPLIT` steps.
+    The interpreter makes the same choice over ``INTERPRET_PROGRAMS`` programs, with its own
+    configs (the split one's wider steps leave masked channels where ``C`` < 64)."""
+    from .features import INTERPRET_PROGRAMS
+    from .path import split_helpers
+    if interp:
+        if split:
+            return (split_helpers(row_tiles, INTERPRET_PROGRAMS), HELPER_CONFIG_SPLIT_INTERPRET,
+                    HELPER_MAXNREG_SPLIT, HELPER_MAXNREG_SPLIT_PRE)
+        return INTERPRET_PROGRAMS, HELPER_CONFIG_INTERPRET, HELPER_MAXNREG, HELPER_MAXNREG_PRE
+    if split:
+        return (split_helpers(row_tiles, sms), HELPER_CONFIG_SPLIT, HELPER_MAXNREG_SPLIT,
+                HELPER_MAXNREG_SPLIT_PRE)
+    return sms, HELPER_CONFIG, HELPER_MAXNREG, HELPER_MAXNREG_PRE
 
 
 def pipelined_eligible(entries, spec, weight: torch.Tensor, out2d_layout_ok: bool) -> bool:
@@ -434,7 +464,6 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     """The :class:`PipelinedLaunch` of these (validated, :func:`pipelined_eligible`) inputs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     from .gemm_tma import INTERPRET_SMS, _num_sms, _set_blocks, arch_of
-    from .features import INTERPRET_PROGRAMS
     from .path import model_for, pipelined_stream_k, pipelined_stream_k_wins, stream_k_shape
     base = hidden_states[spec.final_layer]
     interp = common.interpreting()
@@ -486,7 +515,9 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         t.base = None  # a plan must not keep tensors alive (the calls' clones set it)
     launch.templates = (ta, tw, to, tp)
     launch.bias_copy = bias is not None and bias.stride(0) != 1
-    launch.helpers = (INTERPRET_PROGRAMS if interp else sms) if HELPER else 0
+    helpers, hcfg_run, hcap, hcap_pre = _helper_launch(bool(iters), interp, Q, sms)
+    assert hcfg_run["ROWS"] == rows  # the GEMM programs' own units are the helper's
+    launch.helpers = helpers if HELPER else 0
     launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers,
                         iters)
     launch.gemm_meta = dict(
@@ -506,8 +537,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     launch.helper_meta = dict(
         TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, UNIFORM=flags["UNIFORM"],
         OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"], ROWS=rows,
-        BLOCK_C=hcfg["BLOCK_C"], BLOCK_M=g["BLOCK_M"], SPLIT=bool(iters), STAGES=hcfg["STAGES"],
-        num_warps=hcfg["num_warps"], **_regs(HELPER_MAXNREG))
-    launch.helper_meta_pre = dict(launch.helper_meta, **_regs(HELPER_MAXNREG_PRE))
+        BLOCK_C=hcfg_run["BLOCK_C"], BLOCK_M=g["BLOCK_M"], SPLIT=bool(iters),
+        STAGES=hcfg_run["STAGES"], num_warps=hcfg_run["num_warps"], **_regs(hcap))
+    launch.helper_meta_pre = dict(launch.helper_meta, **_regs(hcap_pre))
     launch.helper_site = DirectLaunch(_features_helper_kernel, (max(1, launch.helpers),))
     return launch
