@@ -482,13 +482,17 @@ def test_pipelined_stream_k_rule():
     assert rule(144, 16, 3, 132) == 18
     assert rule(1152, 16, 3, 132) == 0 and rule(128, 16, 3, 132) == 0
     assert rule(0, 16, 3, 132) == rule(80, 0, 3, 132) == rule(1, 1, 1, 132) == 0
+    # one wave of tiles: taken when no slower than whole tiles (which cannot overlap the
+    # features there): one SigLIP image, 96 tiles of 18 K steps per slab, 52.5 against 54
+    assert rule(96, 18, 3, 132) == 14
+    assert rule(96, 18, 1, 132) == 0  # one slab: 14 + partials against 18, no margin
     # ... and the launcher takes it only where the replayed schedule beats whole tiles (the
     # committed sm_90 calibration): 1 and 2 CLIP DCI images (72 helper programs, one per
-    # 8-row unit of a slab), not SigLIP's 1 (96 tiles: no split), nor 16 images, nor SCI's
-    # one image (a unit of a one-layer slab keeps too few bytes in flight)
+    # 8-row unit of a slab), SigLIP's 1 (92), not 16 images, nor SCI's one image (a unit of
+    # a one-layer slab keeps too few bytes in flight)
     wins = path_ops.pipelined_stream_k_wins
     assert wins(576, 1024, 4096, 25, 3, 2) and wins(1152, 1024, 4096, 25, 3, 2)
-    assert not wins(729, 1152, 4096, 27, 3, 2) and not wins(9216, 1024, 4096, 25, 3, 2)
+    assert wins(729, 1152, 4096, 27, 3, 2) and not wins(9216, 1024, 4096, 25, 3, 2)
     assert not wins(576, 1024, 4096, 3, 3, 2)
     whole, split = path_ops._pipelined_makespans(576, 1024, 4096, 25, 3, 2, path_ops.PATH_MODEL)
     t = path_ops.estimate_linear_times(576, 1024, 4096, 25, 3, 2)
@@ -512,6 +516,18 @@ def test_split_helpers():
     few = path_ops.pipelined_stream_k_makespan(*args, sms=72, **rows)
     many = path_ops.pipelined_stream_k_makespan(*args, sms=132, **rows)
     assert few < 0.85 * many
+    # the launcher's split helper (sm_90 builds): 8 x 256 steps where a step of the largest
+    # group fits what triton 3.6's stream-K GEMM leaves of shared memory (CLIP's 12-layer
+    # groups: 48 KiB), else 8 x 128 (SigLIP's 13: 52 KiB would not fit beside its 177 KiB)
+    from dc_kernels.ops import pipelined
+    for layers, rows, width, programs in ((12, 72, 256, 72), (13, 92, 128, 92), (1, 72, 256, 72)):
+        n, cfg, cap, cap_pre = pipelined._helper_launch(True, False, rows, 132, layers, 2)
+        assert (n, cfg["BLOCK_C"], cfg["num_warps"]) == (programs, width, 4)
+        assert layers * cfg["ROWS"] * cfg["BLOCK_C"] * 2 <= pipelined.SPLIT_HELPER_SHARED
+        assert 216 * 256 + cap * 128 <= 65536 and 224 * 256 + cap_pre * 128 <= 65536
+    assert pipelined.HELPER_CONFIG_SPLIT["BLOCK_C"] == 256  # the table's entry is unchanged
+    n, cfg, _, _ = pipelined._helper_launch(False, False, 72, 132, 12, 2)
+    assert (n, cfg) == (132, pipelined.HELPER_CONFIG)
 
 
 def test_pipelined_falls_back_where_it_is_not_built():
@@ -769,12 +785,12 @@ def test_dispatch_rule():
     assert choose(16 * 576, 1024, 4096, 24, 3, 2) == "overlap"
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, cuda=False) == "two-pass"  # no streams
     # the pipelined path (where it can run): one GEMM launch instead of chunks; at one CLIP
-    # image its stream-K GEMM over the slabs with one helper per unit of a slab; one SigLIP
-    # image (729 rows, no split) keeps two-pass
+    # or SigLIP image its stream-K GEMM over the slabs with one helper per unit of a slab
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
     assert choose(64 * 576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
     assert choose(576, 1024, 4096, 24, 3, 2, pipelined=True) == "pipelined"
-    assert choose(729, 1152, 4096, 26, 3, 2, pipelined=True) == "two-pass"
+    assert choose(729, 1152, 4096, 26, 3, 2, pipelined=True) == "pipelined"
+    assert choose(729, 1152, 4096, 26, 3, 2) == "two-pass"  # where pipelined cannot run
     assert choose(16 * 576, 1024, 4096, 24, 3, 2, pipelined=True, cuda=False) == "two-pass"
     # SCI (3 layers): beside the GEMM its features keep too few bytes in flight to hide
     assert choose(16 * 576, 1024, 4096, 3, 3, 2) == "two-pass"

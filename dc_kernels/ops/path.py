@@ -212,7 +212,12 @@ def pipelined_stream_k(tiles: int, ks: int, slabs: int, sms: int) -> int:
     Its programs run the same positions of every slab's (tile, K step) sequence (``ks`` steps
     of a tile per slab): ``ceil(tiles * ks / sms)`` positions, ``slabs`` times, plus
     partials and refills (:func:`pipelined_stream_k_steps`). Taken, as :func:`gemm_stream_k`,
-    when the busiest program saves at least 10 % over whole tiles."""
+    when the busiest program saves at least 10 % over whole tiles, or, with at most one wave
+    of tiles (``tiles <= sms``), when it is no slower: there every whole tile starts at once
+    and needs all of its rows' slabs, so whole tiles cannot overlap the features at all,
+    while the split multiplies slab 0 as the groups are averaged (one SigLIP image: 96
+    tiles, 52.5 step-equivalents against 54; :func:`pipelined_stream_k_wins` then compares
+    the replays)."""
     if tiles <= 0 or ks <= 0 or sms <= 0 or slabs <= 0:
         return 0
     iters = math.ceil(tiles * ks / sms)
@@ -220,7 +225,8 @@ def pipelined_stream_k(tiles: int, ks: int, slabs: int, sms: int) -> int:
         return 0
     _, segments, parts = stream_k_shape(tiles, ks, iters)
     split = pipelined_stream_k_steps(iters, slabs, segments, parts)
-    return iters if split <= 0.9 * math.ceil(tiles / sms) * slabs * ks else 0
+    whole = math.ceil(tiles / sms) * slabs * ks
+    return iters if split <= (1.0 if tiles <= sms else 0.9) * whole else 0
 
 
 def split_helpers(row_tiles: int, sms: int) -> int:

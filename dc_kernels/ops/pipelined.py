@@ -339,9 +339,14 @@ STREAM_K_ITERS = 0
 HELPER_CONFIG = {"ROWS": 8, "BLOCK_C": 128, "num_warps": 2, "STAGES": 2}
 #: The stream-K launch's helper: fewer programs (:func:`.path.split_helpers`, one per unit of
 #: a slab at one CLIP image), each with twice the bytes in flight and the issue rate of the
-#: one above: 4 warps over 8 x 256 steps (48 registers, ~48 KiB of shared memory, sm_90,
-#: triton 3.9). Same ``ROWS``: the GEMM programs' own units are the same
+#: one above: 4 warps over 8 x 256 steps (48 registers, 48 KiB of shared memory for a
+#: 12-layer group, sm_90, triton 3.9). Same ``ROWS``: the GEMM programs' own units are the
+#: same. Steps narrow to 128 channels where a group's step would need more shared memory than
+#: :data:`SPLIT_HELPER_SHARED` (SigLIP's 13-layer groups: 52 KiB)
 HELPER_CONFIG_SPLIT = {"ROWS": 8, "BLOCK_C": 256, "num_warps": 4, "STAGES": 2}
+#: What triton 3.6's stream-K GEMM (177 KiB) leaves the helper of the SM's 228 KiB, with 1 KiB
+#: reserved per CTA (triton 3.9's takes 144 KiB)
+SPLIT_HELPER_SHARED = 49 * 1024
 HELPER_CONFIG_INTERPRET = {"ROWS": 4, "BLOCK_C": 32, "num_warps": 4, "STAGES": 2}
 HELPER_CONFIG_SPLIT_INTERPRET = {"ROWS": 4, "BLOCK_C": 64, "num_warps": 4, "STAGES": 2}
 #: Channels per step of a GEMM program's own row-tile production (8 warps over 8 x 256: one
@@ -375,12 +380,15 @@ def _configs():
     return GEMM_TMA_CONFIGS_OVERLAP[0], HELPER_CONFIG, PRODUCE_C
 
 
-def _helper_launch(split: bool, interp: bool, row_tiles: int, sms: int):
+def _helper_launch(split: bool, interp: bool, row_tiles: int, sms: int,
+                   group_layers: int = 1, element_size: int = 2):
     """(programs, config, register cap, training register cap) of the helper launch: one
     program per SM (``sms``) over :data:`HELPER_CONFIG` steps, or, beside the stream-K GEMM
-    (``split``), :func:`.path.split_helpers` programs over :data:`HELPER_CONFIG_SPLIT` steps.
-    The interpreter makes the same choice over ``INTERPRET_PROGRAMS`` programs, with its own
-    configs (the split one's wider steps leave masked channels where ``C`` < 64)."""
+    (``split``), :func:`.path.split_helpers` programs over :data:`HELPER_CONFIG_SPLIT` steps,
+    128 channels wide where one step of the largest group (``group_layers`` layers) would not
+    fit :data:`SPLIT_HELPER_SHARED`. The interpreter makes the same choice over
+    ``INTERPRET_PROGRAMS`` programs, with its own configs (the split one's wider steps leave
+    masked channels where ``C`` < 64)."""
     from .features import INTERPRET_PROGRAMS
     from .path import split_helpers
     if interp:
@@ -389,7 +397,10 @@ def _helper_launch(split: bool, interp: bool, row_tiles: int, sms: int):
                     HELPER_MAXNREG_SPLIT, HELPER_MAXNREG_SPLIT_PRE)
         return INTERPRET_PROGRAMS, HELPER_CONFIG_INTERPRET, HELPER_MAXNREG, HELPER_MAXNREG_PRE
     if split:
-        return (split_helpers(row_tiles, sms), HELPER_CONFIG_SPLIT, HELPER_MAXNREG_SPLIT,
+        cfg = dict(HELPER_CONFIG_SPLIT)
+        if group_layers * cfg["ROWS"] * cfg["BLOCK_C"] * element_size > SPLIT_HELPER_SHARED:
+            cfg["BLOCK_C"] = 128
+        return (split_helpers(row_tiles, sms), cfg, HELPER_MAXNREG_SPLIT,
                 HELPER_MAXNREG_SPLIT_PRE)
     return sms, HELPER_CONFIG, HELPER_MAXNREG, HELPER_MAXNREG_PRE
 
@@ -515,7 +526,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         t.base = None  # a plan must not keep tensors alive (the calls' clones set it)
     launch.templates = (ta, tw, to, tp)
     launch.bias_copy = bias is not None and bias.stride(0) != 1
-    helpers, hcfg_run, hcap, hcap_pre = _helper_launch(bool(iters), interp, Q, sms)
+    helpers, hcfg_run, hcap, hcap_pre = _helper_launch(bool(iters), interp, Q, sms,
+                                                       max(sizes), base.element_size())
     assert hcfg_run["ROWS"] == rows  # the GEMM programs' own units are the helper's
     launch.helpers = helpers if HELPER else 0
     launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers,
