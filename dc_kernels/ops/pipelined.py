@@ -7,8 +7,8 @@ wave each, its tail, its fixed cost). Here the whole GEMM is one persistent laun
 
 * ``_features_helper_kernel`` (side stream, one program per SM beside the GEMM's CTAs; beside
   the stream-K GEMM below, :func:`.path.split_helpers` programs, one per unit of a slab at one
-  CLIP image, with wider steps): each program claims *units* of A by ticket (an atomic counter: units are produced in ticket
-  order), writes the unit with the features kernel's pointer-load body (``_produce_unit``;
+  CLIP image, with wider steps): each program claims *units* of A by ticket (an atomic
+  counter: units are produced in ticket order), writes the unit with the features kernel's pointer-load body (``_produce_unit``;
   Triton's pipeliner keeps the next channel step's loads in flight as ``cp.async`` copies)
   and *publishes* it: a CTA barrier, then a ``release`` add on the ready count of each GEMM
   row block the unit's rows fall in. A unit is a row tile (``ROWS`` rows) of every slab, or,
