@@ -507,7 +507,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         if iters and not STREAM_K_ITERS and not pipelined_stream_k_wins(
                 M, channels, N, len(spec.used_layers), slabs, base.element_size(),
                 model_for(None if interp else arch_of(base)), sms):
-            iters = 0  # whole tiles replay faster (e.g. 2 CLIP images)
+            iters = 0  # whole tiles replay faster (e.g. SCI's one CLIP image)
         if iters:
             programs, segments, parts = stream_k_shape(tiles, ks, iters)
             if tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] >= 2 ** 31:
