@@ -114,9 +114,9 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
         # the features of chunk 0 run alone, those of chunk j + 1 beside the GEMM of chunk j
         # at ``features_efficiency_beside_gemm`` of the copy bandwidth; every chunk's GEMM is
         # quantized on its own, and only the last one (nothing runs beside it) may run stream K
-        eff = m["features_efficiency_beside_gemm"] * min(
-            1.0, num_layers_read * e / m["beside_gemm_layer_bytes"])
-        beside_per_row = feats_per_row * m["features_efficiency"] / eff
+        beside_per_row = _beside_per_row(feats_per_row, num_layers_read * e, m,
+                                         "features_efficiency_beside_gemm",
+                                         "beside_gemm_layer_bytes")
         sizes = [rows] * (chunks - 1) + [M - rows * (chunks - 1)]
         overlap = feats_per_row * sizes[0] + chunks * m["launch_s"]
         for j, r in enumerate(sizes):
@@ -409,6 +409,16 @@ def _gemm_time(rows: int, N: int, K: int, e: int, m: Dict, may_split: bool) -> f
         / m["gemm_efficiency"]
 
 
+def _beside_per_row(feats_per_row: float, layer_bytes: float, m: Dict, efficiency: str,
+                    reference_bytes: str) -> float:
+    # seconds per row of features produced beside the GEMM: the features pass's rate over the
+    # calibrated efficiency there (key ``efficiency``), scaled down where a unit reads fewer
+    # ``layer_bytes`` per element row than the case it was read on (key ``reference_bytes``):
+    # fewer layers keep fewer bytes in flight
+    eff = m[efficiency] * min(1.0, layer_bytes / m[reference_bytes])
+    return feats_per_row * m["features_efficiency"] / eff
+
+
 def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
                          e: int, m: Dict) -> Tuple[float, Optional[float]]:
     """The pipelined path's replayed seconds with whole tiles and, where
@@ -419,9 +429,8 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     # the first wave's rows at the features pass's rate (every waiting program helps), the
     # rest at the helper's beside the GEMM (fewer layers keep fewer bytes in flight, as for
     # the overlap's features)
-    eff = m["helper_efficiency_beside_gemm"] * min(
-        1.0, num_layers_read * e / m["helper_layer_bytes"])
-    beside_per_row = feats_per_row * m["features_efficiency"] / eff
+    beside_per_row = _beside_per_row(feats_per_row, num_layers_read * e, m,
+                                     "helper_efficiency_beside_gemm", "helper_layer_bytes")
     tile_m, tile_n = m["gemm_tile_m"], m["gemm_tile_n"]
     tiles = math.ceil(M / tile_m) * math.ceil(N / tile_n)
     one_tile = _gemm_time(M, N, K, e, m, False) / max(1, math.ceil(tiles / m["sms"]))
@@ -438,13 +447,13 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     groups = max(1, num_slabs - 1)
     per_group = (num_layers_read - 1) / groups
     slab_bytes = [2.0] + [per_group + 1.0] * (num_slabs - 1)
-    eff_split = m["helper_efficiency_beside_gemm"] * min(
-        1.0, per_group * e / m["helper_layer_bytes"])
     split = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, iters,
                                         one_tile / (num_slabs * ks),
                                         split_helpers(math.ceil(M / 8), m["sms"]), 8,
                                         feats_per_row,
-                                        feats_per_row * m["features_efficiency"] / eff_split,
+                                        _beside_per_row(feats_per_row, per_group * e, m,
+                                                        "helper_efficiency_beside_gemm",
+                                                        "helper_layer_bytes"),
                                         slab_bytes)
     return whole, split + m["launch_s"]
 
