@@ -499,6 +499,12 @@ def test_pipelined_stream_k_rule():
     assert split < whole and t["pipelined"] == split < t["two-pass"]
     assert path_ops.choose_linear_path(576, 1024, 4096, 25, 3, 2, arch=90,
                                        pipelined=True) == "pipelined"
+    # a group that reads only the base layer (1 distinct layer, 2 slabs) still reads a layer
+    # per unit: the split's replay runs (it divided by zero when it counted none)
+    _, split = path_ops._pipelined_makespans(576, 1024, 4096, 1, 2, 2, path_ops.PATH_MODEL)
+    assert split is not None and split > 0
+    assert path_ops.choose_linear_path(576, 1024, 4096, 1, 2, 2, pipelined=True) in (
+        "fused", "pipelined", "two-pass", "overlap")
 
 
 def test_split_helpers():

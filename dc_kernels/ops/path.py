@@ -445,7 +445,8 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     # so its bytes in flight, and the helper's efficiency, scale with a group's layers (SCI:
     # one), not with every layer read
     groups = max(1, num_slabs - 1)
-    per_group = (num_layers_read - 1) / groups
+    # (at least one: a group may share its layers with the base, e.g. [base, mean(hs[23:24])])
+    per_group = max(1.0, (num_layers_read - 1) / groups)
     slab_bytes = [2.0] + [per_group + 1.0] * (num_slabs - 1)
     split = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, iters,
                                         one_tile / (num_slabs * ks),
