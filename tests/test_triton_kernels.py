@@ -471,6 +471,13 @@ def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, ite
     torch.testing.assert_close(pre.reshape(-1, N).double(),
                                torch.nn.functional.linear(a64, w64, b64), rtol=rtol, atol=atol)
     assert _ready_counts_zero()
+    # the programs' work taken last to first: every shared tile reduced by another piece
+    # (under the interpreter its first, in place), the program of the last tiles waiting on
+    # units nobody has claimed yet (it produces them): the same bits
+    monkeypatch.setattr(pipelined, "REVERSE_PROGRAMS", True)
+    plan.clear()
+    rev = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="pipelined")
+    assert torch.equal(rev, got) and _ready_counts_zero()
 
 
 def test_pipelined_stream_k_rule():
@@ -622,6 +629,14 @@ def test_stream_k_gemm(monkeypatch, dtype, iters, M, N, K, bias, activation):
     rtol, atol = _linear_tolerance(a64, w64, b64, dtype)
     torch.testing.assert_close(out.double(), y, rtol=rtol, atol=atol)
     torch.testing.assert_close(pre.double(), z, rtol=rtol, atol=atol)
+    # the programs' work taken last to first: under the interpreter every shared tile is then
+    # reduced by its first piece (in place, from its registers) instead of its last (in slot
+    # 1 in place, further on from the stored partials): the same bits
+    monkeypatch.setattr(gemm_tma, "REVERSE_PROGRAMS", True)
+    rev = gemm_tma.prepare_gemm_tma(a, w, b, activation, torch.empty(M, N, dtype=dtype,
+                                                                     device=DEVICE))
+    out_r, pre_r = run_gemm_launch_twice(rev, a, w, b)
+    assert torch.equal(out_r, out) and torch.equal(pre_r, pre)
 
 
 def test_stream_k_taken_by_the_rule_and_end_to_end(monkeypatch):

@@ -40,7 +40,8 @@ from .direct import DirectLaunch
 from .path import gemm_stream_k, stream_k_shape
 
 __all__ = ["arch_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch",
-           "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS"]
+           "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
+           "REVERSE_PROGRAMS"]
 
 
 @triton.jit
@@ -115,42 +116,72 @@ def _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS: tl.cons
                   STORE_PRE, EMULATE_RNE, BLOCK_N)
 
 
+#: A shared tile's count (``arrivals``): the low 16 bits take a ticket per piece past its K
+#: loop, the bits above count the partials stored (``_STORED`` each)
+_STORED = tl.constexpr(65536)
+
+
 @triton.jit
 def _partial_epilogue(b_acc, ws, arrivals, tile, slot, parts, o_desc, p_desc, bias, o_am, o_wn,
                       N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                       STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPLIT_EPILOGUE: tl.constexpr, PARTS: tl.constexpr):
-    # One of a tile's ``parts`` K ranges (``slot``: its place in K order): store its fp32
-    # partial, arrive; the range that arrives last (whichever it is) sums the tile's partials
-    # in K order -- the same sum whatever the arrival order, so the result is deterministic --
-    # runs the epilogue and resets the tile's count for the next launch. Nobody waits: no
-    # schedule (the interpreter's one program at a time included) can deadlock.
+    # One of a tile's ``parts`` K ranges (``slot``: its place in K order). Each piece takes a
+    # ticket; the piece with the last ticket (whichever it is) sums the tile's partials in K
+    # order, runs the epilogue and resets the count for the next launch; the others store
+    # their fp32 partial and count it (release). The sum is p0 + p1 + ... left to right, the
+    # same whoever reduces, so the result is deterministic. A reducer in slot 0 or 1 adds the
+    # others' partials to its own registers (p1 + p0 == p0 + p1 exactly) and stores nothing;
+    # one further on stores its own and sums from p0. The reducer waits only for pieces that
+    # took their tickets before it, which have nothing left but their stores: no schedule
+    # (the interpreter's one program at a time included) can deadlock.
     HALVES: tl.constexpr = 2 if SPLIT_EPILOGUE else 1
     WIDTH: tl.constexpr = BLOCK_N // HALVES
     TILE: tl.constexpr = BLOCK_M * BLOCK_N
     o_r = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
     o_c = tl.arange(0, WIDTH)[None, :]
-    mine = ws + (tile * PARTS + slot) * TILE
+    first = ws + tile * PARTS * TILE
     if SPLIT_EPILOGUE:
         b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, WIDTH)), (0, 2, 1))
         b_lo, b_hi = tl.split(b_acc)
-        tl.store(mine + o_r + o_c, b_lo, cache_modifier=".cg")
-        tl.store(mine + o_r + o_c + WIDTH, b_hi, cache_modifier=".cg")
     else:
-        tl.store(mine + o_r + o_c, b_acc, cache_modifier=".cg")
-    # every thread's partial stores happen before the arrival (barrier), which releases them
-    # at GPU scope; the last arrival acquires the others' (one thread performs a scalar
-    # atomic; the result reaches the CTA through shared memory after a barrier)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == parts - 1:
-        first = ws + tile * PARTS * TILE
+        b_lo = b_acc
+        b_hi = b_acc
+    # one thread takes the ticket; the result reaches the CTA through shared memory
+    ticket = tl.atomic_add(arrivals + tile, 1, sem="relaxed", scope="gpu") % _STORED
+    last = ticket == parts - 1
+    in_place = last and slot <= 1
+    if not in_place:
+        mine = first + slot * TILE
+        tl.store(mine + o_r + o_c, b_lo, cache_modifier=".cg")
+        if SPLIT_EPILOGUE:
+            tl.store(mine + o_r + o_c + WIDTH, b_hi, cache_modifier=".cg")
+        # every thread's stores happen before the count (barrier), which releases them at GPU
+        # scope; the reducer's acquire of the count makes them visible to it
+        tl.debug_barrier()
+        if not last:
+            tl.atomic_add(arrivals + tile, _STORED, sem="release", scope="gpu")
+    if last:
+        while tl.atomic_add(arrivals + tile, 0, sem="acquire", scope="gpu") // _STORED \
+                < parts - 1:
+            pass
         for h in tl.static_range(HALVES):
-            b_sum = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
-            for j in range(parts):
-                # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
-                b_sum += tl.load(first + j * TILE + o_r + o_c + h * WIDTH, cache_modifier=".cg")
+            if h == 0:
+                b_sum = b_lo
+            else:
+                b_sum = b_hi
+            # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
+            if in_place:
+                for j in range(parts):
+                    if j != slot:
+                        b_sum += tl.load(first + j * TILE + o_r + o_c + h * WIDTH,
+                                         cache_modifier=".cg")
+            else:
+                b_sum = tl.load(first + o_r + o_c + h * WIDTH, cache_modifier=".cg")
+                for j in range(1, parts):
+                    b_sum += tl.load(first + j * TILE + o_r + o_c + h * WIDTH,
+                                     cache_modifier=".cg")
             _epilogue(b_sum, o_desc, p_desc, bias, o_am, o_wn + h * WIDTH, N, HAS_BIAS,
                       ACTIVATION, STORE_PRE, EMULATE_RNE, WIDTH)
         tl.atomic_xchg(arrivals + tile, 0, sem="relaxed", scope="gpu")
@@ -191,8 +222,11 @@ def _gemm_tma_kernel(
     SEGMENTS: tl.constexpr = 0,  # stream K: the most tiles one program's steps touch (0: off)
     PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
     WHOLE: tl.constexpr = False,  # stream K: ITERS >= the K steps of a tile (one may run whole)
+    REVERSED: tl.constexpr = False,  # tests: program i runs program (programs - 1 - i)'s work
 ):
     start = tl.program_id(0)
+    if REVERSED:
+        start = tl.num_programs(0) - 1 - start
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -339,6 +373,10 @@ def _clone_desc(template, base):
 #: Stream K: 0 = :func:`dc_kernels.ops.path.gemm_stream_k`'s choice, -1 = never, n > 0 = n K
 #: steps per program wherever stream K may run (tests force it)
 STREAM_K_ITERS = 0
+#: Tests: the programs take their work last to first (``REVERSED``), so under the interpreter,
+#: which runs them one after another, a shared tile's first piece takes the last ticket and
+#: reduces it (run in order, its last piece does)
+REVERSE_PROGRAMS = False
 #: (device, stream) -> int32 arrival counts of shared tiles, zero between launches (the last
 #: arrival of every tile resets its count)
 _ARRIVALS: dict = {}
@@ -418,7 +456,8 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     sms = INTERPRET_SMS if interp else _num_sms(a.device.index or 0)
     launch.meta = dict(HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation],
                        STORE_PRE=False, EMULATE_RNE=interp, DOT_FP32=interp,
-                       INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms)
+                       INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms,
+                       REVERSED=REVERSE_PROGRAMS)
     launch.meta_pre = dict(launch.meta, STORE_PRE=True)
     # stream K (16-bit operands, not beside the overlapped features: a chunk's GEMM fills the
     # SMs): a fixed config, the first one (the steps per program follow from its tiles)

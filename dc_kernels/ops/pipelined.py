@@ -66,7 +66,7 @@ from .features import _ldg_slab, _ldg_tile
 from .gemm_tma import _k_range, _k_steps, _segment_epilogue, _tile_epilogue, _tile_origin
 
 __all__ = ["pipelined_eligible", "prepare_pipelined", "PipelinedLaunch", "HELPER",
-           "HELPER_ROW_TILES", "STREAM_K", "STREAM_K_ITERS", "PRODUCE_C",
+           "HELPER_ROW_TILES", "STREAM_K", "STREAM_K_ITERS", "REVERSE_PROGRAMS", "PRODUCE_C",
            "PRODUCE_C_INTERPRET"]
 
 #: ``[0]`` row-tile ticket, ``[1]`` output-tile ticket, ``[2]`` GEMM programs done, ``[3]``
@@ -234,6 +234,7 @@ def _gemm_ready_kernel(
     SEGMENTS: tl.constexpr = 0,  # stream K: the most tiles one program's steps touch (0: off)
     PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
     WHOLE: tl.constexpr = False,  # stream K: ITERS >= a slab's K steps (one may run a tile)
+    REVERSED: tl.constexpr = False,  # tests: stream K's program i runs (programs - 1 - i)'s
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -270,6 +271,8 @@ def _gemm_ready_kernel(
         # ranges store fp32 partials summed by the last to arrive (gemm_tma's stream K). No
         # program waits on another GEMM program: any grid size is deadlock-free
         p = tl.program_id(0)
+        if REVERSED:
+            p = tl.num_programs(0) - 1 - p
         ks = C // BLOCK_K  # (pipelined_stream_k: C is a multiple of BLOCK_K)
         it0 = p * ITERS
         it1 = tl.minimum(it0 + ITERS, num_tiles * ks)
@@ -330,6 +333,8 @@ HELPER_ROW_TILES = 0
 #: every slab per program wherever a slab is whole K steps (tests), 0: the path rule's choice
 STREAM_K = True
 STREAM_K_ITERS = 0
+#: Tests: stream K's programs take their work last to first (see gemm_tma.REVERSE_PROGRAMS)
+REVERSE_PROGRAMS = False
 #: Helper programs, one beside every GEMM CTA: 2 warps over 8-row x 128-channel steps of a
 #: unit, pointer loads that Triton's pipeliner turns into ``cp.async`` copies one step ahead
 #: (``STAGES`` = 2: ~24 KiB of shared memory, every member layer's next step in flight, two
@@ -541,7 +546,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         UNIFORM=flags["UNIFORM"], OFF64=flags["OFF64"], ROWS=rows, PRODUCE_C=produce_c,
         FENCE=not interp, THREADS=32 * gcfg.num_warps, R_BLOCK=256,
         SEGMENTS=segments, PARTS=parts, WHOLE=bool(iters) and iters >= channels // g["BLOCK_K"],
-        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **_regs(GEMM_MAXNREG))
+        REVERSED=REVERSE_PROGRAMS, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **_regs(GEMM_MAXNREG))
     launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True, **_regs(GEMM_MAXNREG_PRE))
     launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (programs if iters else min(sms, tiles),))
     launch.helper_args = (sb, st, sc, width, channels, t_keep, Q, pm,
