@@ -340,7 +340,14 @@ def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel
     w, b = _weights(spec, 24, 40, dtype, seed=35)
     over = _check_linear(hs, spec, w, b, "gelu", "overlap", dtype)
     two = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="two-pass")
-    assert torch.equal(over, two)
+    if dtype == torch.float32 and common.interpreting():
+        # the interpreter's fp32 tl.dot is numpy's matmul, whose BLAS may round a row
+        # differently by its place in the block (seen: OpenBLAS on an AVX-512 CPU, FMA or not
+        # by position; 16-bit products are exact in fp32, so FMA changes nothing there): a
+        # chunk's rows sit elsewhere in their tiles than in two-pass's. Within ~4 fp32 ulps
+        torch.testing.assert_close(over, two, rtol=5e-7, atol=1e-7)
+    else:
+        assert torch.equal(over, two)
 
 
 def test_overlap_launch_is_prepared_once_per_chunk_size(monkeypatch):
