@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dc_kernels.ops.path import (pipelined_makespan, pipelined_stream_k_makespan,
-                                 pipelined_stream_k_steps, stream_k_program_steps)
+                                 pipelined_stream_k_steps, stream_k_partials,
+                                 stream_k_program_steps)
 
 __all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown",
            "pipelined_residency_problems"]
@@ -253,19 +254,22 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         if not c.get("SEGMENTS", 0):
             return dict(dram=dram, l2=l2, flops=2.0 * M * K * N,
                         program_flops=math.ceil(tiles_m * tiles_n / P) * k_tiles * step)
-        # stream K: every piece of a shared tile writes an fp32 partial tile and the tile's
-        # last piece reads all of them back (through L2; counted once more through DRAM, as
-        # written back: at most one partial per program and tile boundary); the busiest
-        # program runs ITERS steps plus a partial store per segment and one sum of PARTS
-        # partials (the path rule's own cost, path.stream_k_program_steps)
-        pieces = min(P + tiles_m * tiles_n, tiles_m * tiles_n * c["PARTS"])
-        partials = pieces * c["BLOCK_M"] * c["BLOCK_N"] * 4
-        if kernel == "_gemm_ready_kernel":  # ITERS steps of every slab, ring refills
-            steps = pipelined_stream_k_steps(a["ITERS"], len(sizes) + 1, c["SEGMENTS"],
-                                             c["PARTS"])
+        # stream K: the pieces of a shared tile that do not reduce it write fp32 partial
+        # tiles, its reducer reads them back (through L2; the stores counted once more
+        # through DRAM, as written back); the busiest program runs ITERS steps plus the
+        # partials it stores and loads (the path rule's own cost, path.stream_k_partials and
+        # path.stream_k_program_steps)
+        pipelined = kernel == "_gemm_ready_kernel"
+        ks = a["C"] // c["BLOCK_K"] if pipelined else k_tiles  # a slab's K steps, or K's
+        busiest, stored, loaded = stream_k_partials(tiles_m * tiles_n, ks, a["ITERS"],
+                                                    longer_first=pipelined)
+        tile_bytes = c["BLOCK_M"] * c["BLOCK_N"] * 4
+        if pipelined:  # ITERS steps of every slab, ring refills
+            steps = pipelined_stream_k_steps(a["ITERS"], len(sizes) + 1, c["SEGMENTS"], busiest)
         else:
-            steps = stream_k_program_steps(a["ITERS"], c["SEGMENTS"], c["PARTS"])
-        return dict(dram=dram + partials, l2=l2 + 2 * partials, flops=2.0 * M * K * N,
+            steps = stream_k_program_steps(a["ITERS"], busiest)
+        return dict(dram=dram + stored * tile_bytes,
+                    l2=l2 + (stored + loaded) * tile_bytes, flops=2.0 * M * K * N,
                     program_flops=steps * step)
     if kernel == "_linear_kernel":
         M, N, C = a["M"], a["N"], a["C"]
@@ -494,8 +498,10 @@ def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> 
         # stream K over the slabs: the busiest program's step-equivalents give one step's
         # seconds; units slab-major, each slab's bytes per row its layers read and its write
         sizes = c["SIZES"]
-        steps = pipelined_stream_k_steps(a["ITERS"], len(sizes) + 1, c["SEGMENTS"],
-                                         c["PARTS"])
+        steps = pipelined_stream_k_steps(
+            a["ITERS"], len(sizes) + 1, c["SEGMENTS"],
+            stream_k_partials(math.ceil(M / c["BLOCK_M"]) * math.ceil(N / c["BLOCK_N"]),
+                              a["C"] // c["BLOCK_K"], a["ITERS"], longer_first=True)[0])
         step_s = (gemm["seconds"] - gpu.launch_fixed_s) / steps
         slab_bytes = [2.0] + [size + 1.0 for size in sizes]
         row["pipelined_ramp_s"] = alone * M * slab_bytes[0] / sum(slab_bytes)

@@ -146,6 +146,9 @@ def test_shard_range_errors():
 # the path is pinned, below), and for the torch backend as far as the BLAS gives it. Measured
 # with MKL (torch 2.13 CPU): bf16/fp16 always; fp32 for shards >= 12 columns wide (narrower
 # ones take another MKL kernel and differ in the last bits). The widths here are >= 12 for fp32.
+# Under the interpreter the Triton kernels' fp32 tl.dot is numpy's matmul, whose BLAS may round
+# a column by its place in the tile (seen: OpenBLAS on an AVX-512 CPU); there fp32 is held to
+# ~4 ulps (16-bit products are exact in fp32: still bit-equal).
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("n,world", [(27, 2), (52, 4), (40, 3)])
@@ -165,9 +168,15 @@ def test_column_shards_are_bit_equal_slices(backend, dtype, n, world):
             start, stop - start, n)
         assert not shard.weight.requires_grad
         out = shard(hs)
-        assert torch.equal(out, full[..., start:stop]), f"rank {rank}"
+        if dtype == torch.float32 and backend == "triton" and common.interpreting():
+            torch.testing.assert_close(out, full[..., start:stop], rtol=5e-7, atol=1e-7)
+        else:
+            assert torch.equal(out, full[..., start:stop]), f"rank {rank}"
         cols.append(out)
-    assert torch.equal(torch.cat(cols, -1), full)
+    if dtype == torch.float32 and backend == "triton" and common.interpreting():
+        torch.testing.assert_close(torch.cat(cols, -1), full, rtol=5e-7, atol=1e-7)
+    else:
+        assert torch.equal(torch.cat(cols, -1), full)
 
 
 def test_column_shard_copies_and_nests():

@@ -587,6 +587,30 @@ def test_pipelined_makespan():
 
 
 # --------------------------------------------------------------------------- stream-K GEMM
+def test_stream_k_partials():
+    count = path_ops.stream_k_partials
+    # 1 CLIP image (80 tiles x 48 K steps, 30 per program, 128 programs; tiles over 2-3
+    # programs): the piece ending a program (a tile's slot 0) or filling one (slot 1)
+    # finishes last and reduces in place, so a program stores its first segment's partial
+    # and loads the partials of the tile it ends: at most 2 (the old protocol: 5)
+    busiest, stored, loaded = count(80, 48, 30)
+    assert busiest == 2 and stored == loaded
+    shape = path_ops.stream_k_shape(80, 48, 30)
+    assert shape == (128, 2, 3)
+    # every shared tile's pieces but its reducer store: stored = pieces - shared tiles
+    pieces = sum((((t + 1) * 48 - 1) // 30 - (t * 48) // 30 + 1) for t in range(80))
+    shared = sum(1 for t in range(80) if ((t + 1) * 48 - 1) // 30 != (t * 48) // 30)
+    assert stored == pieces - shared
+    # the pipelined GEMM runs the longer of two segments first: a tile's tail piece can tie
+    # for last, taken as the costlier (slot 2: stores its own, loads all 3)
+    assert count(80, 16, 10, longer_first=True)[0] == 5
+    assert count(80, 16, 10)[0] == 2
+    # no split: nothing stored
+    assert count(4, 48, 48) == (0, 0, 0) and count(0, 48, 30) == (0, 0, 0)
+    # the rule's cost follows: ITERS + partials x SPLIT_PARTIAL_STEPS
+    assert path_ops.stream_k_program_steps(30, 2) == 30 + 2 * path_ops.SPLIT_PARTIAL_STEPS
+
+
 def test_stream_k_rule():
     rule, shape = path_ops.gemm_stream_k, path_ops.stream_k_shape
     # CLIP-L/336, 1 image -> 4096: 80 tiles of 128 x 256 for 132 SMs, 48 K steps each: 30

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
-           "gemm_stream_k", "stream_k_shape", "stream_k_program_steps", "gemm_split_gain",
+           "gemm_stream_k", "stream_k_shape", "stream_k_partials", "stream_k_program_steps",
+           "gemm_split_gain",
            "pipelined_makespan", "pipelined_stream_k", "pipelined_stream_k_makespan",
            "pipelined_stream_k_steps", "pipelined_stream_k_wins", "split_helpers",
            "SLAB_FILL_STEPS", "SPLIT_PARTIAL_STEPS"]
@@ -141,8 +142,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
             "pipelined": pipelined * f.get("pipelined", 1.0)}
 
 
-#: The cost of one fp32 partial tile (written by a range of a split tile, read back by the last
-#: one), in K steps of the tile's main loop: 128 x 256 x 4 bytes through an SM's ~64 B/clk
+#: The cost of one fp32 partial tile (written by a piece of a split tile, read back by its
+#: reducer), in K steps of the tile's main loop: 128 x 256 x 4 bytes through an SM's ~64 B/clk
 #: path to L2 against a 128 x 256 x 64 wgmma step's ~1,200 clocks -- an ESTIMATE (no GPU run).
 SPLIT_PARTIAL_STEPS = 1.7
 
@@ -160,16 +161,69 @@ def stream_k_shape(tiles: int, k_tiles: int, iters: int) -> Tuple[int, int, int]
     return programs, segments, parts
 
 
-def stream_k_program_steps(iters: int, segments: int, parts: int) -> float:
+def stream_k_partials(tiles: int, k_tiles: int, iters: int, longer_first: bool = False
+                      ) -> Tuple[int, int, int]:
+    """``(busiest, stored, loaded)``: the fp32 partial tiles the busiest program of a stream-K
+    launch stores and loads, and all programs together, by the kernels' protocol
+    (``gemm_tma._partial_epilogue``): each piece of a shared tile takes a ticket after its K
+    loop; the last one reduces the tile, in place from its registers when it is the tile's
+    slot 0 or 1 (``parts - 1`` loads, no store), else storing its own and loading all
+    ``parts``; every other piece stores its partial.
+
+    The last ticket is taken to go to the piece that ends latest in its program's order (K
+    steps before its end; on a tie the highest slot, the costlier): the programs start
+    together and run equal steps, so the piece ending a program (a tile's head: slot 0) or
+    filling one (slot 1) finishes last, the tile's tail, at the start of its program, first.
+    ``longer_first``: the pipelined GEMM runs the longer of two segments first, which can put
+    the tail last. An ESTIMATE of which piece wins a race no model sees."""
+    total = tiles * k_tiles
+    if iters <= 0 or total <= 0:
+        return 0, 0, 0
+    programs = math.ceil(total / iters)
+    pieces: Dict[int, List[Tuple[int, int, int]]] = {}  # tile -> (end, slot, program)
+    segments = max(((min(total, (p + 1) * iters) - 1) // k_tiles - (p * iters) // k_tiles + 1)
+                   for p in range(programs))
+    for p in range(programs):
+        lo, hi = p * iters, min(total, (p + 1) * iters)
+        segs = [(t, max(lo, t * k_tiles), min(hi, (t + 1) * k_tiles))
+                for t in range(lo // k_tiles, (hi - 1) // k_tiles + 1)]
+        if longer_first and segments == 2 and len(segs) == 2 and \
+                segs[0][2] - segs[0][1] < segs[1][2] - segs[1][1]:
+            segs.reverse()
+        end = 0
+        for t, a, b in segs:
+            end += b - a
+            pieces.setdefault(t, []).append((end, a // iters - (t * k_tiles) // iters, p))
+    cost = [0] * programs
+    stored = loaded = 0
+    for t, ps in pieces.items():
+        if len(ps) == 1:
+            continue  # run whole: the plain epilogue
+        _, slot, reducer = max(ps)
+        for _, s, p in ps:
+            if p != reducer:
+                cost[p] += 1
+                stored += 1
+        if slot <= 1:
+            cost[reducer] += len(ps) - 1
+            loaded += len(ps) - 1
+        else:
+            cost[reducer] += 1 + len(ps)
+            stored += 1
+            loaded += len(ps)
+    return max(cost), stored, loaded
+
+
+def stream_k_program_steps(iters: int, partials: int) -> float:
     """Main-loop step-equivalents of the busiest program of a stream-K launch: its ``iters``
-    steps, a partial store per segment and one sum of a tile's ``parts`` partials
-    (:data:`SPLIT_PARTIAL_STEPS` each; the static cost model counts the same)."""
-    return iters + (segments + parts) * SPLIT_PARTIAL_STEPS
+    steps and the ``partials`` fp32 partial tiles it stores and loads
+    (:func:`stream_k_partials`; :data:`SPLIT_PARTIAL_STEPS` each; the static cost model counts
+    the same)."""
+    return iters + partials * SPLIT_PARTIAL_STEPS
 
 
 def _stream_k_steps(tiles: int, k_tiles: int, iters: int) -> float:
-    _, segments, parts = stream_k_shape(tiles, k_tiles, iters)
-    return stream_k_program_steps(iters, segments, parts)
+    return stream_k_program_steps(iters, stream_k_partials(tiles, k_tiles, iters)[0])
 
 
 def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
@@ -178,9 +232,9 @@ def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
     With whole tiles the busiest program runs ``ceil(tiles / sms)`` of them: 576 rows give 80
     tiles of 128 x 256 for 132 SMs, one 48-step K loop each while 52 SMs idle; 1152 rows give
     144, two per program on 12 SMs. Stream K spreads the ``tiles * k_tiles`` steps evenly:
-    ``ceil(tiles * k_tiles / sms)`` per program, crossing tiles where it must; each piece of a
-    shared tile stores an fp32 partial and the tile's last piece sums them
-    (:data:`SPLIT_PARTIAL_STEPS` each). Taken when the busiest program saves at least 10 %."""
+    ``ceil(tiles * k_tiles / sms)`` per program, crossing tiles where it must; a shared tile's
+    pieces store fp32 partials that one of them sums (:func:`stream_k_partials`,
+    :data:`SPLIT_PARTIAL_STEPS` each). Taken when the busiest program saves at least 10 %."""
     if tiles <= 0 or k_tiles <= 0 or sms <= 0:
         return 0
     iters = math.ceil(tiles * k_tiles / sms)
@@ -196,12 +250,13 @@ def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
 SLAB_FILL_STEPS = 0.5
 
 
-def pipelined_stream_k_steps(iters: int, slabs: int, segments: int, parts: int) -> float:
+def pipelined_stream_k_steps(iters: int, slabs: int, segments: int, partials: int) -> float:
     """Main-loop step-equivalents of the busiest program of the pipelined path's stream-K GEMM:
-    ``iters`` steps of each of ``slabs`` slabs, :func:`stream_k_program_steps`' partials, and
-    a ring refill (:data:`SLAB_FILL_STEPS`) per slab after the first of every segment (the
+    ``iters`` steps of each of ``slabs`` slabs, ``partials`` fp32 partial tiles
+    (:func:`stream_k_partials` with ``longer_first``; :func:`stream_k_program_steps`), and a
+    ring refill (:data:`SLAB_FILL_STEPS`) per slab after the first of every segment (the
     static cost model counts the same)."""
-    return (stream_k_program_steps(slabs * iters, segments, parts)
+    return (stream_k_program_steps(slabs * iters, partials)
             + segments * (slabs - 1) * SLAB_FILL_STEPS)
 
 
@@ -223,8 +278,9 @@ def pipelined_stream_k(tiles: int, ks: int, slabs: int, sms: int) -> int:
     iters = math.ceil(tiles * ks / sms)
     if iters * slabs < 4:
         return 0
-    _, segments, parts = stream_k_shape(tiles, ks, iters)
-    split = pipelined_stream_k_steps(iters, slabs, segments, parts)
+    _, segments, _ = stream_k_shape(tiles, ks, iters)
+    split = pipelined_stream_k_steps(iters, slabs, segments,
+                                     stream_k_partials(tiles, ks, iters, True)[0])
     whole = math.ceil(tiles / sms) * slabs * ks
     return iters if split <= (1.0 if tiles <= sms else 0.9) * whole else 0
 
@@ -263,8 +319,10 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
       first), slab after slab; before a slab's steps (``step_s`` each; a ring refill of
       :data:`SLAB_FILL_STEPS` before every slab after the first) it waits until that slab of
       the tile's row block is produced, producing the next unit itself while some it needs are
-      unclaimed; a shared tile's range stores a partial, the last to arrive sums them
-      (:data:`SPLIT_PARTIAL_STEPS` each).
+      unclaimed; after a shared tile's range the program takes the tile's ticket (in time
+      order): the last one waits for the others' partials and sums them, in place from its
+      registers when it is the tile's slot 0 or 1, else after storing its own; the others
+      store theirs (:data:`SPLIT_PARTIAL_STEPS` each; ``gemm_tma._partial_epilogue``).
     """
     import heapq
     slabs = len(slab_bytes)
@@ -279,6 +337,7 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
     finish: list = [None] * units
     per_group = group_m * pn
     runs = []  # per GEMM program: [(tile, slab, steps, first unit, last unit, segment end)]
+    split_parts: Dict[int, int] = {}  # tile -> the programs its steps are spread over
     for p in range(math.ceil(tiles * ks / iters)):
         it0, it1 = p * iters, min((p + 1) * iters, tiles * ks)
         segs = []
@@ -288,7 +347,8 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
             r = first + (tile % per_group) % min(pm - first, group_m)
             q0, q1 = r * tile_m // unit_rows, (min(M, (r + 1) * tile_m) - 1) // unit_rows
             parts = ((tile + 1) * ks - 1) // iters - (tile * ks) // iters + 1
-            segs.append((tile, steps, q0, q1, parts > 1 or iters < ks))
+            split_parts[tile] = parts
+            segs.append((tile, steps, q0, q1, parts > 1))
         if len(segs) == 2 and segs[0][1] < segs[1][1]:
             segs.reverse()  # the kernel runs the longer of two segments first
         runs.append([(tile, sl, steps, sl * Q + q0, sl * Q + q1, split and sl == slabs - 1)
@@ -298,7 +358,9 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
     nxt = 0
     pos = [0] * len(runs)
     ends = [0.0] * len(runs)
-    arrivals: Dict[int, list] = {}
+    ticket = [False] * len(runs)  # the program is at a shared tile's ticket (its K loop done)
+    arrivals: Dict[int, list] = {}  # tile -> the seconds its pieces' partials are stored by
+    part_s = SPLIT_PARTIAL_STEPS * step_s
     while events:
         t, kind, i = heapq.heappop(events)
         if kind == 0:  # a helper program: the next unit, if any
@@ -306,6 +368,18 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
                 finish[nxt] = t + cost_h[nxt // Q]
                 heapq.heappush(events, (finish[nxt], 0, i))
                 nxt += 1
+            continue
+        if ticket[i]:  # tickets in time order: the last one reduces (gemm_tma's protocol)
+            ticket[i] = False
+            tile = runs[i][pos[i] - 1][0]
+            got = arrivals.setdefault(tile, [])
+            if len(got) < split_parts[tile] - 1:
+                t += part_s  # stores its partial
+                got.append(t)
+            else:  # waits for the others' stores; slot 0 or 1 sums in place
+                slot = i - (tile * ks) // iters
+                t = max([t] + got) + (len(got) if slot <= 1 else len(got) + 2) * part_s
+            heapq.heappush(events, (t, 1, i))
             continue
         if pos[i] == len(runs[i]):
             ends[i] = t
@@ -321,14 +395,9 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
             heapq.heappush(events, (ready, 1, i))
             continue
         t += steps * step_s + (SLAB_FILL_STEPS * step_s if sl else 0.0)
-        if seg_end:
-            t += SPLIT_PARTIAL_STEPS * step_s
-            arrivals.setdefault(tile, []).append((t, i))
+        ticket[i] = seg_end
         pos[i] += 1
         heapq.heappush(events, (t, 1, i))
-    for arr in arrivals.values():  # the last arrival sums the tile's partials
-        _, p = max(arr)
-        ends[p] += len(arr) * SPLIT_PARTIAL_STEPS * step_s
     return max(ends)
 
 
