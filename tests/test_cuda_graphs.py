@@ -96,7 +96,7 @@ def test_stream_k_gemm_replays_in_a_cuda_graph():
     # 576 rows, K = 3072, N = 512: 10 tiles, 48 K steps -> stream K (gemm_stream_k). The
     # graph's capture stream has no arrival counts yet (warm-up ran on another stream): the
     # captured launch zeroes its own, and the replays equal the eager result bit for bit (the
-    # partials are summed in range order whoever arrives last)
+    # partials are summed in range order whoever takes the last ticket)
     from dc_kernels.ops import gemm_tma
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the TMA GEMM (and its stream K) needs sm_90+")

@@ -637,7 +637,7 @@ def test_stream_k_gemm(monkeypatch, dtype, iters, M, N, K, bias, activation):
     # per tile, 3-12 tiles): tiles spread over up to 7 programs, programs crossing up to 3
     # tiles, tiles one program runs whole; edge tiles in M and N; outputs, pre-activations
     # and partials poisoned. Every shared tile's partials are summed in K order by whichever
-    # piece arrives last: the same bits on every call, the arrival counts back to zero, and
+    # piece takes the last ticket: the same bits on every call, the counts back to zero, and
     # within the GEMM bound of fp64
     from dc_kernels.ops import gemm_tma
     if not gemm_tma.gemm_tma_eligible(torch.empty(M, K, dtype=dtype, device=DEVICE),

@@ -11,9 +11,10 @@ descriptor).
 Stream K (``SEGMENTS`` > 0, 16-bit operands, chosen by :func:`dc_kernels.ops.path.gemm_stream_k`
 when whole tiles leave SMs idle, e.g. 576 or 1152 rows): every program runs the same number
 of steps of the (tile, K step) sequence, crossing tiles where it must; a range of a shared tile
-writes an fp32 partial tile and arrives on the tile's count (an ``acq_rel`` atomic); the last
-to arrive sums the partials in K order (deterministic, nobody waits) and runs the epilogue
-(``_partial_epilogue``; ``docs/DESIGN.md`` §4).
+takes a ticket on the tile's count; the one with the last ticket sums the tile's fp32
+partials in K order (onto its own registers in slot 0 or 1) and runs the epilogue, the others
+store theirs and count them (release); deterministic, and the reducer waits only for ranges
+past their K loops (``_partial_epilogue``; ``docs/DESIGN.md`` §4).
 
 Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specialize this loop
 on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
@@ -195,7 +196,7 @@ def _segment_epilogue(b_acc, ws, arrivals, tile, program, t0, k_tiles, ITERS, o_
                       SPLIT_EPILOGUE: tl.constexpr, PARTS: tl.constexpr, WHOLE: tl.constexpr):
     # The end of a stream-K segment: ``program``'s K range of ``tile`` (whose K steps start at
     # t0 in the (tile, K step) order, ITERS per program). A tile one program runs whole takes
-    # the plain epilogue; the others store a partial, and their last range sums them
+    # the plain epilogue; the others go through the shared tiles' ticket protocol
     first = t0 // ITERS  # the programs that run this tile's steps, in K order
     parts = (t0 + k_tiles - 1) // ITERS - first + 1
     if WHOLE and parts == 1:  # (ITERS < k_tiles: every tile is shared)

@@ -268,8 +268,9 @@ def _gemm_ready_kernel(
         # steps [p ITERS, (p + 1) ITERS) of the (tile, K step of one slab) sequence -- the same
         # tiles and K offsets in every slab, one accumulator per tile it touches -- slab by
         # slab, each slab's steps once that slab of the row block is ready; a shared tile's
-        # ranges store fp32 partials summed by the last to arrive (gemm_tma's stream K). No
-        # program waits on another GEMM program: any grid size is deadlock-free
+        # ranges go through gemm_tma's ticket protocol (the last ticket sums the partials). A
+        # GEMM program waits only for ready counts and for ranges past their K loops, which
+        # only store: any grid size is deadlock-free
         p = tl.program_id(0)
         if REVERSED:
             p = tl.num_programs(0) - 1 - p
