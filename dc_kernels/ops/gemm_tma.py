@@ -378,8 +378,8 @@ STREAM_K_ITERS = 0
 #: which runs them one after another, a shared tile's first piece takes the last ticket and
 #: reduces it (run in order, its last piece does)
 REVERSE_PROGRAMS = False
-#: (device, stream) -> int32 arrival counts of shared tiles, zero between launches (the last
-#: arrival of every tile resets its count)
+#: (device, stream) -> int32 ticket counts of shared tiles, zero between launches (every tile's
+#: reducer resets its count)
 _ARRIVALS: dict = {}
 
 

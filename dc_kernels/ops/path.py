@@ -200,7 +200,7 @@ def stream_k_partials(tiles: int, k_tiles: int, iters: int, longer_first: bool =
         if len(ps) == 1:
             continue  # run whole: the plain epilogue
         _, slot, reducer = max(ps)
-        for _, s, p in ps:
+        for _, _, p in ps:
             if p != reducer:
                 cost[p] += 1
                 stored += 1
