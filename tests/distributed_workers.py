@@ -39,6 +39,18 @@ WORLD = 2
 PG_TIMEOUT_S = 60
 
 
+def _gemm_equal(a, b) -> bool:
+    """The same GEMM output: bit for bit in 16-bit; in fp32 within ~4 ulps, since on CPU the
+    fp32 product (torch's BLAS, or numpy's under the Triton interpreter) may round a column by
+    its place in the block, so a column shard need not reproduce the unsharded bits (seen: an
+    AVX-512 EPYC; 16-bit products are exact in fp32, so those stay bit-equal)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    if a.dtype == torch.float32 and a.device.type == "cpu":
+        return bool(torch.allclose(a, b, rtol=5e-7, atol=1e-7))
+    return torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- shared
 def build(ptype: str, backend: str) -> DenseConnector:
     """The model every run starts from (same seed, same parameters)."""
@@ -230,27 +242,27 @@ def run_tensor_parallel(rank, world):
             key = f"{backend}/{str(dtype)[6:]}"
             # a plain local shard (serving engines)
             shard = first.column_shard(rank, world)
-            checks[f"plain shard bit-equal {key}"] = torch.equal(shard(hsd), full[..., start:stop])
+            checks[f"plain shard equal {key}"] = _gemm_equal(shard(hsd), full[..., start:stop])
             # DTensor Shard(0) through parallelize_module
             tp = parallelize_module(copy.deepcopy(model), mesh,
                                     {"0": FirstLayerColwiseParallel()})
             with torch.no_grad():
                 local = tp.get_submodule("0")(hsd)
-            checks[f"DTensor Shard(0) bit-equal {key}"] = (
-                type(local) is torch.Tensor and torch.equal(local, full[..., start:stop]))
+            checks[f"DTensor Shard(0) equal {key}"] = (
+                type(local) is torch.Tensor and _gemm_equal(local, full[..., start:stop]))
     for backend in ("torch", "triton"):
         # the "linear" projector: the connector itself is the layer
         model = build("linear", backend)
         full = model(hs).detach()
         start, stop = shard_range(H, rank, world)
         tp = parallelize_module(model, mesh, FirstLayerColwiseParallel())
-        checks[f"linear projector bit-equal {backend}"] = torch.equal(tp(hs), full[..., start:stop])
+        checks[f"linear projector equal {backend}"] = _gemm_equal(tp(hs), full[..., start:stop])
         # ready-made features through a column-parallel first layer (project(), streaming)
         model = build("mlp2x_gelu", backend)
         feats = dense_connector_features(hs, SPEC)
         full = model.first_layer()(feats).detach()
         tp = parallelize_module(model, mesh, {"0": FirstLayerColwiseParallel()})
-        checks[f"features input bit-equal {backend}"] = torch.equal(
+        checks[f"features input equal {backend}"] = _gemm_equal(
             tp.get_submodule("0")(feats), full[..., start:stop])
     # the whole projector, Megatron style: "0" column-, "2" row-parallel; forward and grads
     for backend in ("torch", "triton"):
@@ -283,7 +295,7 @@ def run_tensor_parallel(rank, world):
         y = dense_connector_linear(hs, SPEC, wd, bd, "gelu", backend=backend)
         checks[f"fn Shard(0) {backend}"] = (
             isinstance(y, DTensor) and y.placements == (Shard(2),)
-            and torch.equal(y.full_tensor(), ref))
+            and _gemm_equal(y.full_tensor(), ref))
         # batch-sharded hidden states, replicated weight: Shard(0) output, weight grads summed
         wr = distribute_tensor(w.clone().requires_grad_(), mesh, [Replicate()])
         hsd = [distribute_tensor(h, mesh, [Shard(0)]) for h in hs]
@@ -308,7 +320,7 @@ def run_tensor_parallel(rank, world):
     fully_shard(model)
     y = dense_connector_linear(hs, SPEC, model.get_submodule("0").weight,
                                model.get_submodule("0").bias, "gelu", backend="triton")
-    checks["fsdp2 weight outside forward"] = torch.equal(y.full_tensor().detach(), ref_out)
+    checks["fsdp2 weight outside forward"] = _gemm_equal(y.full_tensor().detach(), ref_out)
     # unsupported placements
     errors = {}
 
