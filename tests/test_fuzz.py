@@ -521,8 +521,8 @@ def test_fuzz_linear_parameters(wkind, bkind, activation, path, backend, spec_n)
 def test_fuzz_stream_k_gemm(M, n8, k8, iters, dtype, has_bias, activation, seed):
     # the TMA GEMM with ``iters`` K steps per program (-1: whole tiles; 0: the rule) on random
     # sizes (rows of 16-byte multiples, TMA's layout), poisoned output, pre-activation and
-    # partials: within the GEMM bound of fp64, the same bits on a second call, every arrival
-    # count back to 0
+    # partials: within the GEMM bound of fp64, the same bits on a second call and with the
+    # programs' work taken in reverse order, every count back to 0
     from dc_kernels.ops import gemm_tma
     N, K = 8 * n8, 8 * k8
     g = torch.Generator().manual_seed(seed)
@@ -538,6 +538,13 @@ def test_fuzz_stream_k_gemm(M, n8, k8, iters, dtype, has_bias, activation, seed)
         elif iters < 0:
             assert launch.iters == 0
         y, z = run_gemm_launch_twice(launch, a, w, b)
+    # the programs' work last to first: another piece reduces each shared tile (under the
+    # interpreter its first, in place from its registers): the same bits
+    with mock.patch.object(gemm_tma, "STREAM_K_ITERS", iters), \
+            mock.patch.object(gemm_tma, "REVERSE_PROGRAMS", True), poisoned():
+        rev = gemm_tma.prepare_gemm_tma(a, w, b, activation, out)
+        y_r, z_r = run_gemm_launch_twice(rev, a, w, b)
+    assert torch.equal(y_r, y) and torch.equal(z_r, z)
     a64, w64 = a.double(), w.double()
     b64 = None if b is None else b.double()
     z64 = F.linear(a64, w64, b64)
