@@ -213,6 +213,16 @@ def poison_outputs(monkeypatch) -> None:
     monkeypatch.setattr(common, "empty", nan_empty)
 
 
+def fp32_gemm_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two fp32 GEMM results on CPU that should be the same bits, within ~4 ulps (rtol 5e-7,
+    atol 1e-7): on CPU the fp32 product (torch's BLAS, or numpy's behind the interpreter's
+    ``tl.dot``) may round a row or column by its place in the block, FMA or not (seen: OpenBLAS
+    and torch on an AVX-512 AMD EPYC), so a chunk or a column shard need not reproduce the
+    unchunked bits. 16-bit products are exact in fp32: there, and on a GPU, callers keep
+    ``torch.equal``."""
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=5e-7, atol=1e-7))
+
+
 def run_gemm_launch_twice(launch, a, w, b):
     """Two calls of a prepared TMA GEMM launch (``dc_kernels.ops.gemm_tma``) into NaN-poisoned
     outputs and pre-activations: asserts the same bits both times and every stream-K arrival
