@@ -179,10 +179,8 @@ def stream_k_partials(tiles: int, k_tiles: int, iters: int, longer_first: bool =
     total = tiles * k_tiles
     if iters <= 0 or total <= 0:
         return 0, 0, 0
-    programs = math.ceil(total / iters)
+    programs, segments, _ = stream_k_shape(tiles, k_tiles, iters)
     pieces: Dict[int, List[Tuple[int, int, int]]] = {}  # tile -> (end, slot, program)
-    segments = max(((min(total, (p + 1) * iters) - 1) // k_tiles - (p * iters) // k_tiles + 1)
-                   for p in range(programs))
     for p in range(programs):
         lo, hi = p * iters, min(total, (p + 1) * iters)
         segs = [(t, max(lo, t * k_tiles), min(hi, (t + 1) * k_tiles))

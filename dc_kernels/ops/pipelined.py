@@ -547,7 +547,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         UNIFORM=flags["UNIFORM"], OFF64=flags["OFF64"], ROWS=rows, PRODUCE_C=produce_c,
         FENCE=not interp, THREADS=32 * gcfg.num_warps, R_BLOCK=256,
         SEGMENTS=segments, PARTS=parts, WHOLE=bool(iters) and iters >= channels // g["BLOCK_K"],
-        REVERSED=REVERSE_PROGRAMS, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **_regs(GEMM_MAXNREG))
+        REVERSED=REVERSE_PROGRAMS, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages,
+        **_regs(GEMM_MAXNREG))
     launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True, **_regs(GEMM_MAXNREG_PRE))
     launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (programs if iters else min(sms, tiles),))
     launch.helper_args = (sb, st, sc, width, channels, t_keep, Q, pm,
