@@ -12,9 +12,10 @@ Stream K (``SEGMENTS`` > 0, 16-bit operands, chosen by :func:`dc_kernels.ops.pat
 when whole tiles leave SMs idle, e.g. 576 or 1152 rows): every program runs the same number
 of steps of the (tile, K step) sequence, crossing tiles where it must; a range of a shared tile
 takes a ticket on the tile's count; the one with the last ticket sums the tile's fp32
-partials in K order (onto its own registers in slot 0 or 1) and runs the epilogue, the others
-store theirs and count them (release); deterministic, and the reducer waits only for ranges
-past their K loops (``_partial_epilogue``; ``docs/DESIGN.md`` §4).
+partials in K order around its own registers (in any slot: it stores nothing) and runs the
+epilogue a quarter of the tile at a time, the others store theirs and count them (release);
+deterministic, and the reducer waits only for ranges past their K loops
+(``_partial_epilogue``; ``docs/DESIGN.md`` §4).
 
 Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specialize this loop
 on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
@@ -100,21 +101,40 @@ def _k_steps(b_acc, a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32: tl.constex
 
 
 @triton.jit
+def _column_halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    # [ROWS, WIDTH] -> its columns [0, WIDTH / 2) and [WIDTH / 2, WIDTH): register-local in the
+    # wgmma accumulator's layout (every thread holds columns of both halves)
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, WIDTH // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS: tl.constexpr,
                    ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
-    if SPLIT_EPILOGUE:
-        # two [BLOCK_M, BLOCK_N / 2] halves: half the epilogue's live registers (128 x 256
-        # tiles spill without it)
-        b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-        b_lo, b_hi = tl.split(b_acc)
-        _epilogue(b_lo, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
-                  EMULATE_RNE, BLOCK_N // 2)
-        _epilogue(b_hi, o_desc, p_desc, bias, o_am, o_wn + BLOCK_N // 2, N, HAS_BIAS,
-                  ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_N // 2)
-    else:
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECES: tl.constexpr):
+    # the epilogue in ``PIECES`` (1, 2 or 4) column pieces of the tile, each one TMA store of
+    # o_desc's [BLOCK_M, BLOCK_N / PIECES] block: fewer live registers (128 x 256 tiles spill
+    # in one piece)
+    if PIECES == 1:
         _epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
                   STORE_PRE, EMULATE_RNE, BLOCK_N)
+    else:
+        HALF: tl.constexpr = BLOCK_N // 2
+        b_lo, b_hi = _column_halves(b_acc, BLOCK_M, BLOCK_N)
+        for h in tl.static_range(2):
+            if h == 0:
+                b_half = b_lo
+            else:
+                b_half = b_hi
+            if PIECES == 2:
+                _epilogue(b_half, o_desc, p_desc, bias, o_am, o_wn + h * HALF, N, HAS_BIAS,
+                          ACTIVATION, STORE_PRE, EMULATE_RNE, HALF)
+            else:
+                tl.static_assert(PIECES == 4)
+                b_q0, b_q1 = _column_halves(b_half, BLOCK_M, HALF)
+                _epilogue(b_q0, o_desc, p_desc, bias, o_am, o_wn + h * HALF, N, HAS_BIAS,
+                          ACTIVATION, STORE_PRE, EMULATE_RNE, HALF // 2)
+                _epilogue(b_q1, o_desc, p_desc, bias, o_am, o_wn + h * HALF + HALF // 2, N,
+                          HAS_BIAS, ACTIVATION, STORE_PRE, EMULATE_RNE, HALF // 2)
 
 
 #: A shared tile's count (``arrivals``): the low 16 bits take a ticket per piece past its K
@@ -127,64 +147,66 @@ def _partial_epilogue(b_acc, ws, arrivals, tile, slot, parts, o_desc, p_desc, bi
                       N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                       STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT_EPILOGUE: tl.constexpr, PARTS: tl.constexpr):
+                      PIECES: tl.constexpr, PARTS: tl.constexpr):
     # One of a tile's ``parts`` K ranges (``slot``: its place in K order). Each piece takes a
     # ticket; the piece with the last ticket (whichever it is) sums the tile's partials in K
     # order, runs the epilogue and resets the count for the next launch; the others store
-    # their fp32 partial and count it (release). The sum is p0 + p1 + ... left to right, the
-    # same whoever reduces, so the result is deterministic. A reducer in slot 0 or 1 adds the
-    # others' partials to its own registers (p1 + p0 == p0 + p1 exactly) and stores nothing;
-    # one further on stores its own and sums from p0. The reducer waits only for pieces that
-    # took their tickets before it, which have nothing left but their stores: no schedule
-    # (the interpreter's one program at a time included) can deadlock.
-    HALVES: tl.constexpr = 2 if SPLIT_EPILOGUE else 1
-    WIDTH: tl.constexpr = BLOCK_N // HALVES
+    # their fp32 partial (by quarters) and count it (release). The sum is
+    # p0 + p1 + ... left to right, the same whoever reduces, so the result is deterministic.
+    # The reducer stores nothing of its own, in any slot: a quarter of the tile at a time
+    # (PIECES == 4: the epilogue's pieces) it sums the partials before its slot, adds its
+    # registers ((p0 + ... + p[slot - 1]) + own: the same operation as with its partial
+    # reloaded; own alone in slot 0), then adds the partials after it. Live: its accumulator,
+    # one quarter being summed, one being loaded. It waits only for pieces that took their
+    # tickets before it, which have nothing left but their stores: no schedule (the
+    # interpreter's one program at a time included) can deadlock.
+    tl.static_assert(PIECES == 4)
+    HALF: tl.constexpr = BLOCK_N // 2
+    QUARTER: tl.constexpr = BLOCK_N // 4
     TILE: tl.constexpr = BLOCK_M * BLOCK_N
-    o_r = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-    o_c = tl.arange(0, WIDTH)[None, :]
+    o_q = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, QUARTER)[None, :]
     first = ws + tile * PARTS * TILE
-    if SPLIT_EPILOGUE:
-        b_acc = tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, WIDTH)), (0, 2, 1))
-        b_lo, b_hi = tl.split(b_acc)
-    else:
-        b_lo = b_acc
-        b_hi = b_acc
+    # the quarters, once for both branches (each branch its own split would keep the
+    # accumulator and a converted copy of it alive at once)
+    b_lo, b_hi = _column_halves(b_acc, BLOCK_M, BLOCK_N)
+    b_q0, b_q1 = _column_halves(b_lo, BLOCK_M, HALF)
+    b_q2, b_q3 = _column_halves(b_hi, BLOCK_M, HALF)
     # one thread takes the ticket; the result reaches the CTA through shared memory
     ticket = tl.atomic_add(arrivals + tile, 1, sem="relaxed", scope="gpu") % _STORED
-    last = ticket == parts - 1
-    in_place = last and slot <= 1
-    if not in_place:
-        mine = first + slot * TILE
-        tl.store(mine + o_r + o_c, b_lo, cache_modifier=".cg")
-        if SPLIT_EPILOGUE:
-            tl.store(mine + o_r + o_c + WIDTH, b_hi, cache_modifier=".cg")
+    if ticket != parts - 1:
+        mine = first + slot * TILE + o_q
+        tl.store(mine, b_q0, cache_modifier=".cg")
+        tl.store(mine + QUARTER, b_q1, cache_modifier=".cg")
+        tl.store(mine + 2 * QUARTER, b_q2, cache_modifier=".cg")
+        tl.store(mine + 3 * QUARTER, b_q3, cache_modifier=".cg")
         # every thread's stores happen before the count (barrier), which releases them at GPU
         # scope; the reducer's acquire of the count makes them visible to it
         tl.debug_barrier()
-        if not last:
-            tl.atomic_add(arrivals + tile, _STORED, sem="release", scope="gpu")
-    if last:
+        tl.atomic_add(arrivals + tile, _STORED, sem="release", scope="gpu")
+    else:
         while tl.atomic_add(arrivals + tile, 0, sem="acquire", scope="gpu") // _STORED \
                 < parts - 1:
             pass
-        for h in tl.static_range(HALVES):
-            if h == 0:
-                b_sum = b_lo
+        for q in tl.static_range(4):
+            if q == 0:
+                own = b_q0
+            elif q == 1:
+                own = b_q1
+            elif q == 2:
+                own = b_q2
             else:
-                b_sum = b_hi
+                own = b_q3
+            at = first + o_q + q * QUARTER
             # .cg: from L2, where the other SMs' partials are (never a stale L1 line)
-            if in_place:
-                for j in range(parts):
-                    if j != slot:
-                        b_sum += tl.load(first + j * TILE + o_r + o_c + h * WIDTH,
-                                         cache_modifier=".cg")
-            else:
-                b_sum = tl.load(first + o_r + o_c + h * WIDTH, cache_modifier=".cg")
-                for j in range(1, parts):
-                    b_sum += tl.load(first + j * TILE + o_r + o_c + h * WIDTH,
-                                     cache_modifier=".cg")
-            _epilogue(b_sum, o_desc, p_desc, bias, o_am, o_wn + h * WIDTH, N, HAS_BIAS,
-                      ACTIVATION, STORE_PRE, EMULATE_RNE, WIDTH)
+            before = own
+            for j in range(slot):
+                x = tl.load(at + j * TILE, cache_modifier=".cg")
+                before = tl.where(j == 0, x, before + x)
+            b_sum = tl.where(slot == 0, own, before + own)
+            for j in range(slot + 1, parts):
+                b_sum += tl.load(at + j * TILE, cache_modifier=".cg")
+            _epilogue(b_sum, o_desc, p_desc, bias, o_am, o_wn + q * QUARTER, N, HAS_BIAS,
+                      ACTIVATION, STORE_PRE, EMULATE_RNE, QUARTER)
         tl.atomic_xchg(arrivals + tile, 0, sem="relaxed", scope="gpu")
 
 
@@ -193,7 +215,7 @@ def _segment_epilogue(b_acc, ws, arrivals, tile, program, t0, k_tiles, ITERS, o_
                       bias, o_am, o_wn, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                       STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT_EPILOGUE: tl.constexpr, PARTS: tl.constexpr, WHOLE: tl.constexpr):
+                      PIECES: tl.constexpr, PARTS: tl.constexpr, WHOLE: tl.constexpr):
     # The end of a stream-K segment: ``program``'s K range of ``tile`` (whose K steps start at
     # t0 in the (tile, K step) order, ITERS per program). A tile one program runs whole takes
     # the plain epilogue; the others go through the shared tiles' ticket protocol
@@ -201,11 +223,11 @@ def _segment_epilogue(b_acc, ws, arrivals, tile, program, t0, k_tiles, ITERS, o_
     parts = (t0 + k_tiles - 1) // ITERS - first + 1
     if WHOLE and parts == 1:  # (ITERS < k_tiles: every tile is shared)
         _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
-                       STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+                       STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES)
     else:
         _partial_epilogue(b_acc, ws, arrivals, tile, program - first, parts, o_desc, p_desc,
                           bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE, EMULATE_RNE,
-                          BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, PARTS)
+                          BLOCK_M, BLOCK_N, PIECES, PARTS)
 
 
 @triton.jit
@@ -219,7 +241,7 @@ def _gemm_tma_kernel(
     EMULATE_RNE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, PIECES: tl.constexpr,
     SEGMENTS: tl.constexpr = 0,  # stream K: the most tiles one program's steps touch (0: off)
     PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
     WHOLE: tl.constexpr = False,  # stream K: ITERS >= the K steps of a tile (one may run whole)
@@ -239,7 +261,7 @@ def _gemm_tma_kernel(
             b_acc = _k_range(a_desc, w_desc, o_am, o_wn, 0, k_tiles, DOT_FP32,
                              INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
-                           STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+                           STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES)
     else:
         # stream K: program p runs the steps [p ITERS, (p + 1) ITERS) of the (tile, K step)
         # sequence, one segment per tile they touch; a tile whose steps one program runs
@@ -258,7 +280,7 @@ def _gemm_tma_kernel(
                                  INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
                 _segment_epilogue(b_acc, ws, arrivals, tile, start, t0, k_tiles, ITERS, o_desc,
                                   p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
-                                  EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, PARTS, WHOLE)
+                                  EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES, PARTS, WHOLE)
 
 
 def _set_blocks(nargs):
@@ -266,13 +288,14 @@ def _set_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    nargs["o_desc"].block_shape = [bm, bn // 2 if nargs["SPLIT_EPILOGUE"] else bn]
+    nargs["o_desc"].block_shape = [bm, bn // nargs["PIECES"]]
     nargs["p_desc"].block_shape = nargs["o_desc"].block_shape
 
 
-def _cfg(bm, bn, bk, warps, stages, split=False, group_m=8):
+def _cfg(bm, bn, bk, warps, stages, pieces=1, group_m=8):
+    # pieces: the epilogue's column pieces (_tile_epilogue); stream K takes 4 (_partial_epilogue)
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
-                          "SPLIT_EPILOGUE": split},
+                          "PIECES": pieces},
                          num_warps=warps, num_stages=stages, pre_hook=_set_blocks)
 
 
@@ -281,24 +304,27 @@ def _cfg(bm, bn, bk, warps, stages, split=False, group_m=8):
 #: 176 KiB (3 stages) / 224 KiB (4 stages) of shared memory; W's L2 traffic per FLOP is half
 #: that of 128x128 tiles. 128x128x64 (4 stages, 160 KiB) and 64x128 (4 warps) serve few rows.
 GEMM_TMA_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3, split=True),
-    _cfg(128, 256, 64, 8, 4, split=True),
+    _cfg(128, 256, 64, 8, 3, pieces=2),
+    _cfg(128, 256, 64, 8, 4, pieces=2),
     _cfg(128, 128, 64, 8, 4),
     _cfg(64, 128, 64, 4, 4),
 ]
 #: The overlapped path's GEMM leaves room on every SM for one features program beside each of
 #: its CTAs (~8 K registers, ~27 KiB of shared memory): 3-stage rings only.
 GEMM_TMA_CONFIGS_OVERLAP = [
-    _cfg(128, 256, 64, 8, 3, split=True),
+    _cfg(128, 256, 64, 8, 3, pieces=2),
     _cfg(128, 128, 64, 8, 3),
 ]
 #: fp32 operands with TF32 allowed: 4-byte elements, so half the K depth per stage.
 GEMM_TMA_CONFIGS_32 = [
     _cfg(128, 128, 32, 8, 3),
-    _cfg(128, 256, 32, 8, 3, split=True),
+    _cfg(128, 256, 32, 8, 3, pieces=2),
     _cfg(64, 128, 32, 4, 3),
 ]
-GEMM_TMA_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, split=True, group_m=2)
+#: The epilogue's column pieces of a stream-K launch: the reducer sums the partials a quarter
+#: of the tile at a time (``_partial_epilogue``), each quarter one TMA store
+STREAM_K_PIECES = 4
+GEMM_TMA_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, pieces=2, group_m=2)
 _KEY = ["M", "N", "K"]
 
 
@@ -475,7 +501,9 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     launch.ws_numel = tiles * parts * sk_cfg["BLOCK_M"] * sk_cfg["BLOCK_N"]
     launch.tail = (M, N, K, iters)
     if interp or iters:
-        if not interp:
+        if iters:  # the reducer's quarters are the epilogue's pieces (_partial_epilogue)
+            sk_cfg = dict(sk_cfg, PIECES=STREAM_K_PIECES)
+        if iters or not interp:
             _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **sk_cfg))
         blocks = {k: v for k, v in sk_cfg.items() if k not in ("num_ctas",)}
         for meta in (launch.meta, launch.meta_pre):

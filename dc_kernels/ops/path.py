@@ -166,16 +166,16 @@ def stream_k_partials(tiles: int, k_tiles: int, iters: int, longer_first: bool =
     """``(busiest, stored, loaded)``: the fp32 partial tiles the busiest program of a stream-K
     launch stores and loads, and all programs together, by the kernels' protocol
     (``gemm_tma._partial_epilogue``): each piece of a shared tile takes a ticket after its K
-    loop; the last one reduces the tile, in place from its registers when it is the tile's
-    slot 0 or 1 (``parts - 1`` loads, no store), else storing its own and loading all
-    ``parts``; every other piece stores its partial.
+    loop; the last one reduces the tile in place from its registers, in any slot
+    (``parts - 1`` loads, no store); every other piece stores its partial.
 
     The last ticket is taken to go to the piece that ends latest in its program's order (K
-    steps before its end; on a tie the highest slot, the costlier): the programs start
-    together and run equal steps, so the piece ending a program (a tile's head: slot 0) or
-    filling one (slot 1) finishes last, the tile's tail, at the start of its program, first.
-    ``longer_first``: the pipelined GEMM runs the longer of two segments first, which can put
-    the tail last. An ESTIMATE of which piece wins a race no model sees."""
+    steps before its end; on a tie the highest slot): the programs start together and run
+    equal steps, so the piece ending a program (a tile's head: slot 0) or filling one (slot
+    1) finishes last, the tile's tail, at the start of its program, first. ``longer_first``:
+    the pipelined GEMM runs the longer of two segments first, which can put the tail last.
+    An ESTIMATE of which piece wins a race no model sees; the reducer's cost is the same in
+    every slot, so the race decides only which program pays it."""
     total = tiles * k_tiles
     if iters <= 0 or total <= 0:
         return 0, 0, 0
@@ -197,18 +197,13 @@ def stream_k_partials(tiles: int, k_tiles: int, iters: int, longer_first: bool =
     for t, ps in pieces.items():
         if len(ps) == 1:
             continue  # run whole: the plain epilogue
-        _, slot, reducer = max(ps)
+        reducer = max(ps)[2]
         for _, _, p in ps:
             if p != reducer:
                 cost[p] += 1
                 stored += 1
-        if slot <= 1:
-            cost[reducer] += len(ps) - 1
-            loaded += len(ps) - 1
-        else:
-            cost[reducer] += 1 + len(ps)
-            stored += 1
-            loaded += len(ps)
+        cost[reducer] += len(ps) - 1
+        loaded += len(ps) - 1
     return max(cost), stored, loaded
 
 
@@ -318,9 +313,8 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
       :data:`SLAB_FILL_STEPS` before every slab after the first) it waits until that slab of
       the tile's row block is produced, producing the next unit itself while some it needs are
       unclaimed; after a shared tile's range the program takes the tile's ticket (in time
-      order): the last one waits for the others' partials and sums them, in place from its
-      registers when it is the tile's slot 0 or 1, else after storing its own; the others
-      store theirs (:data:`SPLIT_PARTIAL_STEPS` each; ``gemm_tma._partial_epilogue``).
+      order): the last one waits for the others' partials and sums them in place, onto its
+      registers; the others store theirs (:data:`SPLIT_PARTIAL_STEPS` each; ``gemm_tma._partial_epilogue``).
     """
     import heapq
     slabs = len(slab_bytes)
@@ -374,9 +368,8 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
             if len(got) < split_parts[tile] - 1:
                 t += part_s  # stores its partial
                 got.append(t)
-            else:  # waits for the others' stores; slot 0 or 1 sums in place
-                slot = i - (tile * ks) // iters
-                t = max([t] + got) + (len(got) if slot <= 1 else len(got) + 2) * part_s
+            else:  # waits for the others' stores, sums them in place
+                t = max([t] + got) + len(got) * part_s
             heapq.heappush(events, (t, 1, i))
             continue
         if pos[i] == len(runs[i]):

@@ -227,7 +227,7 @@ def _gemm_ready_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     EMULATE_RNE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    GROUP_M: tl.constexpr, PIECES: tl.constexpr,
     TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr, UNIFORM: tl.constexpr,
     OFF64: tl.constexpr, ROWS: tl.constexpr, PRODUCE_C: tl.constexpr,
     FENCE: tl.constexpr, THREADS: tl.constexpr, R_BLOCK: tl.constexpr,
@@ -260,7 +260,7 @@ def _gemm_ready_kernel(
             b_acc = _k_range(a_desc, w_desc, o_am, o_wn, 0, k_tiles, DOT_FP32,
                              INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
-                           STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+                           STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES)
             tile = tl.atomic_add(state + 1, 1, sem="relaxed", scope="gpu")
         n_counts = 4 + num_pid_m
     else:
@@ -311,7 +311,7 @@ def _gemm_ready_kernel(
                                      sl * ks + k_hi, DOT_FP32, INPUT_PRECISION, BLOCK_K)
                 _segment_epilogue(b_acc, ws, arrivals, tile, p, t0, ks, ITERS, o_desc, p_desc,
                                   bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
-                                  EMULATE_RNE, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, PARTS, WHOLE)
+                                  EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES, PARTS, WHOLE)
         n_counts = 4 + SLABS * num_pid_m  # (the partials' arrivals reset themselves)
     # the last program out waits for the helper's programs to be done, then leaves every count
     # zero for the next launch on this stream
@@ -348,11 +348,13 @@ HELPER_CONFIG = {"ROWS": 8, "BLOCK_C": 128, "num_warps": 2, "STAGES": 2}
 #: one above: 4 warps over 8 x 256 steps (48 registers, 48 KiB of shared memory for a
 #: 12-layer group, sm_90, triton 3.9). Same ``ROWS``: the GEMM programs' own units are the
 #: same. Steps narrow to 128 channels where a group's step would need more shared memory than
-#: :data:`SPLIT_HELPER_SHARED` (SigLIP's 13-layer groups: 52 KiB)
+#: :data:`SPLIT_HELPER_SHARED` (a group of more than 16 layers)
 HELPER_CONFIG_SPLIT = {"ROWS": 8, "BLOCK_C": 256, "num_warps": 4, "STAGES": 2}
-#: What triton 3.6's stream-K GEMM (177 KiB) leaves the helper of the SM's 228 KiB, with 1 KiB
-#: reserved per CTA (triton 3.9's takes 144 KiB)
-SPLIT_HELPER_SHARED = 49 * 1024
+#: What triton 3.6's stream-K GEMM (161 KiB with its quarter-tile epilogue stores, inference
+#: and training; 177 KiB before 2026-12-04) leaves the helper of the SM's 228 KiB, with 1 KiB
+#: reserved per CTA, rounded down (triton 3.9's takes 144 KiB). SigLIP's 13-layer groups
+#: take 52 KiB steps
+SPLIT_HELPER_SHARED = 64 * 1024
 HELPER_CONFIG_INTERPRET = {"ROWS": 4, "BLOCK_C": 32, "num_warps": 4, "STAGES": 2}
 HELPER_CONFIG_SPLIT_INTERPRET = {"ROWS": 4, "BLOCK_C": 64, "num_warps": 4, "STAGES": 2}
 #: Channels per step of a GEMM program's own row-tile production (8 warps over 8 x 256: one
@@ -480,7 +482,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
                       activation: Optional[str]) -> PipelinedLaunch:
     """The :class:`PipelinedLaunch` of these (validated, :func:`pipelined_eligible`) inputs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    from .gemm_tma import INTERPRET_SMS, _num_sms, _set_blocks, arch_of
+    from .gemm_tma import INTERPRET_SMS, STREAM_K_PIECES, _num_sms, _set_blocks, arch_of
     from .path import model_for, pipelined_stream_k, pipelined_stream_k_wins, stream_k_shape
     base = hidden_states[spec.final_layer]
     interp = common.interpreting()
@@ -519,6 +521,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
             if tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] >= 2 ** 31:
                 iters, segments, parts = 0, 0, 1  # the partials' offsets are 32-bit
     launch.iters = iters
+    if iters:  # the reducer's quarters are the epilogue's pieces (gemm_tma._partial_epilogue)
+        g = dict(g, PIECES=STREAM_K_PIECES)
     launch.ws_numel = tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] if iters else 0
     launch.state_len = _HEAD + (slabs * pm + tiles if iters else pm)
     # descriptors: stand-ins of the operands' layout (the calls' tensors replace the bases)
@@ -543,7 +547,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         EMULATE_RNE=flags["EMULATE_RNE"], DOT_FP32=interp,
         INPUT_PRECISION="ieee",  # 16-bit operands only (pipelined_eligible)
         BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"],
-        SPLIT_EPILOGUE=g["SPLIT_EPILOGUE"], TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
+        PIECES=g["PIECES"], TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
         UNIFORM=flags["UNIFORM"], OFF64=flags["OFF64"], ROWS=rows, PRODUCE_C=produce_c,
         FENCE=not interp, THREADS=32 * gcfg.num_warps, R_BLOCK=256,
         SEGMENTS=segments, PARTS=parts, WHOLE=bool(iters) and iters >= channels // g["BLOCK_K"],

@@ -467,12 +467,16 @@ def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
                 cases.append(Case(f"linear-train-{path}/{vit}-vit-clip336-dci-16img-{dt}",
                                   "training", train_call,
                                   dict(op="linear-train", path=path, dtype=dt)))
-        # the pipelined path's stream-K GEMM (1 image) storing Z too
-        cases.append(Case(
-            f"linear-train-pipelined/frozen-vit-clip336-dci-1img-{dt}", "training",
-            lambda dtype=dtype: _linear_call(_hidden_states(spec, 1, 577, 1024, dtype), spec,
-                                             BENCH_N, dtype, "pipelined", train=True),
-            dict(op="linear-train", path="pipelined", dtype=dt)))
+        # the pipelined path's stream-K GEMM (1 image) storing Z too, beside its helper (SigLIP:
+        # the widest helper step, 13-layer groups)
+        for tower, enc, T, C in TOWERS:
+            sp = ConnectorSpec.preset(enc, "dci")
+            cases.append(Case(
+                f"linear-train-pipelined/frozen-vit-{tower}-dci-1img-{dt}", "training",
+                lambda dtype=dtype, sp=sp, T=T, C=C: _linear_call(
+                    _hidden_states(sp, 1, T, C, dtype), sp, BENCH_N, dtype, "pipelined",
+                    train=True),
+                dict(op="linear-train", path="pipelined", dtype=dt)))
         cases.append(Case(
             f"linear-train-two-pass/odd-sizes-{dt}", "training",
             lambda dtype=dtype: _linear_call(_hidden_states(spec, 3, 101, 200, dtype), spec,
