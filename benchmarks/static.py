@@ -126,6 +126,22 @@ def pipelined_residency_problems(reports: Sequence[dict]) -> List[str]:
     return bad
 
 
+def _stream_k_tiles(kernel: str, c: dict, a: dict) -> Tuple[int, int]:
+    """(tiles, K steps per tile) of a stream-K GEMM launch's (tile, K step) sequence (the
+    pipelined GEMM's: a slab's K steps)."""
+    tiles = math.ceil(a["M"] / c["BLOCK_M"]) * math.ceil(a["N"] / c["BLOCK_N"])
+    if kernel == "_gemm_ready_kernel":
+        return tiles, a["C"] // c["BLOCK_K"]
+    return tiles, math.ceil(a["K"] / c["BLOCK_K"])
+
+
+def _stream_k_iters(kernel: str, c: dict, a: dict, programs: int) -> int:
+    """The most steps of the (tile, K step) sequence one of ``programs`` stream-K programs
+    runs (path.stream_k_bounds: equal shares to one step)."""
+    tiles, ks = _stream_k_tiles(kernel, c, a)
+    return -(-(tiles * ks) // programs)
+
+
 def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(1, 1, 1)
                 ) -> float:
     """How often one iteration of a SASS loop runs per program (nested trips multiplied), from
@@ -136,23 +152,27 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
         return 1
     if kernel == "_gemm_tma_kernel":
         if c.get("SEGMENTS", 0):
-            # stream K: ITERS K steps (the wgmma loop) per program over SEGMENTS tiles; the
-            # sum of a shared tile's partials loops over its PARTS at most
+            # stream K: at most ceil(steps / programs) K steps (the wgmma loop) per program
+            # over SEGMENTS tiles; the sum of a shared tile's partials loops over its PARTS at
+            # most
             if not loop["innermost"]:
                 return c["SEGMENTS"]
-            return a["ITERS"] if loop["mix"].get("tensor") else c["PARTS"]
+            return _stream_k_iters(kernel, c, a, programs) if loop["mix"].get("tensor") \
+                else c["PARTS"]
         tiles = math.ceil(a["M"] / c["BLOCK_M"]) * math.ceil(a["N"] / c["BLOCK_N"])
         per_program = math.ceil(tiles / programs)
         if loop["innermost"]:
             return per_program * math.ceil(a["K"] / c["BLOCK_K"])
         return per_program
     if kernel == "_gemm_ready_kernel" and c.get("SEGMENTS", 0):
-        # pipelined stream K: ITERS K steps of every slab (one wgmma loop per slab) over
+        # pipelined stream K: ceil(positions / programs) K steps of every slab (one wgmma
+        # loop per slab) over
         # SEGMENTS tiles; the sum of a shared tile's partials (loads, no stores) loops over its
         # PARTS at most; its own units' production (loads and stores) only while it waits
         # (the ready times of the schedule replay), spins and the final reset once
         if loop["mix"].get("tensor"):
-            return a["ITERS"] if loop["innermost"] else c["SEGMENTS"]
+            return _stream_k_iters(kernel, c, a, programs) if loop["innermost"] \
+                else c["SEGMENTS"]
         if loop["innermost"] and loop["mix"].get("global_load") \
                 and not loop["mix"].get("global_store") and loop["mix"].get("fp32", 0) >= 32:
             return c["PARTS"]
@@ -256,18 +276,19 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
                         program_flops=math.ceil(tiles_m * tiles_n / P) * k_tiles * step)
         # stream K: the pieces of a shared tile that do not reduce it write fp32 partial
         # tiles, its reducer reads them back (through L2; the stores counted once more
-        # through DRAM, as written back); the busiest program runs ITERS steps plus the
+        # through DRAM, as written back); the busiest program runs its steps plus the
         # partials it stores and loads (the path rule's own cost, path.stream_k_partials and
         # path.stream_k_program_steps)
         pipelined = kernel == "_gemm_ready_kernel"
         ks = a["C"] // c["BLOCK_K"] if pipelined else k_tiles  # a slab's K steps, or K's
-        busiest, stored, loaded = stream_k_partials(tiles_m * tiles_n, ks, a["ITERS"],
+        busiest, stored, loaded = stream_k_partials(tiles_m * tiles_n, ks, P,
                                                     longer_first=pipelined)
+        iters = _stream_k_iters(kernel, c, a, P)
         tile_bytes = c["BLOCK_M"] * c["BLOCK_N"] * 4
-        if pipelined:  # ITERS steps of every slab, ring refills
-            steps = pipelined_stream_k_steps(a["ITERS"], len(sizes) + 1, c["SEGMENTS"], busiest)
+        if pipelined:  # its steps of every slab, ring refills
+            steps = pipelined_stream_k_steps(iters, len(sizes) + 1, c["SEGMENTS"], busiest)
         else:
-            steps = stream_k_program_steps(a["ITERS"], busiest)
+            steps = stream_k_program_steps(iters, busiest)
         return dict(dram=dram + stored * tile_bytes,
                     l2=l2 + (stored + loaded) * tile_bytes, flops=2.0 * M * K * N,
                     program_flops=steps * step)
@@ -498,15 +519,16 @@ def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> 
         # stream K over the slabs: the busiest program's step-equivalents give one step's
         # seconds; units slab-major, each slab's bytes per row its layers read and its write
         sizes = c["SIZES"]
+        P = gemm["programs"]
         steps = pipelined_stream_k_steps(
-            a["ITERS"], len(sizes) + 1, c["SEGMENTS"],
+            _stream_k_iters("_gemm_ready_kernel", c, a, P), len(sizes) + 1, c["SEGMENTS"],
             stream_k_partials(math.ceil(M / c["BLOCK_M"]) * math.ceil(N / c["BLOCK_N"]),
-                              a["C"] // c["BLOCK_K"], a["ITERS"], longer_first=True)[0])
+                              a["C"] // c["BLOCK_K"], P, longer_first=True)[0])
         step_s = (gemm["seconds"] - gpu.launch_fixed_s) / steps
         slab_bytes = [2.0] + [size + 1.0 for size in sizes]
         row["pipelined_ramp_s"] = alone * M * slab_bytes[0] / sum(slab_bytes)
         return pipelined_stream_k_makespan(
-            M, N, c["BLOCK_M"], c["BLOCK_N"], c["GROUP_M"], a["C"] // c["BLOCK_K"], a["ITERS"],
+            M, N, c["BLOCK_M"], c["BLOCK_N"], c["GROUP_M"], a["C"] // c["BLOCK_K"], P,
             step_s, helper["programs"] if helper is not None else gpu.sms,
             helper["_build"]["constexprs"]["ROWS"] if helper is not None else 8, alone,
             beside, slab_bytes) + gpu.launch_fixed_s

@@ -99,8 +99,8 @@ def test_one_image_gemm_runs_stream_k_on_hopper(reports):
                     "-bf16"):
                 shapes.setdefault(u["case"], set()).add(
                     (r["constexprs"].get("SEGMENTS", 0), r["constexprs"].get("PARTS", 1),
-                     u["args"]["ITERS"]))
-    assert shapes["linear-two-pass/clip336-dci-1img-bf16"] == {(2, 3, 30)}
+                     u["grid"][0]))
+    assert shapes["linear-two-pass/clip336-dci-1img-bf16"] == {(2, 3, 128)}
     assert {s[0] for s in shapes["linear-two-pass/clip336-dci-16img-bf16"]} == {0}
 
 

@@ -519,7 +519,8 @@ def test_fuzz_linear_parameters(wkind, bkind, activation, path, backend, spec_n)
        st.sampled_from((torch.float16, torch.bfloat16)), st.booleans(),
        st.sampled_from((None, "gelu")), st.integers(0, 2 ** 31 - 1))
 def test_fuzz_stream_k_gemm(M, n8, k8, iters, dtype, has_bias, activation, seed):
-    # the TMA GEMM with ``iters`` K steps per program (-1: whole tiles; 0: the rule) on random
+    # the TMA GEMM with at most ``iters`` K steps per program (on ceil(steps / iters) programs
+    # sharing them evenly; -1: whole tiles; 0: the rule) on random
     # sizes (rows of 16-byte multiples, TMA's layout), poisoned output, pre-activation and
     # partials: within the GEMM bound of fp64, the same bits on a second call and with the
     # programs' work taken in reverse order, every count back to 0
@@ -534,9 +535,11 @@ def test_fuzz_stream_k_gemm(M, n8, k8, iters, dtype, has_bias, activation, seed)
     with mock.patch.object(gemm_tma, "STREAM_K_ITERS", iters), poisoned():
         launch = gemm_tma.prepare_gemm_tma(a, w, b, activation, out)
         if iters > 0:
-            assert launch.iters == iters
+            steps = launch.tiles * math.ceil(K / launch.meta["BLOCK_K"])
+            assert launch.programs == math.ceil(steps / iters)
+            assert 0 < launch.iters <= iters
         elif iters < 0:
-            assert launch.iters == 0
+            assert launch.iters == launch.programs == 0
         y, z = run_gemm_launch_twice(launch, a, w, b)
     # the programs' work last to first: another piece reduces each shared tile (under the
     # interpreter its first, in place from its registers): the same bits

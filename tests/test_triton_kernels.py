@@ -381,8 +381,8 @@ def test_overlap_last_chunk_gemm_may_run_stream_k(monkeypatch):
     assert len(gemms) >= 2
     if common.interpreting():  # (on a GPU the split depends on its SM count)
         assert all(isinstance(g, gemm_tma.GemmTmaLaunch) for g in gemms)
-        assert [g.iters for g in gemms[:-1]] == [0] * (len(gemms) - 1)
-        assert gemms[-1].iters > 0
+        assert [g.programs for g in gemms[:-1]] == [0] * (len(gemms) - 1)
+        assert gemms[-1].programs > 0
 
 
 def test_overlap_on_sti_runs_two_pass():
@@ -439,8 +439,9 @@ def test_pipelined_path_equals_two_pass(monkeypatch, dtype, helper, encoder, B, 
                                                    ("clip", 2, 38, 32, 72, 1),
                                                    ("clip", 1, 45, 64, 40, 3)))
 def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, iters):
-    # the stream-K GEMM of the pipelined path (``iters`` K steps of every slab per program;
-    # slabs of 2-4 K steps, 16 deep under the interpreter): programs crossing tiles, tiles
+    # the stream-K GEMM of the pipelined path (at most ``iters`` K steps of every slab per
+    # program, on ceil(positions / iters) programs sharing them evenly; slabs of 2-4 K steps,
+    # 16 deep under the interpreter): programs crossing tiles, tiles
     # spread over up to 3 programs, the helper producing every (slab, row tile) unit, none or
     # three per program. A equals two-pass's bit for bit; the output and the training Z are
     # within the GEMM bound of fp64 (their sums run in another order than two-pass's), the
@@ -455,7 +456,10 @@ def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, ite
     hs = _hs(spec, B, T, C, dtype, seed=60 + B + C)
     w, b = _weights(spec, C, N, dtype, seed=61)
     launch = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", path="pipelined")
-    assert launch.path == "pipelined" and launch.pipelined.iters == iters
+    tiles = math.ceil(B * spec.tokens_kept(T) / 32) * math.ceil(N / 32)
+    assert launch.path == "pipelined"
+    assert launch.pipelined.programs == math.ceil(tiles * C // 16 / iters)
+    assert launch.pipelined.iters <= iters
     # the split launch's helper: split_helpers' count, its wider steps (masked where C < 64)
     rows = pipelined.HELPER_CONFIG_SPLIT_INTERPRET["ROWS"]
     if helper != "none":
@@ -488,32 +492,43 @@ def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, ite
 def test_pipelined_stream_k_rule():
     rule = path_ops.pipelined_stream_k
     # CLIP-L/336 -> 4096 (80 tiles of 128 x 256 per image, 3 slabs of 16 K steps), 132 SMs:
-    # 1 image: 10 steps of every slab per program (30 + partials against 48 whole); 2 images
-    # (144 tiles: two whole tiles on 12 SMs): 18; 16 images (1152 tiles): whole tiles
-    assert rule(80, 16, 3, 132) == 10
-    assert rule(144, 16, 3, 132) == 18
+    # 1 image: 128 programs of 10 steps of every slab (30 + partials against 48 whole); 2
+    # images (144 tiles: two whole tiles on 12 SMs): 128 of 18; 16 images (1152 tiles):
+    # whole tiles
+    assert rule(80, 16, 3, 132) == 128
+    assert rule(144, 16, 3, 132) == 128
     assert rule(1152, 16, 3, 132) == 0 and rule(128, 16, 3, 132) == 0
     assert rule(0, 16, 3, 132) == rule(80, 0, 3, 132) == rule(1, 1, 1, 132) == 0
     # one wave of tiles: taken when no slower than whole tiles (which cannot overlap the
-    # features there): one SigLIP image, 96 tiles of 18 K steps per slab, 52.5 against 54
-    assert rule(96, 18, 3, 132) == 14
+    # features there): one SigLIP image, 96 tiles of 18 K steps per slab, 124 programs of
+    # at most 14: 49.1 step-equivalents against 54
+    assert rule(96, 18, 3, 132) == 124
+    assert path_ops._pipelined_split_steps(96, 18, 3, 124) == pytest.approx(49.1)
     assert rule(96, 18, 1, 132) == 0  # one slab: 14 + partials against 18, no margin
     # ... and the launcher takes it only where the replayed schedule beats whole tiles (the
-    # committed sm_90 calibration): 1 and 2 CLIP DCI images (72 helper programs, one per
-    # 8-row unit of a slab), SigLIP's 1 (92), not 16 images, nor SCI's one image (a unit of
-    # a one-layer slab keeps too few bytes in flight)
-    wins = path_ops.pipelined_stream_k_wins
-    assert wins(576, 1024, 4096, 25, 3, 2) and wins(1152, 1024, 4096, 25, 3, 2)
-    assert wins(729, 1152, 4096, 27, 3, 2) and not wins(9216, 1024, 4096, 25, 3, 2)
-    assert not wins(576, 1024, 4096, 3, 3, 2)
-    whole, split = path_ops._pipelined_makespans(576, 1024, 4096, 25, 3, 2, path_ops.PATH_MODEL)
+    # committed sm_90 calibration), on the programs whose replay is fastest: 1 and 2 CLIP
+    # DCI images (72 helper programs, one per 8-row unit of a slab), SigLIP's 1 (92): 128
+    # programs of 13-14 positions, every tile over 2 programs (124 of 14 put some over 3),
+    # not 16 images, nor SCI's one image (a unit of a one-layer slab keeps too few bytes in
+    # flight)
+    programs = path_ops.pipelined_stream_k_programs
+    assert programs(576, 1024, 4096, 25, 3, 2) == 128
+    assert programs(1152, 1024, 4096, 25, 3, 2) >= 128
+    assert programs(729, 1152, 4096, 27, 3, 2) == 128
+    assert programs(9216, 1024, 4096, 25, 3, 2) == 0
+    assert programs(576, 1024, 4096, 3, 3, 2) == 0
+    assert path_ops.stream_k_shape(96, 18, 128) == (14, 2, 2)
+    assert path_ops.stream_k_shape(96, 18, 124) == (14, 2, 3)
+    whole, split, _ = path_ops._pipelined_makespans(576, 1024, 4096, 25, 3, 2,
+                                                    path_ops.PATH_MODEL)
     t = path_ops.estimate_linear_times(576, 1024, 4096, 25, 3, 2)
     assert split < whole and t["pipelined"] == split < t["two-pass"]
     assert path_ops.choose_linear_path(576, 1024, 4096, 25, 3, 2, arch=90,
                                        pipelined=True) == "pipelined"
     # a group that reads only the base layer (1 distinct layer, 2 slabs) still reads a layer
     # per unit: the split's replay runs (it divided by zero when it counted none)
-    _, split = path_ops._pipelined_makespans(576, 1024, 4096, 1, 2, 2, path_ops.PATH_MODEL)
+    _, split, _ = path_ops._pipelined_makespans(576, 1024, 4096, 1, 2, 2,
+                                                path_ops.PATH_MODEL)
     assert split is not None and split > 0
     assert path_ops.choose_linear_path(576, 1024, 4096, 1, 2, 2, pipelined=True) in (
         "fused", "pipelined", "two-pass", "overlap")
@@ -528,7 +543,7 @@ def test_split_helpers():
     assert split(1, 132) == 1 and split(0, 132) == 132 and split(5, 3) == 3
     # the replay: 72 programs make every slab of one image ready sooner than 132 (same
     # aggregate bandwidth; 144 group units over 132 programs leave 12 to a second round)
-    args = (576, 4096, 128, 256, 8, 16, 10, 0.69e-6)
+    args = (576, 4096, 128, 256, 8, 16, 128, 0.69e-6)
     rows = dict(unit_rows=8, alone_s_per_row=1.8e-8, beside_s_per_row=1.97e-8,
                 slab_bytes=(2.0, 13.0, 13.0))
     few = path_ops.pipelined_stream_k_makespan(*args, sms=72, **rows)
@@ -589,14 +604,14 @@ def test_pipelined_makespan():
 # --------------------------------------------------------------------------- stream-K GEMM
 def test_stream_k_partials():
     count = path_ops.stream_k_partials
-    # 1 CLIP image (80 tiles x 48 K steps, 30 per program, 128 programs; tiles over 2-3
+    # 1 CLIP image (80 tiles x 48 K steps, 128 programs of 30 steps; tiles over 2-3
     # programs): the piece ending a program (a tile's slot 0) or filling one (slot 1)
     # finishes last and reduces in place, so a program stores its first segment's partial
     # and loads the partials of the tile it ends: at most 2 (the first protocol: 5)
-    busiest, stored, loaded = count(80, 48, 30)
+    busiest, stored, loaded = count(80, 48, 128)
     assert busiest == 2 and stored == loaded
-    shape = path_ops.stream_k_shape(80, 48, 30)
-    assert shape == (128, 2, 3)
+    shape = path_ops.stream_k_shape(80, 48, 128)
+    assert shape == (30, 2, 3)
     # every shared tile's pieces but its reducer store: stored = pieces - shared tiles
     pieces = sum((((t + 1) * 48 - 1) // 30 - (t * 48) // 30 + 1) for t in range(80))
     shared = sum(1 for t in range(80) if ((t + 1) * 48 - 1) // 30 != (t * 48) // 30)
@@ -604,25 +619,48 @@ def test_stream_k_partials():
     # the pipelined GEMM runs the longer of two segments first: a tile's tail piece (slot 2)
     # can end a program and reduce, in place like any slot (loads the other 2): at most 3
     # (2026-12-03, when a reducer past slot 1 stored its own and reloaded all: 5)
-    assert count(80, 16, 10, longer_first=True)[0] == 3
-    assert count(80, 16, 10)[0] == 2
+    assert count(80, 16, 128, longer_first=True)[0] == 3
+    assert count(80, 16, 128)[0] == 2
     # the reducer never stores: every shared tile's loads are its other pieces' stores
-    busiest, stored, loaded = count(80, 16, 10, longer_first=True)
+    busiest, stored, loaded = count(80, 16, 128, longer_first=True)
     assert stored == loaded
     # no split: nothing stored
-    assert count(4, 48, 48) == (0, 0, 0) and count(0, 48, 30) == (0, 0, 0)
-    # the rule's cost follows: ITERS + partials x SPLIT_PARTIAL_STEPS
+    assert count(4, 48, 4) == (0, 0, 0) and count(0, 48, 30) == (0, 0, 0)
+    # the rule's cost follows: steps + partials x SPLIT_PARTIAL_STEPS
     assert path_ops.stream_k_program_steps(30, 2) == 30 + 2 * path_ops.SPLIT_PARTIAL_STEPS
+
+
+def test_stream_k_bounds():
+    # equal shares to one step, the kernels' own formulas: program p of P starts at
+    # p S // P; the owner of a step is the last program starting at or before it
+    bounds, owner = path_ops.stream_k_bounds, path_ops.stream_k_owner
+    for total, programs in ((1728, 128), (1728, 124), (3840, 128), (7, 3), (5, 5), (9, 1)):
+        b = bounds(total, programs)
+        assert b[0] == 0 and b[-1] == total and len(b) == programs + 1
+        sizes = [b[p + 1] - b[p] for p in range(programs)]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+        assert [owner(x, total, programs) for x in range(total)] == [
+            p for p in range(programs) for _ in range(sizes[p])]
+    # SigLIP, 1 image (96 tiles of 18 positions): 128 programs of 13-14 put every tile over
+    # 2 programs, 124 of at most 14 put some over 3
+    assert path_ops.stream_k_shape(96, 18, 128)[2] == 2
+    assert path_ops.stream_k_shape(96, 18, 124)[2] == 3
+    with pytest.raises(ValueError, match="programs"):
+        path_ops.stream_k_shape(2, 3, 7)
+    with pytest.raises(ValueError, match="programs"):
+        path_ops.stream_k_shape(2, 3, 0)
 
 
 def test_stream_k_rule():
     rule, shape = path_ops.gemm_stream_k, path_ops.stream_k_shape
-    # CLIP-L/336, 1 image -> 4096: 80 tiles of 128 x 256 for 132 SMs, 48 K steps each: 30
-    # steps per program on 128 programs; a program touches 2 tiles, a tile spans 3 programs
-    assert rule(80, 48, 132) == 30 and shape(80, 48, 30) == (128, 2, 3)
-    # SigLIP-384, 1 image (96 tiles, 54 steps) and CLIP, 2 images (144 tiles: 2 per program
-    # on 12 SMs with whole tiles)
-    assert rule(96, 54, 132) == 40 and rule(144, 48, 132) == 53
+    # CLIP-L/336, 1 image -> 4096: 80 tiles of 128 x 256 for 132 SMs, 48 K steps each: 128
+    # programs of 30 steps; a program touches 2 tiles, a tile spans 3 programs
+    assert rule(80, 48, 132) == 128 and shape(80, 48, 128) == (30, 2, 3)
+    # SigLIP-384, 1 image (96 tiles, 54 steps: 130 programs of at most 40) and CLIP, 2
+    # images (144 tiles: 2 per program on 12 SMs with whole tiles; 131 programs of at most
+    # 53)
+    assert rule(96, 54, 132) == 130 and rule(144, 48, 132) == 131
+    assert shape(96, 54, 130)[0] == 40 and shape(144, 48, 131)[0] == 53
     # whole waves of tiles (16 images; 128 tiles), or too few steps: whole tiles
     assert rule(1152, 48, 132) == rule(128, 48, 132) == rule(2, 5, 3) == 0
     assert rule(0, 48, 132) == rule(80, 0, 132) == 0
@@ -637,7 +675,8 @@ def test_stream_k_rule():
                                                    (33, 40, 48, False, None),
                                                    (17, 24, 112, True, None)])
 def test_stream_k_gemm(monkeypatch, dtype, iters, M, N, K, bias, activation):
-    # ``iters`` K steps per program (under the interpreter 16 deep: K = 48-112 is 3-7 steps
+    # at most ``iters`` K steps per program, ceil(steps / iters) programs sharing the steps
+    # evenly (under the interpreter 16 deep: K = 48-112 is 3-7 steps
     # per tile, 3-12 tiles): tiles spread over up to 7 programs, programs crossing up to 3
     # tiles, tiles one program runs whole; edge tiles in M and N; outputs, pre-activations
     # and partials poisoned. Every shared tile's partials are summed in K order by whichever
@@ -655,7 +694,8 @@ def test_stream_k_gemm(monkeypatch, dtype, iters, M, N, K, bias, activation):
     b = torch.randn(N, generator=g).to(dtype=dtype, device=DEVICE) if bias else None
     launch = gemm_tma.prepare_gemm_tma(a, w, b, activation, torch.empty(M, N, dtype=dtype,
                                                                         device=DEVICE))
-    assert launch.iters == iters
+    steps = launch.tiles * math.ceil(K / launch.meta["BLOCK_K"])
+    assert launch.programs == math.ceil(steps / iters) and 0 < launch.iters <= iters
     out, pre = run_gemm_launch_twice(launch, a, w, b)
     a64, w64 = a.double(), w.double()
     b64 = b.double() if b is not None else None
@@ -689,7 +729,8 @@ def test_stream_k_taken_by_the_rule_and_end_to_end(monkeypatch):
     if not gemm_tma.gemm_tma_eligible(a, w, out):
         pytest.skip("the TMA GEMM needs sm_90 (or the interpreter)")
     if common.interpreting():
-        assert gemm_tma.prepare_gemm_tma(a, w, b, "gelu", out).iters == 6
+        launch = gemm_tma.prepare_gemm_tma(a, w, b, "gelu", out)
+        assert (launch.programs, launch.iters) == (3, 6)
     _check_linear(hs, spec, w, b, "gelu", "two-pass", dtype)
 
 

@@ -9,8 +9,9 @@ epilogue adds the bias, applies exact-erf GELU, rounds once and stores the tile 
 descriptor).
 
 Stream K (``SEGMENTS`` > 0, 16-bit operands, chosen by :func:`dc_kernels.ops.path.gemm_stream_k`
-when whole tiles leave SMs idle, e.g. 576 or 1152 rows): every program runs the same number
-of steps of the (tile, K step) sequence, crossing tiles where it must; a range of a shared tile
+when whole tiles leave SMs idle, e.g. 576 or 1152 rows): program p of P runs the steps
+``[p S // P, (p + 1) S // P)`` of the S-step (tile, K step) sequence (equal shares, to one
+step), crossing tiles where it must; a range of a shared tile
 takes a ticket on the tile's count; the one with the last ticket sums the tile's fp32
 partials in K order around its own registers (in any slot: it stores nothing) and runs the
 epilogue a quarter of the tile at a time, the others store theirs and count them (release);
@@ -211,17 +212,25 @@ def _partial_epilogue(b_acc, ws, arrivals, tile, slot, parts, o_desc, p_desc, bi
 
 
 @triton.jit
-def _segment_epilogue(b_acc, ws, arrivals, tile, program, t0, k_tiles, ITERS, o_desc, p_desc,
-                      bias, o_am, o_wn, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                      STORE_PRE: tl.constexpr, EMULATE_RNE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _stream_k_owner(step, total, programs):
+    # the program whose range [p total // programs, (p + 1) total // programs) holds ``step``
+    # (path.stream_k_owner: the largest p with p total // programs <= step)
+    return ((step + 1) * programs - 1) // total
+
+
+@triton.jit
+def _segment_epilogue(b_acc, ws, arrivals, tile, program, t0, k_tiles, total, programs,
+                      o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS: tl.constexpr,
+                      ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+                      EMULATE_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       PIECES: tl.constexpr, PARTS: tl.constexpr, WHOLE: tl.constexpr):
     # The end of a stream-K segment: ``program``'s K range of ``tile`` (whose K steps start at
-    # t0 in the (tile, K step) order, ITERS per program). A tile one program runs whole takes
-    # the plain epilogue; the others go through the shared tiles' ticket protocol
-    first = t0 // ITERS  # the programs that run this tile's steps, in K order
-    parts = (t0 + k_tiles - 1) // ITERS - first + 1
-    if WHOLE and parts == 1:  # (ITERS < k_tiles: every tile is shared)
+    # t0 of the ``total``-step (tile, K step) order, split evenly over ``programs``). A tile
+    # one program runs whole takes the plain epilogue; the others go through the shared
+    # tiles' ticket protocol
+    first = _stream_k_owner(t0, total, programs)  # the programs that run this tile's steps
+    parts = _stream_k_owner(t0 + k_tiles - 1, total, programs) - first + 1
+    if WHOLE and parts == 1:  # (WHOLE false: every tile is shared)
         _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
                        STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES)
     else:
@@ -236,7 +245,6 @@ def _gemm_tma_kernel(
     bias,
     ws, arrivals,  # stream K: fp32 partials [tiles * PARTS, BLOCK_M, BLOCK_N], int32 [tiles]
     M, N, K,
-    ITERS,  # stream K: the K steps of (tile, K step) order each program runs
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -244,7 +252,7 @@ def _gemm_tma_kernel(
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, PIECES: tl.constexpr,
     SEGMENTS: tl.constexpr = 0,  # stream K: the most tiles one program's steps touch (0: off)
     PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
-    WHOLE: tl.constexpr = False,  # stream K: ITERS >= the K steps of a tile (one may run whole)
+    WHOLE: tl.constexpr = False,  # stream K: a program's range may hold a whole tile
     REVERSED: tl.constexpr = False,  # tests: program i runs program (programs - 1 - i)'s work
 ):
     start = tl.program_id(0)
@@ -263,11 +271,14 @@ def _gemm_tma_kernel(
             _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
                            STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES)
     else:
-        # stream K: program p runs the steps [p ITERS, (p + 1) ITERS) of the (tile, K step)
-        # sequence, one segment per tile they touch; a tile whose steps one program runs
-        # whole takes the plain epilogue, the others are summed by their last range
-        it0 = start * ITERS
-        it1 = min(it0 + ITERS, num_tiles * k_tiles)
+        # stream K: program p of P runs the steps [p S // P, (p + 1) S // P) of the S-step
+        # (tile, K step) sequence, one segment per tile they touch; a tile whose steps one
+        # program runs whole takes the plain epilogue, the others are summed by their last
+        # range
+        programs = tl.num_programs(0)
+        total = num_tiles * k_tiles
+        it0 = start * total // programs
+        it1 = (start + 1) * total // programs
         for seg in range(SEGMENTS):
             tile = it0 // k_tiles + seg
             t0 = tile * k_tiles
@@ -278,9 +289,10 @@ def _gemm_tma_kernel(
                                           BLOCK_N)
                 b_acc = _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32,
                                  INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                _segment_epilogue(b_acc, ws, arrivals, tile, start, t0, k_tiles, ITERS, o_desc,
-                                  p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
-                                  EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES, PARTS, WHOLE)
+                _segment_epilogue(b_acc, ws, arrivals, tile, start, t0, k_tiles, total,
+                                  programs, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS,
+                                  ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES,
+                                  PARTS, WHOLE)
 
 
 def _set_blocks(nargs):
@@ -397,8 +409,9 @@ def _clone_desc(template, base):
     return desc
 
 
-#: Stream K: 0 = :func:`dc_kernels.ops.path.gemm_stream_k`'s choice, -1 = never, n > 0 = n K
-#: steps per program wherever stream K may run (tests force it)
+#: Stream K: 0 = :func:`dc_kernels.ops.path.gemm_stream_k`'s choice, -1 = never, n > 0 = at
+#: most n K steps per program, on ``ceil(steps / n)`` programs, wherever stream K may run
+#: (tests force it)
 STREAM_K_ITERS = 0
 #: Tests: the programs take their work last to first (``REVERSED``), so under the interpreter,
 #: which runs them one after another, a shared tile's first piece takes the last ticket and
@@ -433,12 +446,12 @@ class GemmTmaLaunch:
     """A :func:`gemm_tma` launch prepared for one layout: descriptors' shapes and strides,
     constants, kernel and grid. Calling it with tensors of that layout (``a``, ``out`` and
     ``pre`` may be any tensor whose storage starts where the 2-D operand does) builds the four
-    descriptors from templates and launches; a stream-K launch (``iters`` K steps per
-    program, 0: whole tiles) also allocates its fp32 partial tiles (``ws_numel`` elements) and
-    takes its stream's arrival counts."""
+    descriptors from templates and launches; a stream-K launch (``programs`` programs of at
+    most ``iters`` K steps, 0: whole tiles) also allocates its fp32 partial tiles
+    (``ws_numel`` elements) and takes its stream's arrival counts."""
 
     __slots__ = ("site", "templates", "tail", "meta", "meta_pre", "bias_copy", "iters",
-                 "ws_numel", "tiles")
+                 "programs", "ws_numel", "tiles")
 
     def __call__(self, a, weight, bias, out, pre=None):
         ta, tw, to, tp = self.templates
@@ -491,15 +504,18 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     sk_cfg = cfg if interp else GEMM_TMA_CONFIGS[0].all_kwargs()
     tiles = triton.cdiv(M, sk_cfg["BLOCK_M"]) * triton.cdiv(N, sk_cfg["BLOCK_N"])
     k_tiles = triton.cdiv(K, sk_cfg["BLOCK_K"])
-    iters = 0
+    programs = 0
     if a.element_size() == 2 and not leave_room and STREAM_K_ITERS >= 0:
-        iters = STREAM_K_ITERS or gemm_stream_k(tiles, k_tiles, sms)
-    programs, segments, parts = stream_k_shape(tiles, k_tiles, iters) if iters else (0, 0, 1)
-    if tiles * parts * sk_cfg["BLOCK_M"] * sk_cfg["BLOCK_N"] >= 2 ** 31:
-        iters, segments, parts = 0, 0, 1  # the partials' offsets are 32-bit
-    launch.iters, launch.tiles = iters, tiles
+        programs = triton.cdiv(tiles * k_tiles, STREAM_K_ITERS) if STREAM_K_ITERS \
+            else gemm_stream_k(tiles, k_tiles, sms)
+    iters, segments, parts = stream_k_shape(tiles, k_tiles, programs) if programs \
+        else (0, 0, 1)
+    if tiles * parts * sk_cfg["BLOCK_M"] * sk_cfg["BLOCK_N"] >= 2 ** 31 \
+            or tiles * k_tiles * programs >= 2 ** 31:
+        programs, iters, segments, parts = 0, 0, 0, 1  # the offsets and bounds are 32-bit
+    launch.iters, launch.programs, launch.tiles = iters, programs, tiles
     launch.ws_numel = tiles * parts * sk_cfg["BLOCK_M"] * sk_cfg["BLOCK_N"]
-    launch.tail = (M, N, K, iters)
+    launch.tail = (M, N, K)
     if interp or iters:
         if iters:  # the reducer's quarters are the epilogue's pieces (_partial_epilogue)
             sk_cfg = dict(sk_cfg, PIECES=STREAM_K_PIECES)
@@ -508,7 +524,7 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         blocks = {k: v for k, v in sk_cfg.items() if k not in ("num_ctas",)}
         for meta in (launch.meta, launch.meta_pre):
             meta.update(blocks, SEGMENTS=segments, PARTS=parts, WHOLE=iters >= k_tiles)
-        grid = programs if iters else min(sms, tiles)
+        grid = programs if programs else min(sms, tiles)
         launch.site = DirectLaunch(_gemm_tma_kernel, (grid,))
         return launch
 

@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
            "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
-           "gemm_stream_k", "stream_k_shape", "stream_k_partials", "stream_k_program_steps",
+           "gemm_stream_k", "stream_k_bounds", "stream_k_owner", "stream_k_shape",
+           "stream_k_partials", "stream_k_program_steps",
            "gemm_split_gain",
            "pipelined_makespan", "pipelined_stream_k", "pipelined_stream_k_makespan",
-           "pipelined_stream_k_steps", "pipelined_stream_k_wins", "split_helpers",
+           "pipelined_stream_k_steps", "pipelined_stream_k_programs", "split_helpers",
            "SLAB_FILL_STEPS", "SPLIT_PARTIAL_STEPS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,7 +89,7 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       rate, the rest at the helper's, ``helper_efficiency_beside_gemm`` of the bandwidth,
       scaled down as above below ``helper_layer_bytes`` per element row) or, where
       :func:`pipelined_stream_k` splits the slabs' K steps (few tiles) and its replay
-      (:func:`pipelined_stream_k_makespan`) is faster (:func:`pipelined_stream_k_wins`), by
+      (:func:`pipelined_stream_k_makespan`) is faster (:func:`pipelined_stream_k_programs`), by
       that; + a launch;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
       N tile (``fused_block_n`` wide; ``fused_block_n_small_groups`` when the slabs average
@@ -125,7 +126,7 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
             overlap += max(gemm_of(r, j == chunks - 1), nxt)
     else:
         overlap = two_pass
-    whole, split = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, e, m)
+    whole, split, _ = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, e, m)
     pipelined = min(whole, split) if split is not None else whole
     # the fused kernel's N tile: its shared memory holds one A tile per group member, so
     # small groups (SCI's single layers) leave room for wider tiles than DCI's 12-layer groups
@@ -148,50 +149,70 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
 SPLIT_PARTIAL_STEPS = 1.7
 
 
-def stream_k_shape(tiles: int, k_tiles: int, iters: int) -> Tuple[int, int, int]:
-    """``(programs, segments, parts)`` of a stream-K launch running ``iters`` steps of the
-    (tile, K step) sequence per program: the programs, the most tiles one program's steps
-    touch, the most programs one tile's steps are spread over."""
+def stream_k_bounds(total: int, programs: int) -> List[int]:
+    """Where each program's range of a stream-K launch starts, and the end: program p runs
+    the steps ``[p total // programs, (p + 1) total // programs)`` of the (tile, K step)
+    sequence, so ranges differ by at most one step (the kernels compute the same bounds from
+    their program id and grid size)."""
+    return [p * total // programs for p in range(programs + 1)]
+
+
+def stream_k_owner(step: int, total: int, programs: int) -> int:
+    """The program whose range (:func:`stream_k_bounds`) holds ``step``: the largest p with
+    ``p total // programs <= step``, ``((step + 1) programs - 1) // total`` (the kernels' own
+    formula: a tile's first and last piece)."""
+    return ((step + 1) * programs - 1) // total
+
+
+def stream_k_shape(tiles: int, k_tiles: int, programs: int) -> Tuple[int, int, int]:
+    """``(iters, segments, parts)`` of a stream-K launch of ``programs`` programs over the
+    (tile, K step) sequence (:func:`stream_k_bounds`): the most steps one program runs, the
+    most tiles one program's steps touch, the most programs one tile's steps are spread
+    over."""
     total = tiles * k_tiles
-    programs = math.ceil(total / iters)
-    segments = max((min(total, (p + 1) * iters) - 1) // k_tiles - (p * iters) // k_tiles + 1
-                   for p in range(programs))
-    parts = max(((t + 1) * k_tiles - 1) // iters - (t * k_tiles) // iters + 1
-                for t in range(tiles))
-    return programs, segments, parts
+    if programs <= 0 or total <= 0 or programs > total:
+        raise ValueError(f"stream K needs 1 <= programs <= tiles x K steps, got {programs} "
+                         f"programs for {tiles} x {k_tiles}")
+    b = stream_k_bounds(total, programs)
+    segments = max((b[p + 1] - 1) // k_tiles - b[p] // k_tiles + 1 for p in range(programs))
+    parts = max(stream_k_owner((t + 1) * k_tiles - 1, total, programs)
+                - stream_k_owner(t * k_tiles, total, programs) + 1 for t in range(tiles))
+    return -(-total // programs), segments, parts
 
 
-def stream_k_partials(tiles: int, k_tiles: int, iters: int, longer_first: bool = False
+def stream_k_partials(tiles: int, k_tiles: int, programs: int, longer_first: bool = False
                       ) -> Tuple[int, int, int]:
     """``(busiest, stored, loaded)``: the fp32 partial tiles the busiest program of a stream-K
-    launch stores and loads, and all programs together, by the kernels' protocol
-    (``gemm_tma._partial_epilogue``): each piece of a shared tile takes a ticket after its K
-    loop; the last one reduces the tile in place from its registers, in any slot
-    (``parts - 1`` loads, no store); every other piece stores its partial.
+    launch of ``programs`` programs stores and loads, and all programs together, by the
+    kernels' protocol (``gemm_tma._partial_epilogue``): each piece of a shared tile takes a
+    ticket after its K loop; the last one reduces the tile in place from its registers, in
+    any slot (``parts - 1`` loads, no store); every other piece stores its partial.
 
     The last ticket is taken to go to the piece that ends latest in its program's order (K
     steps before its end; on a tie the highest slot): the programs start together and run
-    equal steps, so the piece ending a program (a tile's head: slot 0) or filling one (slot
-    1) finishes last, the tile's tail, at the start of its program, first. ``longer_first``:
-    the pipelined GEMM runs the longer of two segments first, which can put the tail last.
-    An ESTIMATE of which piece wins a race no model sees; the reducer's cost is the same in
-    every slot, so the race decides only which program pays it."""
+    near-equal steps, so the piece ending a program (a tile's head: slot 0) or filling one
+    (slot 1) finishes last, the tile's tail, at the start of its program, first.
+    ``longer_first``: the pipelined GEMM runs the longer of two segments first, which can put
+    the tail last. An ESTIMATE of which piece wins a race no model sees; the reducer's cost
+    is the same in every slot, so the race decides only which program pays it."""
     total = tiles * k_tiles
-    if iters <= 0 or total <= 0:
+    if programs <= 0 or total <= 0:
         return 0, 0, 0
-    programs, segments, _ = stream_k_shape(tiles, k_tiles, iters)
+    _, segments, _ = stream_k_shape(tiles, k_tiles, programs)
+    b = stream_k_bounds(total, programs)
     pieces: Dict[int, List[Tuple[int, int, int]]] = {}  # tile -> (end, slot, program)
     for p in range(programs):
-        lo, hi = p * iters, min(total, (p + 1) * iters)
+        lo, hi = b[p], b[p + 1]
         segs = [(t, max(lo, t * k_tiles), min(hi, (t + 1) * k_tiles))
                 for t in range(lo // k_tiles, (hi - 1) // k_tiles + 1)]
         if longer_first and segments == 2 and len(segs) == 2 and \
                 segs[0][2] - segs[0][1] < segs[1][2] - segs[1][1]:
             segs.reverse()
         end = 0
-        for t, a, b in segs:
-            end += b - a
-            pieces.setdefault(t, []).append((end, a // iters - (t * k_tiles) // iters, p))
+        for t, a, c in segs:
+            end += c - a
+            slot = p - stream_k_owner(t * k_tiles, total, programs)
+            pieces.setdefault(t, []).append((end, slot, p))
     cost = [0] * programs
     stored = loaded = 0
     for t, ps in pieces.items():
@@ -215,26 +236,30 @@ def stream_k_program_steps(iters: int, partials: int) -> float:
     return iters + partials * SPLIT_PARTIAL_STEPS
 
 
-def _stream_k_steps(tiles: int, k_tiles: int, iters: int) -> float:
-    return stream_k_program_steps(iters, stream_k_partials(tiles, k_tiles, iters)[0])
+def _stream_k_steps(tiles: int, k_tiles: int, programs: int) -> float:
+    iters = stream_k_shape(tiles, k_tiles, programs)[0]
+    return stream_k_program_steps(iters, stream_k_partials(tiles, k_tiles, programs)[0])
 
 
 def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
-    """K steps per program of a stream-K launch of the persistent GEMM, 0: whole tiles.
+    """Programs of a stream-K launch of the persistent GEMM, 0: whole tiles.
 
     With whole tiles the busiest program runs ``ceil(tiles / sms)`` of them: 576 rows give 80
     tiles of 128 x 256 for 132 SMs, one 48-step K loop each while 52 SMs idle; 1152 rows give
-    144, two per program on 12 SMs. Stream K spreads the ``tiles * k_tiles`` steps evenly:
-    ``ceil(tiles * k_tiles / sms)`` per program, crossing tiles where it must; a shared tile's
-    pieces store fp32 partials that one of them sums (:func:`stream_k_partials`,
-    :data:`SPLIT_PARTIAL_STEPS` each). Taken when the busiest program saves at least 10 %."""
+    144, two per program on 12 SMs. Stream K spreads the ``tiles * k_tiles`` steps evenly
+    (:func:`stream_k_bounds`): at most ``iters = ceil(tiles * k_tiles / sms)`` per program on
+    the fewest programs that allows, ``ceil(tiles * k_tiles / iters)`` (80 tiles: 30 steps on
+    128), crossing tiles where it must; a shared tile's pieces store fp32 partials that one
+    of them sums (:func:`stream_k_partials`, :data:`SPLIT_PARTIAL_STEPS` each). Taken when
+    the busiest program saves at least 10 %."""
     if tiles <= 0 or k_tiles <= 0 or sms <= 0:
         return 0
     iters = math.ceil(tiles * k_tiles / sms)
     if iters < 4:
         return 0
+    programs = math.ceil(tiles * k_tiles / iters)
     unsplit = math.ceil(tiles / sms) * k_tiles
-    return iters if _stream_k_steps(tiles, k_tiles, iters) <= 0.9 * unsplit else 0
+    return programs if _stream_k_steps(tiles, k_tiles, programs) <= 0.9 * unsplit else 0
 
 
 #: A slab's K loop after the first in a stream-K segment of the pipelined GEMM restarts its
@@ -254,28 +279,34 @@ def pipelined_stream_k_steps(iters: int, slabs: int, segments: int, partials: in
 
 
 def pipelined_stream_k(tiles: int, ks: int, slabs: int, sms: int) -> int:
-    """K steps of every slab per program of the pipelined path's stream-K GEMM, 0: whole
-    tiles (:mod:`dc_kernels.ops.pipelined`).
+    """Programs of the pipelined path's stream-K GEMM by the step count alone, 0: whole tiles
+    (:mod:`dc_kernels.ops.pipelined`; :func:`pipelined_stream_k_programs` then lets the
+    replays pick among this many programs and more, up to ``sms``).
 
     Its programs run the same positions of every slab's (tile, K step) sequence (``ks`` steps
-    of a tile per slab): ``ceil(tiles * ks / sms)`` positions, ``slabs`` times, plus
-    partials and refills (:func:`pipelined_stream_k_steps`). Taken, as :func:`gemm_stream_k`,
+    of a tile per slab; :func:`stream_k_bounds`): at most ``ceil(tiles * ks / sms)``
+    positions on the fewest programs that allows, ``slabs`` times, plus partials and refills
+    (:func:`pipelined_stream_k_steps`). Taken, as :func:`gemm_stream_k`,
     when the busiest program saves at least 10 % over whole tiles, or, with at most one wave
     of tiles (``tiles <= sms``), when it is no slower: there every whole tile starts at once
     and needs all of its rows' slabs, so whole tiles cannot overlap the features at all,
     while the split multiplies slab 0 as the groups are averaged (one SigLIP image: 96
-    tiles, 52.5 step-equivalents against 54; :func:`pipelined_stream_k_wins` then compares
-    the replays)."""
+    tiles, 49.1 step-equivalents against 54 on 124 programs)."""
     if tiles <= 0 or ks <= 0 or sms <= 0 or slabs <= 0:
         return 0
     iters = math.ceil(tiles * ks / sms)
     if iters * slabs < 4:
         return 0
-    _, segments, _ = stream_k_shape(tiles, ks, iters)
-    split = pipelined_stream_k_steps(iters, slabs, segments,
-                                     stream_k_partials(tiles, ks, iters, True)[0])
+    programs = math.ceil(tiles * ks / iters)
     whole = math.ceil(tiles / sms) * slabs * ks
-    return iters if split <= (1.0 if tiles <= sms else 0.9) * whole else 0
+    split = _pipelined_split_steps(tiles, ks, slabs, programs)
+    return programs if split <= (1.0 if tiles <= sms else 0.9) * whole else 0
+
+
+def _pipelined_split_steps(tiles: int, ks: int, slabs: int, programs: int) -> float:
+    iters, segments, _ = stream_k_shape(tiles, ks, programs)
+    return pipelined_stream_k_steps(iters, slabs, segments,
+                                    stream_k_partials(tiles, ks, programs, True)[0])
 
 
 def split_helpers(row_tiles: int, sms: int) -> int:
@@ -296,7 +327,8 @@ def split_helpers(row_tiles: int, sms: int) -> int:
 
 
 def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_m: int,
-                                ks: int, iters: int, step_s: float, sms: int, unit_rows: int,
+                                ks: int, programs: int, step_s: float, sms: int,
+                                unit_rows: int,
                                 alone_s_per_row: float, beside_s_per_row: float,
                                 slab_bytes: Sequence[float]) -> float:
     """Seconds of the pipelined path's stream-K GEMM launch, both launches' schedule replayed
@@ -307,9 +339,9 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
       the programs -- and by GEMM programs that wait -- at ``alone_s_per_row`` (the features
       pass) times ``sms``: a program alone gets its share of the bandwidth; a unit's seconds
       are its slab's share of ``slab_bytes`` (bytes per row: layers read + written).
-    * GEMM program p runs positions ``[p iters, (p + 1) iters)`` of the (tile, K step of a
-      slab) sequence (grouped tile order, ``ks`` steps per slab; of two segments the longer
-      first), slab after slab; before a slab's steps (``step_s`` each; a ring refill of
+    * GEMM program p of ``programs`` runs its positions (:func:`stream_k_bounds`) of the
+      (tile, K step of a slab) sequence (grouped tile order, ``ks`` steps per slab; of two
+      segments the longer first), slab after slab; before a slab's steps (``step_s`` each; a ring refill of
       :data:`SLAB_FILL_STEPS` before every slab after the first) it waits until that slab of
       the tile's row block is produced, producing the next unit itself while some it needs are
       unclaimed; after a shared tile's range the program takes the tile's ticket (in time
@@ -330,15 +362,17 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
     per_group = group_m * pn
     runs = []  # per GEMM program: [(tile, slab, steps, first unit, last unit, segment end)]
     split_parts: Dict[int, int] = {}  # tile -> the programs its steps are spread over
-    for p in range(math.ceil(tiles * ks / iters)):
-        it0, it1 = p * iters, min((p + 1) * iters, tiles * ks)
+    bounds = stream_k_bounds(tiles * ks, programs)
+    for p in range(programs):
+        it0, it1 = bounds[p], bounds[p + 1]
         segs = []
         for tile in range(it0 // ks, (it1 - 1) // ks + 1):
             steps = min(it1, (tile + 1) * ks) - max(it0, tile * ks)
             first = (tile // per_group) * group_m
             r = first + (tile % per_group) % min(pm - first, group_m)
             q0, q1 = r * tile_m // unit_rows, (min(M, (r + 1) * tile_m) - 1) // unit_rows
-            parts = ((tile + 1) * ks - 1) // iters - (tile * ks) // iters + 1
+            parts = stream_k_owner((tile + 1) * ks - 1, tiles * ks, programs) \
+                - stream_k_owner(tile * ks, tiles * ks, programs) + 1
             split_parts[tile] = parts
             segs.append((tile, steps, q0, q1, parts > 1))
         if len(segs) == 2 and segs[0][1] < segs[1][1]:
@@ -401,10 +435,10 @@ def gemm_split_gain(M: int, N: int, K: int, model: Optional[Dict] = None) -> flo
         return 1.0
     tiles = math.ceil(M / m["gemm_tile_m"]) * math.ceil(N / m["gemm_tile_n"])
     k_tiles = math.ceil(K / 64)
-    iters = gemm_stream_k(tiles, k_tiles, m["sms"])
-    if not iters:
+    programs = gemm_stream_k(tiles, k_tiles, m["sms"])
+    if not programs:
         return 1.0
-    return _stream_k_steps(tiles, k_tiles, iters) / (math.ceil(tiles / m["sms"]) * k_tiles)
+    return _stream_k_steps(tiles, k_tiles, programs) / (math.ceil(tiles / m["sms"]) * k_tiles)
 
 
 def pipelined_makespan(M: int, N: int, tile_m: int, tile_n: int, group_m: int, sms: int,
@@ -480,9 +514,12 @@ def _beside_per_row(feats_per_row: float, layer_bytes: float, m: Dict, efficienc
 
 
 def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
-                         e: int, m: Dict) -> Tuple[float, Optional[float]]:
+                         e: int, m: Dict, tile: Optional[Tuple[int, int, int]] = None
+                         ) -> Tuple[float, Optional[float], int]:
     """The pipelined path's replayed seconds with whole tiles and, where
-    :func:`pipelined_stream_k` allows it, with stream K over the slabs (else None)."""
+    :func:`pipelined_stream_k` allows it, with stream K over the slabs (else None), and the
+    stream-K programs that replay fastest (0: none). ``tile``: the kernel's (BLOCK_M,
+    BLOCK_N, BLOCK_K) in place of the calibration's tiles, 64 deep."""
     K = num_slabs * C
     feats_per_row = (num_layers_read * C * e + K * e) / (
         m["dram_bytes_per_s"] * m["features_efficiency"])
@@ -491,15 +528,15 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     # the overlap's features)
     beside_per_row = _beside_per_row(feats_per_row, num_layers_read * e, m,
                                      "helper_efficiency_beside_gemm", "helper_layer_bytes")
-    tile_m, tile_n = m["gemm_tile_m"], m["gemm_tile_n"]
+    tile_m, tile_n, tile_k = tile or (m["gemm_tile_m"], m["gemm_tile_n"], 64)
     tiles = math.ceil(M / tile_m) * math.ceil(N / tile_n)
     one_tile = _gemm_time(M, N, K, e, m, False) / max(1, math.ceil(tiles / m["sms"]))
     whole = pipelined_makespan(M, N, tile_m, tile_n, 8, m["sms"], one_tile, feats_per_row,
                                beside_per_row) + m["launch_s"]
-    ks = C // 64 if C % 64 == 0 else 0  # K steps of a slab (stream K needs whole ones)
-    iters = pipelined_stream_k(tiles, ks, num_slabs, m["sms"]) if m["gemm_split_k"] else 0
-    if not iters:
-        return whole, None
+    ks = C // tile_k if C % tile_k == 0 else 0  # K steps of a slab (stream K: whole ones)
+    fewest = pipelined_stream_k(tiles, ks, num_slabs, m["sms"]) if m["gemm_split_k"] else 0
+    if not fewest:
+        return whole, None, 0
     # stream K over the slabs: units slab-major; slab 0 copies the base (a layer read and
     # written), the groups share the other layers evenly. A unit reads one slab's layers,
     # so its bytes in flight, and the helper's efficiency, scale with a group's layers (SCI:
@@ -508,30 +545,41 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     # (at least one: a group may share its layers with the base, e.g. [base, mean(hs[23:24])])
     per_group = max(1.0, (num_layers_read - 1) / groups)
     slab_bytes = [2.0] + [per_group + 1.0] * (num_slabs - 1)
-    split = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, iters,
-                                        one_tile / (num_slabs * ks),
-                                        split_helpers(math.ceil(M / 8), m["sms"]), 8,
-                                        feats_per_row,
-                                        _beside_per_row(feats_per_row, per_group * e, m,
-                                                        "helper_efficiency_beside_gemm",
-                                                        "helper_layer_bytes"),
-                                        slab_bytes)
-    return whole, split + m["launch_s"]
+    beside_split = _beside_per_row(feats_per_row, per_group * e, m,
+                                   "helper_efficiency_beside_gemm", "helper_layer_bytes")
+    helpers = split_helpers(math.ceil(M / 8), m["sms"])
+    # the fewest programs that run at most ceil(steps / SMs) positions each, or more, up to
+    # one per SM: which spreads the tiles' pieces best shows only in the replay (one SigLIP
+    # image: 124 programs of 14 positions put some tiles over 3 programs; 128 of 13-14 put
+    # every tile over 2)
+    best = None
+    for programs in range(fewest, max(fewest, m["sms"]) + 1):
+        t = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, programs,
+                                        one_tile / (num_slabs * ks), helpers, 8,
+                                        feats_per_row, beside_split, slab_bytes)
+        if best is None or t < best[0]:
+            best = (t, programs)
+    return whole, best[0] + m["launch_s"], best[1]
 
 
-def pipelined_stream_k_wins(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
-                            element_size: int, model: Optional[Dict] = None,
-                            sms: Optional[int] = None) -> bool:
-    """Whether the pipelined path should run its GEMM as stream K over the slabs: where
-    :func:`pipelined_stream_k` allows it and the replayed schedule is faster than whole
-    tiles' (e.g. one and two CLIP DCI images at N = 4096: 80 and 144 tiles for 132 SMs; not
-    SCI's one image, whose one-layer slabs leave the split helper too few bytes in flight).
-    ``sms``: the card's, in place of the model's."""
+def pipelined_stream_k_programs(M: int, C: int, N: int, num_layers_read: int,
+                                num_slabs: int, element_size: int,
+                                model: Optional[Dict] = None, sms: Optional[int] = None,
+                                tile: Optional[Tuple[int, int, int]] = None) -> int:
+    """The programs of the pipelined path's GEMM as stream K over the slabs, 0: whole tiles.
+    Where :func:`pipelined_stream_k` allows it, the replays
+    (:func:`pipelined_stream_k_makespan`) pick the programs, from the fewest that run
+    ``ceil(positions / SMs)`` each up to one per SM, and stream K is taken if that replay is
+    faster than whole tiles' (e.g. one and two CLIP DCI images at N = 4096: 80 and 144 tiles
+    for 132 SMs; not SCI's one image, whose one-layer slabs leave the split helper too few
+    bytes in flight). ``sms``: the card's, in place of the model's; ``tile``: the kernel's
+    (BLOCK_M, BLOCK_N, BLOCK_K), in place of the calibration's tiles 64 deep."""
     m = model or PATH_MODEL
     if sms is not None:
         m = dict(m, sms=sms)
-    whole, split = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, element_size, m)
-    return split is not None and split < whole
+    whole, split, programs = _pipelined_makespans(M, C, N, num_layers_read, num_slabs,
+                                                  element_size, m, tile)
+    return programs if split is not None and split < whole else 0
 
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,

@@ -20,10 +20,10 @@ wave each, its tail, its fixed cost). Here the whole GEMM is one persistent laun
   ``fence.proxy.async.global`` (A was written by generic stores of other SMs and is read by
   TMA, the async proxy) and runs the tile. Where whole tiles would leave SMs idle (e.g. one
   CLIP image: 80 tiles of 128 x 256 for 132 SMs; :func:`.path.pipelined_stream_k`) and the
-  replayed schedule says so (:func:`.path.pipelined_stream_k_wins`), it runs
-  *stream K over the slabs*: units are (slab, row tile), slab-major, with a ready count per
-  slab and row block; program p runs the same positions ``[p ITERS, (p + 1) ITERS)`` of every
-  slab's (tile, K step) sequence, slab by slab, each slab's steps once that slab of the row
+  replayed schedule says so (:func:`.path.pipelined_stream_k_programs`, which also picks
+  the programs), it runs *stream K over the slabs*: units are (slab, row tile), slab-major,
+  with a ready count per slab and row block; program p of P runs the same positions
+  ``[p S // P, (p + 1) S // P)`` of every slab's S-position (tile, K step) sequence, slab by slab, each slab's steps once that slab of the row
   block is ready -- so slab 0 (the base layer, a copy) is multiplied while the helper still
   averages the groups -- and a tile shared by several programs is finished by the last to
   arrive, which sums the fp32 partials in K order (:mod:`.gemm_tma`'s stream K).
@@ -223,7 +223,6 @@ def _gemm_ready_kernel(
     feats, stride_am,  # A again, for the program's own units (pointer stores)
     M, N, K, C, T_KEEP, Q,
     HELPERS,  # programs of the helper launch (0: none was launched)
-    ITERS,  # stream K: the K steps of every slab each program runs
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     EMULATE_RNE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -233,7 +232,7 @@ def _gemm_ready_kernel(
     FENCE: tl.constexpr, THREADS: tl.constexpr, R_BLOCK: tl.constexpr,
     SEGMENTS: tl.constexpr = 0,  # stream K: the most tiles one program's steps touch (0: off)
     PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
-    WHOLE: tl.constexpr = False,  # stream K: ITERS >= a slab's K steps (one may run a tile)
+    WHOLE: tl.constexpr = False,  # stream K: a program's range may hold a whole tile
     REVERSED: tl.constexpr = False,  # tests: stream K's program i runs (programs - 1 - i)'s
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -264,8 +263,9 @@ def _gemm_ready_kernel(
             tile = tl.atomic_add(state + 1, 1, sem="relaxed", scope="gpu")
         n_counts = 4 + num_pid_m
     else:
-        # stream K over the slabs (units: (slab, row tile), slab-major): program p runs the
-        # steps [p ITERS, (p + 1) ITERS) of the (tile, K step of one slab) sequence -- the same
+        # stream K over the slabs (units: (slab, row tile), slab-major): program p of P runs
+        # the steps [p S // P, (p + 1) S // P) of the S-step (tile, K step of one slab)
+        # sequence -- the same
         # tiles and K offsets in every slab, one accumulator per tile it touches -- slab by
         # slab, each slab's steps once that slab of the row block is ready; a shared tile's
         # ranges go through gemm_tma's ticket protocol (the last ticket sums the partials). A
@@ -275,8 +275,10 @@ def _gemm_ready_kernel(
         if REVERSED:
             p = tl.num_programs(0) - 1 - p
         ks = C // BLOCK_K  # (pipelined_stream_k: C is a multiple of BLOCK_K)
-        it0 = p * ITERS
-        it1 = tl.minimum(it0 + ITERS, num_tiles * ks)
+        programs = tl.num_programs(0)
+        total = num_tiles * ks
+        it0 = p * total // programs
+        it1 = (p + 1) * total // programs
         arrivals = state + 4 + SLABS * num_pid_m
         # two segments: the longer first (its last slab is needed later, when more of the
         # helper's units are ready); the order changes no result (partials sum in K order)
@@ -309,8 +311,8 @@ def _gemm_ready_kernel(
                         _fence_proxy_async(THREADS)
                     b_acc = _k_steps(b_acc, a_desc, w_desc, o_am, o_wn, sl * ks + k_lo,
                                      sl * ks + k_hi, DOT_FP32, INPUT_PRECISION, BLOCK_K)
-                _segment_epilogue(b_acc, ws, arrivals, tile, p, t0, ks, ITERS, o_desc, p_desc,
-                                  bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
+                _segment_epilogue(b_acc, ws, arrivals, tile, p, t0, ks, total, programs, o_desc,
+                                  p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION, STORE_PRE,
                                   EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES, PARTS, WHOLE)
         n_counts = 4 + SLABS * num_pid_m  # (the partials' arrivals reset themselves)
     # the last program out waits for the helper's programs to be done, then leaves every count
@@ -330,8 +332,9 @@ def _gemm_ready_kernel(
 #: unit itself); ``HELPER_ROW_TILES`` > 0 caps the units each helper program claims.
 HELPER = True
 HELPER_ROW_TILES = 0
-#: ``STREAM_K`` False: whole tiles always; ``STREAM_K_ITERS`` > 0 forces that many K steps of
-#: every slab per program wherever a slab is whole K steps (tests), 0: the path rule's choice
+#: ``STREAM_K`` False: whole tiles always; ``STREAM_K_ITERS`` > 0 forces at most that many K
+#: steps of every slab per program, on ``ceil(positions / n)`` programs, wherever a slab is
+#: whole K steps (tests), 0: the path rule's choice
 STREAM_K = True
 STREAM_K_ITERS = 0
 #: Tests: stream K's programs take their work last to first (see gemm_tma.REVERSE_PROGRAMS)
@@ -433,7 +436,7 @@ class PipelinedLaunch:
     __slots__ = ("shape", "dtype", "device", "index", "helper_args", "helper_meta",
                  "helper_meta_pre", "helper_site", "helpers", "gemm_tail", "gemm_meta",
                  "gemm_meta_pre", "gemm_site", "templates", "bias_copy", "state_len",
-                 "iters", "ws_numel")
+                 "iters", "programs", "ws_numel")
 
     def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
         from .gemm_tma import _arrivals, _clone_desc
@@ -483,7 +486,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     """The :class:`PipelinedLaunch` of these (validated, :func:`pipelined_eligible`) inputs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     from .gemm_tma import INTERPRET_SMS, STREAM_K_PIECES, _num_sms, _set_blocks, arch_of
-    from .path import model_for, pipelined_stream_k, pipelined_stream_k_wins, stream_k_shape
+    from .path import model_for, pipelined_stream_k_programs, stream_k_shape
     base = hidden_states[spec.final_layer]
     interp = common.interpreting()
     gcfg, hcfg, produce_c = _configs()
@@ -505,22 +508,24 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     pm = triton.cdiv(M, g["BLOCK_M"])
     tiles = pm * triton.cdiv(N, g["BLOCK_N"])
     slabs = spec.num_groups + 1
-    # stream K over the slabs where whole tiles would leave SMs idle (path.pipelined_stream_k;
-    # a slab must be whole K steps): units (slab, row tile), a ready count per slab and row
-    # block, then the split tiles' arrival counts
-    iters, segments, parts = 0, 0, 1
+    # stream K over the slabs where whole tiles would leave SMs idle and the replays say so
+    # (path.pipelined_stream_k_programs, which picks the programs; whole tiles e.g. for SCI's
+    # one CLIP image; a slab must be whole K steps): units (slab, row tile), a ready count per
+    # slab and row block, then the split tiles' arrival counts
+    programs, iters, segments, parts = 0, 0, 0, 1
     if STREAM_K and channels % g["BLOCK_K"] == 0:
         ks = channels // g["BLOCK_K"]
-        iters = STREAM_K_ITERS or pipelined_stream_k(tiles, ks, slabs, sms)
-        if iters and not STREAM_K_ITERS and not pipelined_stream_k_wins(
-                M, channels, N, len(spec.used_layers), slabs, base.element_size(),
-                model_for(None if interp else arch_of(base)), sms):
-            iters = 0  # whole tiles replay faster (e.g. SCI's one CLIP image)
-        if iters:
-            programs, segments, parts = stream_k_shape(tiles, ks, iters)
-            if tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] >= 2 ** 31:
-                iters, segments, parts = 0, 0, 1  # the partials' offsets are 32-bit
-    launch.iters = iters
+        programs = triton.cdiv(tiles * ks, STREAM_K_ITERS) if STREAM_K_ITERS \
+            else pipelined_stream_k_programs(M, channels, N, len(spec.used_layers), slabs,
+                                             base.element_size(),
+                                             model_for(None if interp else arch_of(base)),
+                                             sms, (g["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"]))
+        if programs:
+            iters, segments, parts = stream_k_shape(tiles, ks, programs)
+            if tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] >= 2 ** 31 \
+                    or tiles * ks * programs >= 2 ** 31:
+                programs, iters, segments, parts = 0, 0, 0, 1  # 32-bit offsets and bounds
+    launch.iters, launch.programs = iters, programs
     if iters:  # the reducer's quarters are the epilogue's pieces (gemm_tma._partial_epilogue)
         g = dict(g, PIECES=STREAM_K_PIECES)
     launch.ws_numel = tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] if iters else 0
@@ -540,8 +545,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
                                                        max(sizes), base.element_size())
     assert hcfg_run["ROWS"] == rows  # the GEMM programs' own units are the helper's
     launch.helpers = helpers if HELPER else 0
-    launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers,
-                        iters)
+    launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers)
     launch.gemm_meta = dict(
         HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=False,
         EMULATE_RNE=flags["EMULATE_RNE"], DOT_FP32=interp,
@@ -554,7 +558,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         REVERSED=REVERSE_PROGRAMS, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages,
         **_regs(GEMM_MAXNREG))
     launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True, **_regs(GEMM_MAXNREG_PRE))
-    launch.gemm_site = DirectLaunch(_gemm_ready_kernel, (programs if iters else min(sms, tiles),))
+    launch.gemm_site = DirectLaunch(_gemm_ready_kernel,
+                                    (programs if programs else min(sms, tiles),))
     launch.helper_args = (sb, st, sc, width, channels, t_keep, Q, pm,
                           HELPER_ROW_TILES if HELPER_ROW_TILES > 0 else 2 ** 31 - 1)
     launch.helper_meta = dict(
