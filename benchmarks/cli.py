@@ -8,8 +8,11 @@ Examples::
     python -m benchmarks --gpu-bundle                  # tests + issue-3 table + result files
     python -m benchmarks --static                      # static cost model (no GPU needed)
 
-Exit codes: 0 success; 1 GPU bundle with failing tests; 2 bad arguments or no CUDA where CUDA
-is required; 3 a provider returned a wrong result (nothing of it is timed or written).
+Exit codes: 0 success; 1 GPU bundle with a failing test or row; 2 bad arguments or no CUDA
+where CUDA is required; 3 a provider returned a wrong result (nothing of it is timed or
+written); 4 GPU bundle with nothing failed but a test phase stopped or left out for time; 5 GPU
+bundle stopped by its watchdog (a row past ``--row-timeout`` or the run past its budget; the
+files say where).
 """
 
 from __future__ import annotations
@@ -111,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="--gpu-bundle / --static / --host: folder for the result files")
     p.add_argument("--test-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="--gpu-bundle: stop the test suite after this long (default 300)")
+                   help="--gpu-bundle: stop each test phase after this long at the most "
+                        "(default 300)")
+    p.add_argument("--bundle-budget", type=float, default=540.0, metavar="SECONDS",
+                   help="--gpu-bundle: the whole run's time (default 540: a 600 s device "
+                        "call with room to write); the first tests take at most 30%%, no "
+                        "table row starts after 80%%, the rest of the suite gets what is left")
+    p.add_argument("--row-timeout", type=float, default=240.0, metavar="SECONDS",
+                   help="--gpu-bundle: a table row running longer ends the bundle (exit 5) "
+                        "after writing what it measured (default 240)")
     return p
 
 
@@ -206,7 +217,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.gpu_bundle:
         from .bundle import run_bundle
-        return run_bundle(args.out, args.test_timeout, _log)
+        for flag, v in (("--test-timeout", args.test_timeout),
+                        ("--bundle-budget", args.bundle_budget),
+                        ("--row-timeout", args.row_timeout)):
+            if not v > 0:
+                _log(f"{flag} must be a positive number of seconds, got {v}")
+                return 2
+        return run_bundle(args.out, args.test_timeout, _log, budget_s=args.bundle_budget,
+                          row_timeout_s=args.row_timeout)
     if args.host:
         return _run_host(args)
     if args.static:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,12 +26,18 @@ from .memory import peak_memory_bytes
 from .providers import PROVIDERS, prepare, unavailable_reason
 from .timing import synchronize, time_fn
 
-__all__ = ["Selection", "Row", "RunResult", "row_name", "plan", "run"]
+__all__ = ["Selection", "Row", "RunResult", "row_name", "plan", "run", "snapshot"]
 
 
 @dataclass
 class Selection:
-    """What to run. ``filter`` keeps rows whose name (:func:`row_name`) contains it."""
+    """What to run. ``filter`` keeps rows whose name (:func:`row_name`) contains it.
+
+    ``order``, if given, is the ``(shape, images, op)`` cases to run, in that order (each from
+    ``shapes``, ``images`` and ``ops``; the GPU bundle runs its most telling cases first, so a
+    run stopped by its time budget has measured those); otherwise every combination, shape by
+    shape.
+    """
 
     shapes: Sequence[str]
     images: Sequence[int]
@@ -39,9 +45,11 @@ class Selection:
     providers: Sequence[str] = PROVIDERS
     filter: Optional[str] = None
     budget_s: float = 1.0  # per timing (CPU sampling time; do_bench's rep on CUDA)
+    order: Optional[Sequence[Tuple[str, int, str]]] = None
 
     def validate(self) -> None:
-        """Raise ValueError on unknown names or non-positive image counts."""
+        """Raise ValueError on unknown names, non-positive image counts, or an ``order``
+        case outside the selection or given twice."""
         for kind, names, known in (("shape", self.shapes, SHAPES), ("op", self.ops, OPS),
                                    ("provider", self.providers, PROVIDERS)):
             bad = [n for n in names if n not in known]
@@ -49,6 +57,22 @@ class Selection:
                 raise ValueError(f"unknown {kind}(s) {bad}; choose from {list(known)}")
         if any(int(i) < 1 for i in self.images):
             raise ValueError(f"images must be >= 1, got {list(self.images)}")
+        if self.order is not None:
+            cases = [tuple(c) for c in self.order]
+            outside = [c for c in cases if len(c) != 3 or c[0] not in self.shapes
+                       or c[1] not in self.images or c[2] not in self.ops]
+            if outside:
+                raise ValueError(f"order: cases {outside} are not (shape, images, op) of the "
+                                 f"selection (shapes {list(self.shapes)}, images "
+                                 f"{list(self.images)}, ops {list(self.ops)})")
+            if len(set(cases)) != len(cases):
+                raise ValueError(f"order: a case is given twice in {cases}")
+
+    def cases(self) -> List[Tuple[str, int, str]]:
+        """The ``(shape, images, op)`` cases in the order they run."""
+        if self.order is not None:
+            return [(s, int(i), o) for s, i, o in self.order]
+        return [(s, int(i), o) for s in self.shapes for i in self.images for o in self.ops]
 
 
 @dataclass
@@ -103,12 +127,16 @@ class RunResult:
     skipped: List[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     methods: dict = field(default_factory=dict)
+    #: ``keep_going`` runs: ``"<row name>: <error>"`` per provider that failed (wrong result,
+    #: error); none of its times is reported
+    failures: List[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"machine": self.machine, "dtype": self.dtype,
                 "ceilings": self.ceilings.as_dict(), "selection": self.selection,
                 "methods": self.methods, "elapsed_s": round(self.elapsed_s, 1),
-                "rows": [asdict(r) for r in self.rows], "skipped": self.skipped}
+                "rows": [asdict(r) for r in self.rows], "skipped": self.skipped,
+                "failures": self.failures}
 
 
 def row_name(op: str, shape: str, images: int, provider: str) -> str:
@@ -119,22 +147,20 @@ def row_name(op: str, shape: str, images: int, provider: str) -> str:
 def plan(selection: Selection, device: torch.device):
     """``([(case, op, [providers])], skipped)`` after the filter and availability."""
     tasks, skipped = [], []
-    for shape in selection.shapes:
-        for images in selection.images:
-            case = Case(SHAPES[shape], int(images))
-            for op in selection.ops:
-                chosen = []
-                for provider in selection.providers:
-                    name = row_name(op, shape, images, provider)
-                    if selection.filter and selection.filter not in name:
-                        continue
-                    reason = unavailable_reason(provider, op, device)
-                    if reason:
-                        skipped.append(f"{name}: {reason}")
-                    else:
-                        chosen.append(provider)
-                if chosen:
-                    tasks.append((case, op, chosen))
+    for shape, images, op in selection.cases():
+        case = Case(SHAPES[shape], images)
+        chosen = []
+        for provider in selection.providers:
+            name = row_name(op, shape, images, provider)
+            if selection.filter and selection.filter not in name:
+                continue
+            reason = unavailable_reason(provider, op, device)
+            if reason:
+                skipped.append(f"{name}: {reason}")
+            else:
+                chosen.append(provider)
+        if chosen:
+            tasks.append((case, op, chosen))
     return tasks, skipped
 
 
@@ -181,6 +207,17 @@ def _measure_row(provider, op, inputs, stick, ceilings, dtype_name, device, devi
         rel_err_limit=checked.rel_error_limit)
 
 
+def _unusable(device: torch.device) -> Optional[str]:
+    """None if ``device`` still synchronizes after a failed row, else why not (a CUDA error
+    such as an illegal address leaves the context unusable)."""
+    try:
+        synchronize(device)
+        return None
+    except Exception as e:  # noqa: BLE001 -- any error here means the device is gone
+        return f"the device failed to synchronize after an error ({type(e).__name__}: " \
+               f"{str(e)[:200]})"
+
+
 def _free(device: torch.device) -> None:
     torch._dynamo.reset()
     gc.collect()
@@ -188,9 +225,32 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def snapshot(result: RunResult, rows: Sequence[Row] = ()) -> RunResult:
+    """A copy of ``result`` with ``rows`` (a case still running) appended, their speedups
+    filled from one another: what a run stopped now would have measured."""
+    extra = [replace(r) for r in rows]
+    _fill_speedups(extra)
+    return replace(result, rows=list(result.rows) + extra, skipped=list(result.skipped))
+
+
 def run(selection: Selection, device: torch.device, dtype: torch.dtype,
-        log: Callable[[str], None] = lambda s: None) -> RunResult:
-    """Run ``selection`` on ``device`` in ``dtype``; ``log`` receives one line per row."""
+        log: Callable[[str], None] = lambda s: None, deadline: Optional[float] = None,
+        on_row: Optional[Callable[[RunResult, Sequence[Row]], None]] = None,
+        on_start: Optional[Callable[[str], None]] = None,
+        keep_going: bool = False) -> RunResult:
+    """Run ``selection`` on ``device`` in ``dtype``; ``log`` receives one line per row.
+
+    ``deadline`` (a ``time.perf_counter()`` value): no row starts after it; the rows not run
+    are listed in ``skipped`` as such. ``on_start(name)`` is called before each row and
+    ``on_row(result, rows)`` after it, with the rows of the case still running (:func:`snapshot`
+    makes them one result), so a caller can keep what was measured if the run dies.
+
+    A wrong result raises :class:`accuracy.CorrectnessError` (the rows so far on it as
+    ``.partial``). With ``keep_going`` (the GPU bundle) a provider whose row fails (wrong
+    result or any error) is listed in ``failures`` instead and not run again; the others go
+    on, unless the device no longer synchronizes after the error (then the run stops, every
+    row left listed in ``skipped``).
+    """
     selection.validate()
     start = time.perf_counter()
     dtype_name = str(dtype).replace("torch.", "")
@@ -210,10 +270,20 @@ def run(selection: Selection, device: torch.device, dtype: torch.dtype,
                  "timing": "triton.testing.do_bench, median and p20/p80" if device.type ==
                  "cuda" else "time.perf_counter per call after warm-up, median and p20/p80"})
     done = 0
-    current_case, inputs = None, None
+    current_case, inputs, rows = None, None, []
+    broken: set = set()  # keep_going: providers that failed
+    dead: Optional[str] = None  # keep_going: why the device can no longer be used
     try:
         for case, op, providers in tasks:
             rows = []
+            late = deadline is not None and time.perf_counter() >= deadline
+            if late or dead is not None:
+                why = "the time budget was spent" if late else dead
+                result.skipped.extend(
+                    f"{row_name(op, case.shape.name, case.images, p)}: not run, {why}"
+                    for p in providers)
+                done += len(providers)
+                continue
             try:
                 if case != current_case:
                     inputs = None
@@ -223,11 +293,39 @@ def run(selection: Selection, device: torch.device, dtype: torch.dtype,
                 stick = accuracy.yardstick(op, inputs, prepare("reference", op, inputs).fn())
                 for provider in providers:
                     done += 1
-                    row = _measure_row(provider, op, inputs, stick, ceilings, dtype_name,
-                                       device, result.machine["device_name"], selection.budget_s)
+                    name = row_name(op, case.shape.name, case.images, provider)
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        result.skipped.append(f"{name}: not run, the time budget was spent")
+                        continue
+                    if provider in broken:
+                        result.skipped.append(f"{name}: not run, the provider failed earlier")
+                        continue
+                    if dead is not None:
+                        result.skipped.append(f"{name}: not run, {dead}")
+                        continue
+                    if on_start is not None:
+                        on_start(name)
+                    try:
+                        row = _measure_row(provider, op, inputs, stick, ceilings, dtype_name,
+                                           device, result.machine["device_name"],
+                                           selection.budget_s)
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 -- keep_going records every failure
+                        if not keep_going:
+                            raise
+                        message = f"{name}: {type(e).__name__}: {str(e)[:600]}"
+                        result.failures.append(message)
+                        broken.add(provider)
+                        log(f"FAILED {message}")
+                        dead = _unusable(device)
+                        continue
                     rows.append(row)
                     log(f"[{done}/{total}] {row.name}: {row.median_ms:.3f} ms "
                         f"(check ok, err/bound {row.err_over_bound:.2g})")
+                    if on_row is not None:
+                        result.elapsed_s = time.perf_counter() - start
+                        on_row(result, rows)
             except torch.cuda.OutOfMemoryError:
                 message = f"{row_name(op, case.shape.name, case.images, '*')}: out of memory"
                 result.skipped.append(message)
@@ -235,8 +333,11 @@ def run(selection: Selection, device: torch.device, dtype: torch.dtype,
             stick = None
             _fill_speedups(rows)
             result.rows.extend(rows)
+            rows = []
     except accuracy.CorrectnessError as e:
-        e.partial = result
+        # the rows measured so far, those of the failing case included
+        result.elapsed_s = time.perf_counter() - start
+        e.partial = snapshot(result, rows)
         raise
     finally:
         inputs = stick = None

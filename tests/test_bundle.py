@@ -1,0 +1,200 @@
+"""The GPU bundle's orchestration, run on the CPU: the whole bundle with a small selection, the
+time budget, a failing provider, the result files rewritten after every row, the watchdog.
+
+The bundle runs only on a lent GPU machine, for minutes, so a bug in its plumbing would cost the
+lease; these tests run the same code (``benchmarks.bundle.run_bundle``, ``benchmarks.runner.run``)
+on the CPU with real providers and real pytest subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from benchmarks import bundle, runner
+from benchmarks.accuracy import CorrectnessError
+from benchmarks.runner import Selection
+
+CPU = torch.device("cpu")
+# the smallest real cases: SCI reads 3 layers of one CLIP image; features only (no GEMM)
+SMALL = Selection(shapes=["clip336-4096-sci"], images=[1, 2], ops=["features"],
+                  providers=["reference", "dc_kernels"], budget_s=0.02,
+                  order=[("clip336-4096-sci", 2, "features"), ("clip336-4096-sci", 1, "features")])
+
+
+def _tests_file(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text("def test_it():\n    " + body + "\n")
+    return str(path)
+
+
+def _quiet(_line):
+    pass
+
+
+def test_selection_order_runs_in_that_order_and_is_checked():
+    tasks, _ = runner.plan(SMALL, CPU)
+    assert [(c.images, op) for c, op, _ in tasks] == [(2, "features"), (1, "features")]
+    assert SMALL.cases() == [("clip336-4096-sci", 2, "features"),
+                             ("clip336-4096-sci", 1, "features")]
+    for order, match in (([("clip336-4096-sci", 16, "features")], "not \\(shape, images, op\\)"),
+                         ([("clip336-4096", 1, "features")], "not \\(shape, images, op\\)"),
+                         ([("clip336-4096-sci", 1, "features")] * 2, "given twice")):
+        with pytest.raises(ValueError, match=match):
+            Selection(shapes=SMALL.shapes, images=[1, 2], ops=["features"],
+                      order=order).validate()
+    # the bundle's own order covers its selection once each
+    assert sorted(bundle.BUNDLE_SELECTION.cases()) == sorted(
+        (s, i, o) for s in bundle.BUNDLE_SELECTION.shapes
+        for i in bundle.BUNDLE_SELECTION.images for o in bundle.BUNDLE_SELECTION.ops)
+    bundle.BUNDLE_SELECTION.validate()
+
+
+def test_no_row_starts_after_the_deadline():
+    result = runner.run(SMALL, CPU, torch.float32, deadline=time.perf_counter())
+    assert result.rows == []
+    names = [s.split(":")[0] for s in result.skipped]
+    assert names == ["features/clip336-4096-sci/2img/reference",
+                     "features/clip336-4096-sci/2img/dc_kernels",
+                     "features/clip336-4096-sci/1img/reference",
+                     "features/clip336-4096-sci/1img/dc_kernels"]
+    assert all("time budget" in s for s in result.skipped)
+
+
+def _wrong_dc_kernels(monkeypatch):
+    real = runner.prepare
+
+    def prepare(provider, op, inputs):
+        prepared = real(provider, op, inputs)
+        if provider != "dc_kernels":
+            return prepared
+        fn = prepared.fn
+
+        def wrong():
+            out = fn()
+            out = out if isinstance(out, tuple) else (out,)
+            bad = tuple(o.clone() for o in out)
+            bad[0].view(-1)[0] += 1.0  # one element off
+            return bad if len(bad) > 1 else bad[0]
+        return runner.replace(prepared, fn=wrong)
+    monkeypatch.setattr(runner, "prepare", prepare)
+
+
+def test_a_wrong_provider_is_recorded_and_the_others_go_on(monkeypatch):
+    _wrong_dc_kernels(monkeypatch)
+    seen = []
+    result = runner.run(SMALL, CPU, torch.float32, keep_going=True,
+                        on_row=lambda r, rows: seen.append(len(runner.snapshot(r, rows).rows)))
+    assert [r.name for r in result.rows] == ["features/clip336-4096-sci/2img/reference",
+                                             "features/clip336-4096-sci/1img/reference"]
+    assert len(result.failures) == 1
+    assert result.failures[0].startswith("features/clip336-4096-sci/2img/dc_kernels: "
+                                         "CorrectnessError")
+    assert "features/clip336-4096-sci/1img/dc_kernels: not run, the provider failed earlier" \
+        in result.skipped
+    assert seen == [1, 2]  # a snapshot after each measured row, the running case's included
+    # without keep_going the error stops the run, the rows so far riding on it
+    with pytest.raises(CorrectnessError) as e:
+        runner.run(SMALL, CPU, torch.float32)
+    assert [r.name for r in e.value.partial.rows] == ["features/clip336-4096-sci/2img/reference"]
+
+
+def test_the_whole_bundle_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    first = _tests_file(tmp_path, "test_first.py", "assert 1 + 1 == 2")
+    rest = _tests_file(tmp_path, "test_rest.py", "assert 2 * 3 == 6")
+    code = bundle.run_bundle(str(out), 120.0, _quiet, budget_s=300.0, device=CPU,
+                             dtype=torch.float32, selection=SMALL, first_tests=(first,),
+                             rest_tests=(rest,))
+    assert code == 0
+    files = sorted(os.listdir(out))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md"), files
+    data = json.loads((out / files[0]).read_text())
+    assert data["complete"] is True and data["failures"] == [] and data["notes"] == []
+    assert [t["label"] for t in data["tests"]] == ["GPU-critical tests", "the rest of the suite"]
+    assert all(t["returncode"] == 0 and "1 passed" in t["summary"] for t in data["tests"])
+    assert [r["name"] for r in data["rows"]] == [
+        "features/clip336-4096-sci/2img/reference", "features/clip336-4096-sci/2img/dc_kernels",
+        "features/clip336-4096-sci/1img/reference", "features/clip336-4096-sci/1img/dc_kernels"]
+    assert all(r["median_ms"] > 0 and r["err_over_bound"] <= 1.0 for r in data["rows"])
+    # the issue-12 checks are all there; the CLIP/SigLIP rows this run did not measure say so
+    assert {c["status"] for c in data["targets"]} == {"MISSING"}
+    # CPU fp32 rows are not compared with the static model's sm_90 bf16 estimates
+    assert data["measured_vs_estimated"] == [] and data["calibration_factors"] == {}
+    md = (out / files[1]).read_text()
+    assert "GPU-critical tests" in md and "1 passed" in md and "MISSING" in md
+
+
+def test_the_bundle_reports_a_failing_test_and_a_phase_left_out(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = _tests_file(tmp_path, "test_first.py", "assert 1 + 1 == 3")
+    rest = _tests_file(tmp_path, "test_rest.py", "assert True")
+    # a 39 s budget, all of it the first phase's to take: the rest of the suite gets 30 s
+    # only if 39 s - 10 s of margin is left after the first tests, never, so it is left out
+    # and said to be
+    monkeypatch.setattr(bundle, "FIRST_TESTS_SHARE", 1.0)
+    code = bundle.run_bundle(str(out), 120.0, _quiet, budget_s=39.0, device=CPU,
+                             dtype=torch.float32, selection=SMALL, first_tests=(first,),
+                             rest_tests=(rest,))
+    assert code == 1
+    data = json.loads(next(out.glob("*.json")).read_text())
+    first_phase, rest_phase = data["tests"]
+    assert first_phase["returncode"] == 1 and "1 failed" in first_phase["summary"]
+    assert rest_phase["summary"].startswith("not run:")
+    assert any(n.startswith("the rest of the suite: not run") for n in data["notes"])
+    assert "assert 1 + 1 == 3" in next(out.glob("*.md")).read_text()  # the failing tail
+
+
+def test_the_watchdog_writes_what_was_measured_then_ends_the_process(tmp_path, monkeypatch):
+    result = runner.run(SMALL, CPU, torch.float32,
+                        deadline=None)  # a real (small) result to write
+    reports = bundle._Reports(str(tmp_path), [bundle._not_run("GPU-critical tests", "test")])
+    reports.write(result)
+    exits = []
+    done = threading.Event()
+
+    def fake_exit(code):
+        exits.append(code)
+        dog.stopped.set()
+        done.set()
+    monkeypatch.setattr(bundle.os, "_exit", fake_exit)
+    dog = bundle._Watchdog(reports, row_timeout_s=0.5, hard_deadline=time.perf_counter() + 600,
+                           log=_quiet)
+    dog.started_row("features/clip336-4096-sci/1img/dc_kernels")
+    dog.start()
+    assert done.wait(20.0), "the watchdog did not fire"
+    assert exits == [5]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert len(data["rows"]) == 4
+    assert any("did not finish within 0 s" in n or "did not finish within 1 s" in n
+               for n in data["notes"]), data["notes"]
+    assert "features/clip336-4096-sci/1img/dc_kernels did not finish" in \
+        next(tmp_path.glob("*.md")).read_text()
+
+
+def test_a_table_that_fails_before_its_first_row_still_leaves_the_tests(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ceilings today")
+    monkeypatch.setattr(bundle, "run", broken)
+    out = tmp_path / "out"
+    first = _tests_file(tmp_path, "test_first.py", "assert True")
+    rest = tmp_path / "rest"
+    rest.mkdir()
+    _tests_file(rest, "test_rest.py", "assert True")
+    _tests_file(rest, "test_first_again.py", "assert False")
+    code = bundle.run_bundle(str(out), 120.0, _quiet, budget_s=300.0, device=CPU,
+                             dtype=torch.float32, selection=SMALL,
+                             first_tests=(first, str(rest / "test_first_again.py")),
+                             rest_tests=(str(rest),))
+    assert code == 1
+    data = json.loads(next(out.glob("*.json")).read_text())
+    assert data["complete"] is True and data["rows"] == []
+    assert data["notes"] == ["the table stopped on RuntimeError: no ceilings today"]
+    # the rest of the suite leaves out the first tests' files
+    assert [t["summary"].split(" in ")[0] for t in data["tests"]] == ["1 failed, 1 passed",
+                                                                      "1 passed"]
+    assert "no ceilings today" in next(out.glob("*.md")).read_text()
