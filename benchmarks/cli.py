@@ -5,7 +5,7 @@ Examples::
     python -m benchmarks --quick                       # CPU-friendly subset, about a minute
     python -m benchmarks --device cuda --json r.json --markdown r.md --plot r.png
     python -m benchmarks --ops linear --filter clip336-4096/16img
-    python -m benchmarks --gpu-bundle                  # tests + issue-3 table + result files
+    python -m benchmarks --gpu-bundle                  # tests + issue-12 table + result files
     python -m benchmarks --static                      # static cost model (no GPU needed)
 
 Exit codes: 0 success; 1 GPU bundle with a failing test or row; 2 bad arguments or no CUDA
@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speedup vs images "
                                                   "(needs matplotlib)")
     p.add_argument("--gpu-bundle", action="store_true",
-                   help="CUDA only: run the test suite and the issue-3 table, check the targets, "
-                        "write <date>-<card>.md/.json under benchmarks/results (or --out)")
+                   help="CUDA only, within --bundle-budget: the GPU-critical tests, the "
+                        "issue-12 table, the rest of the tests; check the targets, write "
+                        "<date>-<card>.md/.json under benchmarks/results (or --out) after "
+                        "every row")
     p.add_argument("--static", action="store_true",
                    help="no GPU needed: build every benchmark kernel as the JIT specializes it "
                         "for sm_90 and sm_80, estimate GPU times from the SASS (static cost "
