@@ -49,6 +49,7 @@ from .runner import Row, RunResult, Selection, run, snapshot
 
 __all__ = ["BUNDLE_SELECTION", "BUNDLE_ORDER", "FIRST_TESTS", "ISSUE3_BYTES_PER_S",
            "ISSUE3_FLOP_PER_S", "TargetCheck", "run_test_suite", "target_checks", "run_bundle",
+           "check_bundle_times",
            "REPO_ROOT", "RESULTS_DIR"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,25 +335,31 @@ class _Reports:
             elif self.machine is not None:
                 self._write_tests_only(complete)
 
-    def _stem(self, machine: dict) -> str:
-        return f"{machine['date']}-{slug(machine['device_name'])}"
+    def _notes(self, complete: bool) -> List[str]:
+        return list(self.notes) if complete else list(self.notes) + [
+            "written while the bundle was still running: the rows, checks and test phases "
+            "not listed had not run yet"]
+
+    def _replace(self, machine: dict, write_md: Callable[[str], None],
+                 write_js: Callable[[str], None]) -> None:
+        # each file written beside its place, then moved over it whole
+        stem = os.path.join(self.folder, f"{machine['date']}-{slug(machine['device_name'])}")
+        self.paths = [stem + ".md", stem + ".json"]
+        for path, writer in zip(self.paths, (write_md, write_js)):
+            writer(path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def _write_tests_only(self, complete: bool) -> None:
         # no table row yet (the first tests just ran, or the table failed before its first
         # row): the machine, the test phases and the notes
-        m = self.machine
+        m, notes = self.machine, self._notes(complete)
         md = "\n".join([f"# dc_kernels GPU bundle: {m['device_name']}, {m['date']}", "",
                          "No table row was measured.", "",
-                         _checks_markdown(self.tests, [], [], self.notes if complete else
-                                          list(self.notes) + ["written while the bundle was "
-                                                              "still running"])]) + "\n"
+                         _checks_markdown(self.tests, [], [], notes)]) + "\n"
         data = {"bundle": True, "complete": complete, "machine": m, "rows": [],
-                "notes": self.notes, "tests": self.tests}
-        stem = os.path.join(self.folder, self._stem(m))
-        for path, text in ((stem + ".md", md), (stem + ".json", json.dumps(data, indent=2))):
-            write_text(path + ".tmp", text)
-            os.replace(path + ".tmp", path)
-        self.paths = [stem + ".md", stem + ".json"]
+                "notes": notes, "tests": self.tests}
+        self._replace(m, lambda p: write_text(p, md),
+                      lambda p: write_text(p, json.dumps(data, indent=2) + "\n"))
 
     def _write(self, result: RunResult, complete: bool) -> None:
         checks = target_checks(result)
@@ -360,11 +367,8 @@ class _Reports:
         pairs = measured_vs_estimated(result, static)
         factors = calibration_update(pairs)
         m = result.machine
-        stem = self._stem(m)
         title = f"dc_kernels GPU bundle: {m['device_name']}, {m['date']}"
-        notes = list(self.notes) if complete else list(self.notes) + [
-            "written while the bundle was still running: the rows, checks and test phases "
-            "not listed had not run yet"]
+        notes = self._notes(complete)
         mve = ["## Measured vs the static estimate", "",
                f"Estimates: `{static['path']}`." if static else "No static report committed.",
                "", "| row | measured us | estimated us | measured / estimated |",
@@ -377,20 +381,12 @@ class _Reports:
         md = markdown_report(result, title, [_checks_markdown(self.tests, checks,
                                                               result.failures, notes),
                                              "\n".join(mve)])
-        md_path = os.path.join(self.folder, stem + ".md")
-        json_path = os.path.join(self.folder, stem + ".json")
-        for path, writer in ((md_path, lambda p: write_text(p, md)),
-                             (json_path, lambda p: write_json(p, result, {
-                                 "bundle": True, "complete": complete, "notes": notes,
-                                 "tests": self.tests, "targets": [asdict(c) for c in checks],
-                                 "measured_vs_estimated": pairs,
-                                 "calibration_factors": factors,
-                                 "failures": result.failures,
-                                 "issue3_ceilings": {"bytes_per_s": ISSUE3_BYTES_PER_S,
-                                                     "flop_per_s": ISSUE3_FLOP_PER_S}}))):
-            writer(path + ".tmp")
-            os.replace(path + ".tmp", path)
-        self.paths = [md_path, json_path]
+        extra = {"bundle": True, "complete": complete, "notes": notes, "tests": self.tests,
+                 "targets": [asdict(c) for c in checks], "measured_vs_estimated": pairs,
+                 "calibration_factors": factors, "failures": result.failures,
+                 "issue3_ceilings": {"bytes_per_s": ISSUE3_BYTES_PER_S,
+                                     "flop_per_s": ISSUE3_FLOP_PER_S}}
+        self._replace(m, lambda p: write_text(p, md), lambda p: write_json(p, result, extra))
 
 
 class _Watchdog(threading.Thread):
@@ -429,6 +425,15 @@ class _Watchdog(threading.Thread):
                     os._exit(5)
 
 
+def check_bundle_times(test_timeout_s: float, budget_s: float, row_timeout_s: float) -> None:
+    """Raise ValueError unless the bundle's test timeout, budget and row timeout are positive
+    numbers of seconds (the CLI's ``--test-timeout``, ``--bundle-budget``, ``--row-timeout``)."""
+    for flag, v in (("--test-timeout", test_timeout_s), ("--bundle-budget", budget_s),
+                    ("--row-timeout", row_timeout_s)):
+        if not v > 0:
+            raise ValueError(f"{flag} must be a positive number of seconds, got {v}")
+
+
 def run_bundle(out_dir: Optional[str], test_timeout_s: float,
                log: Callable[[str], None], budget_s: float = 540.0,
                row_timeout_s: float = 240.0, *, device: Optional[torch.device] = None,
@@ -444,6 +449,7 @@ def run_bundle(out_dir: Optional[str], test_timeout_s: float,
     (the test suite runs the whole bundle on the CPU with a small selection: an explicit
     ``device`` skips the CUDA check).
     """
+    check_bundle_times(test_timeout_s, budget_s, row_timeout_s)
     if device is None:
         if not torch.cuda.is_available():
             log("--gpu-bundle needs a CUDA GPU: torch.cuda.is_available() is False here "
@@ -451,9 +457,6 @@ def run_bundle(out_dir: Optional[str], test_timeout_s: float,
                 "a GPU machine; on CPU use `python -m benchmarks --quick`.")
             return 2
         device = torch.device("cuda")
-    if not (budget_s > 0 and row_timeout_s > 0 and test_timeout_s > 0):
-        raise ValueError(f"the bundle's budget, row timeout and test timeout must be "
-                         f"positive, got {budget_s}, {row_timeout_s} and {test_timeout_s} s")
     start = time.perf_counter()
     end = start + budget_s
     folder = out_dir or RESULTS_DIR

@@ -218,13 +218,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, run, print the table; see the module docstring for exit codes."""
     args = build_parser().parse_args(argv)
     if args.gpu_bundle:
-        from .bundle import run_bundle
-        for flag, v in (("--test-timeout", args.test_timeout),
-                        ("--bundle-budget", args.bundle_budget),
-                        ("--row-timeout", args.row_timeout)):
-            if not v > 0:
-                _log(f"{flag} must be a positive number of seconds, got {v}")
-                return 2
+        from .bundle import check_bundle_times, run_bundle
+        try:
+            check_bundle_times(args.test_timeout, args.bundle_budget, args.row_timeout)
+        except ValueError as e:
+            _log(str(e))
+            return 2
         return run_bundle(args.out, args.test_timeout, _log, budget_s=args.bundle_budget,
                           row_timeout_s=args.row_timeout)
     if args.host:

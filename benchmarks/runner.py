@@ -273,15 +273,22 @@ def run(selection: Selection, device: torch.device, dtype: torch.dtype,
     current_case, inputs, rows = None, None, []
     broken: set = set()  # keep_going: providers that failed
     dead: Optional[str] = None  # keep_going: why the device can no longer be used
+
+    def why_not(provider: str) -> Optional[str]:
+        # why a row of ``provider`` is not started now, or None
+        if deadline is not None and time.perf_counter() >= deadline:
+            return "the time budget was spent"
+        if provider in broken:
+            return "the provider failed earlier"
+        return dead
+
     try:
         for case, op, providers in tasks:
-            rows = []
-            late = deadline is not None and time.perf_counter() >= deadline
-            if late or dead is not None:
-                why = "the time budget was spent" if late else dead
+            reasons = [why_not(p) for p in providers]
+            if all(reasons):  # none of the case's rows starts: its inputs are not even built
                 result.skipped.extend(
                     f"{row_name(op, case.shape.name, case.images, p)}: not run, {why}"
-                    for p in providers)
+                    for p, why in zip(providers, reasons))
                 done += len(providers)
                 continue
             try:
@@ -294,14 +301,9 @@ def run(selection: Selection, device: torch.device, dtype: torch.dtype,
                 for provider in providers:
                     done += 1
                     name = row_name(op, case.shape.name, case.images, provider)
-                    if deadline is not None and time.perf_counter() >= deadline:
-                        result.skipped.append(f"{name}: not run, the time budget was spent")
-                        continue
-                    if provider in broken:
-                        result.skipped.append(f"{name}: not run, the provider failed earlier")
-                        continue
-                    if dead is not None:
-                        result.skipped.append(f"{name}: not run, {dead}")
+                    why = why_not(provider)
+                    if why:
+                        result.skipped.append(f"{name}: not run, {why}")
                         continue
                     if on_start is not None:
                         on_start(name)
