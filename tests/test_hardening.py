@@ -526,3 +526,50 @@ def test_features_launcher_refuses_a_strided_out():
     good = torch.full((2, 8, 24), float("nan"), device=DEVICE)
     assert features_triton(hs, spec, 2, 9, 8, out=good) is good
     assert torch.equal(good, dense_connector_features(hs, spec, backend="torch"))
+
+
+# --------------------------------------------------------------------------- the interpreter
+@pytest.fixture
+def fresh_probe():
+    from dc_kernels.ops import common
+    common.interpreter_problem.cache_clear()
+    yield common
+    common.interpreter_problem.cache_clear()  # the real probe again for later tests
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="probes the CPU interpreter")
+def test_interpreter_probe_passes_where_the_interpreter_runs(fresh_probe):
+    assert fresh_probe.interpreter_problem() is None
+
+
+class _ProbeStandIn:
+    """Stands in for the probe kernel: ``[grid](out, n, STEP=...)`` raises or writes zeros.
+    The real failure (triton 3.6 with numpy 2.4) is run by .ci/interp36."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getitem__(self, grid):
+        def launch(out, n, STEP):
+            if self.error is not None:
+                raise self.error
+            out.zero_()
+        return launch
+
+
+@pytest.mark.parametrize("error, match", [
+    (TypeError("only 0-dimensional arrays can be converted to Python scalars"),
+     r"cannot run dc_kernels' kernels with numpy .*0-dimensional.*install numpy<2\.4"),
+    (None, r"cannot run dc_kernels' kernels .*wrong result \[0\.0, 0\.0"),
+])
+def test_interpreter_that_cannot_run_here_is_named_before_any_launch(monkeypatch, fresh_probe,
+                                                                      error, match):
+    monkeypatch.setattr(fresh_probe, "_interpreter_probe_kernel", _ProbeStandIn(error))
+    monkeypatch.setattr(fresh_probe, "interpreting", lambda: True)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel launched after the probe failed")
+    monkeypatch.setattr(fresh_probe, "empty", no_launch)  # every kernel output is made here
+    hs = make_hidden_states(25, 1, 5, 16, torch.float32, seed=3)
+    with pytest.raises(RuntimeError, match=match):
+        dense_connector_features(hs, ConnectorSpec.preset("clip", "dci"), backend="triton")

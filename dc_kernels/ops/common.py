@@ -12,8 +12,9 @@ Host-side helpers here are looked up through the module at call time (``common.e
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -22,7 +23,8 @@ import triton.language as tl
 from ..spec import ConnectorSpec
 
 __all__ = ["TRITON_DTYPES", "ACTIVATIONS", "AUTOTUNE_ENV", "interpreting", "autotune_enabled",
-           "layer_entries", "strides", "span", "layout_flags", "empty", "check_launchable"]
+           "interpreter_problem", "layer_entries", "strides", "span", "layout_flags", "empty",
+           "check_launchable"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: activation name -> the kernels' ``ACTIVATION`` constexpr
@@ -176,8 +178,45 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@triton.jit
+def _interpreter_probe_kernel(out, n, STEP: tl.constexpr):
+    # what every kernel family does with program ids: a range started at one, a vector of
+    # offsets from it, a masked store
+    for i in tl.range(tl.program_id(0), n, STEP):
+        o = i * 4 + tl.arange(0, 4)
+        tl.store(out + o, o.to(tl.float32), mask=o < n * 4)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """None when Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs a small kernel here the
+    way dc_kernels' kernels use it; else why not, with the versions involved. Probed once per
+    process, on the first CPU launch (:func:`check_launchable`).
+
+    Known case: triton 3.6's interpreter turns 1-element numpy arrays into Python ints (a
+    program id used as a ``range`` bound), which numpy 2.4 and newer refuse."""
+    import numpy as np
+    out = torch.full((12,), float("nan"))
+    try:
+        _interpreter_probe_kernel[(2,)](out, 3, STEP=2)
+        bad = None if torch.equal(out, torch.arange(12, dtype=torch.float32)) else \
+            f"wrong result {out.tolist()}"
+    except Exception as e:  # noqa: BLE001 -- any failure is reported, whatever its kind
+        bad = repr(e)
+    if bad is None:
+        return None
+    msg = (f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run "
+           f"dc_kernels' kernels with numpy {np.__version__} here: {bad}")
+    if "0-dimensional" in bad:
+        msg += (". Triton 3.6's interpreter converts 1-element arrays to Python ints, which "
+                "numpy 2.4 and newer refuse: install numpy<2.4 or triton 3.9, or use "
+                "backend='torch'")
+    return msg
+
+
 def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
-    """Raise ValueError unless the Triton kernels can run on this device and dtype."""
+    """Raise ValueError unless the Triton kernels can run on this device and dtype; on the
+    CPU interpreter, RuntimeError when it cannot run here (:func:`interpreter_problem`)."""
     if device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the Triton backend needs CUDA tensors (got {device}); use backend='torch', or "
@@ -186,3 +225,7 @@ def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
         raise ValueError(
             f"the Triton backend supports {', '.join(map(str, TRITON_DTYPES))}; got {dtype} "
             "(use backend='torch')")
+    if device.type != "cuda":
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
