@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def _wrong_dc_kernels(monkeypatch):
             bad = tuple(o.clone() for o in out)
             bad[0].view(-1)[0] += 1.0  # one element off
             return bad if len(bad) > 1 else bad[0]
-        return runner.replace(prepared, fn=wrong)
+        return replace(prepared, fn=wrong)
     monkeypatch.setattr(runner, "prepare", prepare)
 
 
