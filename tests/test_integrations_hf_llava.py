@@ -20,6 +20,7 @@ OneVision configs), tiny widths, random weights, fp32 unless a test says otherwi
 """
 
 import copy
+import inspect
 import json
 import types
 
@@ -32,7 +33,7 @@ from dc_kernels import (BACKEND_ENV, ConnectorSpec, DenseConnector, VisionFeatur
                         apply_dense_connector_to_llava, dense_connector_features, patch_llava,
                         revert_dense_connector_to_llava, unpatch_llava)
 from dc_kernels.integrations import read_projector_checkpoint
-from dc_kernels.integrations.llava import class_patch_active
+from dc_kernels.integrations.llava import _video_features_end_with_newline, class_patch_active
 
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaNextConfig,
@@ -343,12 +344,29 @@ def test_no_spec_onevision_video_and_generate():
     g = torch.Generator().manual_seed(4)
     videos = torch.randn(1, 3, 3, IMAGE, IMAGE, generator=g)
     with torch.no_grad():
-        want = stock.model.get_video_features(pixel_values_videos=videos).pooler_output
-        got = model.model.get_video_features(pixel_values_videos=videos).pooler_output
+        want = stock.model.get_video_features(videos).pooler_output
+        got = model.model.get_video_features(videos).pooler_output
+        # the keyword the installed transformers gives the videos, through the outer model too
+        name = next(iter(inspect.signature(stock.model.get_video_features).parameters))
+        got_kw = model.model.get_video_features(**{name: videos}).pooler_output
+        got_outer = model.get_video_features(videos).pooler_output
+        # and either keyword, whichever version: pixel_values_videos (5.25), pixel_values (5.17)
+        for kw in ("pixel_values_videos", "pixel_values"):
+            assert torch.equal(model.model.get_video_features(**{kw: videos}).pooler_output,
+                               want), kw
+        with pytest.raises(TypeError, match="videos twice"):
+            model.model.get_video_features(videos, pixel_values=videos)
     assert torch.equal(got, want)
+    assert torch.equal(got_kw, want)
+    assert torch.equal(got_outer, want)
     inputs = _inputs("llava_onevision")
     counts = [f.shape[0] for f in _features(stock, **inputs)]
-    ids = torch.cat([_prompt(counts), _prompt([want.shape[1]], token=VIDEO_TOKEN)], 1)
+    vc = model.config.vision_config
+    side = -(-(vc.image_size // vc.patch_size) // 2)  # apply_pooling halves the grid, rounding up
+    # every frame's pooled tokens and one newline (get_video_features adds it in transformers
+    # 5.25, forward in 5.17)
+    ids = torch.cat([_prompt(counts),
+                     _prompt([videos.shape[1] * side * side + 1], token=VIDEO_TOKEN)], 1)
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values_videos=videos, **inputs)
         ref = stock(input_ids=ids, pixel_values_videos=videos, **inputs)
@@ -519,7 +537,7 @@ def test_dense_connector_onevision_images_and_video():
     videos = torch.randn(1, 3, 3, IMAGE, IMAGE, generator=g)
     with torch.no_grad():
         got = inner.get_image_features(**inputs).pooler_output
-        got_video = inner.get_video_features(pixel_values_videos=videos).pooler_output
+        got_video = inner.get_video_features(videos).pooler_output
         # reference DC features of every crop / frame, then OneVision's own packing / pooling
         sizes = inputs["image_sizes"]
         counts = [_original_crop_count(s.tolist()) for s in sizes]
@@ -532,12 +550,15 @@ def test_dense_connector_onevision_images_and_video():
         frames = _original_encode_images(inner.vision_tower, "siglip", "dci", projector,
                                          videos.flatten(0, 1), truncate=False)
         pooled = inner.apply_pooling(frames).reshape(1, -1, LLM)
-        want_video = torch.cat((pooled, inner.image_newline[None, None]), dim=1)
+        # the newline closing the video: in get_video_features (transformers 5.25) or added by
+        # forward (5.17); the no-spec test holds the replacement to the stock method
+        want_video = torch.cat((pooled, inner.image_newline[None, None]), dim=1) \
+            if _video_features_end_with_newline(type(inner)) else pooled
     for a, b in zip(got, want):
         _assert_close(a, b, torch.float32)
     _assert_close(got_video, want_video, torch.float32)
     ids = torch.cat([_prompt([f.shape[0] for f in want]),
-                     _prompt([want_video.shape[1]], token=VIDEO_TOKEN)], 1)
+                     _prompt([pooled.shape[1] + 1], token=VIDEO_TOKEN)], 1)
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values_videos=videos, **inputs)
     assert torch.isfinite(out.logits).all()

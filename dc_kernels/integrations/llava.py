@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import os
 import re
 import threading
@@ -366,14 +367,38 @@ def _onevision_get_image_features(self, pixel_values: torch.Tensor, image_sizes:
     return _output(packed, kwargs)
 
 
-def _onevision_get_video_features(self, pixel_values_videos: torch.Tensor,
+@functools.lru_cache(maxsize=None)
+def _video_features_end_with_newline(cls) -> bool:
+    """Whether transformers' own ``cls.get_video_features`` appends the ``image_newline`` to
+    each video (as in transformers 5.25) or leaves that to ``forward`` (as in 5.17): the
+    replacement must do what the installed version's ``forward`` expects, or the video tokens
+    and features differ by one. Read off the stock method's source; without it, off its first
+    parameter's name (``pixel_values_videos`` in 5.25, ``pixel_values`` in 5.17)."""
+    stock = cls.get_video_features
+    try:
+        return "image_newline" in inspect.getsource(stock)
+    except (OSError, TypeError):
+        params = list(inspect.signature(stock).parameters)
+        return len(params) > 1 and params[1] == "pixel_values_videos"
+
+
+def _onevision_get_video_features(self, pixel_values_videos: torch.Tensor = None,
                                   vision_feature_layer=None, vision_feature_select_strategy=None,
                                   **kwargs):
     """``LlavaOnevisionModel.get_video_features``, run by dc_kernels (see ``patch_llava``).
 
     Every frame through the tower (+ Dense Connector) and the projector, then the model's own
-    ``apply_pooling`` (2x bilinear downscaling) and one ``image_newline`` per video.
+    ``apply_pooling`` (2x bilinear downscaling) and, where the installed transformers' own
+    method does (5.25; 5.17 adds it in ``forward``), one ``image_newline`` per video. The
+    videos go first, or by either keyword transformers has given them: ``pixel_values_videos``
+    (5.25) or ``pixel_values`` (5.17, whose ``LlavaOnevisionForConditionalGeneration`` passes
+    that keyword).
     """
+    if "pixel_values" in kwargs:
+        if pixel_values_videos is not None:
+            raise TypeError("get_video_features() got the videos twice: as pixel_values_videos "
+                            "and as pixel_values")
+        pixel_values_videos = kwargs.pop("pixel_values")
     if not isinstance(pixel_values_videos, torch.Tensor) or pixel_values_videos.dim() != 5:
         raise ValueError("pixel_values_videos must be a [batch, frames, channels, height, width] "
                          "tensor")
@@ -383,6 +408,8 @@ def _onevision_get_video_features(self, pixel_values_videos: torch.Tensor,
                            vision_feature_select_strategy)
     tokens = self.apply_pooling(tokens)
     tokens = tokens.reshape(batch_size, frames * tokens.shape[1], -1)
+    if not _video_features_end_with_newline(type(self)):
+        return _output(tokens, kwargs)
     newline = self.image_newline[None, None, :].repeat(batch_size, 1, 1).to(tokens.device)
     return _output(torch.cat((tokens, newline), dim=1), kwargs)
 
