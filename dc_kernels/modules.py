@@ -147,6 +147,9 @@ class DenseConnectorLinear(nn.Linear):
     shard_offset: int = 0
 
     def forward(self, x) -> torch.Tensor:
+        """``activation(features @ weight.T + bias)``: ``x`` is the hidden-state tuple (the
+        features are built from it in place, :func:`dense_connector_linear`) or an already
+        built ``[..., in_features]`` feature tensor."""
         if isinstance(x, torch.Tensor):
             return _linear_features(x, self.weight, self.bias, self.activation)
         path = "auto"
@@ -324,6 +327,10 @@ class DenseConnector(nn.Module):
         return first.weight, first.bias
 
     def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The original's ``mm_projector(dense_connector(...))`` for the vision tower's
+        hidden-state tuple, ``[B, T', hidden_size]`` (the features for ``"identity"``); the
+        spec's layers are read in place. ValueError when they are not ``vision_hidden_size``
+        wide."""
         # the width is checked here; everything else by the functions called below (once per
         # input signature: dc_kernels.plan), so a repeated call does O(1) work per tensor
         base = hidden_states[self.spec.final_layer] if (

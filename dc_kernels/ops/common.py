@@ -191,7 +191,8 @@ def _interpreter_probe_kernel(out, n, STEP: tl.constexpr):
 def interpreter_problem() -> Optional[str]:
     """None when Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs a small kernel here the
     way dc_kernels' kernels use it; else why not, with the versions involved. Probed once per
-    process, on the first CPU launch (:func:`check_launchable`).
+    process, on the first eager CPU launch (:func:`check_launchable`; not while
+    ``torch.compile`` traces).
 
     Known case: triton 3.6's interpreter turns 1-element numpy arrays into Python ints (a
     program id used as a ``range`` bound), which numpy 2.4 and newer refuse."""
@@ -225,7 +226,8 @@ def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
         raise ValueError(
             f"the Triton backend supports {', '.join(map(str, TRITON_DTYPES))}; got {dtype} "
             "(use backend='torch')")
-    if device.type != "cuda":
+    # (not while torch.compile traces: the probe is a launch; an eager call has run it)
+    if device.type != "cuda" and not torch.compiler.is_compiling():
         problem = interpreter_problem()
         if problem is not None:
             raise RuntimeError(problem)
