@@ -20,7 +20,6 @@ OneVision configs), tiny widths, random weights, fp32 unless a test says otherwi
 """
 
 import copy
-import inspect
 import json
 import types
 
@@ -346,18 +345,15 @@ def test_no_spec_onevision_video_and_generate():
     with torch.no_grad():
         want = stock.model.get_video_features(videos).pooler_output
         got = model.model.get_video_features(videos).pooler_output
-        # the keyword the installed transformers gives the videos, through the outer model too
-        name = next(iter(inspect.signature(stock.model.get_video_features).parameters))
-        got_kw = model.model.get_video_features(**{name: videos}).pooler_output
+        # through the outer model (5.17's passes the videos as pixel_values)
         got_outer = model.get_video_features(videos).pooler_output
-        # and either keyword, whichever version: pixel_values_videos (5.25), pixel_values (5.17)
+        # either keyword, whichever version: pixel_values_videos (5.25), pixel_values (5.17)
         for kw in ("pixel_values_videos", "pixel_values"):
             assert torch.equal(model.model.get_video_features(**{kw: videos}).pooler_output,
                                want), kw
         with pytest.raises(TypeError, match="videos twice"):
             model.model.get_video_features(videos, pixel_values=videos)
     assert torch.equal(got, want)
-    assert torch.equal(got_kw, want)
     assert torch.equal(got_outer, want)
     inputs = _inputs("llava_onevision")
     counts = [f.shape[0] for f in _features(stock, **inputs)]
