@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -248,11 +248,14 @@ def target_checks(result: RunResult) -> List[TargetCheck]:
     return checks
 
 
-def latest_static(folder: str = RESULTS_DIR, arch: int = 90) -> Optional[dict]:
-    """The newest committed static report (``*-static-sm<arch>.json``), or None."""
+def latest_static(folder: str = RESULTS_DIR, arch: int = 90, card: Optional[str] = None
+                  ) -> Optional[dict]:
+    """The newest committed static report of ``card`` (``*-static-<card>.json``: a key of
+    ``benchmarks.static.CARD_GPUS``, e.g. ``"h200"``) or, without one, of ``sm_{arch}``
+    (``*-static-sm<arch>.json``), or None."""
     import glob
     import json
-    paths = sorted(glob.glob(os.path.join(folder, f"*-static-sm{arch}.json")))
+    paths = sorted(glob.glob(os.path.join(folder, f"*-static-{card or f'sm{arch}'}.json")))
     if not paths:
         return None
     with open(paths[-1]) as f:
@@ -278,6 +281,26 @@ def measured_vs_estimated(result: RunResult, static: Optional[dict]) -> List[dic
             out.append(dict(row=name, measured_ms=r.median_ms, estimated_ms=e,
                             measured_over_estimated=r.median_ms / e))
     return out
+
+
+def card_of_machine(machine: dict) -> tuple:
+    """``(arch, card)`` of the bundle's machine (``benchmarks.machine.machine_info``): the SM
+    version of its ``capability`` (90 when it has none: the static model's default card) and
+    ``dc_kernels.ops.path.card_key`` of its device name (None for sm_80 and older cards)."""
+    from dc_kernels.ops.path import card_key
+    major, _, minor = str(machine.get("capability") or "9.0").partition(".")
+    arch = 10 * int(major) + int(minor or 0)
+    return arch, (card_key(machine.get("device_name")) if arch >= 90 else None)
+
+
+def calibration_file_for(machine: dict) -> str:
+    """The calibration file the path rule reads on the bundle machine's card
+    (``dc_kernels.ops.path.model_for``): the card's own, else its architecture's."""
+    from dc_kernels.ops import path as path_mod
+    arch, card = card_of_machine(machine)
+    if card:
+        return path_mod.CARD_CALIBRATION_FILES[card]
+    return path_mod.CALIBRATION_FILES[90 if arch >= 90 else 80]
 
 
 def calibration_update(pairs: List[dict]) -> dict:
@@ -326,7 +349,7 @@ class _Reports:
         self.notes: List[str] = []
         self.lock = threading.Lock()
         self.paths: List[str] = []
-        self.static = latest_static()  # read once: the rows are compared with it each time
+        self._static: Dict[str, Optional[dict]] = {}  # per card, read once
 
     def write(self, result: Optional[RunResult] = None, complete: bool = False) -> None:
         with self.lock:
@@ -336,6 +359,15 @@ class _Reports:
                 self._write(self.result, complete)
             elif self.machine is not None:
                 self._write_tests_only(complete)
+
+    def static_for(self, machine: dict) -> Optional[dict]:
+        """The static report the rows of this machine's card are compared with
+        (:func:`card_of_machine`; read once per card)."""
+        arch, card = card_of_machine(machine)
+        key = card or f"sm{arch}"
+        if key not in self._static:
+            self._static[key] = latest_static(arch=arch, card=card)
+        return self._static[key]
 
     def _notes(self, complete: bool) -> List[str]:
         return list(self.notes) if complete else list(self.notes) + [
@@ -365,10 +397,11 @@ class _Reports:
 
     def _write(self, result: RunResult, complete: bool) -> None:
         checks = target_checks(result)
-        static = self.static
+        m = result.machine
+        static = self.static_for(m)
         pairs = measured_vs_estimated(result, static)
         factors = calibration_update(pairs)
-        m = result.machine
+        cal_file = os.path.relpath(calibration_file_for(m), REPO_ROOT)
         title = f"dc_kernels GPU bundle: {m['device_name']}, {m['date']}"
         notes = self._notes(complete)
         mve = ["## Measured vs the static estimate", "",
@@ -378,7 +411,7 @@ class _Reports:
         mve += [f"| {p['row']} | {p['measured_ms'] * 1e3:.1f} | {p['estimated_ms'] * 1e3:.1f} "
                 f"| {p['measured_over_estimated']:.2f} |" for p in pairs]
         mve += ["", f"Calibration factors (median measured / estimated per path): {factors}. "
-                "Copy them into `dc_kernels/ops/calibration.json` (`measured_over_estimated`, "
+                f"Copy them into `{cal_file}` (`measured_over_estimated`, "
                 "and `source`) to make the path rule use them."]
         md = markdown_report(result, title, [_checks_markdown(self.tests, checks,
                                                               result.failures, notes),

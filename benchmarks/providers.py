@@ -236,14 +236,8 @@ def _dc_note(op: str, inputs: Inputs, device: torch.device) -> Tuple[str, str]:
         return "torch", "backend=torch (the Triton path has no autograd)"
     if resolved != "triton" or op == "features":
         return "auto", f"backend={resolved} (auto)"
-    from dc_kernels.ops.gemm_tma import arch_of
-    from dc_kernels.ops.path import choose_linear_path
-    case = inputs.case
-    path = choose_linear_path(case.rows, case.shape.channels, case.shape.hidden,
-                              case.layers_read, inputs.spec.num_groups + 1,
-                              inputs.hidden_states[0].element_size(),
-                              sti=inputs.spec.connector_type == "sti",
-                              arch=arch_of(inputs.hidden_states[0]))
+    from dc_kernels.ops.linear import auto_path  # the launcher's own pick
+    path = auto_path(inputs.hidden_states, inputs.spec, inputs.w1)
     return "auto", f"backend=triton, auto path={path}"
 
 

@@ -2,8 +2,8 @@
 
 ``python -m benchmarks --static`` builds every kernel of the benchmark shapes exactly as Triton's
 runtime specializes it (``dc_kernels.ops.triton_aot``), reads registers, shared memory and the
-SASS (``dc_kernels.ops.sass``), and estimates each launch's time on an H100 SXM and an A100 as
-the max of
+SASS (``dc_kernels.ops.sass``), and estimates each launch's time on an H100 SXM and an A100 (and,
+from the same sm_90 builds, an H200: :data:`CARD_GPUS`) as the max of
 
 * DRAM bytes / the achievable bandwidth: the copy ceiling, or less when too few bytes are in
   flight: ``SMs x bytes in flight per SM / latency`` (Little's law), where the bytes in flight
@@ -43,7 +43,7 @@ from dc_kernels.ops.path import (pipelined_makespan, pipelined_stream_k_makespan
                                  pipelined_stream_k_steps, stream_k_partials,
                                  stream_k_program_steps)
 
-__all__ = ["GPU", "GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown",
+__all__ = ["GPU", "GPUS", "CARD_GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown",
            "pipelined_residency_problems"]
 
 
@@ -72,6 +72,18 @@ GPUS = {
             {"16": 8.0e14, "tf32": 4.0e14}, 5.9e13, 1.3e-6, smem_per_sm=233472),
     80: GPU("A100 SXM 80GB (est.)", 80, 108, 1.41e9, 1.75e12, 5.0e12,
             {"16": 2.8e14, "tf32": 1.4e14}, 1.95e13, 1.0e-6, smem_per_sm=167936),
+}
+
+#: Cards estimated from another card's builds (the same architecture, other ceilings), each
+#: with its own report (``<date>-static-<card>.{md,json}``) and the path rule's calibration
+#: (``dc_kernels.ops.path.CARD_CALIBRATION_FILES``). The H200: the H100's chip and clocks with
+#: HBM3e; 4.3 TB/s is the device-to-device copy measured on this project's lent H200s (the
+#: device notes, 2026-10-28 and 2026-11-04: ~4.3 TB/s counting bytes read and written; the
+#: datasheet's 4.8 TB/s is the peak), and 800 TFLOP/s stays (769-798 TFLOP/s measured there
+#: for an 8192^3 bf16 product); L2 and latency are the H100's assumptions.
+CARD_GPUS = {
+    "h200": GPU("H200 (est.)", 90, 132, 1.755e9, 4.3e12, 10.0e12,
+                {"16": 8.0e14, "tf32": 4.0e14}, 5.9e13, 1.3e-6, smem_per_sm=233472),
 }
 
 _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -108,8 +120,9 @@ def pipelined_residency_problems(reports: Sequence[dict]) -> List[str]:
     for r in reports:
         if r.get("kernel") in ("_gemm_ready_kernel", "_features_helper_kernel") \
                 and "error" not in r and r.get("arch") == 90:
-            for u in r["uses"]:
-                by_case.setdefault(u["case"], {})[r["kernel"]] = r
+            for u in r["uses"]:  # a card's launches are a case of their own
+                name = u["case"] + (f" ({u['card']})" if u.get("card") else "")
+                by_case.setdefault(name, {})[r["kernel"]] = r
     bad = []
     for case, ks in sorted(by_case.items()):
         gemm, helper = ks.get("_gemm_ready_kernel"), ks.get("_features_helper_kernel")
@@ -410,15 +423,21 @@ def compile_reference_estimate(f: dict, e: int, gpu: GPU) -> Optional[float]:
     return feats + gemm
 
 
-def estimate_rows(reports: Sequence[dict], arch: int) -> List[Dict[str, Any]]:
-    """One row per benchmark case (op x shape x images x dtype x path) for ``sm_{arch}``."""
-    gpu = GPUS[arch]
+def estimate_rows(reports: Sequence[dict], arch: int, gpu: Optional[GPU] = None,
+                  card: Optional[str] = None) -> List[Dict[str, Any]]:
+    """One row per benchmark case (op x shape x images x dtype x path) for ``sm_{arch}``'s
+    builds on ``gpu`` (default: the architecture's card, ``GPUS[arch]``), from the launches
+    recorded for ``card`` (a key of :data:`CARD_GPUS`, whose launchers read its calibration:
+    ``triton_aot.unique_builds``' ``cards``; None: the architecture's)."""
+    gpu = gpu or GPUS[arch]
+    if gpu.arch != arch:
+        raise ValueError(f"{gpu.name} is sm_{gpu.arch}; these are sm_{arch} builds")
     rows: Dict[str, Dict[str, Any]] = {}
     for r in reports:
         if r["arch"] != arch or "error" in r:
             continue
         for use in r["uses"]:
-            if use["group"] != "benchmark":
+            if use["group"] != "benchmark" or use.get("card") != card:
                 continue
             f = use["facts"]
             case = use["case"]
@@ -543,9 +562,11 @@ def _us(s: Optional[float]) -> str:
     return "-" if s is None else f"{s * 1e6:,.1f}"
 
 
-def markdown(rows: Sequence[dict], reports: Sequence[dict], meta: dict, arch: int) -> str:
-    """The committed markdown report of one architecture."""
-    gpu = GPUS[arch]
+def markdown(rows: Sequence[dict], reports: Sequence[dict], meta: dict, arch: int,
+             gpu: Optional[GPU] = None) -> str:
+    """The committed markdown report of one architecture's builds on ``gpu`` (default: its
+    card, ``GPUS[arch]``)."""
+    gpu = gpu or GPUS[arch]
     lines = [f"# Static cost model, sm_{arch} ({gpu.name}) — every number is an ESTIMATE",
              "",
              f"triton {meta['triton']}, torch {meta['torch']}, {meta['date']}; built on a CPU "
@@ -595,12 +616,14 @@ def markdown(rows: Sequence[dict], reports: Sequence[dict], meta: dict, arch: in
 
 
 def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
-                          shape: str = "clip336-dci", images: int = 16) -> Dict[str, Any]:
+                          shape: str = "clip336-dci", images: int = 16,
+                          gpu: Optional[GPU] = None) -> Dict[str, Any]:
     """Constants of the path model (``dc_kernels/ops/calibration.json``) read off the static
-    estimates of one shape (bf16): how far each pass lands from its own roofline."""
+    estimates of one shape (bf16) on ``gpu`` (default ``GPUS[arch]``; the rows must be its
+    own): how far each pass lands from its own roofline."""
     from dc_kernels import ConnectorSpec
     from dc_kernels.ops.triton_aot import TOWERS
-    gpu = GPUS[arch]
+    gpu = gpu or GPUS[arch]
     by = {r["case"]: r for r in rows}
     tower, connector = shape.split("-")
     enc = {name: enc for name, enc, _, _ in TOWERS}[tower]
@@ -664,11 +687,13 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
 
 
 def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = None,
-                      arch: int = 90) -> str:
-    """Merge ``cal`` into the package's calibration file of ``sm_{arch}`` (keeps measured
-    factors; a missing file starts with factors of 1)."""
+                      arch: int = 90, card: Optional[str] = None) -> str:
+    """Merge ``cal`` into the package's calibration file of ``card`` (a key of
+    :data:`CARD_GPUS`) or else of ``sm_{arch}`` (keeps measured factors; a missing file starts
+    with factors of 1)."""
     from dc_kernels.ops import path as path_mod
-    target = path or path_mod.CALIBRATION_FILES[arch]
+    target = path or (path_mod.CARD_CALIBRATION_FILES[card] if card
+                      else path_mod.CALIBRATION_FILES[arch])
     old: Dict[str, Any] = {"measured_over_estimated": {"fused": 1.0, "two-pass": 1.0,
                                                        "overlap": 1.0, "pipelined": 1.0}}
     if os.path.exists(target):
@@ -684,38 +709,45 @@ def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = No
 
 def run_static(out_dir: str, archs: Sequence[int] = (90, 80), dtypes=("bf16", "fp16", "fp32"),
                log=print, calibrate: bool = True) -> List[str]:
-    """Build, estimate, write ``<date>-static-sm<arch>.{md,json}``; returns the paths written."""
+    """Build, estimate, write ``<date>-static-sm<arch>.{md,json}`` (and
+    ``<date>-static-<card>.{md,json}`` for :data:`CARD_GPUS` of those architectures) and, with
+    ``calibrate``, the path rule's calibration files; returns the paths written."""
     import torch
     from dc_kernels.ops import triton_aot
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: --static builds the real kernels")
     log(f"building every benchmark kernel for sm_{','.join(map(str, archs))} ...")
     cases = [c for c in triton_aot.aot_cases(dtypes)]
-    reports = triton_aot.build_cases(cases, archs)
+    cards = [(g.arch, card) for card, g in CARD_GPUS.items() if g.arch in archs]
+    reports = triton_aot.build_cases(cases, archs, cards=cards)
     log(triton_aot.summarize(reports))
     meta = dict(triton=triton_aot.triton_version(), torch=torch.__version__,
                 python=platform.python_version(), date=datetime.date.today().isoformat(),
                 estimate=True)
     paths = []
     os.makedirs(out_dir, exist_ok=True)
-    for arch in archs:
-        rows = estimate_rows(reports, arch)
-        base = os.path.join(out_dir, f"{meta['date']}-static-sm{arch}")
+    # each architecture's card, then the cards estimated from its builds
+    runs = [(arch, None, GPUS[arch]) for arch in archs]
+    runs += [(g.arch, card, g) for card, g in CARD_GPUS.items() if g.arch in archs]
+    for arch, card, gpu in runs:
+        rows = estimate_rows(reports, arch, gpu, card)
+        base = os.path.join(out_dir, f"{meta['date']}-static-{card or f'sm{arch}'}")
         with open(base + ".md", "w") as f:
-            f.write(markdown(rows, reports, meta, arch))
+            f.write(markdown(rows, reports, meta, arch, gpu))
         with open(base + ".json", "w") as f:
-            json.dump(dict(meta=meta, gpu=asdict(GPUS[arch]), rows=rows,
+            json.dump(dict(meta=meta, gpu=asdict(gpu), rows=rows,
                            builds=[{k: v for k, v in r.items() if k != "uses"}
-                                   for r in reports if r["arch"] == arch]),
+                                   for r in reports if r["arch"] == arch and
+                                   any(u.get("card") == card for u in r["uses"])]),
                       f, indent=1, default=str)
         paths += [base + ".md", base + ".json"]
         if calibrate:
-            cal = calibration_from_rows(rows, arch)
-            cal["device"] = GPUS[arch].name.replace("(est.)", "(assumed ceilings)")
+            cal = calibration_from_rows(rows, arch, gpu=gpu)
+            cal["device"] = gpu.name.replace("(est.)", "(assumed ceilings)")
             paths.append(write_calibration(
                 cal, f"estimate: static cost model of sm_{arch} builds ({meta['date']}, triton "
                      f"{meta['triton']}; {os.path.basename(base)}.json), no GPU measurement",
-                arch=arch))
+                arch=arch, card=card))
     return paths
 
 

@@ -249,21 +249,8 @@ def column_shard_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
     chosen = _auto_fallback(resolve_backend(backend, base.device), backend, base.dtype)
     if chosen != "triton" or not _triton_available():
         return path
-    from .ops import common
-    from .ops.gemm_tma import arch_of
-    from .ops.path import choose_linear_path
-    B, T, C = base.shape
-    M = B * spec.out_tokens(T)
-    entries, _, _ = common.layer_entries(hidden_states, spec)
-    flags = common.layout_flags(entries, weight)
-    limit = 2 ** 31 - 1
-    off64 = flags["OFF64"] or M * full_width >= limit or full_width * weight.shape[1] >= limit
-    from .ops.linear import pipelined_serves
-    pipelinable = pipelined_serves(entries, spec, weight, full_width)
-    return choose_linear_path(M, C, full_width, len(spec.used_layers), spec.num_groups + 1,
-                              base.element_size(), flags["UNIFORM"], off64,
-                              sti=spec.connector_type == "sti", arch=arch_of(base),
-                              pipelined=pipelinable)
+    from .ops.linear import auto_path
+    return auto_path(hidden_states, spec, weight, full_width)
 
 
 def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,

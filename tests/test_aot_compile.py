@@ -199,3 +199,47 @@ print(json.dumps(dict(v128=r.sass.count('LDG.E.128'), regs=r.registers)))
 """)
     res = json.loads(out.strip().splitlines()[-1])
     assert res["v128"] == 25, res
+
+
+def test_the_benchmark_names_the_path_that_runs():
+    # the bundle's auto dc_kernels row says which path it ran (benchmarks.providers._dc_note):
+    # recorded as on an H100 / an H200, its path is the one whose kernels the launch makes
+    # (until 2026-12-04 the note asked the rule without the pipelined path and said
+    # "two-pass" where the pipelined kernels ran; and the recording itself never took the
+    # auto path's CUDA-only choices, pipelined and overlap)
+    out = _run("""
+import json, torch
+from benchmarks.cases import SHAPES, Case, make_inputs
+from benchmarks.providers import _dc_note
+from dc_kernels import dense_connector_linear
+from dc_kernels.ops import triton_aot as A
+res = []
+for name, images, card in (('clip336-4096', 1, None), ('clip336-4096-sci', 1, None),
+                           ('clip336-7168', 3, None), ('clip336-7168', 3, 'h200'),
+                           ('clip336-4096-sti', 1, None)):
+    inputs = make_inputs(Case(SHAPES[name], images), torch.bfloat16, torch.device('cpu'))
+    with A.record_launches(90, card=card) as recs:
+        note = _dc_note('linear', inputs, torch.device('cuda'))[1]
+        dense_connector_linear(inputs.hidden_states, inputs.spec, inputs.w1, inputs.b1,
+                               'gelu', backend='triton')
+    res.append([name, images, card, note.split('auto path=')[-1], [r.name for r in recs]])
+print(json.dumps(res))
+""")
+    res = json.loads(out.strip().splitlines()[-1])
+    kernels = {"pipelined": ["_features_helper_kernel", "_gemm_ready_kernel"],
+               "two-pass": ["_features_tma_kernel", "_gemm_tma_kernel"],
+               "overlap": ["_features_tma_kernel", "_gemm_tma_kernel"] * 2}
+    seen = set()
+    for name, images, card, path, launched in res:
+        if name.endswith("-sti"):  # STI: two-pass, its pooled features by their own kernel
+            assert path == "two-pass" and launched[-1] == "_gemm_tma_kernel", res
+            continue
+        if path == "overlap":  # row chunks: features and GEMM per chunk, at least two
+            assert launched[:4] == kernels["overlap"] and len(launched) % 2 == 0, res
+        else:
+            assert launched == kernels[path], (name, images, card, path, launched)
+        seen.add(path)
+    # the cases above were picked to take the three paths (by the committed calibrations,
+    # estimates): one CLIP image pipelined, SCI's one image two-pass, CLIP -> 7168 at three
+    # images pipelined on an H100 and overlapped on an H200
+    assert seen == {"pipelined", "two-pass", "overlap"}, res

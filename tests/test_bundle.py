@@ -199,3 +199,38 @@ def test_a_table_that_fails_before_its_first_row_still_leaves_the_tests(tmp_path
     assert [t["summary"].split(" in ")[0] for t in data["tests"]] == ["1 failed, 1 passed",
                                                                       "1 passed"]
     assert "no ceilings today" in next(out.glob("*.md")).read_text()
+
+
+@pytest.mark.parametrize("name, capability, report, calibration", [
+    ("NVIDIA H200", "9.0", "-static-h200.json", "calibration-h200.json"),
+    ("NVIDIA H200 NVL", "9.0", "-static-h200.json", "calibration-h200.json"),
+    ("NVIDIA H100 80GB HBM3", "9.0", "-static-sm90.json", "calibration.json"),
+    ("NVIDIA GH200 480GB", "9.0", "-static-sm90.json", "calibration.json"),
+    ("NVIDIA A100-SXM4-80GB", "8.0", "-static-sm80.json", "calibration-sm80.json"),
+    ("NVIDIA A10G", "8.6", "-static-sm80.json", "calibration-sm80.json")])
+def test_the_bundle_compares_a_card_with_its_own_estimates(tmp_path, name, capability, report,
+                                                           calibration):
+    # the lent machines are H200s: their rows are compared with the static model's H200
+    # report (4.3 TB/s), not the H100's (3.0 TB/s), and the factors go to the H200's file
+    machine = {"device_name": name, "capability": capability, "date": "2026-12-04"}
+    reports = bundle._Reports(str(tmp_path), [], machine)
+    static = reports.static_for(machine)
+    if capability == "8.6":  # an sm_86 card reads sm_80's calibration but has no report
+        assert bundle.card_of_machine(machine) == (86, None)
+    else:
+        assert static is not None and static["path"].endswith(report), static and static["path"]
+        assert static["gpu"]["arch"] == int(capability.replace(".", ""))
+        assert reports.static_for(machine) is static  # read once per card
+    assert os.path.basename(bundle.calibration_file_for(machine)) == calibration
+    if report.endswith("h200.json"):
+        assert static["gpu"]["dram_bytes_per_s"] == 4.3e12
+        h100 = bundle.latest_static(arch=90)
+        assert h100["gpu"]["dram_bytes_per_s"] == 3.0e12
+        # the same shapes estimated for both cards; the memory-bound features pass is faster
+        # on the H200 (by its DRAM, up to 4.3 / 3.0), no row of the H200 is slower
+        a = {r["case"]: r["est_s"] for r in h100["rows"]}
+        b = {r["case"]: r["est_s"] for r in static["rows"]}
+        assert a.keys() == b.keys()
+        assert all(b[k] <= a[k] * 1.001 for k in a), [k for k in a if b[k] > a[k] * 1.001]
+        feats = "features/clip336-dci-16img-bf16"
+        assert 1.25 < a[feats] / b[feats] <= 4.3 / 3.0 + 1e-9

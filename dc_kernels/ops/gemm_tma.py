@@ -42,7 +42,7 @@ from . import direct
 from .direct import DirectLaunch
 from .path import gemm_stream_k, stream_k_shape
 
-__all__ = ["arch_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch",
+__all__ = ["arch_of", "card_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch",
            "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
            "REVERSE_PROGRAMS"]
 
@@ -370,6 +370,22 @@ def arch_of(t: torch.Tensor) -> Optional[int]:
     index = t.device.index if t.device.index is not None else 0
     major, minor = _capability(index)
     return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _card(index: int) -> Optional[str]:
+    from .path import card_key
+    return card_key(torch.cuda.get_device_name(index))
+
+
+def card_of(t: torch.Tensor) -> Optional[str]:
+    """The card-specific calibration key of the CUDA device ``t`` is on (``"h200"``, by its
+    name: :func:`dc_kernels.ops.path.card_key`), None off CUDA or for a card that takes its
+    architecture's calibration; with :func:`arch_of` it picks the path rule's constants
+    (:func:`dc_kernels.ops.path.model_for`)."""
+    if not _cuda_device(t):
+        return None
+    return _card(t.device.index if t.device.index is not None else 0)
 
 
 def _cuda_device(t: torch.Tensor) -> bool:

@@ -26,13 +26,13 @@ from . import common
 from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
 from .features import features_triton, prepare_features
-from .gemm_tma import arch_of, gemm_tma_eligible, prepare_gemm_tma
+from .gemm_tma import arch_of, card_of, gemm_tma_eligible, prepare_gemm_tma
 from .path import choose_linear_path, model_for, overlap_chunk_rows
 from .pipelined import pipelined_eligible, prepare_pipelined
 
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
            "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
-           "pipelined_serves",
+           "pipelined_serves", "auto_path",
            "LINEAR_CONFIG_INTERPRET", "PATHS",
            "prune_configs", "shared_bytes_bound", "overlap_chunks", "prepare_overlap",
            "OverlapLaunch"]
@@ -465,7 +465,7 @@ def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activa
     launch.shape = (batch, t_keep, spec.out_channels(channels))
     launch.dtype, launch.device, launch.activation = base.dtype, base.device, activation
     chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(
-        M, weight.shape[0], model_for(arch_of(base)))
+        M, weight.shape[0], model_for(arch_of(base), card_of(base)))
     entries, _, _ = common.layer_entries(hidden_states, spec)
     if features_tma_eligible(entries, base.device):
         tiled = _tile_chunks(spec, batch, tokens, chunk_rows)
@@ -590,6 +590,30 @@ class LinearLaunch:
         return launch(hidden_states)
 
 
+def auto_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, weight: torch.Tensor,
+              n_out: Optional[int] = None) -> str:
+    """The path ``path="auto"`` runs on the Triton backend for these (validated) inputs:
+    :func:`dc_kernels.ops.path.choose_linear_path` on the shape, the layers' layout (fused
+    only for uniform strides and 32-bit offsets), the connector type, whether the pipelined
+    path may run, and the card (:func:`.gemm_tma.arch_of`, :func:`.gemm_tma.card_of`).
+    ``n_out``: the output width the rule sees, ``weight.shape[0]`` by default (a column shard
+    passes the unsharded layer's: :func:`dc_kernels.functional.column_shard_path`)."""
+    from . import gemm_tma  # (its device lookups, which the ahead-of-time builds stand in for)
+    base = hidden_states[spec.final_layer]
+    B, T, C = base.shape
+    M = B * spec.out_tokens(T)
+    N = weight.shape[0] if n_out is None else n_out
+    entries, _, _ = common.layer_entries(hidden_states, spec)
+    flags = common.layout_flags(entries, weight, common.StandIn((M, N), (N, 1)))
+    off64 = flags["OFF64"] or N * weight.shape[1] >= 2 ** 31 - 1  # the unsharded weight
+    return choose_linear_path(M, C, N, len(spec.used_layers), spec.num_groups + 1,
+                              base.element_size(), flags["UNIFORM"], off64,
+                              sti=spec.connector_type == "sti",
+                              cuda=gemm_tma._cuda_device(base), arch=arch_of(base),
+                              pipelined=pipelined_serves(entries, spec, weight, N),
+                              card=card_of(base))
+
+
 def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,
                    tokens: int, channels: int, weight: torch.Tensor, bias, activation,
                    path: str = "auto") -> LinearLaunch:
@@ -620,10 +644,7 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     fusable = flags["UNIFORM"] and not flags["OFF64"] and not sti
     pipelinable = pipelined_serves(entries, spec, weight, N)
     if path == "auto":
-        path = choose_linear_path(M, channels, N, len(spec.used_layers), spec.num_groups + 1,
-                                  base.element_size(), flags["UNIFORM"], flags["OFF64"], sti=sti,
-                                  cuda=base.device.type == "cuda", arch=arch_of(base),
-                                  pipelined=pipelinable)
+        path = auto_path(hidden_states, spec, weight)
     elif path == "fused" and not fusable:
         path = "two-pass"
     elif path == "overlap" and sti:

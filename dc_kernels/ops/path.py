@@ -1,7 +1,8 @@
 """The path rule: which Triton route computes ``act(features @ W^T + b)`` for a shape.
 
 :func:`estimate_linear_times` estimates each path from the constants of the committed
-calibration of the card's architecture (``calibration.json`` beside this file for sm_90,
+calibration of the card (``calibration.json`` beside this file for sm_90, an H100 SXM;
+``calibration-h200.json`` for an H200, the same chip with 1.4x the DRAM bandwidth;
 ``calibration-sm80.json`` for sm_80): the ceilings of the card it describes, the
 efficiencies the static cost model (``python -m benchmarks --static``) reads from the compiled
 kernels, and the measured/estimated factors a GPU run (``python -m benchmarks --gpu-bundle``)
@@ -14,10 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "load_calibration", "PATH_MODEL",
-           "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
+__all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "CARD_CALIBRATION_FILES", "load_calibration",
+           "PATH_MODEL", "card_key", "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
            "gemm_stream_k", "stream_k_bounds", "stream_k_owner", "stream_k_shape",
            "stream_k_partials", "stream_k_program_steps",
            "gemm_split_gain",
@@ -52,14 +54,46 @@ def load_calibration(path: Optional[str] = None) -> Dict:
     return cal
 
 
-#: The constants in use per architecture (read once at import); PATH_MODEL: sm_90's.
+#: Cards of an architecture whose ceilings differ from its default calibration's enough to
+#: move the rule's picks, by :func:`card_key`: the H200 is the H100's chip (132 SMs, the same
+#: tensor cores) with HBM3e, ~4.3 TB/s of copy bandwidth against the H100 SXM's ~3.0 (the
+#: copy measured on the H200s this project's GPU runs borrow). Its calibration is the static
+#: model's H200 report (``benchmarks.static.CARD_GPUS``): the features beside the GEMM keep
+#: the same bytes in flight, a smaller share of the faster DRAM (helper efficiency 0.71
+#: against 1.0), so the rule keeps e.g. CLIP -> 7168 at 2 images and CLIP SCI at 8 on
+#: two-pass and CLIP -> 7168 at 3 images on the overlap, where an H100 runs pipelined
+#: (*estimates*, 2026-12-04).
+CARD_CALIBRATION_FILES = {"h200": os.path.join(_HERE, "calibration-h200.json")}
+#: ``card_key``'s patterns: a whole word of the CUDA device name (``"NVIDIA H200"``, ``"NVIDIA
+#: H200 NVL"``; not ``"NVIDIA GH200 480GB"``, whose memory differs by model)
+_CARD_PATTERNS = {"h200": re.compile(r"\bH200\b", re.IGNORECASE)}
+
+
+def card_key(device_name: Optional[str]) -> Optional[str]:
+    """The key of :data:`CARD_CALIBRATION_FILES` a CUDA device name (``torch.cuda.
+    get_device_name``) matches, or None: the card takes its architecture's calibration."""
+    for key, pattern in _CARD_PATTERNS.items():
+        if device_name and pattern.search(device_name):
+            return key
+    return None
+
+
+#: The constants in use per architecture and per card (read once at import); PATH_MODEL:
+#: sm_90's (an H100 SXM).
 PATH_MODELS = {arch: load_calibration(f) for arch, f in CALIBRATION_FILES.items()}
+CARD_MODELS = {card: load_calibration(f) for card, f in CARD_CALIBRATION_FILES.items()}
 PATH_MODEL = PATH_MODELS[90]
 
 
-def model_for(arch: Optional[int]) -> Dict:
-    """The calibration of an ``sm_{arch}`` card: sm_90's for 90 and up (and for None: the
-    interpreter, or no card known), sm_80's below."""
+def model_for(arch: Optional[int], card: Optional[str] = None) -> Dict:
+    """The calibration of an ``sm_{arch}`` card: ``card``'s own where it has one (a key of
+    :data:`CARD_CALIBRATION_FILES`, :func:`card_key` of the device name; an unknown key is a
+    ValueError), else sm_90's for 90 and up (and for None: the interpreter, or no card
+    known), sm_80's below."""
+    if card is not None:
+        if card not in CARD_MODELS:
+            raise ValueError(f"no calibration for card {card!r}; known: {sorted(CARD_MODELS)}")
+        return CARD_MODELS[card]
     return PATH_MODEL if arch is None or arch >= 90 else PATH_MODELS[80]
 
 
@@ -585,7 +619,7 @@ def pipelined_stream_k_programs(M: int, C: int, N: int, num_layers_read: int,
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
                        element_size: int, uniform: bool = True, off64: bool = False,
                        sti: bool = False, cuda: bool = True, arch: Optional[int] = None,
-                       pipelined: bool = False) -> str:
+                       pipelined: bool = False, card: Optional[str] = None) -> str:
     """Pick ``"fused"``, ``"two-pass"``, ``"overlap"`` or ``"pipelined"``: the smallest
     estimate that runs.
 
@@ -597,13 +631,14 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     chosen); STI (``sti=True``) is always two-pass: its features are ``1 + G / pool`` times a
     layer (1.25x for the presets), cheap to write and re-read, while building a pooled row
     inside the GEMM would re-read ``pool`` tokens of every group member per N tile.
-    ``arch``: the card's SM version (:func:`model_for` picks its calibration).
+    ``arch``: the card's SM version, ``card``: its :func:`card_key` (:func:`model_for` picks
+    the calibration from both).
     ``pipelined``: the pipelined path can run (:func:`dc_kernels.ops.pipelined.pipelined_eligible`;
     it also needs CUDA streams).
     """
     if sti:
         return "two-pass"
-    model = model_for(arch)
+    model = model_for(arch, card)
     t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size, model)
     if not uniform or off64:
         t.pop("fused")

@@ -485,7 +485,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
                       activation: Optional[str]) -> PipelinedLaunch:
     """The :class:`PipelinedLaunch` of these (validated, :func:`pipelined_eligible`) inputs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    from .gemm_tma import INTERPRET_SMS, STREAM_K_PIECES, _num_sms, _set_blocks, arch_of
+    from .gemm_tma import (INTERPRET_SMS, STREAM_K_PIECES, _num_sms, _set_blocks, arch_of,
+                           card_of)
     from .path import model_for, pipelined_stream_k_programs, stream_k_shape
     base = hidden_states[spec.final_layer]
     interp = common.interpreting()
@@ -518,7 +519,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         programs = triton.cdiv(tiles * ks, STREAM_K_ITERS) if STREAM_K_ITERS \
             else pipelined_stream_k_programs(M, channels, N, len(spec.used_layers), slabs,
                                              base.element_size(),
-                                             model_for(None if interp else arch_of(base)),
+                                             model_for(None, None) if interp else
+                                             model_for(arch_of(base), card_of(base)),
                                              sms, (g["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"]))
         if programs:
             iters, segments, parts = stream_k_shape(tiles, ks, programs)

@@ -97,12 +97,13 @@ SMS = {80: 108, 90: 132}
 
 @contextlib.contextmanager
 def record_launches(arch: int = 90, record: bool = True,
-                    stand_in: Optional[Callable[..., Any]] = None):
+                    stand_in: Optional[Callable[..., Any]] = None, card: Optional[str] = None):
     """Within the block, Triton launches are recorded, not run; yields the record list.
 
     The launchers see the device they would see on an ``sm_{arch}`` card (its capability, SM
-    count and shared-memory limit, so the same kernels, grids and autotune pruning are chosen)
-    and their device check is relaxed, so that CPU tensors of the real shapes stand in for CUDA
+    count and shared-memory limit, so the same kernels, grids and autotune pruning are chosen;
+    ``card``: the card-specific calibration the path rule reads, ``gemm_tma.card_of``, e.g.
+    ``"h200"``; None: the architecture's) and their device check is relaxed, so that CPU tensors of the real shapes stand in for CUDA
     ones (their alignment is what the binder reads: CPU allocations are 64-byte aligned, CUDA
     ones 256-byte: both give the same 16-byte hints). An autotuned launch records the configs
     that survive the autotuner's pruning. ``record=False``: launches are dropped, nothing is
@@ -160,6 +161,7 @@ def record_launches(arch: int = 90, record: bool = True,
                (common, "check_launchable", check_launchable),
                (gemm_tma, "_capability", lambda index: (arch // 10, arch % 10)),
                (gemm_tma, "_num_sms", lambda index: SMS[arch]),
+               (gemm_tma, "_card", lambda index: card),
                (gemm_tma, "_cuda_device", lambda t: True),
                (linear, "_shared_limit", lambda index: SHARED_LIMIT[arch])]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
@@ -497,9 +499,10 @@ def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
     return cases
 
 
-def record_case(case: Case, arch: int = 90) -> List[LaunchRecord]:
-    """The launches one case makes on an ``sm_{arch}`` card."""
-    with record_launches(arch) as records:
+def record_case(case: Case, arch: int = 90, card: Optional[str] = None) -> List[LaunchRecord]:
+    """The launches one case makes on an ``sm_{arch}`` card (``card``: as
+    :func:`record_launches`)."""
+    with record_launches(arch, card=card) as records:
         case.run()
     return records
 
@@ -542,16 +545,25 @@ def _slim_record(rec: LaunchRecord) -> LaunchRecord:
                         {k: _slim(v) for k, v in rec.kwargs.items()}, rec.grid, rec.configs)
 
 
-def unique_builds(cases: Sequence[Case], archs: Sequence[int] = ARCHS) -> List[Build]:
-    """Record every case and group its launches by the kernel the runtime would compile."""
+def unique_builds(cases: Sequence[Case], archs: Sequence[int] = ARCHS,
+                  cards: Sequence[Tuple[int, str]] = ()) -> List[Build]:
+    """Record every case and group its launches by the kernel the runtime would compile.
+
+    ``cards``: ``(arch, card)`` targets recorded besides the architectures (the benchmark
+    cases only: what the static model estimates per card), where the launchers read the
+    card's calibration (:func:`record_launches`); each use says its ``card`` (None: the
+    architecture's), and a build two targets share is built once."""
     builds: Dict[Tuple[int, str], Build] = {}
+    targets = [(arch, None) for arch in archs] + list(cards)
     for case in cases:
-        for arch in archs:
-            for li, rec in enumerate(_slim_record(r) for r in record_case(case, arch)):
+        for arch, card in targets:
+            if card is not None and case.group != "benchmark":
+                continue
+            for li, rec in enumerate(_slim_record(r) for r in record_case(case, arch, card)):
                 for ci, args, kw, grid in rec.variants():
                     key = binding_key(rec.fn, args, kw, arch)
                     b = builds.setdefault((arch, key), Build(key, arch, rec, ci, args, kw))
-                    b.uses.append(dict(case=case.name, group=case.group, launch=li,
+                    b.uses.append(dict(case=case.name, group=case.group, launch=li, card=card,
                                        kernel=rec.name, config=ci,
                                        config_desc=_config_desc(kw), grid=list(grid),
                                        facts=case.facts, args=_scalar_args(rec)))
@@ -593,15 +605,17 @@ def _build_one(b: Build) -> Dict[str, Any]:
 
 
 def build_cases(cases: Optional[Sequence[Case]] = None, archs: Sequence[int] = ARCHS,
-                workers: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Build every unique kernel of ``cases`` (default :func:`aot_cases`) in parallel.
+                workers: Optional[int] = None, cards: Sequence[Tuple[int, str]] = ()
+                ) -> List[Dict[str, Any]]:
+    """Build every unique kernel of ``cases`` (default :func:`aot_cases`) in parallel
+    (``cards``: more targets, :func:`unique_builds`).
 
     Returns one JSON-able report per build: resources, whether it uses wgmma, the SASS
     statistics (:func:`dc_kernels.ops.sass.analyze`) and every use (case, launch, config, grid,
     integer arguments).
     """
     from concurrent.futures import ProcessPoolExecutor
-    builds = unique_builds(cases if cases is not None else aot_cases(), archs)
+    builds = unique_builds(cases if cases is not None else aot_cases(), archs, cards)
     workers = workers or max(1, os.cpu_count() or 1)
     if workers == 1:
         return [_build_one(b) for b in builds]
