@@ -1009,6 +1009,24 @@ def test_calibration_file_is_complete(tmp_path, path):
         path_ops.load_calibration(str(bad))
 
 
+def test_every_calibration_file_ships_in_the_wheel():
+    # path.py loads every calibration at import: one missing from the package data would
+    # break `import dc_kernels` in any non-editable install
+    import fnmatch
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:  # (tomllib is Python 3.11+)
+        text = f.read()
+    table = text.split("[tool.setuptools.package-data]", 1)[1]
+    globs = re.findall(r'"([^"]+)"', re.search(r"^dc_kernels\s*=\s*\[([^\]]*)\]", table,
+                                                re.M).group(1))
+    package = os.path.join(root, "dc_kernels")
+    files = set(path_ops.CALIBRATION_FILES.values()) | set(path_ops.CARD_CALIBRATION_FILES.values())
+    for path in files:
+        rel = os.path.relpath(path, package).replace(os.sep, "/")
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)
+
+
 def test_triton_backend_rejects_fp64():
     spec = ConnectorSpec.preset("clip", "dci")
     hs = _hs(spec, 1, 17, 8, torch.float64, 19)
