@@ -234,3 +234,36 @@ def test_the_bundle_compares_a_card_with_its_own_estimates(tmp_path, name, capab
         assert all(b[k] <= a[k] * 1.001 for k in a), [k for k in a if b[k] > a[k] * 1.001]
         feats = "features/clip336-dci-16img-bf16"
         assert 1.25 < a[feats] / b[feats] <= 4.3 / 3.0 + 1e-9
+
+
+def _row(provider, images, median_ms, floor_ms, shape="clip336-4096", speedup=None):
+    fields = {f.name: 0 for f in runner.Row.__dataclass_fields__.values()}
+    fields.update(name=f"linear/{shape}/{images}img/{provider}", provider=provider,
+                  op="linear", shape=shape, images=images, dtype="bfloat16", device="cuda",
+                  device_name="NVIDIA H200", note="", timing="", median_ms=median_ms,
+                  floor_ms=floor_ms, speedup_vs_compile=speedup)
+    return runner.Row(**fields)
+
+
+def test_the_checks_say_what_speedup_the_floor_leaves():
+    # a compute-bound floor on a card with fast DRAM: the compiled reference 1.55x the floor
+    # can be beaten by at most 1.55x, which the bundle reports beside the >= 1.6x target
+    from benchmarks.ceilings import Ceilings
+    rows = [_row("reference+compile", 16, 0.4495, 0.29), _row("dc_kernels", 16, 0.31, 0.29,
+                                                              speedup=0.4495 / 0.31),
+            _row("dc_kernels", 64, 1.18, 1.16)]
+    result = runner.RunResult(machine={"device_name": "NVIDIA H200", "capability": "9.0"},
+                              dtype="bfloat16", ceilings=Ceilings(4.3e12, 1, 7.9e14, 1, "bf16"),
+                              selection={}, rows=rows)
+    checks = {c.name: c for c in bundle.target_checks(result)}
+    allows = checks["clip336-4096, 16 images: the most speedup vs reference+compile the floor "
+                    "allows"]
+    assert (allows.status, allows.measured) == ("INFO", "1.55x")
+    assert "449.5 us" in allows.detail and "290.0 us" in allows.detail
+    target = checks["clip336-4096, 16 images: dc_kernels speedup vs reference+compile"]
+    assert (target.status, target.measured) == ("FAIL", "1.45x")
+    # where the compiled reference was not measured, both say so
+    assert checks["clip336-4096, 64 images: the most speedup vs reference+compile the floor "
+                  "allows"].status == "MISSING"
+    assert checks["clip336-4096, 64 images: dc_kernels speedup vs reference+compile"
+                  ].status == "MISSING"
