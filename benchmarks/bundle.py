@@ -310,11 +310,8 @@ def card_of_machine(machine: dict) -> tuple:
 def calibration_file_for(machine: dict) -> str:
     """The calibration file the path rule reads on the bundle machine's card
     (``dc_kernels.ops.path.model_for``): the card's own, else its architecture's."""
-    from dc_kernels.ops import path as path_mod
-    arch, card = card_of_machine(machine)
-    if card:
-        return path_mod.CARD_CALIBRATION_FILES[card]
-    return path_mod.CALIBRATION_FILES[90 if arch >= 90 else 80]
+    from dc_kernels.ops.path import calibration_file
+    return calibration_file(*card_of_machine(machine))
 
 
 def calibration_update(pairs: List[dict]) -> dict:
@@ -363,7 +360,7 @@ class _Reports:
         self.notes: List[str] = []
         self.lock = threading.Lock()
         self.paths: List[str] = []
-        self._static: Dict[str, Optional[dict]] = {}  # per card, read once
+        self._static: Dict[tuple, Optional[dict]] = {}  # per (arch, card), read once
 
     def write(self, result: Optional[RunResult] = None, complete: bool = False) -> None:
         with self.lock:
@@ -377,10 +374,9 @@ class _Reports:
     def static_for(self, machine: dict) -> Optional[dict]:
         """The static report the rows of this machine's card are compared with
         (:func:`card_of_machine`; read once per card)."""
-        arch, card = card_of_machine(machine)
-        key = card or f"sm{arch}"
+        key = card_of_machine(machine)
         if key not in self._static:
-            self._static[key] = latest_static(arch=arch, card=card)
+            self._static[key] = latest_static(arch=key[0], card=key[1])
         return self._static[key]
 
     def _notes(self, complete: bool) -> List[str]:

@@ -43,8 +43,8 @@ from dc_kernels.ops.path import (pipelined_makespan, pipelined_stream_k_makespan
                                  pipelined_stream_k_steps, stream_k_partials,
                                  stream_k_program_steps)
 
-__all__ = ["GPU", "GPUS", "CARD_GPUS", "estimate_launch", "estimate_rows", "run_static", "markdown",
-           "pipelined_residency_problems"]
+__all__ = ["GPU", "GPUS", "CARD_GPUS", "estimate_launch", "estimate_rows", "run_static",
+           "markdown", "pipelined_residency_problems"]
 
 
 @dataclass(frozen=True)
@@ -692,8 +692,7 @@ def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = No
     :data:`CARD_GPUS`) or else of ``sm_{arch}`` (keeps measured factors; a missing file starts
     with factors of 1)."""
     from dc_kernels.ops import path as path_mod
-    target = path or (path_mod.CARD_CALIBRATION_FILES[card] if card
-                      else path_mod.CALIBRATION_FILES[arch])
+    target = path or path_mod.calibration_file(arch, card)
     old: Dict[str, Any] = {"measured_over_estimated": {"fused": 1.0, "two-pass": 1.0,
                                                        "overlap": 1.0, "pipelined": 1.0}}
     if os.path.exists(target):
@@ -728,7 +727,7 @@ def run_static(out_dir: str, archs: Sequence[int] = (90, 80), dtypes=("bf16", "f
     os.makedirs(out_dir, exist_ok=True)
     # each architecture's card, then the cards estimated from its builds
     runs = [(arch, None, GPUS[arch]) for arch in archs]
-    runs += [(g.arch, card, g) for card, g in CARD_GPUS.items() if g.arch in archs]
+    runs += [(arch, card, CARD_GPUS[card]) for arch, card in cards]
     for arch, card, gpu in runs:
         rows = estimate_rows(reports, arch, gpu, card)
         base = os.path.join(out_dir, f"{meta['date']}-static-{card or f'sm{arch}'}")

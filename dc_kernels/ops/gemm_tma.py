@@ -42,8 +42,8 @@ from . import direct
 from .direct import DirectLaunch
 from .path import gemm_stream_k, stream_k_shape
 
-__all__ = ["arch_of", "card_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma", "GemmTmaLaunch",
-           "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
+__all__ = ["arch_of", "card_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma",
+           "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
            "REVERSE_PROGRAMS"]
 
 

@@ -19,7 +19,8 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "CARD_CALIBRATION_FILES", "load_calibration",
-           "PATH_MODEL", "card_key", "model_for", "estimate_linear_times", "choose_linear_path", "overlap_chunk_rows",
+           "PATH_MODEL", "card_key", "calibration_file", "model_for", "estimate_linear_times",
+           "choose_linear_path", "overlap_chunk_rows",
            "gemm_stream_k", "stream_k_bounds", "stream_k_owner", "stream_k_shape",
            "stream_k_partials", "stream_k_program_steps",
            "gemm_split_gain",
@@ -78,23 +79,30 @@ def card_key(device_name: Optional[str]) -> Optional[str]:
     return None
 
 
-#: The constants in use per architecture and per card (read once at import); PATH_MODEL:
-#: sm_90's (an H100 SXM).
-PATH_MODELS = {arch: load_calibration(f) for arch, f in CALIBRATION_FILES.items()}
-CARD_MODELS = {card: load_calibration(f) for card, f in CARD_CALIBRATION_FILES.items()}
-PATH_MODEL = PATH_MODELS[90]
+def calibration_file(arch: Optional[int], card: Optional[str] = None) -> str:
+    """The calibration file of an ``sm_{arch}`` card: ``card``'s own where it has one (a key of
+    :data:`CARD_CALIBRATION_FILES`, :func:`card_key` of the device name; an unknown key is a
+    ValueError), else sm_90's for 90 and up (and for None: the interpreter, or no card
+    known), sm_80's below. What the path rule reads (:func:`model_for`), the static model
+    writes and the GPU bundle names for its factors."""
+    if card is not None:
+        if card not in CARD_CALIBRATION_FILES:
+            raise ValueError(f"no calibration for card {card!r}; known: "
+                             f"{sorted(CARD_CALIBRATION_FILES)}")
+        return CARD_CALIBRATION_FILES[card]
+    return CALIBRATION_FILES[90 if arch is None or arch >= 90 else 80]
+
+
+#: The constants of every calibration file, read once at import; PATH_MODEL: sm_90's (an
+#: H100 SXM).
+_MODELS = {f: load_calibration(f) for f in (*CALIBRATION_FILES.values(),
+                                            *CARD_CALIBRATION_FILES.values())}
+PATH_MODEL = _MODELS[CALIBRATION_FILE]
 
 
 def model_for(arch: Optional[int], card: Optional[str] = None) -> Dict:
-    """The calibration of an ``sm_{arch}`` card: ``card``'s own where it has one (a key of
-    :data:`CARD_CALIBRATION_FILES`, :func:`card_key` of the device name; an unknown key is a
-    ValueError), else sm_90's for 90 and up (and for None: the interpreter, or no card
-    known), sm_80's below."""
-    if card is not None:
-        if card not in CARD_MODELS:
-            raise ValueError(f"no calibration for card {card!r}; known: {sorted(CARD_MODELS)}")
-        return CARD_MODELS[card]
-    return PATH_MODEL if arch is None or arch >= 90 else PATH_MODELS[80]
+    """The constants of :func:`calibration_file` ``(arch, card)``."""
+    return _MODELS[calibration_file(arch, card)]
 
 
 def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,

@@ -103,9 +103,10 @@ def record_launches(arch: int = 90, record: bool = True,
     The launchers see the device they would see on an ``sm_{arch}`` card (its capability, SM
     count and shared-memory limit, so the same kernels, grids and autotune pruning are chosen;
     ``card``: the card-specific calibration the path rule reads, ``gemm_tma.card_of``, e.g.
-    ``"h200"``; None: the architecture's) and their device check is relaxed, so that CPU tensors of the real shapes stand in for CUDA
-    ones (their alignment is what the binder reads: CPU allocations are 64-byte aligned, CUDA
-    ones 256-byte: both give the same 16-byte hints). An autotuned launch records the configs
+    ``"h200"``; None: the architecture's) and their device check is relaxed, so that CPU
+    tensors of the real shapes stand in for CUDA ones (their alignment is what the binder
+    reads: CPU allocations are 64-byte aligned, CUDA ones 256-byte: both give the same 16-byte
+    hints). An autotuned launch records the configs
     that survive the autotuner's pruning. ``record=False``: launches are dropped, nothing is
     kept (host-overhead measurements). Must run without ``TRITON_INTERPRET``.
 
