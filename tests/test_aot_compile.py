@@ -243,3 +243,23 @@ print(json.dumps(res))
     # estimates): one CLIP image pipelined, SCI's one image two-pass, CLIP -> 7168 at three
     # images pipelined on an H100 and overlapped on an H200
     assert seen == {"pipelined", "two-pass", "overlap"}, res
+
+
+def test_the_launchers_prune_by_the_card_they_are_recorded_for():
+    # the fused kernel's configs for 12-layer groups (CLIP DCI) as each card's autotuner sees
+    # them: an H100 keeps the 64 x 128 x 32 config (bound 172,032 B, under its 232,448), an
+    # A100 (166,912) does not. Before 2026-12-04 the recordings pruned every
+    # card at the A100's limit (the CPU stand-ins are not CUDA tensors), so the AOT checks
+    # never built the configs an H100 runs
+    out = _run("""
+import json
+from dc_kernels.ops import triton_aot as A
+case = [c for c in A.aot_cases(("bf16",)) if c.name == "linear-fused/clip336-dci-1img-bf16"]
+seen = {}
+for arch in (80, 90):
+    seen[arch] = sorted({u["config_desc"] for b in A.unique_builds(case, (arch,)) for u in b.uses})
+print(json.dumps(seen))
+""")
+    seen = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    assert "64x128x32 w4 s3" in seen[90]
+    assert "64x128x32 w4 s3" not in seen[80] and "64x64x32 w4 s3" in seen[80]

@@ -233,7 +233,9 @@ def _early_prune(configs, named_args, **kwargs):
     sizes = kwargs.get("SIZES", named_args.get("SIZES", ()))
     e = layers[0].element_size()
     device = layers[0].device
-    limit = _shared_limit(device.index or 0) if device.type == "cuda" else 166912
+    # (gemm_tma's device check: an ahead-of-time recording stands CPU tensors in for a card's)
+    from .gemm_tma import _cuda_device
+    limit = _shared_limit(device.index or 0) if _cuda_device(layers[0]) else 166912
     aligned = _aligned16(named_args["N"], named_args["C"], named_args["stride_om"],
                          named_args["stride_wn"]) and named_args["M"] % 16 == 0
     return prune_configs(configs, max(sizes, default=1), e, limit, aligned)
