@@ -110,6 +110,10 @@ def unavailable_reason(provider: str, op: str, device: torch.device) -> Optional
     if provider in _PATHS or provider == _CUBLAS:
         if device.type != "cuda":
             return "the Triton paths need CUDA"
+        from dc_kernels.ops.common import cuda_device_problem
+        problem = cuda_device_problem(device)  # (an NVIDIA card older than sm_80, ROCm)
+        if problem is not None:
+            return problem
         if op == "features":
             return "the features op has a single Triton kernel (see the dc_kernels row)"
         if op == "linear-fwd-bwd" and not triton_has_autograd(device):

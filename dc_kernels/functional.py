@@ -45,7 +45,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``"auto"`` into a concrete backend; validate explicit choices.
 
     ``"auto"`` honours ``$DC_KERNELS_BACKEND`` (``torch`` or ``triton``) when set; otherwise it
-    picks ``"triton"`` for CUDA tensors when triton imports and ``"torch"`` for everything else.
+    picks ``"triton"`` for CUDA tensors when triton imports and the card runs the kernels
+    (NVIDIA, sm_80 or newer: :func:`dc_kernels.ops.common.cuda_device_problem`), and
+    ``"torch"`` for everything else.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -56,7 +58,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 raise ValueError(
                     f"${BACKEND_ENV}={forced!r}: expected 'torch' or 'triton' (or unset)")
             return forced
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type != "cuda" or not _triton_available():
+            return "torch"
+        return "torch" if _triton_ops().cuda_device_problem(device) is not None else "triton"
     return backend
 
 
@@ -265,7 +269,7 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     TMA kernel on Hopper), or written in row chunks on a side stream while the GEMM consumes
     the previous chunk (``path="overlap"``), or by one features launch running beside one
     persistent GEMM launch whose tiles wait on their rows' ready counts (``path="pipelined"``;
-    16-bit DCI/SCI on sm_90+); ``path="auto"`` chooses from the shape
+    16-bit DCI/SCI on sm_90); ``path="auto"`` chooses from the shape
     (``dc_kernels.ops.path.choose_linear_path``). Every path computes the same A.
 
     Args:

@@ -41,6 +41,19 @@ def reports(tmp_path_factory):
     return json.loads(path.read_text())
 
 
+@pytest.fixture(scope="session")
+def portable_reports(tmp_path_factory):
+    # the benchmark cases (bf16) for the 99 KiB cards (triton_aot.PORTABLE_ARCHS: sm_86,
+    # sm_120), which run the portable kernels with their configs pruned to fit
+    path = tmp_path_factory.mktemp("aot") / "portable.json"
+    archs = ",".join(map(str, triton_aot.PORTABLE_ARCHS))
+    res = subprocess.run([sys.executable, "-m", "dc_kernels.ops.triton_aot", "--arch", archs,
+                          "--dtypes", "bf16", "--group", "benchmark", "--json", str(path)],
+                         env=ENV, capture_output=True, text=True, timeout=3000)
+    assert res.returncode == 0, f"AOT builder failed:\n{res.stderr[-4000:]}"
+    return json.loads(path.read_text())
+
+
 def _label(r):
     return f"{r['kernel']} sm_{r['arch']} cfg {r['config']} ({r['uses'][0]['case']})"
 
@@ -245,10 +258,37 @@ print(json.dumps(res))
     assert seen == {"pipelined", "two-pass", "overlap"}, res
 
 
+# --------------------------------------------------------------------------- other cards
+def test_cards_with_99_kib_of_shared_memory_run_the_portable_kernels(portable_reports):
+    # an A10 / RTX 30xx (sm_86) or RTX 50xx (sm_120): no TMA kernel is launched (on sm_120 the
+    # TMA GEMM would spill, no wgmma), and every portable build the launchers pick for the
+    # benchmark cases builds without spills within 99 KiB (the autotuner's configs pruned by
+    # the card's shared memory, linear.prune_configs: the 12-layer fused configs of 110-131
+    # KiB that an A100 or H100 may run are pruned)
+    r = portable_reports
+    assert {x["arch"] for x in r} == set(triton_aot.PORTABLE_ARCHS)
+    kernels = {x["kernel"] for x in r}
+    assert kernels == {"_features_kernel", "_sti_features_kernel", "_linear_kernel",
+                       "_scatter_grad_kernel"}, kernels
+    bad = [f"{_label(x)}: {x.get('error') or (x['spill_stores'], x['spill_loads'], x['shared'])}"
+           for x in r if "error" in x or x["spill_stores"] or x["spill_loads"]
+           or x["shared"] > x["shared_limit"]]
+    assert not bad, "\n".join(bad)
+    assert all(x["shared_limit"] == 101376 for x in r)
+    cases = {u["case"] for x in r for u in x["uses"]}
+    want = {c.name for c in triton_aot.aot_cases(("bf16",)) if c.group == "benchmark"}
+    assert cases == want
+    # the fused path of one CLIP DCI image (12-layer groups) keeps only configs that fit
+    for arch in triton_aot.PORTABLE_ARCHS:
+        fused = [x for x in r if x["arch"] == arch and any(
+            u["case"] == "linear-fused/clip336-dci-1img-bf16" for u in x["uses"])]
+        assert fused and all(x["shared"] <= 101376 for x in fused)
+
+
 def test_the_launchers_prune_by_the_card_they_are_recorded_for():
     # the fused kernel's configs for 12-layer groups (CLIP DCI) as each card's autotuner sees
     # them: an H100 keeps the 64 x 128 x 32 config (bound 172,032 B, under its 232,448), an
-    # A100 (166,912) does not. Before 2026-12-04 the recordings pruned every
+    # A100 (166,912) and a 99 KiB card do not. Before 2026-12-04 the recordings pruned every
     # card at the A100's limit (the CPU stand-ins are not CUDA tensors), so the AOT checks
     # never built the configs an H100 runs
     out = _run("""
@@ -256,10 +296,12 @@ import json
 from dc_kernels.ops import triton_aot as A
 case = [c for c in A.aot_cases(("bf16",)) if c.name == "linear-fused/clip336-dci-1img-bf16"]
 seen = {}
-for arch in (80, 90):
+for arch in (80, 86, 90, 120):
     seen[arch] = sorted({u["config_desc"] for b in A.unique_builds(case, (arch,)) for u in b.uses})
 print(json.dumps(seen))
 """)
     seen = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
     assert "64x128x32 w4 s3" in seen[90]
-    assert "64x128x32 w4 s3" not in seen[80] and "64x64x32 w4 s3" in seen[80]
+    for arch in (80, 86, 120):
+        assert "64x128x32 w4 s3" not in seen[arch], (arch, seen[arch])
+    assert "64x64x32 w4 s3" in seen[80] and "64x64x32 w4 s3" not in seen[86]

@@ -207,7 +207,10 @@ def test_a_table_that_fails_before_its_first_row_still_leaves_the_tests(tmp_path
     ("NVIDIA H100 80GB HBM3", "9.0", "-static-sm90.json", "calibration.json"),
     ("NVIDIA GH200 480GB", "9.0", "-static-sm90.json", "calibration.json"),
     ("NVIDIA A100-SXM4-80GB", "8.0", "-static-sm80.json", "calibration-sm80.json"),
-    ("NVIDIA A10G", "8.6", "-static-sm80.json", "calibration-sm80.json")])
+    ("NVIDIA A10G", "8.6", "-static-sm80.json", "calibration-sm80.json"),
+    # cards that run the portable kernels (gemm_tma.TMA_MAJOR) read their model
+    ("NVIDIA B200", "10.0", "-static-sm80.json", "calibration-sm80.json"),
+    ("NVIDIA GeForce RTX 5090", "12.0", "-static-sm80.json", "calibration-sm80.json")])
 def test_the_bundle_compares_a_card_with_its_own_estimates(tmp_path, name, capability, report,
                                                            calibration):
     # the lent machines are H200s: their rows are compared with the static model's H200
@@ -215,8 +218,9 @@ def test_the_bundle_compares_a_card_with_its_own_estimates(tmp_path, name, capab
     machine = {"device_name": name, "capability": capability, "date": "2026-12-04"}
     reports = bundle._Reports(str(tmp_path), [], machine)
     static = reports.static_for(machine)
-    if capability == "8.6":  # an sm_86 card reads sm_80's calibration but has no report
-        assert bundle.card_of_machine(machine) == (86, None)
+    arch = int(capability.replace(".", ""))
+    if arch not in (80, 90):  # reads sm_80's calibration but has no report of its own
+        assert bundle.card_of_machine(machine) == (arch, None)
     else:
         assert static is not None and static["path"].endswith(report), static and static["path"]
         assert static["gpu"]["arch"] == int(capability.replace(".", ""))

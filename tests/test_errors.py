@@ -192,6 +192,47 @@ def test_garbage_backend_env(monkeypatch, value):
         dense_connector_features(tuple(clip_states()), CLIP_DCI, backend="auto")
 
 
+CARDS = [  # (HIP version, compute capability, name, whether the Triton kernels run there)
+    (None, (7, 5), "Tesla T4", False),
+    (None, (7, 0), "Tesla V100-SXM2-16GB", False),
+    ("6.2.41133", (9, 4), "AMD Instinct MI300X", False),  # ROCm reports gfx942 as 9.4
+    (None, (8, 0), "NVIDIA A100-SXM4-80GB", True),
+    (None, (8, 9), "NVIDIA L4", True),
+    (None, (9, 0), "NVIDIA H200", True),
+    (None, (10, 0), "NVIDIA B200", True),
+    (None, (12, 0), "NVIDIA GeForce RTX 5090", True)]
+
+
+@pytest.mark.parametrize("hip, capability, name, runs", CARDS)
+def test_cards_the_triton_kernels_do_not_run_on(monkeypatch, hip, capability, name, runs):
+    # backend="auto" takes the torch backend on a CUDA device the kernels are not built for
+    # (an NVIDIA card older than sm_80: no bf16 tensor cores; a ROCm device: the kernels are
+    # PTX, TMA and cp.async), so nobody gets a compiler error from inside a kernel; an explicit
+    # backend="triton" (or $DC_KERNELS_BACKEND=triton) is refused before launch with the card
+    # named. The device facts are stubbed: this machine has no CUDA device
+    from dc_kernels.ops import common
+    monkeypatch.setattr(common, "_cuda_facts", lambda index: (hip, capability, name))
+    cuda = torch.device("cuda:0")
+    assert functional.resolve_backend("auto", cuda) == ("triton" if runs else "torch")
+    assert functional.resolve_backend("triton", cuda) == "triton"
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    assert functional.resolve_backend("auto", cuda) == "triton"
+    problem = common.cuda_device_problem(cuda)
+    assert problem is None if runs else name in problem
+    # the benchmarks leave out the explicit Triton rows there, saying why
+    from benchmarks.providers import unavailable_reason
+    for provider in ("dc_kernels-fused", "dc_kernels-pipelined", "dc_kernels+cublas"):
+        assert unavailable_reason(provider, "linear", cuda) == problem
+    if runs:
+        common.check_launchable(cuda, torch.bfloat16)
+        return
+    why = (rf"is a ROCm device \(HIP {re.escape(hip)}\)" if hip
+           else f"is sm_{capability[0]}{capability[1]}")
+    with pytest.raises(ValueError, match=rf"cuda:0 \({re.escape(name)}\) {why}: use "
+                                         r"backend='torch'"):
+        common.check_launchable(cuda, torch.bfloat16)
+
+
 def test_explicit_torch_backend_ignores_env(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "garbage")
     with pytest.raises(_WorkStarted):

@@ -104,7 +104,7 @@ def _weights(spec, C, N, dtype, seed, bias=True):
 # --------------------------------------------------------------------------- features kernel
 @pytest.fixture(params=("tma", "ldg"))
 def features_kernel(request, monkeypatch):
-    """Both DCI/SCI features kernels: the persistent TMA one (sm_90+, TMA-compatible layouts)
+    """Both DCI/SCI features kernels: the persistent TMA one (sm_90, TMA-compatible layouts)
     and the LDG one (everything else)."""
     from dc_kernels.ops import features
     monkeypatch.setattr(features, "USE_TMA", request.param == "tma")
@@ -910,6 +910,34 @@ def test_dispatch_rule():
         assert choose(M, 1024, N, 24, 3, 2, pipelined=True) == min(t, key=t.get)
         t.pop("pipelined")
         assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
+
+
+@pytest.mark.parametrize("capability, tma", (((8, 0), False), ((8, 6), False), ((9, 0), True),
+                                             ((10, 0), False), ((12, 0), False)))
+def test_only_sm90_cards_run_the_tma_kernels(monkeypatch, capability, tma):
+    # the TMA / wgmma kernels are built and checked for sm_90 (gemm_tma.TMA_MAJOR): an sm_100
+    # build of the stream-K GEMM needs 254 registers and the pipelined GEMM spills, sm_120
+    # spills 20-55 (triton 3.9, as the JIT binds them), so a B200 or an RTX 50xx runs the
+    # portable kernels, and the path rule reads the calibration of the kernels that run
+    # (sm_90's only on sm_90). Device lookups stubbed as the ahead-of-time builds do; the
+    # interpreter (which runs the TMA kernels anywhere) switched off for the checks
+    from dc_kernels.ops import features as features_ops, gemm_tma, pipelined
+    monkeypatch.setattr(gemm_tma, "_cuda_device", lambda t: True)
+    monkeypatch.setattr(gemm_tma, "_capability", lambda index: capability)
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    a = torch.empty(576, 3072, dtype=torch.bfloat16)
+    w = torch.empty(4096, 3072, dtype=torch.bfloat16)
+    out = torch.empty(576, 4096, dtype=torch.bfloat16)
+    assert gemm_tma.tma_kernels_serve(0) is tma
+    assert gemm_tma.gemm_tma_eligible(a, w, out) is tma
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = tuple(torch.empty(1, 577, 1024, dtype=torch.bfloat16) for _ in range(25))
+    entries, _, _ = common.layer_entries(hs, spec)
+    assert features_ops.features_tma_eligible(entries, hs[0].device) is tma
+    assert pipelined.pipelined_eligible(entries, spec, w, True) is tma
+    arch = 10 * capability[0] + capability[1]
+    assert path_ops.calibration_file(arch) == path_ops.CALIBRATION_FILES[90 if tma else 80]
+    assert (path_ops.model_for(arch)["gemm_split_k"]) is tma
 
 
 def test_an_h200_reads_its_own_calibration(monkeypatch):

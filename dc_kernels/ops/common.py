@@ -24,7 +24,7 @@ from ..spec import ConnectorSpec
 
 __all__ = ["TRITON_DTYPES", "ACTIVATIONS", "AUTOTUNE_ENV", "interpreting", "autotune_enabled",
            "interpreter_problem", "layer_entries", "strides", "span", "layout_flags", "empty",
-           "check_launchable"]
+           "check_launchable", "MIN_CAPABILITY", "cuda_device_problem"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: activation name -> the kernels' ``ACTIVATION`` constexpr
@@ -215,13 +215,50 @@ def interpreter_problem() -> Optional[str]:
     return msg
 
 
+#: The oldest NVIDIA architecture the Triton kernels are built and checked for (sm_80, the
+#: A100: bf16 tensor cores and ``cp.async``; ``tests/test_aot_compile.py`` builds sm_80, sm_86,
+#: sm_90 and sm_120). Older cards (V100, T4) and ROCm devices take the torch backend.
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> Tuple[Optional[str], Tuple[int, int], str]:
+    # (HIP version or None, compute capability, name) of CUDA device ``index``
+    return (torch.version.hip, tuple(torch.cuda.get_device_capability(index)),
+            torch.cuda.get_device_name(index))
+
+
+def cuda_device_problem(device: torch.device) -> Optional[str]:
+    """None when the Triton kernels can run on CUDA ``device``; else why not: a ROCm
+    device (the kernels are written for NVIDIA's: PTX, TMA, ``cp.async``) or an NVIDIA card
+    older than :data:`MIN_CAPABILITY` (no bf16 tensor cores). ``backend="auto"`` then takes the
+    torch backend (:func:`dc_kernels.functional.resolve_backend`); ``backend="triton"`` raises
+    a ValueError with this text (:func:`check_launchable`)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    hip, capability, name = _cuda_facts(index)
+    if hip:
+        return (f"the Triton backend's kernels are written for NVIDIA GPUs; cuda:{index} "
+                f"({name}) is a ROCm device (HIP {hip}): use backend='torch'")
+    if tuple(capability) < MIN_CAPABILITY:
+        major, minor = capability
+        return (f"the Triton backend needs an NVIDIA GPU of compute capability "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer; cuda:{index} ({name}) is "
+                f"sm_{major}{minor}: use backend='torch'")
+    return None
+
+
 def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
-    """Raise ValueError unless the Triton kernels can run on this device and dtype; on the
-    CPU interpreter, RuntimeError when it cannot run here (:func:`interpreter_problem`)."""
+    """Raise ValueError unless the Triton kernels can run on this device and dtype (a CUDA
+    device: :func:`cuda_device_problem`); on the CPU interpreter, RuntimeError when it cannot
+    run here (:func:`interpreter_problem`)."""
     if device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the Triton backend needs CUDA tensors (got {device}); use backend='torch', or "
             "set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter")
+    if device.type == "cuda":
+        problem = cuda_device_problem(device)
+        if problem is not None:
+            raise ValueError(problem)
     if dtype not in TRITON_DTYPES:
         raise ValueError(
             f"the Triton backend supports {', '.join(map(str, TRITON_DTYPES))}; got {dtype} "

@@ -207,7 +207,7 @@ FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4}
 #: STI features kernel, pooled part (the base copy takes FEATURES_CONFIG): 8 warps over 16x64
 #: keep 13-layer groups with arbitrary strides and int64 offsets spill-free.
 STI_FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 8}
-#: TMA features kernel (sm_90+), alone on the GPU: 8 x 64 tiles, a 3-deep ring (~50 KiB of
+#: TMA features kernel (sm_90), alone on the GPU: 8 x 64 tiles, a 3-deep ring (~50 KiB of
 #: shared memory, 44-96 registers with triton 3.9 / 3.6), 4 programs per SM: every program
 #: keeps two tiles of every layer (~50 KiB) in flight.
 FEATURES_TMA_CONFIG = {"ROWS": 8, "BLOCK_C": 64, "num_warps": 4, "STAGES": 3,
@@ -376,7 +376,7 @@ def features_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
                     rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Features with the one-pass Triton kernels (inputs already validated).
 
-    DCI/SCI: ``[B, T', (G+1)C]``, by the persistent TMA kernel where it applies (sm_90+,
+    DCI/SCI: ``[B, T', (G+1)C]``, by the persistent TMA kernel where it applies (sm_90,
     TMA-compatible layers: :func:`features_tma_eligible`), else by ``_features_kernel``; STI:
     ``_sti_features_kernel`` writes ``[B, T' + G*(T' // pool), C]``.
 
@@ -432,13 +432,14 @@ USE_TMA = True
 
 
 def features_tma_eligible(entries, device: torch.device) -> bool:
-    """Whether the TMA features kernel applies: sm_90+ (or the interpreter) and every layer
+    """Whether the TMA features kernel applies: an sm_90 card
+    (:func:`dc_kernels.ops.gemm_tma.tma_kernels_serve`) or the interpreter, and every layer
     laid out as TMA requires (unit channel stride, 16-byte aligned base and strides)."""
     if not USE_TMA:
         return False
     if not common.interpreting():
-        from .gemm_tma import _capability, _cuda_device
-        if not _cuda_device(entries[0]) or _capability(device.index or 0)[0] < 9:
+        from .gemm_tma import _cuda_device, tma_kernels_serve
+        if not _cuda_device(entries[0]) or not tma_kernels_serve(device.index or 0):
             return False
     return all(_tma_3d_ok(e) for e in entries)
 

@@ -22,9 +22,9 @@ Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specia
 on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
 fails to compile with 4), so the kernel does not ask for it; see ``docs/DESIGN.md`` §4.
 
-:func:`gemm_tma_eligible` says when it applies (sm_90+ or the interpreter; 16-bit operands or
-TF32; TMA's layout rules); :func:`gemm_tma` launches it. Everything else takes the cp.async
-kernel of :mod:`.linear`.
+:func:`gemm_tma_eligible` says when it applies (an sm_90 card, :data:`TMA_MAJOR`, or the
+interpreter; 16-bit operands or TF32; TMA's layout rules); :func:`gemm_tma` launches it.
+Everything else takes the cp.async kernel of :mod:`.linear`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from .direct import DirectLaunch
 from .path import gemm_stream_k, stream_k_shape
 
 __all__ = ["arch_of", "card_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma",
+           "TMA_MAJOR", "tma_kernels_serve",
            "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
            "REVERSE_PROGRAMS"]
 
@@ -362,6 +363,23 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
+#: The SM major version the TMA / ``wgmma`` kernels (this GEMM, the TMA features kernel, the
+#: pipelined path) are written, tuned and checked for (``tests/test_aot_compile.py``,
+#: ``.ci/aot36``): sm_90 (H100, H200, H800, H20, GH200). Every other card of
+#: :data:`dc_kernels.ops.common.MIN_CAPABILITY` or newer runs the portable kernels (the
+#: ``cp.async`` GEMM and the pointer-load features kernel, their configs pruned by the card's
+#: shared memory), which are built for sm_80, sm_86, sm_90 and sm_120. Built as the JIT binds
+#: them (triton 3.9, one CLIP DCI image, 2026-12-04), this module's stream-K GEMM needs 254
+#: registers on sm_100 and the pipelined GEMM spills (10 spill stores); on sm_120 (no wgmma,
+#: 99 KiB of shared memory) they spill 20-55.
+TMA_MAJOR = 9
+
+
+def tma_kernels_serve(index: int) -> bool:
+    """Whether CUDA device ``index`` runs the TMA kernels (an sm_90 card: :data:`TMA_MAJOR`)."""
+    return _capability(index)[0] == TMA_MAJOR
+
+
 def arch_of(t: torch.Tensor) -> Optional[int]:
     """The SM version of the CUDA device ``t`` is on (90 for an H100), None off CUDA: which
     calibration the path rule reads (:func:`dc_kernels.ops.path.model_for`)."""
@@ -409,7 +427,7 @@ def gemm_tma_eligible(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) 
             and not common.interpreting():
         return False  # fp32 without TF32: no tensor cores; the cp.async kernel serves it
     if not common.interpreting():
-        if not _cuda_device(a) or _capability(a.device.index or 0)[0] < 9:
+        if not _cuda_device(a) or not tma_kernels_serve(a.device.index or 0):
             return False
     return all(_tma_layout_ok(t) for t in (a, weight, out))
 

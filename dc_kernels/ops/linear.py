@@ -329,7 +329,7 @@ def prepare_gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: t
                  leave_room: bool = False):
     """The second pass's GEMM prepared for this layout: ``launch(a, weight, bias, out, pre)``
     runs ``out = act(a @ weight.T + bias)`` (``pre``, of ``out``'s layout: also ``a @ weight.T
-    + bias``). The persistent TMA kernel where it applies (sm_90+, TMA-compatible layouts;
+    + bias``). The persistent TMA kernel where it applies (sm_90, TMA-compatible layouts;
     ``leave_room``: configs that leave an SM slot for the overlapped features), else the
     cp.async kernel. ``a``, ``out`` 2-D."""
     if gemm_tma_eligible(a, weight, out):
@@ -407,7 +407,7 @@ class OverlapLaunch:
     chunk's features and never does, except the last chunk's, which runs alone; the two-pass
     GEMM does when whole tiles leave SMs idle): stream K changes only the fp32 summation
     order, within the same bound. The TMA features kernel
-    (sm_90+) keeps its bytes in flight in shared memory, so it still draws bandwidth beside the
+    (sm_90) keeps its bytes in flight in shared memory, so it still draws bandwidth beside the
     GEMM's CTAs; chunks are then whole row tiles of it. Off CUDA (the interpreter) the chunks
     run in order."""
 
@@ -496,12 +496,12 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
 
     * ``"fused"``: features built in the GEMM's K loop (one kernel);
     * ``"two-pass"``: the features kernel writes A, then the GEMM (persistent TMA kernel on
-      sm_90+, cp.async kernel elsewhere) reads it;
+      sm_90, cp.async kernel elsewhere) reads it;
     * ``"overlap"``: two-pass in row chunks, the features of chunk j + 1 written on a side
       stream while the GEMM of chunk j runs;
     * ``"pipelined"``: one features launch (side stream) and one persistent GEMM launch
       running at once, each GEMM tile waiting on its row block's ready count
-      (:mod:`dc_kernels.ops.pipelined`; 16-bit DCI/SCI with TMA layouts on sm_90+);
+      (:mod:`dc_kernels.ops.pipelined`; 16-bit DCI/SCI with TMA layouts on sm_90);
     * ``"auto"``: :func:`dc_kernels.ops.path.choose_linear_path`.
 
     A layout the fused kernel is not built for (layers with differing strides, 2^31+ element

@@ -82,15 +82,17 @@ def card_key(device_name: Optional[str]) -> Optional[str]:
 def calibration_file(arch: Optional[int], card: Optional[str] = None) -> str:
     """The calibration file of an ``sm_{arch}`` card: ``card``'s own where it has one (a key of
     :data:`CARD_CALIBRATION_FILES`, :func:`card_key` of the device name; an unknown key is a
-    ValueError), else sm_90's for 90 and up (and for None: the interpreter, or no card
-    known), sm_80's below. What the path rule reads (:func:`model_for`), the static model
-    writes and the GPU bundle names for its factors."""
+    ValueError), else by the kernels the card runs: sm_90's for an sm_90 card (the TMA
+    kernels, :data:`dc_kernels.ops.gemm_tma.TMA_MAJOR`; and for None: the interpreter, or no
+    card known), sm_80's (the portable ``cp.async`` kernels) for every other. What the path
+    rule reads (:func:`model_for`), the static model writes and the GPU bundle names for its
+    factors."""
     if card is not None:
         if card not in CARD_CALIBRATION_FILES:
             raise ValueError(f"no calibration for card {card!r}; known: "
                              f"{sorted(CARD_CALIBRATION_FILES)}")
         return CARD_CALIBRATION_FILES[card]
-    return CALIBRATION_FILES[90 if arch is None or arch >= 90 else 80]
+    return CALIBRATION_FILES[90 if arch is None or arch // 10 == 9 else 80]
 
 
 #: The constants of every calibration file, read once at import; PATH_MODEL: sm_90's (an

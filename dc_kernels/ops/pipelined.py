@@ -46,7 +46,7 @@ program waits for every helper program to have finished (the helper never waits 
 and starts once SMs free up), then zeroes them all, so the buffer is zero again for the next
 launch on the stream.
 
-16-bit operands only (the 128 x 256 tiles of the overlapped path's GEMM); sm_90+ with TMA
+16-bit operands only (the 128 x 256 tiles of the overlapped path's GEMM); sm_90 with TMA
 layouts, or the interpreter. :func:`pipelined_eligible` says when it applies;
 :func:`prepare_pipelined` prepares a launch. ``docs/DESIGN.md`` §5.2.
 """
@@ -418,7 +418,7 @@ def _helper_launch(split: bool, interp: bool, row_tiles: int, sms: int,
 
 def pipelined_eligible(entries, spec, weight: torch.Tensor, out2d_layout_ok: bool) -> bool:
     """Whether the pipelined path can run: a DCI/SCI spec, 16-bit operands, the TMA features
-    kernel's layer layout and the TMA GEMM's (sm_90+ or the interpreter)."""
+    kernel's layer layout and the TMA GEMM's (sm_90 or the interpreter)."""
     from .features import features_tma_eligible
     from .gemm_tma import _tma_layout_ok
     base = entries[0]

@@ -39,12 +39,19 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-__all__ = ["SHARED_LIMIT", "ARCHS", "LaunchRecord", "record_launches", "bind", "build",
+__all__ = ["SHARED_LIMIT", "ARCHS", "PORTABLE_ARCHS", "SMS", "LaunchRecord", "record_launches",
+           "bind", "build",
            "unique_builds", "aot_cases", "build_cases", "triton_version"]
 
-#: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_LIMIT = {80: 166912, 90: 232448}
+#: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB; the
+#: 100 KiB cards (sm_86: A10, A40, RTX 30xx; sm_120: RTX 50xx) 99 KiB.
+SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448, 120: 101376}
+#: The architectures every case is built for: the static model's (A100, H100).
 ARCHS = (80, 90)
+#: Cards with 99 KiB of shared memory per block, which run the portable kernels
+#: (``gemm_tma.TMA_MAJOR``) with their configs pruned to fit: ``tests/test_aot_compile.py``
+#: builds the benchmark cases for them too (``--arch 86,120 --group benchmark``).
+PORTABLE_ARCHS = (86, 120)
 _WARP_SIZE = 32
 
 
@@ -91,8 +98,9 @@ class LaunchRecord:
         return out
 
 
-#: Streaming multiprocessors of the cards each architecture stands for (A100, H100 SXM).
-SMS = {80: 108, 90: 132}
+#: Streaming multiprocessors of the cards each architecture stands for (A100, A40, H100 SXM,
+#: RTX 5090).
+SMS = {80: 108, 86: 84, 90: 132, 120: 170}
 
 
 @contextlib.contextmanager
@@ -160,6 +168,7 @@ def record_launches(arch: int = 90, record: bool = True,
                (direct, "_current_device", lambda: 0),
                (direct, "_current_stream", lambda device: 0),
                (common, "check_launchable", check_launchable),
+               (common, "cuda_device_problem", lambda device: None),
                (gemm_tma, "_capability", lambda index: (arch // 10, arch % 10)),
                (gemm_tma, "_num_sms", lambda index: SMS[arch]),
                (gemm_tma, "_card", lambda index: card),
@@ -668,15 +677,20 @@ def summarize(reports: Sequence[Dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m dc_kernels.ops.triton_aot [--json PATH|-] [--arch 80,90] [--dtypes ...]``."""
+    """``python -m dc_kernels.ops.triton_aot [--json PATH|-] [--arch 80,90] [--dtypes ...]
+    [--group benchmark|layout|training]``."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m dc_kernels.ops.triton_aot",
                                 description="Build every kernel as the JIT specializes it for "
                                             "the benchmark shapes and awkward layouts; report "
                                             "registers, shared memory and spills.")
     p.add_argument("--json", metavar="PATH", help="write every report as JSON ('-': stdout)")
-    p.add_argument("--arch", default="80,90", help="comma-separated SM versions (80,90)")
+    p.add_argument("--arch", default="80,90",
+                   help=f"comma-separated SM versions (80,90; known: "
+                        f"{','.join(map(str, sorted(SHARED_LIMIT)))})")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: bf16,fp16,fp32")
+    p.add_argument("--group", default=None, choices=("benchmark", "layout", "training"),
+                   help="only the cases of this group (default: every case)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--check", action="store_true",
                    help="exit 1 if any build fails, spills or exceeds its shared memory")
@@ -691,7 +705,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         print(f"unknown arch/dtype: {bad}", file=sys.stderr)
         return 2
-    reports = build_cases(aot_cases(dtypes), archs, a.workers)
+    cases = [c for c in aot_cases(dtypes) if a.group is None or c.group == a.group]
+    reports = build_cases(cases, archs, a.workers)
     if a.json == "-":
         json.dump(reports, sys.stdout, indent=1, default=str)
     else:
