@@ -940,6 +940,64 @@ def test_only_sm90_cards_run_the_tma_kernels(monkeypatch, capability, tma):
     assert (path_ops.model_for(arch)["gemm_split_k"]) is tma
 
 
+def test_the_path_rule_counts_the_cards_sms(monkeypatch):
+    # the calibrations are an H100 SXM's (132 SMs), an H200's (132) and an A100's (108); on a
+    # card with other SMs (an H100 PCIe's 114, an L4's 58, an L40S's 142) the model counts
+    # the card's, each at the calibration card's rates, so the overlap's chunks are whole
+    # waves of that card's tiles and the rule's picks follow (*estimates*: its DRAM and L2
+    # stay the calibration's)
+    h100 = path_ops.model_for(90)
+    assert path_ops.model_for(90, sms=132) is h100
+    pcie = path_ops.model_for(90, sms=114)
+    assert pcie is path_ops.model_for(90, None, 114) and pcie["sms"] == 114
+    assert pcie["flop_per_s"] == pytest.approx(h100["flop_per_s"] * 114 / 132)
+    assert pcie["issue_per_s"] == pytest.approx(h100["issue_per_s"] * 114 / 132)
+    for same in ("dram_bytes_per_s", "l2_bytes_per_s", "gemm_tile_m", "gemm_tile_n",
+                 "gemm_split_k", "launch_s", "measured_over_estimated"):
+        assert pcie[same] == h100[same], same
+    assert h100["sms"] == 132  # the calibration itself is untouched
+    with pytest.raises(ValueError, match="sms must be a positive SM count"):
+        path_ops.model_for(80, sms=0)
+    for arch in (80, 90):
+        for sms in (58, 72, 114, 132, 142):
+            m = path_ops.model_for(arch, sms=sms)
+            rows = path_ops.overlap_chunk_rows(16 * 576, 4096, m)
+            tiles = rows // m["gemm_tile_m"] * math.ceil(4096 / m["gemm_tile_n"])
+            assert tiles / (math.ceil(tiles / sms) * sms) >= 0.95, (arch, sms, rows)
+    differ = 0
+    for images in (1, 2, 4, 8, 16, 64):
+        for N in (4096, 7168):
+            for layers in (24, 3):
+                M = images * 576
+                t = path_ops.estimate_linear_times(M, 1024, N, layers, 3, 2, pcie)
+                pick = path_ops.choose_linear_path(M, 1024, N, layers, 3, 2, arch=90,
+                                                   pipelined=True, sms=114)
+                assert pick == min(t, key=t.get)
+                differ += pick != path_ops.choose_linear_path(M, 1024, N, layers, 3, 2,
+                                                              arch=90, pipelined=True)
+    assert differ >= 1
+    # the launchers pass the device's count (gemm_tma.sms_of; stubbed as the ahead-of-time
+    # builds do): the auto path and the overlap's chunks
+    from dc_kernels.ops import gemm_tma
+    spec = ConnectorSpec.preset("clip", "dci")
+    hs = tuple(torch.randn(16, 577, 64, dtype=torch.bfloat16) for _ in range(25))
+    w = torch.randn(4096, 192, dtype=torch.bfloat16)
+    assert gemm_tma.sms_of(hs[0]) is None
+    seen = []
+    monkeypatch.setattr(path_ops, "choose_linear_path",
+                        lambda *a, **k: seen.append(k["sms"]) or "two-pass")
+    monkeypatch.setattr(linear_ops, "choose_linear_path", path_ops.choose_linear_path)
+    monkeypatch.setattr(gemm_tma, "_cuda_device", lambda t: True)
+    monkeypatch.setattr(gemm_tma, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(gemm_tma, "_card", lambda index: None)
+    monkeypatch.setattr(gemm_tma, "_num_sms", lambda index: 114)
+    assert linear_ops.auto_path(hs, spec, w) == "two-pass" and seen == [114]
+    launch = linear_ops.prepare_overlap(hs, spec, 16, 577, 64, w, "gelu")
+    rows = launch.chunks[0][1] - launch.chunks[0][0]
+    assert rows == path_ops.overlap_chunk_rows(16 * 576, 4096, pcie) != \
+        path_ops.overlap_chunk_rows(16 * 576, 4096, h100)
+
+
 def test_an_h200_reads_its_own_calibration(monkeypatch):
     # the H200 (the cards this project's GPU runs borrow) is the H100's chip with 1.4x the
     # DRAM bandwidth: by its device name it takes its own calibration, whose picks differ
@@ -984,6 +1042,7 @@ def test_an_h200_reads_its_own_calibration(monkeypatch):
     monkeypatch.setattr(gemm_tma, "_cuda_device", lambda t: True)
     monkeypatch.setattr(gemm_tma, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(gemm_tma, "_card", lambda index: "h200")
+    monkeypatch.setattr(gemm_tma, "_num_sms", lambda index: 132)
     assert linear_ops.auto_path(hs, spec, w) == "two-pass" and seen == [None, "h200"]
 
 

@@ -42,7 +42,7 @@ from . import direct
 from .direct import DirectLaunch
 from .path import gemm_stream_k, stream_k_shape
 
-__all__ = ["arch_of", "card_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma",
+__all__ = ["arch_of", "card_of", "sms_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma",
            "TMA_MAJOR", "tma_kernels_serve",
            "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
            "REVERSE_PROGRAMS"]
@@ -404,6 +404,14 @@ def card_of(t: torch.Tensor) -> Optional[str]:
     if not _cuda_device(t):
         return None
     return _card(t.device.index if t.device.index is not None else 0)
+
+
+def sms_of(t: torch.Tensor) -> Optional[int]:
+    """The SM count of the CUDA device ``t`` is on, None off CUDA: with :func:`arch_of` and
+    :func:`card_of`, what the path rule's model counts (:func:`dc_kernels.ops.path.model_for`)."""
+    if not _cuda_device(t):
+        return None
+    return _num_sms(t.device.index if t.device.index is not None else 0)
 
 
 def _cuda_device(t: torch.Tensor) -> bool:

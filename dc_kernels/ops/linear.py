@@ -26,7 +26,7 @@ from . import common
 from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
 from .features import features_triton, prepare_features
-from .gemm_tma import arch_of, card_of, gemm_tma_eligible, prepare_gemm_tma
+from .gemm_tma import arch_of, card_of, gemm_tma_eligible, prepare_gemm_tma, sms_of
 from .path import choose_linear_path, model_for, overlap_chunk_rows
 from .pipelined import pipelined_eligible, prepare_pipelined
 
@@ -467,7 +467,7 @@ def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activa
     launch.shape = (batch, t_keep, spec.out_channels(channels))
     launch.dtype, launch.device, launch.activation = base.dtype, base.device, activation
     chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(
-        M, weight.shape[0], model_for(arch_of(base), card_of(base)))
+        M, weight.shape[0], model_for(arch_of(base), card_of(base), sms_of(base)))
     entries, _, _ = common.layer_entries(hidden_states, spec)
     if features_tma_eligible(entries, base.device):
         tiled = _tile_chunks(spec, batch, tokens, chunk_rows)
@@ -597,7 +597,8 @@ def auto_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, weight
     """The path ``path="auto"`` runs on the Triton backend for these (validated) inputs:
     :func:`dc_kernels.ops.path.choose_linear_path` on the shape, the layers' layout (fused
     only for uniform strides and 32-bit offsets), the connector type, whether the pipelined
-    path may run, and the card (:func:`.gemm_tma.arch_of`, :func:`.gemm_tma.card_of`).
+    path may run, and the card (:func:`.gemm_tma.arch_of`, :func:`.gemm_tma.card_of`,
+    :func:`.gemm_tma.sms_of`).
     ``n_out``: the output width the rule sees, ``weight.shape[0]`` by default (a column shard
     passes the unsharded layer's: :func:`dc_kernels.functional.column_shard_path`)."""
     from . import gemm_tma  # (its device lookups, which the ahead-of-time builds stand in for)
@@ -613,7 +614,7 @@ def auto_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, weight
                               sti=spec.connector_type == "sti",
                               cuda=gemm_tma._cuda_device(base), arch=arch_of(base),
                               pipelined=pipelined_serves(entries, spec, weight, N),
-                              card=card_of(base))
+                              card=card_of(base), sms=gemm_tma.sms_of(base))
 
 
 def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,

@@ -102,9 +102,29 @@ _MODELS = {f: load_calibration(f) for f in (*CALIBRATION_FILES.values(),
 PATH_MODEL = _MODELS[CALIBRATION_FILE]
 
 
-def model_for(arch: Optional[int], card: Optional[str] = None) -> Dict:
-    """The constants of :func:`calibration_file` ``(arch, card)``."""
-    return _MODELS[calibration_file(arch, card)]
+_SCALED: Dict[Tuple[str, int], Dict] = {}
+
+
+def model_for(arch: Optional[int], card: Optional[str] = None, sms: Optional[int] = None
+              ) -> Dict:
+    """The constants of :func:`calibration_file` ``(arch, card)``; ``sms``: the card's SM
+    count where it differs from the calibration's (an H100 PCIe's 114 against the SXM's 132,
+    an L4's 58 against the A100's 108): the model then has that many SMs, each with the
+    calibration card's FLOP and issue rates, so tile waves, overlap chunks and stream-K
+    splits are counted on the card's SMs. Its DRAM and L2 stay the calibration's (no
+    device query gives them; *estimates* either way)."""
+    path = calibration_file(arch, card)
+    m = _MODELS[path]
+    if sms is None or sms == m["sms"]:
+        return m
+    if sms <= 0:
+        raise ValueError(f"sms must be a positive SM count, got {sms}")
+    key = (path, sms)
+    if key not in _SCALED:
+        f = sms / m["sms"]
+        _SCALED[key] = dict(m, sms=sms, flop_per_s=m["flop_per_s"] * f,
+                            issue_per_s=m["issue_per_s"] * f)
+    return _SCALED[key]
 
 
 def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
@@ -629,7 +649,8 @@ def pipelined_stream_k_programs(M: int, C: int, N: int, num_layers_read: int,
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
                        element_size: int, uniform: bool = True, off64: bool = False,
                        sti: bool = False, cuda: bool = True, arch: Optional[int] = None,
-                       pipelined: bool = False, card: Optional[str] = None) -> str:
+                       pipelined: bool = False, card: Optional[str] = None,
+                       sms: Optional[int] = None) -> str:
     """Pick ``"fused"``, ``"two-pass"``, ``"overlap"`` or ``"pipelined"``: the smallest
     estimate that runs.
 
@@ -641,14 +662,14 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     chosen); STI (``sti=True``) is always two-pass: its features are ``1 + G / pool`` times a
     layer (1.25x for the presets), cheap to write and re-read, while building a pooled row
     inside the GEMM would re-read ``pool`` tokens of every group member per N tile.
-    ``arch``: the card's SM version, ``card``: its :func:`card_key` (:func:`model_for` picks
-    the calibration from both).
+    ``arch``: the card's SM version, ``card``: its :func:`card_key`, ``sms``: its SM count
+    (:func:`model_for` picks the calibration from the first two and counts the third's SMs).
     ``pipelined``: the pipelined path can run (:func:`dc_kernels.ops.pipelined.pipelined_eligible`;
     it also needs CUDA streams).
     """
     if sti:
         return "two-pass"
-    model = model_for(arch, card)
+    model = model_for(arch, card, sms)
     t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size, model)
     if not uniform or off64:
         t.pop("fused")

@@ -520,7 +520,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
             else pipelined_stream_k_programs(M, channels, N, len(spec.used_layers), slabs,
                                              base.element_size(),
                                              model_for(None, None) if interp else
-                                             model_for(arch_of(base), card_of(base)),
+                                             model_for(arch_of(base), card_of(base),
+                                                       sms),
                                              sms, (g["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"]))
         if programs:
             iters, segments, parts = stream_k_shape(tiles, ks, programs)
