@@ -940,6 +940,25 @@ def test_only_sm90_cards_run_the_tma_kernels(monkeypatch, capability, tma):
     assert (path_ops.model_for(arch)["gemm_split_k"]) is tma
 
 
+def _picks_moved_by(model, image_counts, widths, **card):
+    # CLIP DCI / SCI shapes: the rule's pick for the card (``card``: choose_linear_path's
+    # card / sms keywords) is the smallest estimate of its ``model`` on every shape; returns on
+    # how many the pick differs from the H100 SXM's (a card model no pick follows is dead
+    # weight)
+    differ = 0
+    for images in image_counts:
+        for N in widths:
+            for layers in (24, 3):
+                M = images * 576
+                t = path_ops.estimate_linear_times(M, 1024, N, layers, 3, 2, model)
+                pick = path_ops.choose_linear_path(M, 1024, N, layers, 3, 2, arch=90,
+                                                   pipelined=True, **card)
+                assert pick == min(t, key=t.get), (M, N, layers)
+                differ += pick != path_ops.choose_linear_path(M, 1024, N, layers, 3, 2,
+                                                              arch=90, pipelined=True)
+    return differ
+
+
 def test_the_path_rule_counts_the_cards_sms(monkeypatch):
     # the calibrations are an H100 SXM's (132 SMs), an H200's (132) and an A100's (108); on a
     # card with other SMs (an H100 PCIe's 114, an L4's 58, an L40S's 142) the model counts
@@ -964,18 +983,7 @@ def test_the_path_rule_counts_the_cards_sms(monkeypatch):
             rows = path_ops.overlap_chunk_rows(16 * 576, 4096, m)
             tiles = rows // m["gemm_tile_m"] * math.ceil(4096 / m["gemm_tile_n"])
             assert tiles / (math.ceil(tiles / sms) * sms) >= 0.95, (arch, sms, rows)
-    differ = 0
-    for images in (1, 2, 4, 8, 16, 64):
-        for N in (4096, 7168):
-            for layers in (24, 3):
-                M = images * 576
-                t = path_ops.estimate_linear_times(M, 1024, N, layers, 3, 2, pcie)
-                pick = path_ops.choose_linear_path(M, 1024, N, layers, 3, 2, arch=90,
-                                                   pipelined=True, sms=114)
-                assert pick == min(t, key=t.get)
-                differ += pick != path_ops.choose_linear_path(M, 1024, N, layers, 3, 2,
-                                                              arch=90, pipelined=True)
-    assert differ >= 1
+    assert _picks_moved_by(pcie, (1, 2, 4, 8, 16, 64), (4096, 7168), sms=114) >= 1
     # the launchers pass the device's count (gemm_tma.sms_of; stubbed as the ahead-of-time
     # builds do): the auto path and the overlap's chunks
     from dc_kernels.ops import gemm_tma
@@ -1015,18 +1023,7 @@ def test_an_h200_reads_its_own_calibration(monkeypatch):
         path_ops.model_for(90, "b200")
     # the rule is the smallest estimate of the card's model; on some benchmark-sized shapes
     # the two cards' picks differ (else a second calibration would be dead weight)
-    differ = 0
-    for images in (1, 2, 3, 4, 8, 16):
-        for N in (4096, 5120, 7168):
-            for layers in (24, 3):
-                M = images * 576
-                t = path_ops.estimate_linear_times(M, 1024, N, layers, 3, 2, h200)
-                pick = path_ops.choose_linear_path(M, 1024, N, layers, 3, 2, arch=90,
-                                                   card="h200", pipelined=True)
-                assert pick == min(t, key=t.get)
-                differ += pick != path_ops.choose_linear_path(M, 1024, N, layers, 3, 2,
-                                                              arch=90, pipelined=True)
-    assert differ >= 1
+    assert _picks_moved_by(h200, (1, 2, 3, 4, 8, 16), (4096, 5120, 7168), card="h200") >= 1
     # off CUDA no card is known; the launchers' auto path is the rule's pick for the card
     # the device reports (gemm_tma.card_of, stubbed here as the ahead-of-time builds do)
     from dc_kernels.ops import gemm_tma
