@@ -302,10 +302,10 @@ def card_of_machine(machine: dict) -> tuple:
     version of its ``capability`` (90 when it has none: the static model's default card) and
     ``dc_kernels.ops.path.card_key`` of its device name (None off sm_90: the cards with their
     own calibration are sm_90 ones)."""
-    from dc_kernels.ops.path import card_key
+    from dc_kernels.ops.path import card_key, runs_tma_kernels
     major, _, minor = str(machine.get("capability") or "9.0").partition(".")
     arch = 10 * int(major) + int(minor or 0)
-    return arch, (card_key(machine.get("device_name")) if arch // 10 == 9 else None)
+    return arch, (card_key(machine.get("device_name")) if runs_tma_kernels(arch) else None)
 
 
 def calibration_file_for(machine: dict) -> str:

@@ -208,7 +208,7 @@ def test_a_table_that_fails_before_its_first_row_still_leaves_the_tests(tmp_path
     ("NVIDIA GH200 480GB", "9.0", "-static-sm90.json", "calibration.json"),
     ("NVIDIA A100-SXM4-80GB", "8.0", "-static-sm80.json", "calibration-sm80.json"),
     ("NVIDIA A10G", "8.6", "-static-sm80.json", "calibration-sm80.json"),
-    # cards that run the portable kernels (gemm_tma.TMA_MAJOR) read their model
+    # cards that run the portable kernels (path.TMA_MAJOR) read their model
     ("NVIDIA B200", "10.0", "-static-sm80.json", "calibration-sm80.json"),
     ("NVIDIA GeForce RTX 5090", "12.0", "-static-sm80.json", "calibration-sm80.json")])
 def test_the_bundle_compares_a_card_with_its_own_estimates(tmp_path, name, capability, report,

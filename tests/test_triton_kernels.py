@@ -912,18 +912,37 @@ def test_dispatch_rule():
         assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
 
 
+def _as_cuda_card(monkeypatch, capability=(9, 0), card=None, sms=132):
+    # gemm_tma's device lookups answering for a CUDA card, as the ahead-of-time builds stub
+    # them (triton_aot.record_launches): CPU tensors stand in for the card's
+    from dc_kernels.ops import gemm_tma
+    monkeypatch.setattr(gemm_tma, "_cuda_device", lambda t: True)
+    monkeypatch.setattr(gemm_tma, "_capability", lambda index: capability)
+    monkeypatch.setattr(gemm_tma, "_card", lambda index: card)
+    monkeypatch.setattr(gemm_tma, "_num_sms", lambda index: sms)
+
+
+def _spy_on_the_rule(monkeypatch, keyword):
+    # the launchers' calls of choose_linear_path answer "two-pass"; returns the list of the
+    # ``keyword`` argument of each call
+    seen = []
+    monkeypatch.setattr(path_ops, "choose_linear_path",
+                        lambda *a, **k: seen.append(k[keyword]) or "two-pass")
+    monkeypatch.setattr(linear_ops, "choose_linear_path", path_ops.choose_linear_path)
+    return seen
+
+
 @pytest.mark.parametrize("capability, tma", (((8, 0), False), ((8, 6), False), ((9, 0), True),
                                              ((10, 0), False), ((12, 0), False)))
 def test_only_sm90_cards_run_the_tma_kernels(monkeypatch, capability, tma):
-    # the TMA / wgmma kernels are built and checked for sm_90 (gemm_tma.TMA_MAJOR): an sm_100
+    # the TMA / wgmma kernels are built and checked for sm_90 (path.TMA_MAJOR): an sm_100
     # build of the stream-K GEMM needs 254 registers and the pipelined GEMM spills, sm_120
     # spills 20-55 (triton 3.9, as the JIT binds them), so a B200 or an RTX 50xx runs the
     # portable kernels, and the path rule reads the calibration of the kernels that run
     # (sm_90's only on sm_90). Device lookups stubbed as the ahead-of-time builds do; the
     # interpreter (which runs the TMA kernels anywhere) switched off for the checks
     from dc_kernels.ops import features as features_ops, gemm_tma, pipelined
-    monkeypatch.setattr(gemm_tma, "_cuda_device", lambda t: True)
-    monkeypatch.setattr(gemm_tma, "_capability", lambda index: capability)
+    _as_cuda_card(monkeypatch, capability)
     monkeypatch.setattr(common, "interpreting", lambda: False)
     a = torch.empty(576, 3072, dtype=torch.bfloat16)
     w = torch.empty(4096, 3072, dtype=torch.bfloat16)
@@ -936,6 +955,7 @@ def test_only_sm90_cards_run_the_tma_kernels(monkeypatch, capability, tma):
     assert features_ops.features_tma_eligible(entries, hs[0].device) is tma
     assert pipelined.pipelined_eligible(entries, spec, w, True) is tma
     arch = 10 * capability[0] + capability[1]
+    assert path_ops.runs_tma_kernels(arch) is tma and not path_ops.runs_tma_kernels(None)
     assert path_ops.calibration_file(arch) == path_ops.CALIBRATION_FILES[90 if tma else 80]
     assert (path_ops.model_for(arch)["gemm_split_k"]) is tma
 
@@ -991,14 +1011,8 @@ def test_the_path_rule_counts_the_cards_sms(monkeypatch):
     hs = tuple(torch.randn(16, 577, 64, dtype=torch.bfloat16) for _ in range(25))
     w = torch.randn(4096, 192, dtype=torch.bfloat16)
     assert gemm_tma.sms_of(hs[0]) is None
-    seen = []
-    monkeypatch.setattr(path_ops, "choose_linear_path",
-                        lambda *a, **k: seen.append(k["sms"]) or "two-pass")
-    monkeypatch.setattr(linear_ops, "choose_linear_path", path_ops.choose_linear_path)
-    monkeypatch.setattr(gemm_tma, "_cuda_device", lambda t: True)
-    monkeypatch.setattr(gemm_tma, "_capability", lambda index: (9, 0))
-    monkeypatch.setattr(gemm_tma, "_card", lambda index: None)
-    monkeypatch.setattr(gemm_tma, "_num_sms", lambda index: 114)
+    seen = _spy_on_the_rule(monkeypatch, "sms")
+    _as_cuda_card(monkeypatch, sms=114)
     assert linear_ops.auto_path(hs, spec, w) == "two-pass" and seen == [114]
     launch = linear_ops.prepare_overlap(hs, spec, 16, 577, 64, w, "gelu")
     rows = launch.chunks[0][1] - launch.chunks[0][0]
@@ -1031,15 +1045,9 @@ def test_an_h200_reads_its_own_calibration(monkeypatch):
     hs = tuple(torch.randn(1, 577, 64, dtype=torch.bfloat16) for _ in range(25))
     w = torch.randn(256, 192, dtype=torch.bfloat16)
     assert gemm_tma.card_of(hs[0]) is None
-    seen = []
-    monkeypatch.setattr(path_ops, "choose_linear_path",
-                        lambda *a, **k: seen.append(k["card"]) or "two-pass")
-    monkeypatch.setattr(linear_ops, "choose_linear_path", path_ops.choose_linear_path)
+    seen = _spy_on_the_rule(monkeypatch, "card")
     assert linear_ops.auto_path(hs, spec, w) == "two-pass" and seen == [None]
-    monkeypatch.setattr(gemm_tma, "_cuda_device", lambda t: True)
-    monkeypatch.setattr(gemm_tma, "_capability", lambda index: (9, 0))
-    monkeypatch.setattr(gemm_tma, "_card", lambda index: "h200")
-    monkeypatch.setattr(gemm_tma, "_num_sms", lambda index: 132)
+    _as_cuda_card(monkeypatch, card="h200")
     assert linear_ops.auto_path(hs, spec, w) == "two-pass" and seen == [None, "h200"]
 
 

@@ -22,7 +22,7 @@ Warp specialization: the installed Triton versions (3.6, 3.9) do not warp-specia
 on sm_90 (``tl.range(..., warp_specialize=True)`` leaves the SASS unchanged with 8 warps and
 fails to compile with 4), so the kernel does not ask for it; see ``docs/DESIGN.md`` §4.
 
-:func:`gemm_tma_eligible` says when it applies (an sm_90 card, :data:`TMA_MAJOR`, or the
+:func:`gemm_tma_eligible` says when it applies (an sm_90 card, :func:`tma_kernels_serve`, or the
 interpreter; 16-bit operands or TF32; TMA's layout rules); :func:`gemm_tma` launches it.
 Everything else takes the cp.async kernel of :mod:`.linear`.
 """
@@ -40,10 +40,10 @@ from . import common
 from .common import _round
 from . import direct
 from .direct import DirectLaunch
-from .path import gemm_stream_k, stream_k_shape
+from .path import gemm_stream_k, runs_tma_kernels, stream_k_shape
 
 __all__ = ["arch_of", "card_of", "sms_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma",
-           "TMA_MAJOR", "tma_kernels_serve",
+           "tma_kernels_serve",
            "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
            "REVERSE_PROGRAMS"]
 
@@ -363,21 +363,11 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
-#: The SM major version the TMA / ``wgmma`` kernels (this GEMM, the TMA features kernel, the
-#: pipelined path) are written, tuned and checked for (``tests/test_aot_compile.py``,
-#: ``.ci/aot36``): sm_90 (H100, H200, H800, H20, GH200). Every other card of
-#: :data:`dc_kernels.ops.common.MIN_CAPABILITY` or newer runs the portable kernels (the
-#: ``cp.async`` GEMM and the pointer-load features kernel, their configs pruned by the card's
-#: shared memory), which are built for sm_80, sm_86, sm_90 and sm_120. Built as the JIT binds
-#: them (triton 3.9, one CLIP DCI image, 2026-12-04), this module's stream-K GEMM needs 254
-#: registers on sm_100 and the pipelined GEMM spills (10 spill stores); on sm_120 (no wgmma,
-#: 99 KiB of shared memory) they spill 20-55.
-TMA_MAJOR = 9
-
-
 def tma_kernels_serve(index: int) -> bool:
-    """Whether CUDA device ``index`` runs the TMA kernels (an sm_90 card: :data:`TMA_MAJOR`)."""
-    return _capability(index)[0] == TMA_MAJOR
+    """Whether CUDA device ``index`` runs the TMA kernels (an sm_90 card:
+    :func:`dc_kernels.ops.path.runs_tma_kernels` of its capability)."""
+    major, minor = _capability(index)
+    return runs_tma_kernels(10 * major + minor)
 
 
 def arch_of(t: torch.Tensor) -> Optional[int]:

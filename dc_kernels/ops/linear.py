@@ -614,7 +614,7 @@ def auto_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, weight
                               sti=spec.connector_type == "sti",
                               cuda=gemm_tma._cuda_device(base), arch=arch_of(base),
                               pipelined=pipelined_serves(entries, spec, weight, N),
-                              card=card_of(base), sms=gemm_tma.sms_of(base))
+                              card=card_of(base), sms=sms_of(base))
 
 
 def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,

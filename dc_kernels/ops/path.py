@@ -19,7 +19,8 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "CARD_CALIBRATION_FILES", "load_calibration",
-           "PATH_MODEL", "card_key", "calibration_file", "model_for", "estimate_linear_times",
+           "PATH_MODEL", "TMA_MAJOR", "runs_tma_kernels", "card_key", "calibration_file",
+           "model_for", "estimate_linear_times",
            "choose_linear_path", "overlap_chunk_rows",
            "gemm_stream_k", "stream_k_bounds", "stream_k_owner", "stream_k_shape",
            "stream_k_partials", "stream_k_program_steps",
@@ -79,11 +80,30 @@ def card_key(device_name: Optional[str]) -> Optional[str]:
     return None
 
 
+#: The SM major version the TMA / ``wgmma`` kernels (the TMA GEMM, the TMA features kernel,
+#: the pipelined path) are written, tuned and checked for (``tests/test_aot_compile.py``,
+#: ``.ci/aot36``): sm_90 (H100, H200, H800, H20, GH200). Every other card of
+#: :data:`dc_kernels.ops.common.MIN_CAPABILITY` or newer runs the portable kernels (the
+#: ``cp.async`` GEMM and the pointer-load features kernel, their configs pruned by the card's
+#: shared memory), which are built for sm_80, sm_86, sm_90 and sm_120. Built as the JIT binds
+#: them (triton 3.9, one CLIP DCI image, 2026-12-04), the stream-K GEMM needs 254 registers on
+#: sm_100 and the pipelined GEMM spills (10 spill stores); on sm_120 (no wgmma, 99 KiB of
+#: shared memory) they spill 20-55.
+TMA_MAJOR = 9
+
+
+def runs_tma_kernels(arch: Optional[int]) -> bool:
+    """Whether an ``sm_{arch}`` card runs the TMA kernels (:data:`TMA_MAJOR`; None, no card:
+    False). The one rule the launchers (``gemm_tma.tma_kernels_serve``), the calibration
+    choice (:func:`calibration_file`) and the GPU bundle's card lookup apply."""
+    return arch is not None and arch // 10 == TMA_MAJOR
+
+
 def calibration_file(arch: Optional[int], card: Optional[str] = None) -> str:
     """The calibration file of an ``sm_{arch}`` card: ``card``'s own where it has one (a key of
     :data:`CARD_CALIBRATION_FILES`, :func:`card_key` of the device name; an unknown key is a
     ValueError), else by the kernels the card runs: sm_90's for an sm_90 card (the TMA
-    kernels, :data:`dc_kernels.ops.gemm_tma.TMA_MAJOR`; and for None: the interpreter, or no
+    kernels, :func:`runs_tma_kernels`; and for None: the interpreter, or no
     card known), sm_80's (the portable ``cp.async`` kernels) for every other. What the path
     rule reads (:func:`model_for`), the static model writes and the GPU bundle names for its
     factors."""
@@ -92,7 +112,7 @@ def calibration_file(arch: Optional[int], card: Optional[str] = None) -> str:
             raise ValueError(f"no calibration for card {card!r}; known: "
                              f"{sorted(CARD_CALIBRATION_FILES)}")
         return CARD_CALIBRATION_FILES[card]
-    return CALIBRATION_FILES[90 if arch is None or arch // 10 == 9 else 80]
+    return CALIBRATION_FILES[90 if arch is None or runs_tma_kernels(arch) else 80]
 
 
 #: The constants of every calibration file, read once at import; PATH_MODEL: sm_90's (an

@@ -49,7 +49,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448, 120: 101376}
 #: The architectures every case is built for: the static model's (A100, H100).
 ARCHS = (80, 90)
 #: Cards with 99 KiB of shared memory per block, which run the portable kernels
-#: (``gemm_tma.TMA_MAJOR``) with their configs pruned to fit: ``tests/test_aot_compile.py``
+#: (``path.TMA_MAJOR``) with their configs pruned to fit: ``tests/test_aot_compile.py``
 #: builds the benchmark cases for them too (``--arch 86,120 --group benchmark``).
 PORTABLE_ARCHS = (86, 120)
 _WARP_SIZE = 32
