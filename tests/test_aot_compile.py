@@ -41,17 +41,27 @@ def reports(tmp_path_factory):
     return json.loads(path.read_text())
 
 
+#: What the 99 KiB cards (triton_aot.PORTABLE_ARCHS: sm_86, sm_120) are built for, which run
+#: the portable kernels with their configs pruned to fit: the benchmark cases in bf16 (fp16
+#: builds the same tiles) and every layout and training case in every dtype (scalar loads,
+#: masks, fp32 and the training epilogue: where registers run out first)
+PORTABLE_RUNS = ((("--dtypes", "bf16", "--group", "benchmark"), ("bf16",), ("benchmark",)),
+                 (("--group", "layout,training"), tuple(triton_aot.DTYPES),
+                  ("layout", "training")))
+
+
 @pytest.fixture(scope="session")
 def portable_reports(tmp_path_factory):
-    # the benchmark cases (bf16) for the 99 KiB cards (triton_aot.PORTABLE_ARCHS: sm_86,
-    # sm_120), which run the portable kernels with their configs pruned to fit
-    path = tmp_path_factory.mktemp("aot") / "portable.json"
+    out = []
     archs = ",".join(map(str, triton_aot.PORTABLE_ARCHS))
-    res = subprocess.run([sys.executable, "-m", "dc_kernels.ops.triton_aot", "--arch", archs,
-                          "--dtypes", "bf16", "--group", "benchmark", "--json", str(path)],
-                         env=ENV, capture_output=True, text=True, timeout=3000)
-    assert res.returncode == 0, f"AOT builder failed:\n{res.stderr[-4000:]}"
-    return json.loads(path.read_text())
+    for i, (flags, _, _) in enumerate(PORTABLE_RUNS):
+        path = tmp_path_factory.mktemp("aot") / f"portable{i}.json"
+        res = subprocess.run([sys.executable, "-m", "dc_kernels.ops.triton_aot", "--arch",
+                              archs, *flags, "--json", str(path)],
+                             env=ENV, capture_output=True, text=True, timeout=3000)
+        assert res.returncode == 0, f"AOT builder failed:\n{res.stderr[-4000:]}"
+        out += json.loads(path.read_text())
+    return out
 
 
 def _label(r):
@@ -197,21 +207,38 @@ print(json.dumps(res))
 
 def test_the_features_kernel_that_runs_uses_vector_loads():
     # the regression the old hand-written signatures hid: as the JIT builds it, the CLIP DCI
-    # features kernel loads 16 bytes per thread (LDG.E.128) from each of its 25 layer entries
+    # features kernel loads 16 bytes per thread (LDG.E.128) from each of its 25 layer entries;
+    # and the launcher's wide config (features.FEATURES_CONFIG) goes exactly to the layouts
+    # the JIT builds 16-byte loads for: not to 200 channels (no divisibility hint: scalar
+    # loads, which spilled the wide config on sm_120 until 2026-12-05), a channel stride of 2
+    # or a view one element into its storage; token-major storage keeps them
     out = _run("""
 import torch, json
 from dc_kernels.ops import triton_aot as A, features
 from dc_kernels import ConnectorSpec, dense_connector_features
 features.USE_TMA = False
 spec = ConnectorSpec.preset('clip', 'dci')
-with A.record_launches(90) as recs:
-    dense_connector_features(A._hidden_states(spec, 1, 577, 1024, torch.bfloat16), spec,
-                             backend='triton')
-r = A.build(recs[0].fn, recs[0].args, recs[0].kwargs, 90)
-print(json.dumps(dict(v128=r.sass.count('LDG.E.128'), regs=r.registers)))
+res = {}
+for name, C, layout in (('contiguous', 1024, 'contiguous'), ('c200', 200, 'contiguous'),
+                        ('channel_stride', 1024, 'channel_stride'),
+                        ('misaligned', 1024, 'misaligned'), ('token_major', 1024, 'token_major')):
+    with A.record_launches(80) as recs:
+        dense_connector_features(A._hidden_states(spec, 1, 577, C, torch.bfloat16, layout),
+                                 spec, backend='triton')
+    r = A.build(recs[0].fn, recs[0].args, recs[0].kwargs, 80)
+    res[name] = dict(v128=r.sass.count('LDG.E.128'), block_c=recs[0].kwargs['BLOCK_C'],
+                     spills=r.spill_stores + r.spill_loads)
+print(json.dumps(res))
 """)
     res = json.loads(out.strip().splitlines()[-1])
-    assert res["v128"] == 25, res
+    from dc_kernels.ops import features
+    wide, narrow = features.FEATURES_CONFIG["BLOCK_C"], features.FEATURES_CONFIG_SCALAR["BLOCK_C"]
+    assert res["contiguous"]["v128"] == 25, res
+    for name in ("contiguous", "token_major"):
+        assert res[name]["block_c"] == wide and res[name]["v128"] > 0, (name, res)
+    for name in ("c200", "channel_stride", "misaligned"):
+        assert res[name]["block_c"] == narrow and res[name]["v128"] == 0, (name, res)
+    assert not any(x["spills"] for x in res.values()), res
 
 
 def test_the_benchmark_names_the_path_that_runs():
@@ -262,9 +289,13 @@ print(json.dumps(res))
 def test_cards_with_99_kib_of_shared_memory_run_the_portable_kernels(portable_reports):
     # an A10 / RTX 30xx (sm_86) or RTX 50xx (sm_120): no TMA kernel is launched (on sm_120 the
     # TMA GEMM would spill, no wgmma), and every portable build the launchers pick for the
-    # benchmark cases builds without spills within 99 KiB (the autotuner's configs pruned by
-    # the card's shared memory, linear.prune_configs: the 12-layer fused configs of 110-131
-    # KiB that an A100 or H100 may run are pruned)
+    # benchmark, layout and training cases (PORTABLE_RUNS) builds without spills within 99
+    # KiB (the autotuner's configs pruned by the card's shared memory,
+    # linear.prune_configs: the 12-layer fused configs of 110-131 KiB that an A100 or H100
+    # may run are pruned). Until 2026-12-05 only the benchmark cases were built here, and
+    # the features kernel of the odd sizes (C = 200) spilled on sm_120 (40 STL / 48 LDL:
+    # its layers took the 16 x 64 vector config though the binder gives C = 200 no
+    # divisibility hint, so the loads were scalar)
     r = portable_reports
     assert {x["arch"] for x in r} == set(triton_aot.PORTABLE_ARCHS)
     kernels = {x["kernel"] for x in r}
@@ -276,7 +307,8 @@ def test_cards_with_99_kib_of_shared_memory_run_the_portable_kernels(portable_re
     assert not bad, "\n".join(bad)
     assert all(x["shared_limit"] == 101376 for x in r)
     cases = {u["case"] for x in r for u in x["uses"]}
-    want = {c.name for c in triton_aot.aot_cases(("bf16",)) if c.group == "benchmark"}
+    want = {c.name for _, dtypes, groups in PORTABLE_RUNS
+            for c in triton_aot.aot_cases(dtypes) if c.group in groups}
     assert cases == want
     # the fused path of one CLIP DCI image (12-layer groups) keeps only configs that fit
     for arch in triton_aot.PORTABLE_ARCHS:

@@ -225,10 +225,12 @@ INTERPRET_PROGRAMS = 3
 
 # --------------------------------------------------------------------------- launchers
 def _vector_ok(t: torch.Tensor) -> bool:
-    # 16-byte loads need a unit channel stride, an aligned base and 16-byte aligned rows
-    e = t.element_size()
-    return (t.stride(2) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0
-            and (t.stride(1) * e) % 16 == 0)
+    # 16-byte loads as the JIT compiles them: a unit channel stride, a 16-byte aligned base,
+    # and image/token strides and a channel count the binder marks divisible by 16 (elements;
+    # it gives no hint for e.g. 200, so a [.., 200]-channel layer with 400-byte rows still
+    # gets scalar loads, which the wide config's registers do not hold on sm_120)
+    return (t.stride(2) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0
+            and t.stride(1) % 16 == 0 and t.shape[2] % 16 == 0)
 
 
 class FeaturesLaunch:

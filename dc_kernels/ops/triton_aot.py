@@ -50,7 +50,8 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448, 120: 101376}
 ARCHS = (80, 90)
 #: Cards with 99 KiB of shared memory per block, which run the portable kernels
 #: (``path.TMA_MAJOR``) with their configs pruned to fit: ``tests/test_aot_compile.py``
-#: builds the benchmark cases for them too (``--arch 86,120 --group benchmark``).
+#: builds them too: the benchmark cases in bf16 (``--arch 86,120 --dtypes bf16 --group
+#: benchmark``) and every layout and training case in every dtype (``--group layout,training``).
 PORTABLE_ARCHS = (86, 120)
 _WARP_SIZE = 32
 
@@ -325,7 +326,7 @@ class Case:
     """A public call whose launches are built: ``run()`` calls the public API."""
 
     name: str
-    group: str                    # "benchmark" or "layout"
+    group: str                    # one of GROUPS
     run: Callable[[], Any]
     facts: Dict[str, Any] = field(default_factory=dict)
 
@@ -356,6 +357,8 @@ TOWERS = (("clip336", "clip", 577, 1024), ("siglip384", "siglip", 729, 1152))
 BENCH_IMAGES = (1, 16, 64)
 BENCH_N = 4096
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: The kinds of case :func:`aot_cases` returns (its docstring says what each holds).
+GROUPS = ("benchmark", "layout", "training")
 
 
 def _linear_call(hs, spec, N, dtype, path, weight=None, bias=True, train=False):
@@ -678,7 +681,7 @@ def summarize(reports: Sequence[Dict[str, Any]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dc_kernels.ops.triton_aot [--json PATH|-] [--arch 80,90] [--dtypes ...]
-    [--group benchmark|layout|training]``."""
+    [--group benchmark,layout,training]``."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m dc_kernels.ops.triton_aot",
                                 description="Build every kernel as the JIT specializes it for "
@@ -689,8 +692,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f"comma-separated SM versions (80,90; known: "
                         f"{','.join(map(str, sorted(SHARED_LIMIT)))})")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: bf16,fp16,fp32")
-    p.add_argument("--group", default=None, choices=("benchmark", "layout", "training"),
-                   help="only the cases of this group (default: every case)")
+    p.add_argument("--group", default=None,
+                   help="comma-separated: only the cases of these groups (benchmark, layout, "
+                        "training; default: every case)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--check", action="store_true",
                    help="exit 1 if any build fails, spills or exceeds its shared memory")
@@ -701,11 +705,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     archs = tuple(int(x) for x in a.arch.split(","))
     dtypes = tuple(x.strip() for x in a.dtypes.split(","))
-    bad = [x for x in archs if x not in SHARED_LIMIT] + [d for d in dtypes if d not in DTYPES]
+    groups = None if a.group is None else tuple(x.strip() for x in a.group.split(","))
+    bad = ([x for x in archs if x not in SHARED_LIMIT] + [d for d in dtypes if d not in DTYPES]
+           + [g for g in groups or () if g not in GROUPS])
     if bad:
-        print(f"unknown arch/dtype: {bad}", file=sys.stderr)
+        print(f"unknown arch/dtype/group: {bad}", file=sys.stderr)
         return 2
-    cases = [c for c in aot_cases(dtypes) if a.group is None or c.group == a.group]
+    cases = [c for c in aot_cases(dtypes) if groups is None or c.group in groups]
     reports = build_cases(cases, archs, a.workers)
     if a.json == "-":
         json.dump(reports, sys.stdout, indent=1, default=str)
