@@ -41,27 +41,17 @@ def reports(tmp_path_factory):
     return json.loads(path.read_text())
 
 
-#: What the 99 KiB cards (triton_aot.PORTABLE_ARCHS: sm_86, sm_120) are built for, which run
-#: the portable kernels with their configs pruned to fit: the benchmark cases in bf16 (fp16
-#: builds the same tiles) and every layout and training case in every dtype (scalar loads,
-#: masks, fp32 and the training epilogue: where registers run out first)
-PORTABLE_RUNS = ((("--dtypes", "bf16", "--group", "benchmark"), ("bf16",), ("benchmark",)),
-                 (("--group", "layout,training"), tuple(triton_aot.DTYPES),
-                  ("layout", "training")))
-
-
 @pytest.fixture(scope="session")
 def portable_reports(tmp_path_factory):
-    out = []
+    # every case for the other cards that run the kernels (triton_aot.PORTABLE_ARCHS: sm_86,
+    # sm_100, sm_120), which run the portable kernels with their configs pruned to fit
+    path = tmp_path_factory.mktemp("aot") / "portable.json"
     archs = ",".join(map(str, triton_aot.PORTABLE_ARCHS))
-    for i, (flags, _, _) in enumerate(PORTABLE_RUNS):
-        path = tmp_path_factory.mktemp("aot") / f"portable{i}.json"
-        res = subprocess.run([sys.executable, "-m", "dc_kernels.ops.triton_aot", "--arch",
-                              archs, *flags, "--json", str(path)],
-                             env=ENV, capture_output=True, text=True, timeout=3000)
-        assert res.returncode == 0, f"AOT builder failed:\n{res.stderr[-4000:]}"
-        out += json.loads(path.read_text())
-    return out
+    res = subprocess.run([sys.executable, "-m", "dc_kernels.ops.triton_aot", "--arch", archs,
+                          "--json", str(path)],
+                         env=ENV, capture_output=True, text=True, timeout=3000)
+    assert res.returncode == 0, f"AOT builder failed:\n{res.stderr[-4000:]}"
+    return json.loads(path.read_text())
 
 
 def _label(r):
@@ -286,16 +276,18 @@ print(json.dumps(res))
 
 
 # --------------------------------------------------------------------------- other cards
-def test_cards_with_99_kib_of_shared_memory_run_the_portable_kernels(portable_reports):
-    # an A10 / RTX 30xx (sm_86) or RTX 50xx (sm_120): no TMA kernel is launched (on sm_120 the
-    # TMA GEMM would spill, no wgmma), and every portable build the launchers pick for the
-    # benchmark, layout and training cases (PORTABLE_RUNS) builds without spills within 99
-    # KiB (the autotuner's configs pruned by the card's shared memory,
-    # linear.prune_configs: the 12-layer fused configs of 110-131 KiB that an A100 or H100
-    # may run are pruned). Until 2026-12-05 only the benchmark cases were built here, and
-    # the features kernel of the odd sizes (C = 200) spilled on sm_120 (40 STL / 48 LDL:
-    # its layers took the 16 x 64 vector config though the binder gives C = 200 no
-    # divisibility hint, so the loads were scalar)
+def test_the_other_cards_run_the_portable_kernels(portable_reports):
+    # an A10 / RTX 30xx (sm_86), a B200 (sm_100) or an RTX 50xx (sm_120): no TMA kernel is
+    # launched (on sm_100 the stream-K GEMM needs 254 registers, on sm_120 the TMA GEMM spills:
+    # no wgmma), and every portable build the launchers pick for every case (benchmark, layout,
+    # training; every dtype) builds without spills within the card's shared memory (the
+    # autotuner's configs pruned by it, linear.prune_configs: the 12-layer fused configs of
+    # 110-131 KiB that an A100 or H100 may run are pruned on the 99 KiB cards). Until
+    # 2026-12-05 only the benchmark cases in bf16 were built here, for sm_86 and sm_120; the
+    # wider set found the features kernel of the odd sizes (C = 200) spilling on sm_120 (40
+    # STL / 48 LDL: the 16 x 64 vector config though the binder gives C = 200 no divisibility
+    # hint) and _linear_kernel builds spilling 1-16 registers on sm_100 (ptxas' own
+    # register target: linear.BLACKWELL_MAXNREG, linear.prune_configs)
     r = portable_reports
     assert {x["arch"] for x in r} == set(triton_aot.PORTABLE_ARCHS)
     kernels = {x["kernel"] for x in r}
@@ -305,16 +297,48 @@ def test_cards_with_99_kib_of_shared_memory_run_the_portable_kernels(portable_re
            for x in r if "error" in x or x["spill_stores"] or x["spill_loads"]
            or x["shared"] > x["shared_limit"]]
     assert not bad, "\n".join(bad)
-    assert all(x["shared_limit"] == 101376 for x in r)
-    cases = {u["case"] for x in r for u in x["uses"]}
-    want = {c.name for _, dtypes, groups in PORTABLE_RUNS
-            for c in triton_aot.aot_cases(dtypes) if c.group in groups}
-    assert cases == want
-    # the fused path of one CLIP DCI image (12-layer groups) keeps only configs that fit
+    assert all(x["shared_limit"] == triton_aot.SHARED_LIMIT[x["arch"]] for x in r)
     for arch in triton_aot.PORTABLE_ARCHS:
-        fused = [x for x in r if x["arch"] == arch and any(
-            u["case"] == "linear-fused/clip336-dci-1img-bf16" for u in x["uses"])]
-        assert fused and all(x["shared"] <= 101376 for x in fused)
+        cases = {u["case"] for x in r if x["arch"] == arch for u in x["uses"]}
+        assert cases == {c.name for c in triton_aot.aot_cases()}, arch
+    # the fused path of one CLIP DCI image (12-layer groups): the 64 x 128 x 32 config (bound
+    # 172,032 B) runs on a B200 as on an H100, and is pruned on the 99 KiB cards
+    for arch in triton_aot.PORTABLE_ARCHS:
+        fused = {u["config_desc"] for x in r if x["arch"] == arch for u in x["uses"]
+                 if u["case"] == "linear-fused/clip336-dci-1img-bf16"}
+        assert ("64x128x32 w4 s3" in fused) == (triton_aot.SHARED_LIMIT[arch] > 172032), \
+            (arch, fused)
+
+
+def test_blackwell_register_limit_goes_to_the_unmasked_k_loops_on_sm_100():
+    # linear.BLACKWELL_MAXNREG: on sm_100 the _linear_kernel launches whose K loop is aligned
+    # (linear.k_aligned: CLIP's benchmark shapes, and SigLIP's 729 rows, which only the M
+    # masks see) carry the register limit and those with masked K (odd sizes: 200 channels)
+    # do not; no other architecture's launches carry one
+    out = _run("""
+import json
+from dc_kernels.ops import triton_aot as A
+names = ("linear-fused/clip336-dci-1img-fp16", "linear-two-pass/clip336-dci-1img-fp32",
+         "linear-two-pass/siglip384-dci-1img-fp32", "linear-fused/odd-sizes-fp32",
+         "linear-two-pass/odd-sizes-bf16")
+cases = [c for c in A.aot_cases() if c.name in names]
+seen = {}
+for arch in (80, 86, 90, 100, 120):
+    for c in cases:
+        seen[f"{arch} {c.name}"] = sorted({str(r.kwargs.get("maxnreg")) for r in
+                                           A.record_case(c, arch)
+                                           if r.fn.__name__ == "_linear_kernel"})
+print(json.dumps(seen))
+""")
+    from dc_kernels.ops import linear
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert len(seen) == 25, seen
+    for key, values in seen.items():
+        arch, name = key.split(" ")
+        want = str(linear.BLACKWELL_MAXNREG) if arch == "100" and "odd-sizes" not in name \
+            else "None"
+        # (sm_90 runs some of these GEMMs with the TMA kernel: no _linear_kernel launch)
+        assert values == [want] or (arch == "90" and not values), (key, values)
 
 
 def test_the_launchers_prune_by_the_card_they_are_recorded_for():

@@ -778,6 +778,15 @@ def test_config_pruning_keeps_shared_memory_within_the_limit():
         for e in (2, 4):
             odd = linear_ops.prune_configs(configs, 12, e, 166912, aligned=False)
             assert odd and all(c.kwargs["BLOCK_K"] <= 16 for c in odd)
+    # fp32 with odd sizes on sm_100: tiles of at most 64 x 64 (64 x 128 x 16 spills there);
+    # other architectures and 16-bit operands keep 64 x 128
+    for arch, e, tile in ((100, 4, 64 * 64), (103, 4, 64 * 64), (90, 4, 64 * 128),
+                          (120, 4, 64 * 128), (100, 2, 64 * 128), (None, 4, 64 * 128)):
+        configs = linear_ops.FUSED_CONFIGS_32 if e == 4 else linear_ops.FUSED_CONFIGS_16
+        odd = linear_ops.prune_configs(configs, 12 if e == 4 else 1, e, 232448,
+                                       aligned=False, arch=arch)
+        assert odd and max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in odd) == tile, \
+            (arch, e, odd)
 
 
 # --------------------------------------------------------------------------- property-based

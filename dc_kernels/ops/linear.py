@@ -188,6 +188,20 @@ LINEAR_CONFIG_INTERPRET = _cfg(32, 32, 16, 4, 1, group_m=2)
 
 _LINEAR_KEY = ["M_BUCKET", "N", "C"]
 
+#: Register limit (``maxnreg``) of ``_linear_kernel`` builds for sm_100 (B200, B300) whose K
+#: loop is aligned (:func:`k_aligned`: channels and weight row stride divisible by 16).
+#: Without one, Triton's Blackwell ptxas picks its own register target, and for some 4-warp
+#: configs it is too low: built as the JIT binds them (triton 3.9, ptxas 13.4, 2026-12-05),
+#: the fused 64 x 128 x 32 (fp16) got 128 registers and spilled 1, the fp32 GEMM 64 x 64 x
+#: 16 got 96 and spilled 2-4 (also with rows or columns not divisible by 16: SigLIP's 729
+#: rows, N = 1000). With 240 every such build is spill-free (the fused 64 x 128 x 32: 158
+#: registers; the fp32 GEMM: 128). Not where the K loop is masked (channels not divisible
+#: by 16): there the limit makes ptxas spill where its own target does not (6-13 registers
+#: at 240; without it 168-254 registers, no spill), and not on sm_120, where no build spills
+#: without one. 240, not 255: ptxas can fail a tcgen05 kernel at 255 (triton-lang/triton
+#: issue 8488). ``tests/test_aot_compile.py`` builds every case for sm_100 and sm_120.
+BLACKWELL_MAXNREG = 240
+
 
 def shared_bytes_bound(config: triton.Config, max_group: int, element_size: int) -> int:
     """An upper bound of the shared memory one build of ``_linear_kernel`` allocates.
@@ -207,21 +221,33 @@ def _shared_limit(index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 166912)
 
 
-def _aligned16(*sizes) -> bool:
-    return all(s % 16 == 0 for s in sizes)
+def launch_aligned(M: int, N: int, C: int, stride_om: int, stride_wn: int) -> bool:
+    """Whether a ``_linear_kernel`` launch's rows, columns, channels and row strides are all
+    divisible by 16 (the binder's hint: unmasked vector loads and stores)."""
+    return all(s % 16 == 0 for s in (M, N, C, stride_om, stride_wn))
+
+
+def k_aligned(C: int, stride_wn: int) -> bool:
+    """Whether a ``_linear_kernel`` launch's K loop runs unmasked: its channels (per layer for
+    the fused kernel, the features' width for the GEMM) and its weight's row stride are
+    divisible by 16 (where :data:`BLACKWELL_MAXNREG` applies)."""
+    return C % 16 == 0 and stride_wn % 16 == 0
 
 
 def prune_configs(configs, max_group: int, element_size: int, shared_limit: int,
-                  aligned: bool):
+                  aligned: bool, arch: Optional[int] = None):
     """The configs that can run: shared memory bound within ``shared_limit``; with sizes or
-    strides not divisible by 16 (``aligned=False``), tiles of at most 64 x 128 and, for fp32 or
-    groups of more than 4 layers (``max_group``), K blocks of at most 16 (larger ones spill
+    strides not divisible by 16 (``aligned=False``), tiles of at most 64 x 128 (64 x 64 for
+    fp32 on sm_100, ``arch`` 100-109: 64 x 128 x 16 spills 16 registers there) and, for fp32
+    or groups of more than 4 layers (``max_group``), K blocks of at most 16 (larger ones spill
     their masks' registers: fp32 with triton 3.9, 12-layer groups with triton 3.6 on sm_80).
     Never empty: falls back to the smallest config."""
     narrow_k = element_size >= 4 or max_group > 4
+    max_tile = 64 * 64 if element_size >= 4 and arch is not None and arch // 10 == 10 \
+        else 64 * 128
     keep = [c for c in configs
             if shared_bytes_bound(c, max_group, element_size) <= shared_limit
-            and (aligned or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
+            and (aligned or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
                              and (not narrow_k or c.kwargs["BLOCK_K"] <= 16)))]
     if keep:
         return keep
@@ -236,9 +262,10 @@ def _early_prune(configs, named_args, **kwargs):
     # (gemm_tma's device check: an ahead-of-time recording stands CPU tensors in for a card's)
     from .gemm_tma import _cuda_device
     limit = _shared_limit(device.index or 0) if _cuda_device(layers[0]) else 166912
-    aligned = _aligned16(named_args["N"], named_args["C"], named_args["stride_om"],
-                         named_args["stride_wn"]) and named_args["M"] % 16 == 0
-    return prune_configs(configs, max(sizes, default=1), e, limit, aligned)
+    aligned = launch_aligned(named_args["M"], named_args["N"], named_args["C"],
+                             named_args["stride_om"], named_args["stride_wn"])
+    return prune_configs(configs, max(sizes, default=1), e, limit, aligned,
+                         arch_of(layers[0]))
 
 
 def _autotuned(configs):
@@ -311,6 +338,9 @@ def prepare_kernel(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
             return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
         bits = 32 if dtype == torch.float32 else 16
         kernel = _AUTOTUNED[("gemm" if not sizes else "fused", bits)]
+        arch = arch_of(entries[0])
+        if arch is not None and arch // 10 == 10 and k_aligned(C, weight.stride(0)):
+            meta["maxnreg"] = BLACKWELL_MAXNREG
     launch.meta, launch.meta_pre = meta, dict(meta, STORE_PRE=True)
     launch.site = DirectLaunch(kernel, grid)
     return launch

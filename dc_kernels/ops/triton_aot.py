@@ -43,16 +43,15 @@ __all__ = ["SHARED_LIMIT", "ARCHS", "PORTABLE_ARCHS", "SMS", "LaunchRecord", "re
            "bind", "build",
            "unique_builds", "aot_cases", "build_cases", "triton_version"]
 
-#: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB; the
-#: 100 KiB cards (sm_86: A10, A40, RTX 30xx; sm_120: RTX 50xx) 99 KiB.
-SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448, 120: 101376}
+#: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) and B200
+#: (sm_100) 227 KiB; the 100 KiB cards (sm_86: A10, A40, RTX 30xx; sm_120: RTX 50xx) 99 KiB.
+SHARED_LIMIT = {80: 166912, 86: 101376, 90: 232448, 100: 232448, 120: 101376}
 #: The architectures every case is built for: the static model's (A100, H100).
 ARCHS = (80, 90)
-#: Cards with 99 KiB of shared memory per block, which run the portable kernels
-#: (``path.TMA_MAJOR``) with their configs pruned to fit: ``tests/test_aot_compile.py``
-#: builds them too: the benchmark cases in bf16 (``--arch 86,120 --dtypes bf16 --group
-#: benchmark``) and every layout and training case in every dtype (``--group layout,training``).
-PORTABLE_ARCHS = (86, 120)
+#: The other architectures whose cards run the kernels (``path.TMA_MAJOR``: the portable
+#: ones, configs pruned to the card's shared memory): ``tests/test_aot_compile.py`` builds
+#: every case for them too (``--arch 86,100,120``).
+PORTABLE_ARCHS = (86, 100, 120)
 _WARP_SIZE = 32
 
 
@@ -100,8 +99,8 @@ class LaunchRecord:
 
 
 #: Streaming multiprocessors of the cards each architecture stands for (A100, A40, H100 SXM,
-#: RTX 5090).
-SMS = {80: 108, 86: 84, 90: 132, 120: 170}
+#: B200, RTX 5090).
+SMS = {80: 108, 86: 84, 90: 132, 100: 148, 120: 170}
 
 
 @contextlib.contextmanager
