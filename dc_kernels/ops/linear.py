@@ -221,17 +221,24 @@ def _shared_limit(index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 166912)
 
 
-def launch_aligned(M: int, N: int, C: int, stride_om: int, stride_wn: int) -> bool:
-    """Whether a ``_linear_kernel`` launch's rows, columns, channels and row strides are all
-    divisible by 16 (the binder's hint: unmasked vector loads and stores)."""
-    return all(s % 16 == 0 for s in (M, N, C, stride_om, stride_wn))
-
-
 def k_aligned(C: int, stride_wn: int) -> bool:
     """Whether a ``_linear_kernel`` launch's K loop runs unmasked: its channels (per layer for
     the fused kernel, the features' width for the GEMM) and its weight's row stride are
     divisible by 16 (where :data:`BLACKWELL_MAXNREG` applies)."""
     return C % 16 == 0 and stride_wn % 16 == 0
+
+
+def launch_aligned(M: int, N: int, C: int, stride_om: int, stride_wn: int) -> bool:
+    """Whether a ``_linear_kernel`` launch's rows, columns, channels and row strides are all
+    divisible by 16 (the binder's hint: unmasked vector loads and stores): its K loop
+    (:func:`k_aligned`) and its output tiles."""
+    return k_aligned(C, stride_wn) and all(s % 16 == 0 for s in (M, N, stride_om))
+
+
+def _sm100(arch: Optional[int]) -> bool:
+    # the sm_100 family (B200, B300: 100-109), where BLACKWELL_MAXNREG and the fp32 tile
+    # bound of prune_configs apply
+    return arch is not None and arch // 10 == 10
 
 
 def prune_configs(configs, max_group: int, element_size: int, shared_limit: int,
@@ -243,8 +250,7 @@ def prune_configs(configs, max_group: int, element_size: int, shared_limit: int,
     their masks' registers: fp32 with triton 3.9, 12-layer groups with triton 3.6 on sm_80).
     Never empty: falls back to the smallest config."""
     narrow_k = element_size >= 4 or max_group > 4
-    max_tile = 64 * 64 if element_size >= 4 and arch is not None and arch // 10 == 10 \
-        else 64 * 128
+    max_tile = 64 * 64 if element_size >= 4 and _sm100(arch) else 64 * 128
     keep = [c for c in configs
             if shared_bytes_bound(c, max_group, element_size) <= shared_limit
             and (aligned or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
@@ -338,8 +344,7 @@ def prepare_kernel(entries, starts, sizes, M, C, t_keep, tok0, weight, bias, act
             return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
         bits = 32 if dtype == torch.float32 else 16
         kernel = _AUTOTUNED[("gemm" if not sizes else "fused", bits)]
-        arch = arch_of(entries[0])
-        if arch is not None and arch // 10 == 10 and k_aligned(C, weight.stride(0)):
+        if _sm100(arch_of(entries[0])) and k_aligned(C, weight.stride(0)):
             meta["maxnreg"] = BLACKWELL_MAXNREG
     launch.meta, launch.meta_pre = meta, dict(meta, STORE_PRE=True)
     launch.site = DirectLaunch(kernel, grid)

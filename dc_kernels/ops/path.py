@@ -85,7 +85,7 @@ def card_key(device_name: Optional[str]) -> Optional[str]:
 #: ``.ci/aot36``): sm_90 (H100, H200, H800, H20, GH200). Every other card of
 #: :data:`dc_kernels.ops.common.MIN_CAPABILITY` or newer runs the portable kernels (the
 #: ``cp.async`` GEMM and the pointer-load features kernel, their configs pruned by the card's
-#: shared memory), which are built for sm_80, sm_86, sm_90 and sm_120. Built as the JIT binds
+#: shared memory), which are built for sm_80, sm_86, sm_90, sm_100 and sm_120. Built as the JIT binds
 #: them (triton 3.9, one CLIP DCI image, 2026-12-04), the stream-K GEMM needs 254 registers on
 #: sm_100 and the pipelined GEMM spills (10 spill stores); on sm_120 (no wgmma, 99 KiB of
 #: shared memory) they spill 20-55.
