@@ -131,6 +131,28 @@ def test_pipelined_helper_fits_beside_its_gemm_on_hopper(reports):
     assert pipelined_residency_problems(reports) == []
 
 
+def test_tma_features_ring_is_built_as_deep_as_the_launcher_asks(reports):
+    # the launcher deepens the TMA features kernel's ring by its STAGES (features._tma_stages)
+    # and the cost model counts STAGES - 1 tiles of every layer in flight: the compiled
+    # kernel's shared memory is that ring (Triton's pipeliner keeps STAGES - 1 buffers of each
+    # TMA load), so the depth asked for is the depth built. 16-bit SCI at 16 images asks for 5
+    sizes = {"bf16": 2, "fp16": 2, "fp32": 4}
+    depths = set()
+    for r in reports:
+        if r.get("kernel") != "_features_tma_kernel" or "error" in r:
+            continue
+        c = r["constexprs"]
+        e = {sizes[u["facts"]["dtype"]] for u in r["uses"] if "dtype" in u["facts"]}
+        if len(e) != 1:
+            continue
+        tile = (1 + sum(c["SIZES"])) * c["ROWS"] * c["BLOCK_C"] * e.pop()
+        ring = max(1, c["STAGES"] - 1) * tile
+        assert ring <= r["shared"] < ring + tile, (_label(r), c["STAGES"], r["shared"], ring)
+        if any(u["case"] == "features/clip336-sci-16img-bf16" for u in r["uses"]):
+            depths.add(c["STAGES"])
+    assert depths == {5}
+
+
 def test_residency_check_names_the_cases_that_do_not_fit():
     # the check itself (no build): a helper whose shared memory does not fit beside a 144 KiB
     # GEMM, and a GEMM too large for an SM, are reported by case; a pair that fits is not

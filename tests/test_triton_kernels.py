@@ -931,6 +931,37 @@ def _as_cuda_card(monkeypatch, capability=(9, 0), card=None, sms=132):
     monkeypatch.setattr(gemm_tma, "_num_sms", lambda index: sms)
 
 
+@pytest.mark.parametrize("connector, images, dtype, stages", (
+    ("sci", 16, torch.bfloat16, 5), ("sci", 64, torch.float16, 5),  # 3 KiB tiles: deeper
+    ("sci", 1, torch.bfloat16, 3),  # ~2 tiles per program: a deeper ring only lengthens it
+    ("sci", 16, torch.float32, 3),  # 6 KiB tiles: 2 ahead x 4 programs = 48 KiB already
+    ("dci", 16, torch.bfloat16, 3), ("dci", 1, torch.bfloat16, 3)))
+def test_tma_features_ring_keeps_enough_bytes_in_flight(monkeypatch, connector, images, dtype,
+                                                        stages):
+    # the TMA features kernel's ring deepens where the configured one keeps fewer than
+    # INFLIGHT_RING_PER_SM bytes in flight per SM and programs walk enough tiles to fill it;
+    # beside the GEMM (the overlap's later chunks) it keeps its configured 2 stages
+    from dc_kernels.ops import features as features_ops
+    _as_cuda_card(monkeypatch)
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    spec = ConnectorSpec.preset("clip", connector)
+    hs = tuple(torch.empty(images, 577, 1024, dtype=dtype) for _ in range(25))
+    tiles = (0, features_ops.row_tiles(spec, images, 577))
+    alone = features_ops.prepare_features_chunk(hs, spec, images, 577, 1024, tiles=tiles)
+    meta = alone.meta
+    assert meta["STAGES"] == stages
+    per_sm = -(-meta["NUM_PROGRAMS"] // 132)
+    tile = (1 + sum(meta["SIZES"])) * meta["ROWS"] * meta["BLOCK_C"] * hs[0].element_size()
+    n_tiles = (tiles[1] - tiles[0]) * (1024 // meta["BLOCK_C"])
+    if n_tiles >= features_ops.MIN_TILES_PER_PROGRAM * meta["NUM_PROGRAMS"]:
+        assert (stages - 1) * tile * per_sm >= features_ops.INFLIGHT_RING_PER_SM
+    if stages > features_ops.FEATURES_TMA_CONFIG["STAGES"]:  # the shallowest that suffices
+        assert (stages - 2) * tile * per_sm < features_ops.INFLIGHT_RING_PER_SM
+    beside = features_ops.prepare_features_chunk(hs, spec, images, 577, 1024, tiles=tiles,
+                                                 programs=132, beside_gemm=True)
+    assert beside.meta["STAGES"] == features_ops.FEATURES_TMA_CONFIG_BESIDE["STAGES"]
+
+
 def _spy_on_the_rule(monkeypatch, keyword):
     # the launchers' calls of choose_linear_path answer "two-pass"; returns the list of the
     # ``keyword`` argument of each call

@@ -347,12 +347,15 @@ def prepare_features_chunk(hidden_states: Sequence[torch.Tensor], spec: Connecto
             return launch
         programs = max(1, min(programs, n_tiles)) if programs is not None \
             else _tma_programs(n_tiles, base.device, cfg, len(entries), base.element_size())
+        stages = cfg["STAGES"] if beside_gemm else \
+            _tma_stages(n_tiles, programs, base.device, cfg, len(entries),
+                        base.element_size())
         launch.kind = "tma"
         launch.args = (sb, st, width, batch, tokens, channels, t_keep, q0, q1)
         launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
                            OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"],
                            ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"], NUM_PROGRAMS=programs,
-                           STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+                           STAGES=stages, num_warps=cfg["num_warps"])
         launch.site = DirectLaunch(_features_tma_kernel, (programs,))
         return launch
     r0, r1 = rows if rows is not None else (0, batch * t_keep)
@@ -486,6 +489,36 @@ def _tma_programs(n_tiles: int, device: torch.device, cfg, entries: int, element
            and (per_sm - 1) * cfg["num_warps"] >= 8):
         per_sm -= 1
     return max(1, min(sms * per_sm, n_tiles))
+
+
+#: Bytes of loads the TMA features kernel's ring should keep in flight per SM: an H200's
+#: ~4.3 TB/s x 1.3 us / 132 SMs ~ 42 KB, with margin (an H100 needs ~30 KB). Few layers (SCI:
+#: 3 x 1 KiB per 16-bit tile) keep 6 KiB per program with ``STAGES`` = 3, 24 KiB per SM: a
+#: deeper ring makes up for them, up to ``MAX_TMA_STAGES``.
+INFLIGHT_RING_PER_SM = 48 * 1024
+MAX_TMA_STAGES = 6
+#: shared memory the deeper rings of one SM's programs may take (sm_90 has 227 KiB per block,
+#: 228 KiB per SM; the default ring's 50 KiB x 4 programs stays as configured)
+RING_SHARED_PER_SM = 160 * 1024
+
+
+def _tma_stages(n_tiles: int, programs: int, device: torch.device, cfg, entries: int,
+                element_size: int) -> int:
+    # ring depth of the persistent TMA kernel alone on the GPU: the configured STAGES, deeper
+    # where that keeps fewer than INFLIGHT_RING_PER_SM bytes of loads in flight per SM and
+    # every program walks MIN_TILES_PER_PROGRAM tiles or more (a ring reaches only as far
+    # ahead as its program's own tiles, and a deeper one lengthens the prologue: one CLIP SCI
+    # image, ~2 tiles per program, would take 1,472 instead of 1,156 instructions per warp)
+    stages = cfg["STAGES"]
+    if common.interpreting() or triton.cdiv(n_tiles, programs) < MIN_TILES_PER_PROGRAM:
+        return stages
+    from .gemm_tma import _num_sms
+    per_sm = triton.cdiv(programs, _num_sms(device.index or 0))
+    tile = entries * cfg["ROWS"] * cfg["BLOCK_C"] * element_size
+    while ((stages - 1) * tile * per_sm < INFLIGHT_RING_PER_SM and stages < MAX_TMA_STAGES
+           and (stages + 1) * tile * per_sm <= RING_SHARED_PER_SM):
+        stages += 1
+    return stages
 
 
 def _tma_config(beside_gemm: bool = False):

@@ -587,7 +587,10 @@ def _config_desc(kw: Dict[str, Any]) -> str:
                      if k in kw)
     # stream K: the most tiles a program touches x the most programs a tile is spread over
     sk = f" sk{kw['SEGMENTS']}x{kw['PARTS']}" if kw.get("SEGMENTS", 0) else ""
-    return f"{tiles} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}{sk}"
+    # stages: a kernel's own ring depth (STAGES: the TMA features kernel, the pipelined
+    # helper) where it has one, else Triton's num_stages
+    stages = kw.get("STAGES", kw.get("num_stages", 3))
+    return f"{tiles} w{kw.get('num_warps', 4)} s{stages}{sk}"
 
 
 def _scalar_args(rec: LaunchRecord) -> Dict[str, Any]:
