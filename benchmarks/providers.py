@@ -240,8 +240,12 @@ def _dc_note(op: str, inputs: Inputs, device: torch.device) -> Tuple[str, str]:
         return "torch", "backend=torch (the Triton path has no autograd)"
     if resolved != "triton" or op == "features":
         return "auto", f"backend={resolved} (auto)"
-    from dc_kernels.ops.linear import auto_path  # the launcher's own pick
+    from dc_kernels.ops.linear import auto_path, direct_serves  # the launcher's own pick
     path = auto_path(inputs.hidden_states, inputs.spec, inputs.w1)
+    base = inputs.hidden_states[inputs.spec.final_layer]
+    if path == "two-pass" and direct_serves(inputs.hidden_states, inputs.spec, base.shape[0],
+                                            base.shape[1], inputs.w1):
+        path += " (A read in place)"  # its GEMM reads the layers: no features pass
     return "auto", f"backend=triton, auto path={path}"
 
 

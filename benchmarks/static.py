@@ -39,9 +39,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dc_kernels.ops.path import (pipelined_makespan, pipelined_stream_k_makespan,
-                                 pipelined_stream_k_steps, stream_k_partials,
-                                 stream_k_program_steps)
+from dc_kernels.ops.path import (SLAB_FILL_STEPS, pipelined_makespan,
+                                 pipelined_stream_k_makespan, pipelined_stream_k_steps,
+                                 stream_k_partials, stream_k_program_steps)
 
 __all__ = ["GPU", "GPUS", "CARD_GPUS", "estimate_launch", "estimate_rows", "run_static",
            "markdown", "pipelined_residency_problems"]
@@ -284,9 +284,14 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         P = grid[0] * grid[1] * grid[2]
         dram = (M * K + K * N + M * N) * e
         l2 = M * K * e * tiles_n + K * N * e * tiles_m + M * N * e
+        # A read in place from A_SLABS layers: a K loop per slab, its TMA ring refilled
+        # before every slab after the first (a ring refill per slab boundary of a tile or,
+        # stream K, at most per slab boundary inside each segment)
+        refills = max(0, c.get("A_SLABS", 0) - 1) * SLAB_FILL_STEPS
         if not c.get("SEGMENTS", 0):
             return dict(dram=dram, l2=l2, flops=2.0 * M * K * N,
-                        program_flops=math.ceil(tiles_m * tiles_n / P) * k_tiles * step)
+                        program_flops=math.ceil(tiles_m * tiles_n / P) * (k_tiles + refills)
+                        * step)
         # stream K: the pieces of a shared tile that do not reduce it write fp32 partial
         # tiles, its reducer reads them back (through L2; the stores counted once more
         # through DRAM, as written back); the busiest program runs its steps plus the
@@ -301,7 +306,7 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         if pipelined:  # its steps of every slab, ring refills
             steps = pipelined_stream_k_steps(iters, len(sizes) + 1, c["SEGMENTS"], busiest)
         else:
-            steps = stream_k_program_steps(iters, busiest)
+            steps = stream_k_program_steps(iters, busiest) + c["SEGMENTS"] * refills
         return dict(dram=dram + stored * tile_bytes,
                     l2=l2 + (stored + loaded) * tile_bytes, flops=2.0 * M * K * N,
                     program_flops=steps * step)

@@ -54,7 +54,7 @@ def describe(v, inputs):
         ptr = v.data_ptr()
         return ("tensor", tuple(v.shape), v.stride(), str(v.dtype),
                 ptr if ptr in inputs else "new")
-    if isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+    if isinstance(v, tuple) and v:  # layers, or descriptors of A's slabs
         return ("tuple",) + tuple(describe(t, inputs) for t in v)
     if type(v).__name__ == "TensorDescriptor":
         return ("desc", describe(v.base, inputs), tuple(v.shape), tuple(v.strides),
@@ -200,6 +200,15 @@ def cases():
     call, extra = prepared_case(clip, hs4, 4096, "pipelined",
                                 dict(keep_features=True, keep_pre=True))
     out.append((90, "linear pipelined training (keep A and Z) and inference", hs4, call, extra))
+    # SCI: the two-pass GEMM reads A's slabs in place (a tuple of descriptors, one per layer),
+    # stream K at one CLIP image, whole tiles (autotuned) at 16 SigLIP images
+    sci, sci_s = ConnectorSpec.preset("clip", "sci"), ConnectorSpec.preset("siglip", "sci")
+    hs_sci = hs_of(sci)
+    call, extra = linear_case(sci, hs_sci, 4096, "two-pass")
+    out.append((90, "linear two-pass SCI, A in place, stream K", hs_sci, call, extra))
+    hs_sci16 = hs_of(sci_s, images=16, tokens=729, channels=1152)
+    call, extra = linear_case(sci_s, hs_sci16, 4096, "two-pass")
+    out.append((90, "linear two-pass SCI, A in place, whole tiles", hs_sci16, call, extra))
     hs32 = hs_of(clip, tokens=65, channels=128, dtype=torch.float32)
     call, extra = linear_case(clip, hs32, 256, "two-pass", dtype=torch.float32)
     out.append((90, "linear two-pass fp32 (cp.async GEMM)", hs32, call, extra))

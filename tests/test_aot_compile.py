@@ -267,10 +267,11 @@ from dc_kernels import dense_connector_linear
 from dc_kernels.ops import triton_aot as A
 res = []
 for name, images, card in (('clip336-4096', 1, None), ('clip336-4096-sci', 1, None),
+                           ('clip336-4096-sci', 2, None),
                            ('clip336-7168', 3, None), ('clip336-7168', 3, 'h200'),
                            ('clip336-4096-sti', 1, None)):
     inputs = make_inputs(Case(SHAPES[name], images), torch.bfloat16, torch.device('cpu'))
-    with A.record_launches(90, card=card) as recs:
+    with A.record_launches(90, card=card) as recs, torch.no_grad():  # as the bundle runs it
         note = _dc_note('linear', inputs, torch.device('cuda'))[1]
         dense_connector_linear(inputs.hidden_states, inputs.spec, inputs.w1, inputs.b1,
                                'gelu', backend='triton')
@@ -280,6 +281,7 @@ print(json.dumps(res))
     res = json.loads(out.strip().splitlines()[-1])
     kernels = {"pipelined": ["_features_helper_kernel", "_gemm_ready_kernel"],
                "two-pass": ["_features_tma_kernel", "_gemm_tma_kernel"],
+               "two-pass (A read in place)": ["_gemm_tma_kernel"],
                "overlap": ["_features_tma_kernel", "_gemm_tma_kernel"] * 2}
     seen = set()
     for name, images, card, path, launched in res:
@@ -292,9 +294,11 @@ print(json.dumps(res))
             assert launched == kernels[path], (name, images, card, path, launched)
         seen.add(path)
     # the cases above were picked to take the three paths (by the committed calibrations,
-    # estimates): one CLIP image pipelined, SCI's one image two-pass, CLIP -> 7168 at three
-    # images pipelined on an H100 and overlapped on an H200
-    assert seen == {"pipelined", "two-pass", "overlap"}, res
+    # estimates): one CLIP image pipelined, SCI's one image two-pass with its GEMM reading
+    # the layers in place (one image: its kept rows are one 2-D view), two images two-pass
+    # writing A (the CLS rows between images), CLIP -> 7168 at three images pipelined on an
+    # H100 and overlapped on an H200
+    assert seen == {"pipelined", "two-pass", "two-pass (A read in place)", "overlap"}, res
 
 
 # --------------------------------------------------------------------------- other cards

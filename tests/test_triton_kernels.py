@@ -327,6 +327,84 @@ def test_two_pass_uses_tma_gemm_where_layout_allows(monkeypatch, dtype):
     assert not calls
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("iters", (0, 3, 5))
+@pytest.mark.parametrize("case", ("clip_sci_1img", "siglip_sci_2img", "sci_4layers"))
+def test_two_pass_reads_single_layer_slabs_in_place(monkeypatch, dtype, iters, case):
+    # every slab one layer (SCI) and each layer's kept rows one 2-D TMA view (one CLIP image:
+    # its CLS row skipped by the view's offset; SigLIP images back to back; a custom spec of 5
+    # slabs, one layer twice): the two-pass GEMM reads A's slabs from the layers, no features
+    # pass. Whole tiles (iters 0) and stream K whose ranges start and end inside slabs (3, 5
+    # K steps of 16 per program; a slab is 4 steps), programs in both orders: the same bits as
+    # the two-pass path writing A first (16-bit products are exact in fp32, the K order is
+    # A's), outputs poisoned; keep_features (A asked for) writes A as before
+    from dc_kernels.ops import gemm_tma
+    monkeypatch.setattr(gemm_tma, "STREAM_K_ITERS", iters)
+    if case == "sci_4layers":
+        spec, n_hs = CUSTOM_SPECS[case]
+        B, T = 2, 19
+    else:
+        spec = ConnectorSpec.preset(case.split("_")[0], "sci")
+        n_hs = spec.required_hidden_states
+        B, T = (1, 37) if case.startswith("clip") else (2, 29)
+    C, N = 64, 48
+    hs = make_hidden_states(n_hs, B, T, C, dtype, seed=41 + iters, device=DEVICE)
+    w, b = _weights(spec, C, N, dtype, seed=42)
+    launch = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", "two-pass")
+    if not gemm_tma.gemm_tma_eligible(hs[0][0], w, torch.empty(8, N, dtype=dtype,
+                                                               device=DEVICE)):
+        assert not launch.direct
+        pytest.skip("the TMA GEMM needs sm_90 (or the interpreter)")
+    assert launch.direct
+    features_calls = _count_calls(monkeypatch, linear_ops, "prepare_features")
+    got = [launch(hs, w, b, keep_pre=True) for _ in range(2)]
+    assert not features_calls, "the features pass ran"
+    assert got[0][1] is None and torch.equal(got[0][0], got[1][0])
+    monkeypatch.setattr(linear_ops, "DIRECT_A", False)
+    copy = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", "two-pass")
+    assert not copy.direct
+    out, _, pre = copy(hs, w, b, keep_pre=True)
+    assert torch.equal(got[0][0], out) and torch.equal(got[0][2], pre)
+    out_k, feats, _ = launch(hs, w, b, keep_features=True)
+    assert torch.equal(out_k, out) and feats is not None
+    assert torch.equal(feats, dense_connector_features(hs, spec, backend="triton"))
+    monkeypatch.setattr(gemm_tma, "REVERSE_PROGRAMS", True)
+    monkeypatch.setattr(linear_ops, "DIRECT_A", True)
+    rev = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", "two-pass")
+    assert torch.equal(rev(hs, w, b)[0], out)
+    # and within the linear bound of fp64 through the public function
+    _check_linear(hs, spec, w, b, "gelu", "two-pass", dtype)
+
+
+def test_two_pass_writes_a_where_the_layers_cannot_be_read_in_place():
+    # what direct_slabs refuses, each on its own: CLIP with 2 images (the dropped CLS rows break
+    # the 2-D view), groups of several layers (DCI), fp32, a channel stride != 1, a channel
+    # count that is not whole K steps, STI
+    from dc_kernels.ops import gemm_tma
+    sci = ConnectorSpec.preset("clip", "sci")
+    n = sci.required_hidden_states
+
+    def direct(spec, B, C, dtype=torch.bfloat16, layer=None):
+        hs = list(make_hidden_states(n, B, 37, C, dtype, seed=3, device=DEVICE))
+        if layer is not None:
+            hs[7] = layer
+        w = torch.empty(48, spec.out_channels(C), dtype=dtype, device=DEVICE)
+        return gemm_tma.direct_slabs(hs, spec, B, 37, w) is not None
+
+    if not direct(sci, 1, 64):
+        pytest.skip("the TMA GEMM needs sm_90 (or the interpreter)")
+    assert not direct(sci, 2, 64)
+    assert not direct(ConnectorSpec.preset("clip", "dci"), 1, 64)
+    assert not direct(sci, 1, 64, torch.float32)
+    wide = torch.zeros(1, 37, 128, dtype=torch.bfloat16, device=DEVICE)
+    assert not direct(sci, 1, 64, layer=wide[:, :, ::2])
+    assert not direct(sci, 1, 72)
+    assert not direct(ConnectorSpec.preset("clip", "sti"), 1, 64)
+    assert not linear_ops.prepare_linear(
+        make_hidden_states(n, 1, 37, 64, torch.bfloat16, seed=3, device=DEVICE), sci, 1, 37, 64,
+        torch.empty(48, 192, dtype=torch.bfloat16, device=DEVICE), None, "gelu", "fused").direct
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("chunk", (16, 23, 1000))
 def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel):
@@ -921,6 +999,23 @@ def test_dispatch_rule():
         assert choose(M, 1024, N, 24, 3, 2) == min(t, key=t.get)
 
 
+def test_path_rule_counts_no_features_pass_where_a_is_read_in_place():
+    # SCI whose layers the GEMM reads in place (linear.direct_serves): two-pass is the GEMM
+    # alone plus a ring refill per slab boundary, so it costs less than with the features pass
+    # by about that pass, and one CLIP image runs it (estimates)
+    est = path_ops.estimate_linear_times
+    for M, C in ((576, 1024), (729, 1152), (16 * 729, 1152)):
+        copy = est(M, C, 4096, 3, 3, 2)["two-pass"]
+        direct = est(M, C, 4096, 3, 3, 2, direct=True)["two-pass"]
+        m = path_ops.PATH_MODEL
+        feats = (3 * M * C + M * 3 * C) * 2 / (m["dram_bytes_per_s"] * m["features_efficiency"])
+        assert 0 < copy - direct <= feats
+        assert est(M, C, 4096, 3, 3, 2, direct=True)["pipelined"] == \
+            est(M, C, 4096, 3, 3, 2)["pipelined"]
+    assert path_ops.choose_linear_path(576, 1024, 4096, 3, 3, 2, pipelined=True,
+                                       direct=True) == "two-pass"
+
+
 def _as_cuda_card(monkeypatch, capability=(9, 0), card=None, sms=132):
     # gemm_tma's device lookups answering for a CUDA card, as the ahead-of-time builds stub
     # them (triton_aot.record_launches): CPU tensors stand in for the card's
@@ -1108,11 +1203,13 @@ def test_path_rule_agrees_with_the_static_report(arch, card):
     with open(reports[-1]) as f:
         rows = json.load(f)["rows"]
     towers = {"clip336": ("clip", 576, 1024), "siglip384": ("siglip", 729, 1152)}
-    times = {}
+    times, direct = {}, set()
     for r in rows:
         if r["case"].startswith("linear-") and r["dtype"] != "fp32":
             path, case = r["case"][len("linear-"):].split("/")
             times.setdefault(case, {})[path] = r["est_s"]
+            if path == "two-pass" and len(r["launches"]) == 1:  # A read in place: no features
+                direct.add(case)
     checked = 0
     for case, t in times.items():
         tower, connector, images, _ = case.split("-")
@@ -1123,7 +1220,8 @@ def test_path_rule_agrees_with_the_static_report(arch, card):
         M = int(images[:-3]) * tokens
         pick = path_ops.choose_linear_path(M, C, 4096, len(spec.used_layers),
                                            spec.num_groups + 1, 2, arch=arch,
-                                           pipelined="pipelined" in t, card=card)
+                                           pipelined="pipelined" in t, card=card,
+                                           direct=case in direct)
         assert t[pick] <= 1.10 * min(t.values()), (case, pick, t)
         checked += 1
     assert checked >= 12

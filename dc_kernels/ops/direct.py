@@ -16,8 +16,8 @@ chains empty) the JIT's launcher calls nothing with the launch metadata, so the 
 passes None for it and for both hooks, which the launcher skips.
 
 The contract of a launch site (the prepared launches of ``features``, ``linear``, ``gemm_tma``
-keep it by construction): every argument that is not a tensor, a tuple of tensors or a tensor
-descriptor is the same on every call, and ``meta`` is the very same dict object (a site with two
+keep it by construction): every argument that is not a tensor, a tensor descriptor or a tuple
+of either is the same on every call, and ``meta`` is the very same dict object (a site with two
 variants -- with and without ``STORE_PRE`` -- keeps one state per dict). The tensors themselves
 must have the layout of the plan (its signature guarantees it): the compiled kernel is
 specialized on their alignment.
@@ -82,12 +82,11 @@ def _hooks_set() -> bool:
 
 
 def _is_slot(value: Any) -> bool:
-    # an argument that changes per call: a tensor, a tuple of them, a tensor descriptor
-    if isinstance(value, torch.Tensor):
-        return True
+    # an argument that changes per call: a tensor, a tensor descriptor, a tuple of either (the
+    # layers of the features kernels, the in-place A slabs of the TMA GEMM)
     if isinstance(value, tuple):
-        return len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
-    return type(value).__name__ == "TensorDescriptor"
+        return len(value) > 0 and all(_is_slot(v) and not isinstance(v, tuple) for v in value)
+    return isinstance(value, torch.Tensor) or type(value).__name__ == "TensorDescriptor"
 
 
 def _jit_function(fn):

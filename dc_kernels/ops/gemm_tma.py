@@ -43,6 +43,7 @@ from .direct import DirectLaunch
 from .path import gemm_stream_k, runs_tma_kernels, stream_k_shape
 
 __all__ = ["arch_of", "card_of", "sms_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma",
+           "direct_slabs", "slab_views",
            "tma_kernels_serve",
            "GemmTmaLaunch", "GEMM_TMA_CONFIGS", "GEMM_TMA_CONFIG_INTERPRET", "STREAM_K_ITERS",
            "REVERSE_PROGRAMS"]
@@ -87,12 +88,38 @@ def _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32: tl.constexpr,
 
 
 @triton.jit
+def _k_range_slabs(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, slab_steps, DOT_FP32: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, A_SLABS: tl.constexpr):
+    # _k_range where A is read in place from A_SLABS descriptors (A_SLABS > 0: ``a_desc`` is
+    # their tuple, slab s holding A's K steps [s slab_steps, (s + 1) slab_steps)): one K loop
+    # per slab the range touches, in K order, so the sum is _k_range's over the same A
+    if A_SLABS == 0:
+        return _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32, INPUT_PRECISION,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(A_SLABS):
+        s0 = s * slab_steps
+        b_acc = _k_steps_from(b_acc, a_desc[s], s0, w_desc, o_am, o_wn, max(k_lo, s0),
+                              min(k_hi, s0 + slab_steps), DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    return b_acc
+
+
+@triton.jit
 def _k_steps(b_acc, a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     # b_acc + A[o_am:, k] W[o_wn:, k]^T over the K steps [k_lo, k_hi), in K order
+    return _k_steps_from(b_acc, a_desc, 0, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32,
+                         INPUT_PRECISION, BLOCK_K)
+
+
+@triton.jit
+def _k_steps_from(b_acc, a_desc, a_step0, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _k_steps with A's K step ki at a_desc's column (ki - a_step0) BLOCK_K (a slab of A)
     for ki in range(k_lo, k_hi):
         o_k = ki * BLOCK_K
-        b_a = a_desc.load([o_am, o_k])
+        b_a = a_desc.load([o_am, o_k - a_step0 * BLOCK_K])
         b_w = w_desc.load([o_wn, o_k])
         if DOT_FP32:  # the interpreter has no 16-bit arithmetic
             b_acc = tl.dot(b_a.to(tl.float32), b_w.to(tl.float32).T, b_acc,
@@ -255,6 +282,7 @@ def _gemm_tma_kernel(
     PARTS: tl.constexpr = 1,  # stream K: the most programs one tile's steps are spread over
     WHOLE: tl.constexpr = False,  # stream K: a program's range may hold a whole tile
     REVERSED: tl.constexpr = False,  # tests: program i runs program (programs - 1 - i)'s work
+    A_SLABS: tl.constexpr = 0,  # > 0: a_desc is a tuple of A_SLABS descriptors of A's slabs
 ):
     start = tl.program_id(0)
     if REVERSED:
@@ -262,13 +290,17 @@ def _gemm_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    # A read in place (A_SLABS > 0): every slab K / A_SLABS wide, whole K steps
+    # (direct_slabs checks it)
+    slab_steps = k_tiles // max(A_SLABS, 1)
     num_tiles = num_pid_m * num_pid_n
     if SEGMENTS == 0:
         # data parallel: whole tiles, NUM_SMS programs apart
         for tile in tl.range(start, num_tiles, NUM_SMS):
             o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
-            b_acc = _k_range(a_desc, w_desc, o_am, o_wn, 0, k_tiles, DOT_FP32,
-                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            b_acc = _k_range_slabs(a_desc, w_desc, o_am, o_wn, 0, k_tiles, slab_steps,
+                                   DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   A_SLABS)
             _tile_epilogue(b_acc, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS, ACTIVATION,
                            STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES)
     else:
@@ -288,8 +320,9 @@ def _gemm_tma_kernel(
             if k_lo < k_hi:
                 o_am, o_wn = _tile_origin(tile, num_pid_m, num_pid_n, GROUP_M, BLOCK_M,
                                           BLOCK_N)
-                b_acc = _k_range(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, DOT_FP32,
-                                 INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                b_acc = _k_range_slabs(a_desc, w_desc, o_am, o_wn, k_lo, k_hi, slab_steps,
+                                       DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                                       A_SLABS)
                 _segment_epilogue(b_acc, ws, arrivals, tile, start, t0, k_tiles, total,
                                   programs, o_desc, p_desc, bias, o_am, o_wn, N, HAS_BIAS,
                                   ACTIVATION, STORE_PRE, EMULATE_RNE, BLOCK_M, BLOCK_N, PIECES,
@@ -299,7 +332,8 @@ def _gemm_tma_kernel(
 def _set_blocks(nargs):
     # autotune pre-hook: the descriptors' block shapes follow the config's tiles
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
+    for a in nargs["a_desc"] if isinstance(nargs["a_desc"], tuple) else (nargs["a_desc"],):
+        a.block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
     nargs["o_desc"].block_shape = [bm, bn // nargs["PIECES"]]
     nargs["p_desc"].block_shape = nargs["o_desc"].block_shape
@@ -491,11 +525,13 @@ class GemmTmaLaunch:
             bias = bias.contiguous()  # the epilogue reads it at bias + n
         if self.iters:
             # (through common.empty: tests poison it, so a partial read unwritten shows)
-            ws = common.empty((self.ws_numel,), torch.float32, a.device)
-            arrivals = _arrivals(a, self.tiles)
+            ws = common.empty((self.ws_numel,), torch.float32, out.device)
+            arrivals = _arrivals(out, self.tiles)
         else:
             ws = arrivals = out  # never read
-        self.site((_clone_desc(ta, a), _clone_desc(tw, weight), _clone_desc(to, out),
+        a_desc = tuple(_clone_desc(t, x) for t, x in zip(ta, a)) if isinstance(ta, tuple) \
+            else _clone_desc(ta, a)
+        self.site((a_desc, _clone_desc(tw, weight), _clone_desc(to, out),
                    _clone_desc(tp, pre if pre is not None else out),
                    bias if bias is not None else out, ws, arrivals, *self.tail),
                   self.meta if pre is None else self.meta_pre)
@@ -505,31 +541,41 @@ class GemmTmaLaunch:
 def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      activation: Optional[str], out: torch.Tensor,
                      leave_room: bool = False) -> GemmTmaLaunch:
-    """The :class:`GemmTmaLaunch` of these operands (checked eligible, all 2-D)."""
+    """The :class:`GemmTmaLaunch` of these operands (checked eligible, all 2-D).
+
+    ``a`` may be a tuple of A's column slabs, each ``[M, K / len(a)]`` (:func:`direct_slabs`):
+    the kernel then reads A in place from one descriptor per slab (``A_SLABS``), and the
+    launch is called with slabs of the same layout."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    M, K = a.shape
+    slabs = a if isinstance(a, tuple) else None
+    a0 = slabs[0] if slabs else a
+    M, K = a0.shape[0], sum(x.shape[1] for x in slabs) if slabs else a.shape[1]
     N = weight.shape[0]
-    allow_tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    allow_tf32 = a0.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     interp = common.interpreting()
     # block shapes: placeholders on a GPU (the autotune pre-hook sets each config's own)
     cfg = GEMM_TMA_CONFIG_INTERPRET.all_kwargs()
-    ta = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    ta = tuple(TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+               for x in slabs) if slabs else \
+        TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     tw = TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     to = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
     # ``pre`` has out's layout; without it the kernel never touches p_desc (out's stands in)
     tp = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
     if interp:
         _set_blocks(dict(a_desc=ta, w_desc=tw, o_desc=to, p_desc=tp, **cfg))
-    for t in (ta, tw, to, tp):
+    for t in (*(ta if slabs else (ta,)), tw, to, tp):
         t.base = None  # a plan must not keep the first call's tensors alive (clones set it)
     launch = GemmTmaLaunch()
     launch.templates = (ta, tw, to, tp)
     launch.bias_copy = bias is not None and bias.stride(0) != 1
-    sms = INTERPRET_SMS if interp else _num_sms(a.device.index or 0)
+    sms = INTERPRET_SMS if interp else _num_sms(a0.device.index or 0)
     launch.meta = dict(HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation],
                        STORE_PRE=False, EMULATE_RNE=interp, DOT_FP32=interp,
                        INPUT_PRECISION="tf32" if allow_tf32 else "ieee", NUM_SMS=sms,
                        REVERSED=REVERSE_PROGRAMS)
+    if slabs:
+        launch.meta["A_SLABS"] = len(slabs)
     launch.meta_pre = dict(launch.meta, STORE_PRE=True)
     # stream K (16-bit operands, not beside the overlapped features: a chunk's GEMM fills the
     # SMs): a fixed config, the first one (the steps per program follow from its tiles)
@@ -537,7 +583,7 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     tiles = triton.cdiv(M, sk_cfg["BLOCK_M"]) * triton.cdiv(N, sk_cfg["BLOCK_N"])
     k_tiles = triton.cdiv(K, sk_cfg["BLOCK_K"])
     programs = 0
-    if a.element_size() == 2 and not leave_room and STREAM_K_ITERS >= 0:
+    if a0.element_size() == 2 and not leave_room and STREAM_K_ITERS >= 0:
         programs = triton.cdiv(tiles * k_tiles, STREAM_K_ITERS) if STREAM_K_ITERS \
             else gemm_stream_k(tiles, k_tiles, sms)
     iters, segments, parts = stream_k_shape(tiles, k_tiles, programs) if programs \
@@ -562,8 +608,8 @@ def prepare_gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
     def grid(m):
         return (min(sms, triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
-    launch.site = DirectLaunch(_AUTOTUNED[(32 if a.dtype == torch.float32 else 16, leave_room)],
-                               grid)
+    launch.site = DirectLaunch(_AUTOTUNED[(32 if a0.dtype == torch.float32 else 16,
+                                           leave_room)], grid)
     return launch
 
 
@@ -577,3 +623,51 @@ def gemm_tma(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     ``a @ weight.T + bias`` before the activation."""
     return prepare_gemm_tma(a, weight, bias, activation, out, leave_room)(a, weight, bias, out,
                                                                           pre)
+
+
+def direct_slabs(hidden_states, spec, batch: int, tokens: int, weight: torch.Tensor):
+    """Where the GEMM can read A's column slabs in place from the layers (the two-pass path
+    without its features pass): the slabs as 2-D ``[B*T', C]`` views of the layers
+    themselves, in A's slab order, else None. (The output is a fresh ``[B*T', N]`` tensor.)
+
+    It applies when every slab is one layer (SCI-like specs: the features pass would only copy
+    them) and each layer's kept rows are one 2-D view TMA can read: one image, or images whose
+    kept tokens follow each other in memory (no CLS token to drop), a unit channel stride and
+    16-byte aligned rows; 16-bit layers with C a multiple of the GEMM's K step (slabs of whole
+    K steps), on a card that runs the TMA GEMM (or the interpreter), with ``weight`` and the
+    output TMA-readable too. The views depend only on the layers' layout: a launch plan's
+    signature fixes them, :func:`slab_views` rebuilds them per call."""
+    if spec.connector_type == "sti" or any(b - a != 1 for a, b in spec.groups):
+        return None
+    base = hidden_states[spec.final_layer]
+    C = base.shape[2]
+    N = weight.shape[0]
+    step = GEMM_TMA_CONFIG_INTERPRET.all_kwargs()["BLOCK_K"] if common.interpreting() else \
+        max(c.all_kwargs()["BLOCK_K"] for c in GEMM_TMA_CONFIGS)
+    e = base.element_size()
+    if e != 2 or C % step or (N * e) % 16 or N * e < 16:
+        return None
+    t_keep = spec.tokens_kept(tokens)
+    for i in common.entry_indices(spec):
+        sb, st, sc = hidden_states[i].stride()
+        if sc != 1 or (batch > 1 and sb != t_keep * st):
+            return None
+    views = slab_views(hidden_states, spec, batch, tokens)
+    # (the output's layout checked above: a view stands in for it)
+    if not all(_tma_layout_ok(v) for v in views) or not gemm_tma_eligible(views[0], weight,
+                                                                          views[0]):
+        return None
+    return views
+
+
+def slab_views(hidden_states, spec, batch: int, tokens: int):
+    """The ``[B*T', C]`` views of every slab's layer (base first) that :func:`direct_slabs`
+    found readable in place: rows ``b*T' + t`` at token ``token_offset + t`` of image b."""
+    t_keep, tok0 = spec.tokens_kept(tokens), spec.token_offset
+    views = []
+    for i in common.entry_indices(spec):
+        x = hidden_states[i]
+        st = x.stride(1)
+        views.append(x.as_strided((batch * t_keep, x.shape[2]), (st, 1),
+                                  x.storage_offset() + tok0 * st))
+    return tuple(views)

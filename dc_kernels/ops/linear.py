@@ -26,13 +26,14 @@ from . import common
 from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
 from .features import features_triton, prepare_features
-from .gemm_tma import arch_of, card_of, gemm_tma_eligible, prepare_gemm_tma, sms_of
+from .gemm_tma import (arch_of, card_of, direct_slabs, gemm_tma_eligible, prepare_gemm_tma,
+                       slab_views, sms_of)
 from .path import choose_linear_path, model_for, overlap_chunk_rows
 from .pipelined import pipelined_eligible, prepare_pipelined
 
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
            "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
-           "pipelined_serves", "auto_path",
+           "pipelined_serves", "direct_serves", "auto_path", "DIRECT_A",
            "LINEAR_CONFIG_INTERPRET", "PATHS",
            "prune_configs", "shared_bytes_bound", "overlap_chunks", "prepare_overlap",
            "OverlapLaunch"]
@@ -394,6 +395,17 @@ OVERLAP_CHUNK_ROWS = 0
 #: False: the path rule never picks the pipelined path and ``path="pipelined"`` runs two-pass
 #: (a plan switch, like every launcher switch)
 PIPELINED = True
+#: False: the two-pass path always writes A, also where its GEMM could read the layers in
+#: place (:func:`.gemm_tma.direct_slabs`; a plan switch; tests compare the two)
+DIRECT_A = True
+
+
+def direct_serves(hidden_states, spec: ConnectorSpec, batch: int, tokens: int,
+                  weight: torch.Tensor) -> bool:
+    """Whether the two-pass path's GEMM reads A's slabs in place from the layers, with no
+    features pass (:func:`.gemm_tma.direct_slabs`: every slab one layer, the kept rows one 2-D
+    TMA view; unless :data:`DIRECT_A` is off)."""
+    return DIRECT_A and direct_slabs(hidden_states, spec, batch, tokens, weight) is not None
 
 
 def pipelined_serves(entries, spec: ConnectorSpec, weight: torch.Tensor, n_out: int) -> bool:
@@ -531,7 +543,9 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
 
     * ``"fused"``: features built in the GEMM's K loop (one kernel);
     * ``"two-pass"``: the features kernel writes A, then the GEMM (persistent TMA kernel on
-      sm_90, cp.async kernel elsewhere) reads it;
+      sm_90, cp.async kernel elsewhere) reads it; where every slab is one layer and the TMA
+      GEMM can read the layers in place (:func:`direct_serves`), it reads them and no features
+      pass runs (unless the features are kept: the same bits either way);
     * ``"overlap"``: two-pass in row chunks, the features of chunk j + 1 written on a side
       stream while the GEMM of chunk j runs;
     * ``"pipelined"``: one features launch (side stream) and one persistent GEMM launch
@@ -585,7 +599,8 @@ class LinearLaunch:
     the first call that runs it (from the real, freshly allocated operands)."""
 
     __slots__ = ("path", "spec", "dims", "activation", "out_shape", "dtype", "device", "index",
-                 "features", "kernel", "gemm", "mn", "overlap", "pipelined")
+                 "features", "kernel", "gemm", "mn", "overlap", "pipelined", "direct",
+                 "direct_gemm")
 
     def __call__(self, hidden_states, weight, bias, keep_features=False, keep_pre=False):
         out = common.empty(self.out_shape, self.dtype, self.device)
@@ -610,6 +625,17 @@ class LinearLaunch:
             feats = launch(hidden_states, weight, bias, out.view(M, N),
                            None if pre is None else pre.view(M, N))
             return out, (feats if keep_features else None), pre
+        if self.direct and not keep_features:
+            # two-pass without its features pass: the GEMM reads the layers in place
+            M, N = self.mn
+            slabs = slab_views(hidden_states, self.spec, self.dims[0], self.dims[1])
+            gemm_launch = self.direct_gemm
+            if gemm_launch is None:
+                gemm_launch = self.direct_gemm = prepare_gemm_tma(slabs, weight, bias,
+                                                                  self.activation,
+                                                                  out.view(M, N))
+            gemm_launch(slabs, weight, bias, out, pre)
+            return out, None, pre
         feats = self._features(hidden_states)
         gemm_launch = self.gemm
         if gemm_launch is None:
@@ -649,7 +675,8 @@ def auto_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, weight
                               sti=spec.connector_type == "sti",
                               cuda=gemm_tma._cuda_device(base), arch=arch_of(base),
                               pipelined=pipelined_serves(entries, spec, weight, N),
-                              card=card_of(base), sms=sms_of(base))
+                              card=card_of(base), sms=sms_of(base),
+                              direct=direct_serves(hidden_states, spec, B, T, weight))
 
 
 def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,
@@ -671,6 +698,8 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     launch.out_shape = (batch, rows, N)
     launch.dtype, launch.device = base.dtype, base.device
     launch.gemm = launch.kernel = launch.overlap = launch.pipelined = None
+    launch.direct_gemm = None
+    launch.direct = False
     launch.features = None  # prepared on the first call that writes A
     if M == 0 or N == 0:
         launch.path = "empty"
@@ -690,6 +719,8 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
     elif path == "pipelined" and not pipelinable:
         path = "two-pass"
     launch.path = path
+    launch.direct = path == "two-pass" and direct_serves(hidden_states, spec, batch, tokens,
+                                                         weight)
     if path == "fused":
         launch.kernel = prepare_kernel(entries, starts, sizes, M, channels, t_keep,
                                        spec.token_offset, weight, bias, activation, N, flags)

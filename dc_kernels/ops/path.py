@@ -148,7 +148,8 @@ def model_for(arch: Optional[int], card: Optional[str] = None, sms: Optional[int
 
 
 def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
-                          element_size: int, model: Optional[Dict] = None) -> dict:
+                          element_size: int, model: Optional[Dict] = None,
+                          direct: bool = False) -> dict:
     """Estimated seconds of each path, from :data:`PATH_MODEL` (or ``model``).
 
     With L distinct layers read, K = slabs * C and e bytes per element:
@@ -158,7 +159,10 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     * GEMM: ``max(2 M K N / flop_per_s, (M*K + K*N + M*N) e / dram)`` over
       ``gemm_efficiency``, with wave quantization of 128 x 128 tiles over the SMs, times
       :func:`gemm_split_gain` where the kernel runs stream K;
-    * ``two-pass`` = features + GEMM + a launch; ``overlap`` (row chunks of
+    * ``two-pass`` = features + GEMM + a launch; with ``direct`` (its GEMM reads every slab
+      in place from its layer: :func:`dc_kernels.ops.linear.direct_serves`) the GEMM alone,
+      each tile's K loop restarting its TMA ring once per slab after the first
+      (:data:`SLAB_FILL_STEPS` of a 64-deep step each); ``overlap`` (row chunks of
       :func:`overlap_chunk_rows`, at least two) = the first chunk's features, then per chunk
       the slower of its GEMM (quantized per chunk; only the last chunk's may run stream K) and the
       next chunk's features (which run beside the GEMM's CTAs at
@@ -193,7 +197,12 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     def gemm_of(rows: int, may_split: bool) -> float:
         return _gemm_time(rows, N, K, e, m, may_split)
 
-    two_pass = feats + gemm_of(M, True) + m["launch_s"]
+    if direct:
+        k_steps = max(1, math.ceil(K / 64))
+        two_pass = gemm_of(M, True) * (1 + (num_slabs - 1) * SLAB_FILL_STEPS / k_steps) \
+            + m["launch_s"]
+    else:
+        two_pass = feats + gemm_of(M, True) + m["launch_s"]
     rows = overlap_chunk_rows(M, N, m)
     chunks = max(1, math.ceil(M / rows))
     if chunks >= 2:
@@ -670,7 +679,7 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
                        element_size: int, uniform: bool = True, off64: bool = False,
                        sti: bool = False, cuda: bool = True, arch: Optional[int] = None,
                        pipelined: bool = False, card: Optional[str] = None,
-                       sms: Optional[int] = None) -> str:
+                       sms: Optional[int] = None, direct: bool = False) -> str:
     """Pick ``"fused"``, ``"two-pass"``, ``"overlap"`` or ``"pipelined"``: the smallest
     estimate that runs.
 
@@ -685,12 +694,14 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     ``arch``: the card's SM version, ``card``: its :func:`card_key`, ``sms``: its SM count
     (:func:`model_for` picks the calibration from the first two and counts the third's SMs).
     ``pipelined``: the pipelined path can run (:func:`dc_kernels.ops.pipelined.pipelined_eligible`;
-    it also needs CUDA streams).
+    it also needs CUDA streams). ``direct``: the two-pass path's GEMM reads the layers in place,
+    with no features pass (:func:`dc_kernels.ops.linear.direct_serves`).
     """
     if sti:
         return "two-pass"
     model = model_for(arch, card, sms)
-    t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size, model)
+    t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size, model,
+                              direct=direct)
     if not uniform or off64:
         t.pop("fused")
     if not cuda or math.ceil(M / overlap_chunk_rows(M, N, model)) < 2:

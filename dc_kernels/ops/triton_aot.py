@@ -56,6 +56,7 @@ _WARP_SIZE = 32
 
 
 def triton_version() -> str:
+    """The installed triton's version string (recorded beside every ahead-of-time build)."""
     import triton
     return triton.__version__
 
@@ -88,7 +89,9 @@ class LaunchRecord:
             if cfg is not None:
                 kw.update(cfg.all_kwargs())
                 if cfg.pre_hook is not None:
-                    nargs = {n: copy.copy(v) for n, v in zip(names, args)}
+                    # (a tuple's members too: the TMA GEMM's in-place A slabs)
+                    nargs = {n: tuple(map(copy.copy, v)) if isinstance(v, tuple) else
+                             copy.copy(v) for n, v in zip(names, args)}
                     nargs.update(kw)
                     cfg.pre_hook(nargs)
                     args = tuple(nargs[n] for n in names[:len(args)])
