@@ -214,9 +214,12 @@ def _loop_trips(kernel: str, loop: dict, c: dict, a: dict, programs: int, grid=(
             return per_program * (len(c["SIZES"]) + 1 if c.get("SPLIT") else 1)
         return 1
     if kernel == "_sti_features_kernel":
-        # each pooled segment runs one group's loop, in the programs that have pooled rows
-        active = min(1.0, math.ceil(a["B"] * a["TP"] / c["BLOCK_M"]) / max(1, grid[0]))
-        return c["POOL"] * active / (1 + len(c["SIZES"]))
+        # one launch: the first POOLED_TILES programs of axis 0 write pooled tokens, each
+        # running one group's loop (POOL trips), the rest copy base tokens (no loop): a group
+        # loop's mean trips per program (the straight-line code of both parts is counted for
+        # every program, an over-count of the shorter one)
+        groups = max(1, len(c["SIZES"]))
+        return c["POOL"] * a["POOLED_TILES"] / groups / max(1, grid[0])
     if kernel == "_features_tma_kernel" and loop["mix"].get("tma"):
         tiles = (a["Q1"] - a["Q0"]) * math.ceil(a["C"] / c["BLOCK_C"])
         return math.ceil(tiles / programs)
@@ -261,12 +264,12 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         return dict(dram=L * M * C * e + out, l2=entries * M * C * e + out, flops=0)
     if kernel == "_sti_features_kernel":
         B, C, tk, tp = a["B"], a["C"], a["T_KEEP"], a["TP"]
-        if c.get("PART", 0) == 0:  # the base tokens, copied
-            return dict(dram=2 * B * tk * C * e, l2=2 * B * tk * C * e, flops=0)
-        # the pooled tokens: POOL source rows of every member layer per pooled row
+        # the base tokens, copied, and the pooled tokens: POOL source rows of every member
+        # layer per pooled row
+        copy = 2 * B * tk * C * e
         reads = sum(sizes) * B * tp * c["POOL"] * C * e
         out = len(sizes) * B * tp * C * e
-        return dict(dram=reads + out, l2=reads + out, flops=0)
+        return dict(dram=copy + reads + out, l2=copy + reads + out, flops=0)
     if kernel == "_scatter_grad_kernel":
         M, C, tk, T = a["M"], a["C"], a["T_KEEP"], a["T"]
         n_out = len(c["SLABS"])

@@ -285,8 +285,9 @@ print(json.dumps(res))
                "overlap": ["_features_tma_kernel", "_gemm_tma_kernel"] * 2}
     seen = set()
     for name, images, card, path, launched in res:
-        if name.endswith("-sti"):  # STI: two-pass, its pooled features by their own kernel
-            assert path == "two-pass" and launched[-1] == "_gemm_tma_kernel", res
+        if name.endswith("-sti"):  # STI: two-pass, its features (copy and pooled) one launch
+            assert path == "two-pass" and launched == ["_sti_features_kernel",
+                                                       "_gemm_tma_kernel"], res
             continue
         if path == "overlap":  # row chunks: features and GEMM per chunk, at least two
             assert launched[:4] == kernels["overlap"] and len(launched) % 2 == 0, res

@@ -3,9 +3,9 @@
 * ``_features_kernel`` (DCI/SCI): each program owns ``BLOCK_M`` rows x ``BLOCK_C`` channels,
   loads the base tile and every group member once and writes its part of every slab of
   ``A = [B, T', (G+1)C]``.
-* ``_sti_features_kernel`` (STI, tokens instead of channels): copies the base tokens and writes
-  each group's pooled tokens (mean over ``pool`` consecutive tokens of every member layer) in
-  the original's row order.
+* ``_sti_features_kernel`` (STI, tokens instead of channels): one launch copies the base tokens
+  and writes each group's pooled tokens (mean over ``pool`` consecutive tokens of every member
+  layer) in the original's row order.
 
 :func:`features_triton` is the launcher (inputs validated by the public functions).
 """
@@ -26,6 +26,7 @@ from .direct import DirectLaunch
 __all__ = ["features_triton", "features_tma", "features_tma_eligible", "row_tiles",
            "prepare_features_chunk", "FeaturesChunkLaunch",
            "row_of_tile", "FEATURES_CONFIG", "FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG",
+           "STI_FEATURES_CONFIG_INTERPRET",
            "FEATURES_TMA_CONFIG", "FEATURES_TMA_CONFIG_BESIDE"]
 
 @triton.jit
@@ -98,47 +99,69 @@ def _sti_features_kernel(
     layers, stride_b, stride_t, stride_c,  # tuples, one entry per layer argument
     out, stride_ob, stride_ot,  # out is [B, T' + G*TP, C] with unit channel stride
     B, C, T_KEEP, TP,  # TP: pooled tokens per group and image
-    PART: tl.constexpr,  # 0: copy the base tokens; 1: the pooled tokens (axis 2: the group)
+    POOLED_TILES,  # G * cdiv(B*TP, BLOCK_P): the programs (axis 0) that write pooled tokens
     POOL: tl.constexpr, TOK0: tl.constexpr, STARTS: tl.constexpr, SIZES: tl.constexpr,
     UNIFORM: tl.constexpr, OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # STI, two launches of one kernel (PART is a constant: each build holds one part's code
-    # and each grid covers exactly its rows). Part 0 copies the base tokens (B*T' rows); part 1,
-    # axis 2 = g, writes group g's pooled tokens (B*TP rows): each the mean over POOL
-    # consecutive tokens of every member layer, fp32 accumulation, one rounding. Rows land in
-    # the original's order: per image, all base tokens, then group 0's pooled tokens, ...
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    o_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    if PART == 0:
-        mask = (o_r < B * T_KEEP)[:, None] & m_c[None, :]
-        b = o_r // T_KEEP
-        t = o_r % T_KEEP
-        o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t + TOK0, o_c, OFF64)
-        b_x = tl.load(layers[0] + o_x, mask=mask)
-        o_out = _tile_offsets(stride_ob, stride_ot, 1, b, t, o_c, OFF64)
-        tl.store(out + o_out, b_x.to(out.dtype.element_ty), mask=mask)
+    # STI, one launch: axis-0 programs below POOLED_TILES write group g's pooled tokens
+    # (BLOCK_P of the B*TP rows, g = pid // cdiv(B*TP, BLOCK_P)): each the mean over POOL
+    # consecutive tokens of every member layer, fp32 accumulation, one rounding; the
+    # programs after them copy BLOCK_M of the B*T' base tokens. The pooled programs, which
+    # read POOL rows of every member per row, come first, so the short copies fill the tail.
+    # Rows land in the original's order: per image, all base tokens, then group 0's pooled
+    # tokens, ...
+    pid = tl.program_id(0)
+    o_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # (each part in its own function: the branches' tiles differ in shape)
+    if pid >= POOLED_TILES:
+        _sti_copy_tile(layers, stride_b, stride_t, stride_c, out, stride_ob, stride_ot, B, C,
+                       T_KEEP, pid - POOLED_TILES, o_c, TOK0, OFF64, BLOCK_M)
     else:
-        grp = tl.program_id(2)
-        mask = (o_r < B * TP)[:, None] & m_c[None, :]
-        b = o_r // TP
-        j = o_r % TP
-        for g in tl.static_range(len(SIZES)):
-            if grp == g:
-                b_sum = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-                for q in range(POOL):
-                    t = TOK0 + j * POOL + q
-                    o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t, o_c, OFF64)
-                    b_sum += _group_sum(layers, stride_b, stride_t, stride_c, STARTS[g],
-                                        SIZES[g], o_x, b, t, o_c, mask, UNIFORM, OFF64,
-                                        BLOCK_M, BLOCK_C)
-                b_mean = _round(b_sum / (SIZES[g] * POOL), out.dtype.element_ty, EMULATE_RNE)
-                o_out = _tile_offsets(stride_ob, stride_ot, 1, b, T_KEEP + g * TP + j, o_c,
-                                      OFF64)
-                tl.store(out + o_out, b_mean, mask=mask)
+        _sti_pooled_tile(layers, stride_b, stride_t, stride_c, out, stride_ob, stride_ot, B, C,
+                         T_KEEP, TP, pid, o_c, POOL, TOK0, STARTS, SIZES, UNIFORM, OFF64,
+                         EMULATE_RNE, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
+def _sti_copy_tile(layers, stride_b, stride_t, stride_c, out, stride_ob, stride_ot, B, C,
+                   T_KEEP, tile, o_c, TOK0: tl.constexpr, OFF64: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    # base tokens [tile BLOCK_M, (tile + 1) BLOCK_M) of the B*T', channels o_c: copied
+    o_r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (o_r < B * T_KEEP)[:, None] & (o_c < C)[None, :]
+    b = o_r // T_KEEP
+    t = o_r % T_KEEP
+    o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t + TOK0, o_c, OFF64)
+    b_x = tl.load(layers[0] + o_x, mask=mask)
+    o_out = _tile_offsets(stride_ob, stride_ot, 1, b, t, o_c, OFF64)
+    tl.store(out + o_out, b_x.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sti_pooled_tile(layers, stride_b, stride_t, stride_c, out, stride_ob, stride_ot, B, C,
+                     T_KEEP, TP, tile, o_c, POOL: tl.constexpr, TOK0: tl.constexpr,
+                     STARTS: tl.constexpr, SIZES: tl.constexpr, UNIFORM: tl.constexpr,
+                     OFF64: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    # pooled tile ``tile`` (group-major: cdiv(B*TP, BLOCK_P) per group), channels o_c
+    p_tiles = tl.cdiv(B * TP, BLOCK_P)
+    grp = tile // p_tiles
+    o_r = (tile % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (o_r < B * TP)[:, None] & (o_c < C)[None, :]
+    b = o_r // TP
+    j = o_r % TP
+    for g in tl.static_range(len(SIZES)):
+        if grp == g:
+            b_sum = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+            for q in range(POOL):
+                t = TOK0 + j * POOL + q
+                o_x = _tile_offsets(stride_b[0], stride_t[0], stride_c[0], b, t, o_c, OFF64)
+                b_sum += _group_sum(layers, stride_b, stride_t, stride_c, STARTS[g], SIZES[g],
+                                    o_x, b, t, o_c, mask, UNIFORM, OFF64, BLOCK_P, BLOCK_C)
+            b_mean = _round(b_sum / (SIZES[g] * POOL), out.dtype.element_ty, EMULATE_RNE)
+            o_out = _tile_offsets(stride_ob, stride_ot, 1, b, T_KEEP + g * TP + j, o_c, OFF64)
+            tl.store(out + o_out, b_mean, mask=mask)
 
 
 @triton.jit
@@ -204,9 +227,15 @@ FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 4}
 #: scalar loads need more registers per element; narrower tiles keep them spill-free.
 FEATURES_CONFIG_SCALAR = {"BLOCK_M": 16, "BLOCK_C": 32, "num_warps": 4}
 FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4}
-#: STI features kernel, pooled part (the base copy takes FEATURES_CONFIG): 8 warps over 16x64
-#: keep 13-layer groups with arbitrary strides and int64 offsets spill-free.
-STI_FEATURES_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 8}
+#: STI features kernel, one launch of both parts: 8 warps over 16 x 64 pooled tiles
+#: (``BLOCK_P``) keep 13-layer groups with arbitrary strides and int64 offsets spill-free; the
+#: base copy takes 64 x 64 tiles (two 16-byte loads of a bf16 layer per thread, no more
+#: registers than the pooled part: 30-32 with triton 3.9), so a copy program's share of the
+#: launch's straight-line code is spread over 4x the bytes of a 16-row tile (the static model
+#: counts both parts' code for every program: 16-row copies made one image issue-bound).
+STI_FEATURES_CONFIG = {"BLOCK_M": 64, "BLOCK_P": 16, "BLOCK_C": 64, "num_warps": 8}
+#: The same under the interpreter (small tiles: the tests' ragged shapes cross tile edges).
+STI_FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_C": 16, "num_warps": 4}
 #: TMA features kernel (sm_90), alone on the GPU: 8 x 64 tiles, a 3-deep ring (~50 KiB of
 #: shared memory, 44-96 registers with triton 3.9 / 3.6), 4 programs per SM: every program
 #: keeps two tiles of every layer (~50 KiB) in flight.
@@ -246,8 +275,8 @@ class FeaturesLaunch:
             return out
         if self.kind == "sti":
             entries = tuple([hidden_states[i] for i in self.index])
-            for args, meta, site in self.parts:
-                site((entries, *args[:3], out, *args[3:]), meta)
+            args, meta, site = self.parts  # one launch: the base copy and the pooled tokens
+            site((entries, *args[:3], out, *args[3:]), meta)
             return out
         return self.parts(hidden_states, out)  # DCI/SCI: one FeaturesChunkLaunch of all rows
 
@@ -271,24 +300,17 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
         return launch
     if spec.connector_type == "sti":
         launch.kind = "sti"
-        launch.parts = []
         tp = spec.pooled_tokens(tokens)
         out_strides = (launch.out_shape[1] * channels, channels)
         flags = common.layout_flags(entries, common.StandIn(launch.out_shape, out_strides))
-        for part, rows, groups in ((0, batch * t_keep, 1), (1, batch * tp, spec.num_groups)):
-            if rows == 0:
-                continue
-            if common.interpreting():
-                cfg = FEATURES_CONFIG_INTERPRET
-            else:
-                cfg = STI_FEATURES_CONFIG if part else FEATURES_CONFIG
-            grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(channels, cfg["BLOCK_C"]),
-                    groups)
-            launch.parts.append((
-                (sb, st, sc, *out_strides, batch, channels, t_keep, tp),
-                dict(PART=part, POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts,
-                     SIZES=sizes, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-                     num_warps=cfg["num_warps"]), DirectLaunch(_sti_features_kernel, grid)))
+        cfg = STI_FEATURES_CONFIG_INTERPRET if common.interpreting() else STI_FEATURES_CONFIG
+        pooled_tiles = spec.num_groups * triton.cdiv(batch * tp, cfg["BLOCK_P"])
+        grid = (pooled_tiles + triton.cdiv(batch * t_keep, cfg["BLOCK_M"]),
+                triton.cdiv(channels, cfg["BLOCK_C"]))
+        launch.parts = (
+            (sb, st, sc, *out_strides, batch, channels, t_keep, tp, pooled_tiles),
+            dict(POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
+                 **flags, **cfg), DirectLaunch(_sti_features_kernel, grid))
         return launch
     launch.kind = "chunk"
     tiles = (0, row_tiles(spec, batch, tokens)) if features_tma_eligible(entries, base.device) \
