@@ -673,6 +673,18 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
             # what it was read on: the case's distinct layers x bytes per element (bf16)
             cal["beside_gemm_layer_bytes"] = 2 * len(
                 ConnectorSpec.preset(enc, connector).used_layers)
+    # STI's features beside the GEMM (the overlap's image chunks after the first: the STI
+    # kernel's beside config), read off the tower's STI overlap row; the DCI features' where
+    # that row has no chunk beside the GEMM
+    if "features_efficiency_beside_gemm" in cal:
+        cal["sti_efficiency_beside_gemm"] = cal["features_efficiency_beside_gemm"]
+    sti_over = by.get(f"linear-overlap/{tower}-sti-{images}img-bf16")
+    if sti_over and sti_over.get("overlap_features_under_gemm_s"):
+        under = sti_over["overlap_features_under_gemm_s"][1:]
+        fe = [x for x in sti_over["launches"] if "features" in x["kernel"]][1:]
+        if under and fe:
+            cal["sti_efficiency_beside_gemm"] = round(
+                sum(x["dram_bytes"] for x in fe) / gpu.dram_bytes_per_s / sum(under), 3)
     # the pipelined path's helper beside the GEMM (its own kernel, not the overlap's features
     # launch): the lower of its efficiencies at one image and at ``images``; and the layer
     # bytes per element row below which it keeps too few bytes in flight, read off SCI's

@@ -268,7 +268,8 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     written once by the features kernel and fed to a GEMM (``path="two-pass"``; a persistent
     TMA kernel on Hopper, which reads SCI's one-layer slabs in place from the hidden states,
     with no features pass, where their kept rows form one 2-D view), or written in row chunks
-    on a side stream while the GEMM consumes the previous chunk (``path="overlap"``), or by
+    (STI: chunks of whole images) on a side stream while the GEMM consumes the previous chunk
+    (``path="overlap"``), or by
     one features launch running beside one persistent GEMM launch whose tiles wait on their
     rows' ready counts (``path="pipelined"``; 16-bit DCI/SCI on sm_90); ``path="auto"``
     chooses from the shape (``dc_kernels.ops.path.choose_linear_path``). Every path computes

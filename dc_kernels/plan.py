@@ -83,8 +83,8 @@ def _switches() -> Tuple:
         return ()
     common, features, linear, gemm_tma, pipelined = _SWITCH_MODULES
     return (features.USE_TMA, common.FORCE_OFF64, common.interpreting, common.empty,
-            linear.OVERLAP_CHUNK_ROWS, gemm_tma.STREAM_K_ITERS, linear.PIPELINED,
-            pipelined.HELPER, pipelined.HELPER_ROW_TILES)
+            linear.OVERLAP_CHUNK_ROWS, linear.OVERLAP_CHUNK_IMAGES, gemm_tma.STREAM_K_ITERS,
+            linear.PIPELINED, pipelined.HELPER, pipelined.HELPER_ROW_TILES)
 
 
 def lookup(key: Hashable, build: Callable[[], Any]) -> Any:

@@ -269,7 +269,7 @@ res = []
 for name, images, card in (('clip336-4096', 1, None), ('clip336-4096-sci', 1, None),
                            ('clip336-4096-sci', 2, None),
                            ('clip336-7168', 3, None), ('clip336-7168', 3, 'h200'),
-                           ('clip336-4096-sti', 1, None)):
+                           ('clip336-4096-sti', 1, None), ('siglip384-4096-sti', 16, None)):
     inputs = make_inputs(Case(SHAPES[name], images), torch.bfloat16, torch.device('cpu'))
     with A.record_launches(90, card=card) as recs, torch.no_grad():  # as the bundle runs it
         note = _dc_note('linear', inputs, torch.device('cuda'))[1]
@@ -285,9 +285,13 @@ print(json.dumps(res))
                "overlap": ["_features_tma_kernel", "_gemm_tma_kernel"] * 2}
     seen = set()
     for name, images, card, path, launched in res:
-        if name.endswith("-sti"):  # STI: two-pass, its features (copy and pooled) one launch
-            assert path == "two-pass" and launched == ["_sti_features_kernel",
-                                                       "_gemm_tma_kernel"], res
+        if name.endswith("-sti"):
+            # STI: its features (copy and pooled) one launch; one CLIP image two-pass, 16 SigLIP
+            # images overlapped in image chunks (features and GEMM per chunk, at least two)
+            sti = ["_sti_features_kernel", "_gemm_tma_kernel"]
+            assert (path, images) in (("two-pass", 1), ("overlap", 16)), res
+            assert launched == sti if images == 1 else \
+                (launched[:4] == sti * 2 and len(launched) % 2 == 0), res
             continue
         if path == "overlap":  # row chunks: features and GEMM per chunk, at least two
             assert launched[:4] == kernels["overlap"] and len(launched) % 2 == 0, res

@@ -231,11 +231,19 @@ def test_the_bundle_compares_a_card_with_its_own_estimates(tmp_path, name, capab
         h100 = bundle.latest_static(arch=90)
         assert h100["gpu"]["dram_bytes_per_s"] == 3.0e12
         # the same shapes estimated for both cards; the memory-bound features pass is faster
-        # on the H200 (by its DRAM, up to 4.3 / 3.0), no row of the H200 is slower
+        # on the H200 (by its DRAM, up to 4.3 / 3.0), no row of the H200 is slower -- except
+        # where the two cards run different launches: STI's overlap picks its image chunks by
+        # each card's calibration (the coarse rule), so its chunks can differ, and the finer
+        # model may rank the two choices the other way (SigLIP, 64 images: 16-image chunks on
+        # the H200, 738 us; 8-image chunks on the H100, 735 us): within 5 % there
         a = {r["case"]: r["est_s"] for r in h100["rows"]}
         b = {r["case"]: r["est_s"] for r in static["rows"]}
+        n_a = {r["case"]: len(r["launches"]) for r in h100["rows"]}
+        n_b = {r["case"]: len(r["launches"]) for r in static["rows"]}
         assert a.keys() == b.keys()
-        assert all(b[k] <= a[k] * 1.001 for k in a), [k for k in a if b[k] > a[k] * 1.001]
+        slack = {k: 1.001 if n_a[k] == n_b[k] else 1.05 for k in a}
+        assert all(b[k] <= a[k] * slack[k] for k in a), [k for k in a if b[k] > a[k] * slack[k]]
+        assert all(n_a[k] == n_b[k] for k in a if "-sti-" not in k or "overlap" not in k)
         feats = "features/clip336-dci-16img-bf16"
         assert 1.25 < a[feats] / b[feats] <= 4.3 / 3.0 + 1e-9
 

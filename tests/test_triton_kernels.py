@@ -463,11 +463,60 @@ def test_overlap_last_chunk_gemm_may_run_stream_k(monkeypatch):
         assert gemms[-1].programs > 0
 
 
-def test_overlap_on_sti_runs_two_pass():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("images", (1, 2, 5))
+def test_overlap_on_sti_runs_image_chunks(monkeypatch, dtype, images):
+    # STI's overlap runs chunks of whole images (5 images: a ragged last chunk of 1 with 2
+    # per chunk; 1 per chunk; one chunk of all): the STI kernel on batch slices of the layers
+    # writes the two-pass A bit for bit, and every output row comes from the same GEMM
+    # arithmetic (no GEMM here runs stream K), outputs poisoned (conftest); keep_features and
+    # keep_pre hand back the same A and Z
+    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_IMAGES", images)
     spec = ConnectorSpec.preset("clip", "sti")
-    hs = _hs(spec, 2, 33, 16, torch.float32, seed=36)
-    w, b = _weights(spec, 16, 24, torch.float32, seed=37)
-    _check_linear(hs, spec, w, b, "gelu", "overlap", torch.float32)
+    B, T, C, N = 5, 33, 16, 24  # 32 kept tokens, 4 pooled per group: 40 rows per image
+    hs = _hs(spec, B, T, C, dtype, seed=36 + images)
+    w, b = _weights(spec, C, N, dtype, seed=37)
+    launch = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", "overlap")
+    assert launch.path == "overlap"
+    over, feats, pre = launch(hs, w, b, keep_features=True, keep_pre=True)
+    k = min(images, B)
+    assert launch.overlap.chunks == [(b0 * 40, min(B, b0 + k) * 40) for b0 in range(0, B, k)]
+    two = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", "two-pass")
+    out2, feats2, pre2 = two(hs, w, b, keep_features=True, keep_pre=True)
+    assert torch.equal(feats, feats2)
+    assert torch.equal(feats, dense_connector_features(hs, spec, backend="triton"))
+    if dtype == torch.float32 and common.interpreting():
+        # (the interpreter's fp32 tl.dot may round a row by its place in its tile)
+        assert fp32_gemm_close(over, out2) and fp32_gemm_close(pre, pre2)
+    else:
+        assert torch.equal(over, out2) and torch.equal(pre, pre2)
+    _check_linear(hs, spec, w, b, "gelu", "overlap", dtype)
+
+
+def test_overlap_on_sti_needs_aligned_image_chunks():
+    # one image, or layers whose batch stride is not a 16-byte multiple (a chunk's slices
+    # would be aligned unlike the first call's): two-pass when asked for, never chosen; an
+    # STI chunk launch of such layers is refused before any launch
+    from dc_kernels.ops import features as features_ops
+    spec = ConnectorSpec.preset("clip", "sti")
+    dtype = torch.bfloat16
+    one = _hs(spec, 1, 33, 16, dtype, seed=38)
+    w, b = _weights(spec, 16, 24, dtype, seed=39)
+    assert linear_ops.prepare_linear(one, spec, 1, 33, 16, w, b, "gelu", "overlap").path \
+        == "two-pass"
+    # T = 33, C = 20 bf16: a batch stride of 1320 bytes
+    odd = _hs(spec, 3, 33, 20, dtype, seed=40)
+    w2, b2 = _weights(spec, 20, 24, dtype, seed=41)
+    assert not linear_ops.sti_overlap_serves(odd, spec, 3, 33)
+    assert linear_ops.prepare_linear(odd, spec, 3, 33, 20, w2, b2, "gelu", "overlap").path \
+        == "two-pass"
+    _check_linear(odd, spec, w2, b2, "gelu", "overlap", dtype)
+    with pytest.raises(ValueError, match="16-byte"):
+        features_ops.prepare_sti_chunk(odd, spec, 3, 33, 20, images=(1, 3))
+    with pytest.raises(ValueError, match="outside the batch"):
+        features_ops.prepare_sti_chunk(one, spec, 1, 33, 16, images=(0, 2))
+    with pytest.raises(ValueError, match="image chunks"):
+        linear_ops.prepare_overlap(one, spec, 1, 33, 16, w, "gelu")
 
 
 # --------------------------------------------------------------------------- pipelined path
@@ -984,6 +1033,21 @@ def test_dispatch_rule():
     assert choose(576, 1024, 128, 24, 3, 2, off64=True) == "two-pass"
     assert choose(576, 1024, 128, 24, 3, 2, uniform=False) == "two-pass"
     assert choose(576, 1024, 128, 3, 1, 2, sti=True) == "two-pass"
+    # STI: two-pass, or the overlap of whole-image chunks where they can run (sti_rows) and
+    # its estimate is smaller: not at 2 CLIP images (one image per chunk leaves most tile
+    # waves empty), at 64 (the features of 16-image chunks hide under the GEMM)
+    sti = dict(sti=True, sti_rows=(576, 720))
+    assert choose(2 * 720, 1024, 4096, 3, 3, 2, **sti) == "two-pass"
+    assert choose(64 * 720, 1024, 4096, 3, 3, 2, **sti) == "overlap"
+    assert choose(64 * 720, 1024, 4096, 3, 3, 2, sti=True) == "two-pass"  # no sti_rows
+    assert choose(64 * 720, 1024, 4096, 3, 3, 2, cuda=False, **sti) == "two-pass"
+    assert choose(64 * 720, 1024, 4096, 3, 3, 4, **sti) == "two-pass"  # fp32: the GEMM rules
+    t = path_ops.estimate_sti_times(64, 576, 720, 1024, 4096, 3, 2)
+    assert t["overlap"] < t["two-pass"]
+    assert path_ops.sti_overlap_images(64, 576, 720, 1024, 4096, 3, 2) == 16
+    assert path_ops.sti_overlap_images(1, 576, 720, 1024, 4096, 3, 2) == 1
+    with pytest.raises(ValueError, match="whole images"):
+        choose(64 * 720 + 1, 1024, 4096, 3, 3, 2, **sti)
     # an sm_80 card reads its own calibration: 108 SMs, the cp.async GEMM's 128 x 128 tiles
     # (whole waves: 1280 rows for N = 4096), and its GEMM never splits K
     a100 = path_ops.model_for(80)
@@ -991,6 +1055,14 @@ def test_dispatch_rule():
     assert a100["sms"] == 108 and a100["gemm_split_k"] is False  # no stream K there
     assert path_ops.overlap_chunk_rows(16 * 576, 4096, a100) == 1280
     assert path_ops.gemm_split_gain(576, 4096, 3072, a100) == 1.0
+    # STI chunks there: rows in multiples of 16 (its cp.async GEMM keeps only narrow tiles
+    # otherwise): SigLIP's 911 rows per image need 16-image chunks, so 16 images stay whole
+    assert path_ops.sti_chunk_row_multiple(80) == 16
+    assert path_ops.sti_chunk_row_multiple(90) == path_ops.sti_chunk_row_multiple(None) == 1
+    assert path_ops.sti_overlap_images(16, 729, 911, 1152, 4096, 3, 2, a100, 16) == 16
+    assert path_ops.sti_overlap_images(64, 729, 911, 1152, 4096, 3, 2, a100, 16) % 16 == 0
+    assert choose(16 * 911, 1152, 4096, 3, 3, 2, sti=True, sti_rows=(729, 911), arch=80) \
+        == "two-pass"
     # the choice is the smallest estimate among the paths that run
     for M, N in ((576, 128), (576, 4096), (9216, 256), (9216, 4096)):
         t = path_ops.estimate_linear_times(M, 1024, N, 24, 3, 2)
@@ -1190,9 +1262,9 @@ def test_an_h200_reads_its_own_calibration(monkeypatch):
 def test_path_rule_agrees_with_the_static_report(arch, card):
     # the path rule (a small roofline model, one calibration per architecture, and per card
     # where one has its own: the H200) against the committed static report (every kernel
-    # built as the JIT builds it, estimated from its SASS): for every DCI / SCI benchmark
-    # case, the path the rule picks is within 10 % of the report's fastest path (both are
-    # estimates; the rule is the coarser one)
+    # built as the JIT builds it, estimated from its SASS): for every DCI / SCI / STI
+    # benchmark case, the path the rule picks is within 10 % of the report's fastest path
+    # (both are estimates; the rule is the coarser one)
     import glob
     import json
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1213,18 +1285,21 @@ def test_path_rule_agrees_with_the_static_report(arch, card):
     checked = 0
     for case, t in times.items():
         tower, connector, images, _ = case.split("-")
-        if connector == "sti":
-            continue  # always two-pass (the rule's own argument)
         enc, tokens, C = towers[tower]
         spec = ConnectorSpec.preset(enc, connector)
-        M = int(images[:-3]) * tokens
+        T = tokens + spec.drop_cls
+        M = int(images[:-3]) * spec.out_tokens(T)
+        # (STI: the report's overlap rows are image chunks; one image runs two-pass)
+        sti_rows = (spec.tokens_kept(T), spec.out_tokens(T)) \
+            if connector == "sti" and images != "1img" else None
         pick = path_ops.choose_linear_path(M, C, 4096, len(spec.used_layers),
                                            spec.num_groups + 1, 2, arch=arch,
+                                           sti=connector == "sti", sti_rows=sti_rows,
                                            pipelined="pipelined" in t, card=card,
                                            direct=case in direct)
         assert t[pick] <= 1.10 * min(t.values()), (case, pick, t)
         checked += 1
-    assert checked >= 12
+    assert checked >= 18
 
 
 @pytest.mark.parametrize("path", sorted(set(path_ops.CALIBRATION_FILES.values())

@@ -24,9 +24,10 @@ from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
 
 __all__ = ["features_triton", "features_tma", "features_tma_eligible", "row_tiles",
-           "prepare_features_chunk", "FeaturesChunkLaunch",
+           "prepare_features_chunk", "FeaturesChunkLaunch", "prepare_sti_chunk",
+           "StiChunkLaunch", "sti_chunks_aligned",
            "row_of_tile", "FEATURES_CONFIG", "FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG",
-           "STI_FEATURES_CONFIG_INTERPRET",
+           "STI_FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG_BESIDE",
            "FEATURES_TMA_CONFIG", "FEATURES_TMA_CONFIG_BESIDE"]
 
 @triton.jit
@@ -234,6 +235,9 @@ FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4}
 #: launch's straight-line code is spread over 4x the bytes of a 16-row tile (the static model
 #: counts both parts' code for every program: 16-row copies made one image issue-bound).
 STI_FEATURES_CONFIG = {"BLOCK_M": 64, "BLOCK_P": 16, "BLOCK_C": 64, "num_warps": 8}
+#: The same beside the GEMM (the overlapped path's image chunks after the first): one CTA
+#: per SM in what a 128 x 256 GEMM CTA leaves (~8 K registers): 4 warps of <= 64 registers.
+STI_FEATURES_CONFIG_BESIDE = {"BLOCK_M": 64, "BLOCK_P": 16, "BLOCK_C": 64, "num_warps": 4}
 #: The same under the interpreter (small tiles: the tests' ragged shapes cross tile edges).
 STI_FEATURES_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_C": 16, "num_warps": 4}
 #: TMA features kernel (sm_90), alone on the GPU: 8 x 64 tiles, a 3-deep ring (~50 KiB of
@@ -273,12 +277,8 @@ class FeaturesLaunch:
         out = common.empty(self.out_shape, self.dtype, self.device)
         if self.kind == "empty":
             return out
-        if self.kind == "sti":
-            entries = tuple([hidden_states[i] for i in self.index])
-            args, meta, site = self.parts  # one launch: the base copy and the pooled tokens
-            site((entries, *args[:3], out, *args[3:]), meta)
-            return out
-        return self.parts(hidden_states, out)  # DCI/SCI: one FeaturesChunkLaunch of all rows
+        # one chunk of every row (DCI/SCI) or of every image (STI)
+        return self.parts(hidden_states, out)
 
 
 def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,
@@ -300,23 +300,91 @@ def prepare_features(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
         return launch
     if spec.connector_type == "sti":
         launch.kind = "sti"
-        tp = spec.pooled_tokens(tokens)
-        out_strides = (launch.out_shape[1] * channels, channels)
-        flags = common.layout_flags(entries, common.StandIn(launch.out_shape, out_strides))
-        cfg = STI_FEATURES_CONFIG_INTERPRET if common.interpreting() else STI_FEATURES_CONFIG
-        pooled_tiles = spec.num_groups * triton.cdiv(batch * tp, cfg["BLOCK_P"])
-        grid = (pooled_tiles + triton.cdiv(batch * t_keep, cfg["BLOCK_M"]),
-                triton.cdiv(channels, cfg["BLOCK_C"]))
-        launch.parts = (
-            (sb, st, sc, *out_strides, batch, channels, t_keep, tp, pooled_tiles),
-            dict(POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
-                 **flags, **cfg), DirectLaunch(_sti_features_kernel, grid))
+        launch.parts = prepare_sti_chunk(hidden_states, spec, batch, tokens, channels)
         return launch
     launch.kind = "chunk"
     tiles = (0, row_tiles(spec, batch, tokens)) if features_tma_eligible(entries, base.device) \
         else None
     launch.parts = prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
                                           tiles=tiles)
+    return launch
+
+
+class StiChunkLaunch:
+    """STI features of the images ``[b0, b1)`` written into a given A, prepared once
+    (:func:`prepare_sti_chunk`; the overlapped path's image chunks, or every image):
+    ``launch(hidden_states, out)`` runs ``_sti_features_kernel`` on those images of the layers
+    (batch slices: views, no copies) into the same images of ``out``, a contiguous
+    ``[B, T' + G*TP, C]`` A of the layout it was prepared for."""
+
+    __slots__ = ("kind", "index", "images", "whole", "args", "meta", "site")
+
+    def __call__(self, hidden_states, out: torch.Tensor) -> torch.Tensor:
+        if self.kind == "empty":
+            return out
+        if self.whole:
+            entries = tuple([hidden_states[i] for i in self.index])
+            part = out
+        else:
+            b0, b1 = self.images
+            entries = tuple([hidden_states[i][b0:b1] for i in self.index])
+            part = out[b0:b1]
+        # one launch: the base copy and the pooled tokens
+        self.site((entries, *self.args[:3], part, *self.args[3:]), self.meta)
+        return out
+
+
+def sti_chunks_aligned(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
+                       tokens: int, channels: int) -> bool:
+    """Whether image chunks of STI keep every pointer's 16-byte alignment (a chunk's layer
+    slices and A slice start whole 16-byte multiples after the tensors): each read layer's
+    batch stride and A's per-image rows ``(T' + G*TP) C`` are 16-byte multiples. The launches
+    of a plan are specialized on the first call's pointers; with these, a later call's slices
+    are aligned exactly as its tensors are."""
+    entries, _, _ = common.layer_entries(hidden_states, spec)
+    e = entries[0].element_size()
+    return all((x.stride(0) * e) % 16 == 0 for x in entries) and \
+        (spec.out_tokens(tokens) * channels * e) % 16 == 0
+
+
+def prepare_sti_chunk(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, batch: int,
+                      tokens: int, channels: int, images: Optional[Tuple[int, int]] = None,
+                      beside_gemm: bool = False) -> StiChunkLaunch:
+    """The :class:`StiChunkLaunch` writing the STI features of images ``images = (b0, b1)``
+    (default: all ``batch``) of ``hidden_states`` into A. ``beside_gemm``: the config that
+    fits beside a GEMM CTA (:data:`STI_FEATURES_CONFIG_BESIDE`). A chunk of fewer than all
+    images needs :func:`sti_chunks_aligned` (ValueError otherwise)."""
+    b0, b1 = images if images is not None else (0, batch)
+    if not 0 <= b0 <= b1 <= batch:
+        raise ValueError(f"images {images} outside the batch of {batch}")
+    launch = StiChunkLaunch()
+    launch.index = common.entry_indices(spec)
+    launch.images = (b0, b1)
+    launch.whole = (b0, b1) == (0, batch)
+    if not launch.whole and not sti_chunks_aligned(hidden_states, spec, tokens, channels):
+        raise ValueError("STI image chunks need 16-byte multiples of every read layer's batch "
+                         "stride and of A's rows per image (sti_chunks_aligned)")
+    t_keep = spec.tokens_kept(tokens)
+    n = b1 - b0
+    if n == 0 or t_keep == 0 or channels == 0:
+        launch.kind = "empty"
+        return launch
+    launch.kind = "sti"
+    entries, starts, sizes = common.layer_entries(hidden_states, spec)
+    sb, st, sc = common.strides(entries)
+    tp = spec.pooled_tokens(tokens)
+    out_shape = (n, spec.out_tokens(tokens), channels)
+    out_strides = (out_shape[1] * channels, channels)
+    flags = common.layout_flags(entries, common.StandIn(out_shape, out_strides))
+    cfg = STI_FEATURES_CONFIG_INTERPRET if common.interpreting() else \
+        STI_FEATURES_CONFIG_BESIDE if beside_gemm else STI_FEATURES_CONFIG
+    pooled_tiles = spec.num_groups * triton.cdiv(n * tp, cfg["BLOCK_P"])
+    grid = (pooled_tiles + triton.cdiv(n * t_keep, cfg["BLOCK_M"]),
+            triton.cdiv(channels, cfg["BLOCK_C"]))
+    launch.args = (sb, st, sc, *out_strides, n, channels, t_keep, tp, pooled_tiles)
+    launch.meta = dict(POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
+                       **flags, **cfg)
+    launch.site = DirectLaunch(_sti_features_kernel, grid)
     return launch
 
 

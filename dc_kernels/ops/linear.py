@@ -25,10 +25,11 @@ from ..spec import ConnectorSpec
 from . import common
 from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
-from .features import features_triton, prepare_features
+from .features import features_triton, prepare_features, prepare_sti_chunk, sti_chunks_aligned
 from .gemm_tma import (arch_of, card_of, direct_slabs, gemm_tma_eligible, prepare_gemm_tma,
                        slab_views, sms_of)
-from .path import choose_linear_path, model_for, overlap_chunk_rows
+from .path import (choose_linear_path, model_for, overlap_chunk_rows, sti_chunk_row_multiple,
+                   sti_overlap_images)
 from .pipelined import pipelined_eligible, prepare_pipelined
 
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
@@ -36,7 +37,7 @@ __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "Lin
            "pipelined_serves", "direct_serves", "auto_path", "DIRECT_A",
            "LINEAR_CONFIG_INTERPRET", "PATHS",
            "prune_configs", "shared_bytes_bound", "overlap_chunks", "prepare_overlap",
-           "OverlapLaunch"]
+           "OverlapLaunch", "sti_overlap_serves", "sti_chunk_images", "OVERLAP_CHUNK_IMAGES"]
 
 
 @triton.jit
@@ -392,6 +393,9 @@ def gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: torch.Ten
 #: Overlapped path: rows per chunk; 0 = :func:`dc_kernels.ops.path.overlap_chunk_rows`
 #: (whole GEMM waves per chunk). Tests set it to exercise small and ragged chunks.
 OVERLAP_CHUNK_ROWS = 0
+#: Overlapped path, STI: images per chunk; 0 = :func:`dc_kernels.ops.path.sti_overlap_images`.
+#: Tests set it (a plan switch).
+OVERLAP_CHUNK_IMAGES = 0
 #: False: the path rule never picks the pipelined path and ``path="pipelined"`` runs two-pass
 #: (a plan switch, like every launcher switch)
 PIPELINED = True
@@ -415,6 +419,29 @@ def pipelined_serves(entries, spec: ConnectorSpec, weight: torch.Tensor, n_out: 
     return PIPELINED and pipelined_eligible(entries, spec, weight,
                                             (n_out * entries[0].element_size()) % 16 == 0)
 _SIDE_STREAMS = {}
+
+
+def sti_overlap_serves(hidden_states, spec: ConnectorSpec, batch: int, tokens: int) -> bool:
+    """Whether the overlapped path can run STI in image chunks: at least two images, kept
+    tokens, and chunk slices that keep the layers' and A's alignment
+    (:func:`.features.sti_chunks_aligned`)."""
+    return spec.connector_type == "sti" and batch >= 2 and spec.tokens_kept(tokens) > 0 and \
+        sti_chunks_aligned(hidden_states, spec, tokens, hidden_states[spec.final_layer].shape[2])
+
+
+def sti_chunk_images(hidden_states, spec: ConnectorSpec, batch: int, tokens: int,
+                     weight: torch.Tensor) -> int:
+    """Images per chunk of the overlapped path for these (validated) STI inputs:
+    :data:`OVERLAP_CHUNK_IMAGES`, else :func:`dc_kernels.ops.path.sti_overlap_images` on the
+    card's calibration and its GEMM's row multiple; at most ``batch``."""
+    if OVERLAP_CHUNK_IMAGES:
+        return max(1, min(batch, OVERLAP_CHUNK_IMAGES))
+    base = hidden_states[spec.final_layer]
+    arch = arch_of(base)
+    return sti_overlap_images(batch, spec.tokens_kept(tokens), spec.out_tokens(tokens),
+                              base.shape[2], weight.shape[0], len(spec.used_layers),
+                              base.element_size(), model_for(arch, card_of(base), sms_of(base)),
+                              sti_chunk_row_multiple(arch))
 
 
 def overlap_chunks(M: int, chunk_rows: int) -> list:
@@ -455,8 +482,9 @@ class OverlapLaunch:
     GEMM does when whole tiles leave SMs idle): stream K changes only the fp32 summation
     order, within the same bound. The TMA features kernel
     (sm_90) keeps its bytes in flight in shared memory, so it still draws bandwidth beside the
-    GEMM's CTAs; chunks are then whole row tiles of it. Off CUDA (the interpreter) the chunks
-    run in order."""
+    GEMM's CTAs; chunks are then whole row tiles of it. STI's chunks are whole images (the
+    STI kernel on batch slices of the layers, :func:`~dc_kernels.ops.features.prepare_sti_chunk`).
+    Off CUDA (the interpreter) the chunks run in order."""
 
     __slots__ = ("chunks", "features", "gemms", "shape", "dtype", "device", "activation",
                  "events")
@@ -505,14 +533,30 @@ class OverlapLaunch:
 def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activation,
                     chunk_rows: int = 0) -> OverlapLaunch:
     """The :class:`OverlapLaunch` of these (validated) inputs; ``chunk_rows`` 0:
-    :data:`OVERLAP_CHUNK_ROWS`, else :func:`dc_kernels.ops.path.overlap_chunk_rows`."""
+    :data:`OVERLAP_CHUNK_ROWS`, else :func:`dc_kernels.ops.path.overlap_chunk_rows`. STI
+    (:func:`sti_overlap_serves`) runs in chunks of whole images instead
+    (:func:`sti_chunk_images`; ``chunk_rows`` unused)."""
     from .features import features_tma_eligible, prepare_features_chunk
     base = hidden_states[spec.final_layer]
     t_keep = spec.tokens_kept(tokens)
     M = batch * t_keep
     launch = OverlapLaunch()
-    launch.shape = (batch, t_keep, spec.out_channels(channels))
+    launch.shape = (batch, spec.out_tokens(tokens), spec.out_channels(channels))
     launch.dtype, launch.device, launch.activation = base.dtype, base.device, activation
+    launch.gemms = launch.events = None
+    if spec.connector_type == "sti":
+        if not sti_overlap_serves(hidden_states, spec, batch, tokens):
+            raise ValueError("the overlapped path runs STI in image chunks: it needs 2+ images "
+                             "and 16-byte aligned chunks (sti_overlap_serves)")
+        k = sti_chunk_images(hidden_states, spec, batch, tokens, weight)
+        t_out = launch.shape[1]
+        images = [(b, min(batch, b + k)) for b in range(0, batch, k)]
+        launch.chunks = [(b0 * t_out, b1 * t_out) for b0, b1 in images]
+        # chunk 0 runs alone; the later chunks share the SMs with the GEMM
+        launch.features = [prepare_sti_chunk(hidden_states, spec, batch, tokens, channels,
+                                             images=im, beside_gemm=im[0] > 0)
+                           for im in images]
+        return launch
     chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(
         M, weight.shape[0], model_for(arch_of(base), card_of(base), sms_of(base)))
     entries, _, _ = common.layer_entries(hidden_states, spec)
@@ -527,7 +571,6 @@ def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activa
         launch.chunks = overlap_chunks(M, chunk_rows)
         launch.features = [prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
                                                   rows=r) for r in launch.chunks]
-    launch.gemms = launch.events = None
     return launch
 
 
@@ -554,10 +597,12 @@ def linear_triton(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec,
     * ``"auto"``: :func:`dc_kernels.ops.path.choose_linear_path`.
 
     A layout the fused kernel is not built for (layers with differing strides, 2^31+ element
-    tensors, STI) runs two-pass when ``"fused"`` is asked for, STI runs two-pass when
-    ``"overlap"`` is asked for, and what the pipelined path is not built for (STI, fp32, layouts
-    TMA cannot read, no sm_90) runs two-pass when ``"pipelined"`` is asked for; the result is
-    the same within the GEMM's bound (bit for bit where neither runs stream K).
+    tensors, STI) runs two-pass when ``"fused"`` is asked for, and what the pipelined path is
+    not built for (STI, fp32, layouts TMA cannot read, no sm_90) runs two-pass when
+    ``"pipelined"`` is asked for; the result is the same within the GEMM's bound (bit for bit
+    where neither runs stream K). STI runs the overlap in chunks of whole images, where it has
+    two images or more and chunk slices keep the alignment (:func:`sti_overlap_serves`; else
+    two-pass).
     """
     return _linear(hidden_states, spec, batch, tokens, channels, weight, bias, activation, path,
                    False, False)[0]
@@ -670,9 +715,12 @@ def auto_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, weight
     entries, _, _ = common.layer_entries(hidden_states, spec)
     flags = common.layout_flags(entries, weight, common.StandIn((M, N), (N, 1)))
     off64 = flags["OFF64"] or N * weight.shape[1] >= 2 ** 31 - 1  # the unsharded weight
+    sti = spec.connector_type == "sti"
+    sti_rows = (spec.tokens_kept(T), spec.out_tokens(T)) \
+        if sti and sti_overlap_serves(hidden_states, spec, B, T) else None
     return choose_linear_path(M, C, N, len(spec.used_layers), spec.num_groups + 1,
                               base.element_size(), flags["UNIFORM"], off64,
-                              sti=spec.connector_type == "sti",
+                              sti=sti, sti_rows=sti_rows,
                               cuda=gemm_tma._cuda_device(base), arch=arch_of(base),
                               pipelined=pipelined_serves(entries, spec, weight, N),
                               card=card_of(base), sms=sms_of(base),
@@ -714,7 +762,7 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
         path = auto_path(hidden_states, spec, weight)
     elif path == "fused" and not fusable:
         path = "two-pass"
-    elif path == "overlap" and sti:
+    elif path == "overlap" and sti and not sti_overlap_serves(hidden_states, spec, batch, tokens):
         path = "two-pass"
     elif path == "pipelined" and not pipelinable:
         path = "two-pass"

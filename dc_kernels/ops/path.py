@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "CARD_CALIBRATION_FILES", "load_calibration",
            "PATH_MODEL", "TMA_MAJOR", "runs_tma_kernels", "card_key", "calibration_file",
            "model_for", "estimate_linear_times",
-           "choose_linear_path", "overlap_chunk_rows",
+           "choose_linear_path", "overlap_chunk_rows", "estimate_sti_times",
+           "sti_overlap_images", "sti_chunk_row_multiple", "STI_MAX_CHUNK_IMAGES",
+           "STI_OVERLAP_MARGIN",
            "gemm_stream_k", "stream_k_bounds", "stream_k_owner", "stream_k_shape",
            "stream_k_partials", "stream_k_program_steps",
            "gemm_split_gain",
@@ -39,6 +41,7 @@ CALIBRATION_FILES = {90: CALIBRATION_FILE, 80: os.path.join(_HERE, "calibration-
 _REQUIRED = ("dram_bytes_per_s", "l2_bytes_per_s", "flop_per_s", "launch_s", "sms",
              "issue_per_s", "features_efficiency", "features_efficiency_beside_gemm",
              "helper_efficiency_beside_gemm", "helper_layer_bytes", "beside_gemm_layer_bytes",
+             "sti_efficiency_beside_gemm",
              "gemm_efficiency",
              "gemm_tile_m", "gemm_tile_n",
              "gemm_split_k", "fused_block_n", "fused_block_n_small_groups",
@@ -234,6 +237,109 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
     return {"fused": fused * f.get("fused", 1.0), "two-pass": two_pass * f.get("two-pass", 1.0),
             "overlap": overlap * f.get("overlap", 1.0),
             "pipelined": pipelined * f.get("pipelined", 1.0)}
+
+
+#: STI takes the overlap only where its estimate is at least this much under two-pass's: its
+#: chunks add launches and a side stream whose costs the rule's roofline does not resolve, so a
+#: near tie goes to the one-launch-per-pass path (at 16 CLIP images the rule has the two within
+#: 0.1 %, and the static model puts the overlap 2 % behind: *estimates*, 2026-12-06).
+STI_OVERLAP_MARGIN = 0.03
+#: The largest image chunk :func:`sti_overlap_images` considers (a bigger first chunk only
+#: lengthens the features pass that runs alone).
+STI_MAX_CHUNK_IMAGES = 64
+
+
+def _sti_overlap_time(batch: int, images: int, t_out: int, C: int, N: int, e: int,
+                      per_image: float, beside_per_image: float, m: Dict) -> float:
+    # the overlapped path over chunks of ``images`` images (the last one ragged): the first
+    # chunk's features alone, then per chunk the slower of its GEMM (only the last one, alone,
+    # may run stream K) and the next chunk's features beside it; a launch per chunk
+    chunks = math.ceil(batch / images)
+    sizes = [images] * (chunks - 1) + [batch - images * (chunks - 1)]
+    total = per_image * sizes[0] + chunks * m["launch_s"]
+    for j, n in enumerate(sizes):
+        nxt = beside_per_image * sizes[j + 1] if j + 1 < chunks else 0.0
+        total += max(_sti_gemm_time(n * t_out, N, C, e, m, j == chunks - 1), nxt)
+    return total
+
+
+def _sti_gemm_time(rows: int, N: int, K: int, e: int, m: Dict, may_split: bool) -> float:
+    # STI's GEMMs, quantized in the calibration's tiles (128 x 256 on sm_90): its image chunks
+    # fill the tile waves unevenly, which 128 x 128 tiles would understate
+    return _gemm_time(rows, N, K, e, m, may_split, (m["gemm_tile_m"], m["gemm_tile_n"]))
+
+
+def _sti_rates(t_keep: int, t_out: int, C: int, num_layers_read: int, e: int, m: Dict
+               ) -> Tuple[float, float]:
+    # seconds per image of the STI features alone and beside the GEMM: every read layer's
+    # kept tokens (the base copied, each group member pooled) and A's rows, through DRAM
+    per_image = (num_layers_read * t_keep + t_out) * C * e / (
+        m["dram_bytes_per_s"] * m["features_efficiency"])
+    return per_image, per_image * m["features_efficiency"] / m["sti_efficiency_beside_gemm"]
+
+
+def sti_chunk_row_multiple(arch: Optional[int]) -> int:
+    """What STI's image chunks' rows must be a multiple of on an ``sm_{arch}`` card: 1 where
+    the TMA GEMM runs (:func:`runs_tma_kernels`; None: the interpreter, no card), 16 on the
+    cards of the ``cp.async`` GEMM, whose launches with rows not divisible by 16 keep only
+    narrow tiles (``linear.prune_configs``; SigLIP's 911 rows per image took 128 x 64 tiles,
+    L2-bound, in the sm_80 report: the overlap there 25 % behind two-pass, *estimates*)."""
+    return 1 if arch is None or runs_tma_kernels(arch) else 16
+
+
+def sti_overlap_images(batch: int, t_keep: int, t_out: int, C: int, N: int,
+                       num_layers_read: int, element_size: int,
+                       model: Optional[Dict] = None, row_multiple: int = 1) -> int:
+    """Images per chunk of the overlapped path for STI (chunks are whole images: the features
+    kernel's programs are per image): the count, from 1 to :data:`STI_MAX_CHUNK_IMAGES` and at
+    most half the batch (two chunks at least), whose chunks' rows are multiples of
+    ``row_multiple`` (:func:`sti_chunk_row_multiple`), whose estimate
+    (:func:`estimate_sti_times`) is fastest, the larger on a tie; ``batch`` (one chunk: no
+    overlap) when fewer than 2 images or no count qualifies."""
+    m = model or PATH_MODEL
+    if batch < 2:
+        return max(batch, 1)
+    per_image, beside = _sti_rates(t_keep, t_out, C, num_layers_read, element_size, m)
+    best, best_t = batch, math.inf
+    for k in range(1, min(STI_MAX_CHUNK_IMAGES, math.ceil(batch / 2)) + 1):
+        if (k * t_out) % row_multiple:
+            continue
+        t = _sti_overlap_time(batch, k, t_out, C, N, element_size, per_image, beside, m)
+        if t <= best_t:
+            best, best_t = k, t
+    return best
+
+
+def estimate_sti_times(batch: int, t_keep: int, t_out: int, C: int, N: int,
+                       num_layers_read: int, element_size: int, model: Optional[Dict] = None,
+                       images_per_chunk: int = 0, row_multiple: int = 1) -> dict:
+    """Estimated seconds of the STI paths (:data:`PATH_MODEL` or ``model``): ``batch`` images
+    of ``t_keep`` kept tokens, ``t_out`` rows of A each (the kept tokens, then the pooled
+    ones), ``C`` channels (A is ``[batch * t_out, C]``), ``N`` outputs, ``num_layers_read``
+    distinct layers.
+
+    * ``two-pass``: the features pass (every read layer's kept tokens and A's rows through
+      DRAM at ``features_efficiency``), the GEMM (:func:`estimate_linear_times`' model, its
+      waves counted in the calibration's ``gemm_tile_m`` x ``gemm_tile_n`` tiles) and a
+      launch;
+    * ``overlap``: image chunks of ``images_per_chunk`` (0: :func:`sti_overlap_images`, with
+      ``row_multiple``); the
+      features of chunk j + 1 beside the GEMM of chunk j at ``sti_efficiency_beside_gemm``
+      of the bandwidth (calibrated on the STI kernel's beside-the-GEMM config); with one
+      chunk, two-pass;
+    * each multiplied by its ``measured_over_estimated`` factor."""
+    m = model or PATH_MODEL
+    e = element_size
+    per_image, beside = _sti_rates(t_keep, t_out, C, num_layers_read, e, m)
+    two_pass = per_image * batch + _sti_gemm_time(batch * t_out, N, C, e, m, True) \
+        + m["launch_s"]
+    k = images_per_chunk or sti_overlap_images(batch, t_keep, t_out, C, N, num_layers_read, e,
+                                               m, row_multiple)
+    overlap = two_pass if k >= batch else \
+        _sti_overlap_time(batch, k, t_out, C, N, e, per_image, beside, m)
+    f = m["measured_over_estimated"]
+    return {"two-pass": two_pass * f.get("two-pass", 1.0),
+            "overlap": overlap * f.get("overlap", 1.0)}
 
 
 #: The cost of one fp32 partial tile (written by a piece of a split tile, read back by its
@@ -585,11 +691,14 @@ def overlap_chunk_rows(M: int, N: int, model: Optional[Dict] = None) -> int:
     return best * tm
 
 
-def _gemm_time(rows: int, N: int, K: int, e: int, m: Dict, may_split: bool) -> float:
-    # the path model's GEMM: wave-quantized 128 x 128 tiles against the FLOP and DRAM limits,
-    # times gemm_split_gain where the kernel runs stream K
-    waves = math.ceil(math.ceil(rows / 128) * math.ceil(N / 128) / m["sms"])
-    tiles_time = waves * 128 * 128 * K * 2.0 / (m["flop_per_s"] / m["sms"])
+def _gemm_time(rows: int, N: int, K: int, e: int, m: Dict, may_split: bool,
+               tile: Tuple[int, int] = (128, 128)) -> float:
+    # the path model's GEMM: wave-quantized ``tile`` tiles (128 x 128; STI's estimates take
+    # the calibration's GEMM tiles) against the FLOP and DRAM limits, times gemm_split_gain
+    # where the kernel runs stream K
+    tm, tn = tile
+    waves = math.ceil(math.ceil(rows / tm) * math.ceil(N / tn) / m["sms"])
+    tiles_time = waves * tm * tn * K * 2.0 / (m["flop_per_s"] / m["sms"])
     if may_split:
         tiles_time *= gemm_split_gain(rows, N, K, m)
     return max(tiles_time, (rows * K + K * N + rows * N) * e / m["dram_bytes_per_s"]) \
@@ -679,7 +788,8 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
                        element_size: int, uniform: bool = True, off64: bool = False,
                        sti: bool = False, cuda: bool = True, arch: Optional[int] = None,
                        pipelined: bool = False, card: Optional[str] = None,
-                       sms: Optional[int] = None, direct: bool = False) -> str:
+                       sms: Optional[int] = None, direct: bool = False,
+                       sti_rows: Optional[Tuple[int, int]] = None) -> str:
     """Pick ``"fused"``, ``"two-pass"``, ``"overlap"`` or ``"pipelined"``: the smallest
     estimate that runs.
 
@@ -688,18 +798,30 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     it wins only for narrow outputs. The overlapped path needs at least two row chunks and CUDA
     streams (``cuda=False``: never chosen). The fused kernel is built only for layers sharing
     one stride set and tensors under 2^31 elements (``uniform=False`` or ``off64=True``: not
-    chosen); STI (``sti=True``) is always two-pass: its features are ``1 + G / pool`` times a
-    layer (1.25x for the presets), cheap to write and re-read, while building a pooled row
-    inside the GEMM would re-read ``pool`` tokens of every group member per N tile.
+    chosen). STI (``sti=True``) is never fused: building a pooled row inside the GEMM would
+    re-read ``pool`` tokens of every group member per N tile; it picks the overlap of
+    whole-image chunks where :func:`estimate_sti_times` puts it :data:`STI_OVERLAP_MARGIN`
+    under two-pass (16-bit only), else two-pass, given ``sti_rows = (T', T' + G*TP)`` (kept tokens and A's rows per image, ``M`` a multiple of the latter) where
+    image chunks can run (:func:`dc_kernels.ops.features.sti_chunks_aligned`; None: two-pass).
     ``arch``: the card's SM version, ``card``: its :func:`card_key`, ``sms``: its SM count
     (:func:`model_for` picks the calibration from the first two and counts the third's SMs).
     ``pipelined``: the pipelined path can run (:func:`dc_kernels.ops.pipelined.pipelined_eligible`;
     it also needs CUDA streams). ``direct``: the two-pass path's GEMM reads the layers in place,
     with no features pass (:func:`dc_kernels.ops.linear.direct_serves`).
     """
-    if sti:
-        return "two-pass"
     model = model_for(arch, card, sms)
+    if sti:
+        # (fp32: the FFMA or TF32 GEMM is ~30x the features pass, and the chunks move its
+        # config choice more than the hidden features save: two-pass)
+        if sti_rows is None or not cuda or element_size != 2:
+            return "two-pass"
+        t_keep, t_out = sti_rows
+        if t_out <= 0 or M % t_out:
+            raise ValueError(f"sti_rows {sti_rows}: M = {M} is not whole images of {t_out} rows")
+        t = estimate_sti_times(M // t_out, t_keep, t_out, C, N, num_layers_read, element_size,
+                               model, row_multiple=sti_chunk_row_multiple(arch))
+        return "overlap" if t["overlap"] < (1.0 - STI_OVERLAP_MARGIN) * t["two-pass"] \
+            else "two-pass"
     t = estimate_linear_times(M, C, N, num_layers_read, num_slabs, element_size, model,
                               direct=direct)
     if not uniform or off64:

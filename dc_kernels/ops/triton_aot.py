@@ -422,8 +422,8 @@ def aot_cases(dtypes: Iterable[str] = tuple(DTYPES)) -> List[Case]:
                     cases.append(Case(f"features/{base}", "benchmark",
                                       lambda hs=hs, spec=spec: _features_call(hs(), spec),
                                       dict(facts, op="features")))
-                    paths = ("two-pass",) if ct == "sti" else ("fused", "two-pass", "overlap",
-                                                               "pipelined")
+                    paths = ("two-pass", "overlap") if ct == "sti" else (
+                        "fused", "two-pass", "overlap", "pipelined")
                     for path in paths:
                         cases.append(Case(
                             f"linear-{path}/{base}", "benchmark",
