@@ -291,11 +291,11 @@ def sti_overlap_images(batch: int, t_keep: int, t_out: int, C: int, N: int,
                        num_layers_read: int, element_size: int,
                        model: Optional[Dict] = None, row_multiple: int = 1) -> int:
     """Images per chunk of the overlapped path for STI (chunks are whole images: the features
-    kernel's programs are per image): the count, from 1 to :data:`STI_MAX_CHUNK_IMAGES` and at
-    most half the batch (two chunks at least), whose chunks' rows are multiples of
-    ``row_multiple`` (:func:`sti_chunk_row_multiple`), whose estimate
-    (:func:`estimate_sti_times`) is fastest, the larger on a tie; ``batch`` (one chunk: no
-    overlap) when fewer than 2 images or no count qualifies."""
+    kernel's programs are per image): among the counts from 1 to :data:`STI_MAX_CHUNK_IMAGES`
+    and at most half the batch (two chunks at least) whose chunk rows are multiples of
+    ``row_multiple`` (:func:`sti_chunk_row_multiple`), the one :func:`estimate_sti_times` puts
+    fastest, the larger on a tie; ``batch`` (one chunk: no overlap) when fewer than 2 images
+    or no count qualifies."""
     m = model or PATH_MODEL
     if batch < 2:
         return max(batch, 1)
@@ -323,10 +323,9 @@ def estimate_sti_times(batch: int, t_keep: int, t_out: int, C: int, N: int,
       waves counted in the calibration's ``gemm_tile_m`` x ``gemm_tile_n`` tiles) and a
       launch;
     * ``overlap``: image chunks of ``images_per_chunk`` (0: :func:`sti_overlap_images`, with
-      ``row_multiple``); the
-      features of chunk j + 1 beside the GEMM of chunk j at ``sti_efficiency_beside_gemm``
-      of the bandwidth (calibrated on the STI kernel's beside-the-GEMM config); with one
-      chunk, two-pass;
+      ``row_multiple``); the features of chunk j + 1 beside the GEMM of chunk j at
+      ``sti_efficiency_beside_gemm`` of the bandwidth (calibrated on the STI kernel's
+      beside-the-GEMM config); with one chunk, two-pass;
     * each multiplied by its ``measured_over_estimated`` factor."""
     m = model or PATH_MODEL
     e = element_size
@@ -801,8 +800,9 @@ def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: 
     chosen). STI (``sti=True``) is never fused: building a pooled row inside the GEMM would
     re-read ``pool`` tokens of every group member per N tile; it picks the overlap of
     whole-image chunks where :func:`estimate_sti_times` puts it :data:`STI_OVERLAP_MARGIN`
-    under two-pass (16-bit only), else two-pass, given ``sti_rows = (T', T' + G*TP)`` (kept tokens and A's rows per image, ``M`` a multiple of the latter) where
-    image chunks can run (:func:`dc_kernels.ops.features.sti_chunks_aligned`; None: two-pass).
+    under two-pass (16-bit only), else two-pass, given ``sti_rows = (T', T' + G*TP)`` (kept
+    tokens and A's rows per image, ``M`` a multiple of the latter) where image chunks can run
+    (:func:`dc_kernels.ops.features.sti_chunks_aligned`; None: two-pass).
     ``arch``: the card's SM version, ``card``: its :func:`card_key`, ``sms``: its SM count
     (:func:`model_for` picks the calibration from the first two and counts the third's SMs).
     ``pipelined``: the pipelined path can run (:func:`dc_kernels.ops.pipelined.pipelined_eligible`;
