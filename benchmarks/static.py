@@ -44,7 +44,7 @@ from dc_kernels.ops.path import (SLAB_FILL_STEPS, pipelined_makespan,
                                  stream_k_partials, stream_k_program_steps)
 
 __all__ = ["GPU", "GPUS", "CARD_GPUS", "estimate_launch", "estimate_rows", "run_static",
-           "markdown", "pipelined_residency_problems"]
+           "markdown", "pipelined_residency_problems", "overlap_residency_problems"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,49 @@ def pipelined_residency_problems(reports: Sequence[dict]) -> List[str]:
             bad.append(f"{case}: the helper ({helper['registers']} registers, "
                        f"{helper['shared']} B) does not fit beside the GEMM "
                        f"({gemm['registers']} registers, {gemm['shared']} B)")
+    return bad
+
+
+def overlap_residency_problems(reports: Sequence[dict]) -> List[str]:
+    """The benchmark cases (build reports, any triton version) whose overlapped launches cannot
+    share an sm_90 SM: every features build of a chunk after the first (the beside configs,
+    told apart by their warps: ``features.FEATURES_TMA_CONFIG_BESIDE``, STI's
+    ``STI_FEATURES_CONFIG_BESIDE``) beside every GEMM build of the configs that leave room
+    (``gemm_tma.GEMM_TMA_CONFIGS_OVERLAP``, told apart by their register cap; the last chunk's
+    GEMM runs alone), within the register file and shared memory (:func:`occupancy`). Without
+    room the features of chunk j + 1 wait for the GEMM of chunk j's CTAs to end: the passes
+    serialize."""
+    from dc_kernels.ops.features import FEATURES_TMA_CONFIG_BESIDE, STI_FEATURES_CONFIG_BESIDE
+    from dc_kernels.ops.gemm_tma import OVERLAP_GEMM_MAXNREG
+    beside_warps = {"_features_tma_kernel": FEATURES_TMA_CONFIG_BESIDE["num_warps"],
+                    "_sti_features_kernel": STI_FEATURES_CONFIG_BESIDE["num_warps"]}
+    by_case: Dict[str, Dict[str, list]] = {}
+    for r in reports:
+        if "error" in r or r.get("arch") != 90:
+            continue
+        k = r.get("kernel")
+        if k == "_gemm_tma_kernel":
+            if r.get("maxnreg") != OVERLAP_GEMM_MAXNREG:
+                continue
+            role = "gemm"
+        elif beside_warps.get(k) == r["num_warps"]:
+            role = "features"
+        else:
+            continue
+        for u in r["uses"]:
+            if "overlap/" not in u["case"]:
+                continue
+            name = u["case"] + (f" ({u['card']})" if u.get("card") else "")
+            by_case.setdefault(name, {"gemm": [], "features": []})[role].append(r)
+    bad = []
+    for case, ks in sorted(by_case.items()):
+        for g in ks["gemm"]:
+            for f in ks["features"]:
+                if occupancy(f["registers"], f["shared"], f["num_warps"], GPUS[90],
+                             beside=g) < 1:
+                    bad.append(f"{case}: {f['kernel']} ({f['registers']} registers, "
+                               f"{f['shared']} B) does not fit beside the GEMM "
+                               f"({g['registers']} registers, {g['shared']} B)")
     return bad
 
 

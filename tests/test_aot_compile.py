@@ -131,6 +131,31 @@ def test_pipelined_helper_fits_beside_its_gemm_on_hopper(reports):
     assert pipelined_residency_problems(reports) == []
 
 
+def test_overlap_features_fit_beside_their_gemm_on_hopper(reports):
+    # the overlapped path's chunks after the first run their features beside the GEMM's CTAs:
+    # every beside-config features build (TMA: 2 warps, STI: 4; capped at
+    # features.BESIDE_GEMM_REGISTERS) fits beside every GEMM build that leaves room (capped at
+    # gemm_tma.OVERLAP_GEMM_MAXNREG) of each overlap case (.ci/aot36: the same on triton 3.6,
+    # whose uncapped 128 x 256 GEMM took 237 registers and fit neither); the check finds them
+    from benchmarks.static import overlap_residency_problems
+    cases = {u["case"] for r in reports if r.get("kernel") in ("_features_tma_kernel",
+                                                               "_sti_features_kernel")
+             and r["num_warps"] in (2, 4) for u in r["uses"] if "overlap/" in u["case"]}
+    assert any(c.startswith("linear-overlap/clip336-dci-16img") for c in cases)
+    assert any(c.startswith("linear-overlap/clip336-sti-16img") for c in cases)
+    assert overlap_residency_problems(reports) == []
+    # (and reports one that does not fit: a leave-room GEMM build beside a 4-warp STI build
+    # of 255 registers, 32 K of them)
+    g = next(r for r in reports if r.get("kernel") == "_gemm_tma_kernel"
+             and any(u["case"].startswith("linear-overlap/clip336-sti-16img") for u in r["uses"])
+             and r["maxnreg"] is not None)
+    f = dict(kernel="_sti_features_kernel", arch=90, registers=255, shared=0, num_warps=4,
+             constexprs={}, uses=[dict(case="linear-overlap/too-big")])
+    assert overlap_residency_problems(
+        [dict(g, uses=[dict(case="linear-overlap/too-big")]), f])[0].startswith(
+            "linear-overlap/too-big: _sti_features_kernel (255 registers")
+
+
 def test_tma_features_ring_is_built_as_deep_as_the_launcher_asks(reports):
     # the launcher deepens the TMA features kernel's ring by its STAGES (features._tma_stages)
     # and the cost model counts STAGES - 1 tiles of every layer in flight: the compiled

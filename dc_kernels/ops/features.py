@@ -28,7 +28,7 @@ __all__ = ["features_triton", "features_tma", "features_tma_eligible", "row_tile
            "StiChunkLaunch", "sti_chunks_aligned",
            "row_of_tile", "FEATURES_CONFIG", "FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG",
            "STI_FEATURES_CONFIG_INTERPRET", "STI_FEATURES_CONFIG_BESIDE",
-           "FEATURES_TMA_CONFIG", "FEATURES_TMA_CONFIG_BESIDE"]
+           "FEATURES_TMA_CONFIG", "FEATURES_TMA_CONFIG_BESIDE", "BESIDE_GEMM_REGISTERS"]
 
 @triton.jit
 def _features_kernel(
@@ -252,6 +252,22 @@ FEATURES_TMA_CONFIG_BESIDE = {"ROWS": 8, "BLOCK_C": 64, "num_warps": 2, "STAGES"
                               "programs_per_sm": 1}
 FEATURES_TMA_CONFIG_INTERPRET = {"ROWS": 4, "BLOCK_C": 16, "num_warps": 4, "STAGES": 1,
                                  "programs_per_sm": 1}
+#: Registers a features CTA beside an overlapped-path GEMM CTA may hold: what 8 GEMM warps
+#: capped at ``gemm_tma.OVERLAP_GEMM_MAXNREG`` (224) leave of the SM's 65,536. The beside
+#: configs are built with ``maxnreg`` = this over their threads (2 TMA warps: 128, 4 STI
+#: warps: 64; STI's fp32 tiles need more and stay uncapped), so the pair fits by construction
+#: whatever the compiler's own count (``benchmarks.static.overlap_residency_problems`` checks
+#: the builds).
+BESIDE_GEMM_REGISTERS = 8192
+
+
+def _beside_regs(num_warps: int, beside_gemm: bool) -> dict:
+    # the beside configs' register cap (none under the interpreter, which ignores it)
+    if not beside_gemm or common.interpreting():
+        return {}
+    return {"maxnreg": BESIDE_GEMM_REGISTERS // (32 * num_warps)}
+
+
 #: programs of the persistent grid under the interpreter (fewer than tiles: the loop is tested)
 INTERPRET_PROGRAMS = 3
 
@@ -383,7 +399,11 @@ def prepare_sti_chunk(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec
             triton.cdiv(channels, cfg["BLOCK_C"]))
     launch.args = (sb, st, sc, *out_strides, n, channels, t_keep, tp, pooled_tiles)
     launch.meta = dict(POOL=spec.pool_size, TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
-                       **flags, **cfg)
+                       **flags, **cfg,
+                       # (fp32 tiles need more than 64 registers: uncapped, beside the fp32
+                       # GEMM, which is not the capped 16-bit TMA one)
+                       **_beside_regs(cfg["num_warps"],
+                                      beside_gemm and entries[0].element_size() == 2))
     launch.site = DirectLaunch(_sti_features_kernel, grid)
     return launch
 
@@ -445,7 +465,8 @@ def prepare_features_chunk(hidden_states: Sequence[torch.Tensor], spec: Connecto
         launch.meta = dict(TOK0=spec.token_offset, STARTS=starts, SIZES=sizes,
                            OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"],
                            ROWS=cfg["ROWS"], BLOCK_C=cfg["BLOCK_C"], NUM_PROGRAMS=programs,
-                           STAGES=stages, num_warps=cfg["num_warps"])
+                           STAGES=stages, num_warps=cfg["num_warps"],
+                           **_beside_regs(cfg["num_warps"], beside_gemm))
         launch.site = DirectLaunch(_features_tma_kernel, (programs,))
         return launch
     r0, r1 = rows if rows is not None else (0, batch * t_keep)

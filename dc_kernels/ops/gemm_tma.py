@@ -339,11 +339,12 @@ def _set_blocks(nargs):
     nargs["p_desc"].block_shape = nargs["o_desc"].block_shape
 
 
-def _cfg(bm, bn, bk, warps, stages, pieces=1, group_m=8):
+def _cfg(bm, bn, bk, warps, stages, pieces=1, group_m=8, maxnreg=None):
     # pieces: the epilogue's column pieces (_tile_epilogue); stream K takes 4 (_partial_epilogue)
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
                           "PIECES": pieces},
-                         num_warps=warps, num_stages=stages, pre_hook=_set_blocks)
+                         num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+                         pre_hook=_set_blocks)
 
 
 #: 16-bit operands (and TF32), sm_90, triton 3.6 and 3.9 (checked ahead of time, no spills):
@@ -356,11 +357,16 @@ GEMM_TMA_CONFIGS = [
     _cfg(128, 128, 64, 8, 4),
     _cfg(64, 128, 64, 4, 4),
 ]
+#: Register cap (``maxnreg``) of the overlapped path's GEMM: 8 warps x 224 leave 8,192 of the
+#: SM's 65,536 registers to the features CTA beside it (``features.BESIDE_GEMM_REGISTERS``).
+#: Without it triton 3.6 builds the 128 x 256 config with 237 (240 allocated), and neither
+#: features kernel's beside config fits next to it (3.9 builds it with 224 anyway).
+OVERLAP_GEMM_MAXNREG = 224
 #: The overlapped path's GEMM leaves room on every SM for one features program beside each of
-#: its CTAs (~8 K registers, ~27 KiB of shared memory): 3-stage rings only.
+#: its CTAs (~8 K registers, ~27 KiB of shared memory): 3-stage rings only, registers capped.
 GEMM_TMA_CONFIGS_OVERLAP = [
-    _cfg(128, 256, 64, 8, 3, pieces=2),
-    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3, pieces=2, maxnreg=OVERLAP_GEMM_MAXNREG),
+    _cfg(128, 128, 64, 8, 3, maxnreg=OVERLAP_GEMM_MAXNREG),
 ]
 #: fp32 operands with TF32 allowed: 4-byte elements, so half the K depth per stage.
 GEMM_TMA_CONFIGS_32 = [

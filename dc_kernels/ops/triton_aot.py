@@ -308,11 +308,14 @@ def build(fn, args, kwargs, arch: int, keep_text: bool = True) -> BuildReport:
 
 
 def _signature_key(fn, signature, constexprs, attrs, options) -> str:
+    # (maxnreg too: a register-capped config and an uncapped one of the same tiles are two
+    # builds, as they are two entries of Triton's own cache; until 2026-12-06 the overlap's
+    # capped GEMM was merged into the uncapped one of the last chunk)
     text = repr((fn.__name__, sorted(signature.items(), key=str),
                  sorted(((k, repr(v)) for k, v in constexprs.items()), key=str),
                  sorted(((k, repr(v)) for k, v in attrs.items()), key=str),
                  options.num_warps, options.num_stages, options.arch
-                 if hasattr(options, "arch") else None))
+                 if hasattr(options, "arch") else None, getattr(options, "maxnreg", None)))
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -616,7 +619,7 @@ def _build_one(b: Build) -> Dict[str, Any]:
     return dict(key=b.key, arch=b.arch, kernel=r.kernel, config=b.config, uses=b.uses,
                 registers=r.registers, shared=r.shared, shared_limit=SHARED_LIMIT[b.arch],
                 local=r.local, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
-                num_warps=r.num_warps, num_stages=r.num_stages,
+                num_warps=r.num_warps, num_stages=r.num_stages, maxnreg=b.kwargs.get("maxnreg"),
                 constexprs={k: v for k, v in b.kwargs.items() if k.isupper() and
                             isinstance(v, (int, bool, str, tuple))},
                 has_wgmma="wgmma" in r.ptx, sass_stats=sass_mod.analyze(r.sass))
