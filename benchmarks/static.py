@@ -666,6 +666,18 @@ def markdown(rows: Sequence[dict], reports: Sequence[dict], meta: dict, arch: in
     return "\n".join(lines) + "\n"
 
 
+def _beside_efficiency(over: Optional[dict], gpu: GPU) -> Optional[float]:
+    # an overlap row's features beside the GEMM (its chunks after the first): their DRAM bytes
+    # over the copy bandwidth, over their estimated seconds there; None without such chunks
+    if not over or not over.get("overlap_features_under_gemm_s"):
+        return None
+    under = over["overlap_features_under_gemm_s"][1:]
+    fe = [x for x in over["launches"] if "features" in x["kernel"]][1:]
+    if not under or not fe:
+        return None
+    return round(sum(x["dram_bytes"] for x in fe) / gpu.dram_bytes_per_s / sum(under), 3)
+
+
 def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
                           shape: str = "clip336-dci", images: int = 16,
                           gpu: Optional[GPU] = None) -> Dict[str, Any]:
@@ -706,28 +718,19 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
         fused_instr_per_element=round(
             fl["instr_per_warp"] * fl["programs"] * int(fl["config"].split("w")[1].split()[0])
             / max(1.0, layer_elems / 2), 4))
-    if over and over.get("overlap_features_under_gemm_s"):
-        under = over["overlap_features_under_gemm_s"][1:]
-        fe = [x for x in over["launches"] if "features" in x["kernel"]][1:]
-        if under and fe:
-            bytes_ = sum(x["dram_bytes"] for x in fe)
-            cal["features_efficiency_beside_gemm"] = round(
-                bytes_ / gpu.dram_bytes_per_s / sum(under), 3)
-            # what it was read on: the case's distinct layers x bytes per element (bf16)
-            cal["beside_gemm_layer_bytes"] = 2 * len(
-                ConnectorSpec.preset(enc, connector).used_layers)
+    eff = _beside_efficiency(over, gpu)
+    if eff is not None:
+        cal["features_efficiency_beside_gemm"] = eff
+        # what it was read on: the case's distinct layers x bytes per element (bf16)
+        cal["beside_gemm_layer_bytes"] = 2 * len(
+            ConnectorSpec.preset(enc, connector).used_layers)
     # STI's features beside the GEMM (the overlap's image chunks after the first: the STI
     # kernel's beside config), read off the tower's STI overlap row; the DCI features' where
     # that row has no chunk beside the GEMM
-    if "features_efficiency_beside_gemm" in cal:
-        cal["sti_efficiency_beside_gemm"] = cal["features_efficiency_beside_gemm"]
-    sti_over = by.get(f"linear-overlap/{tower}-sti-{images}img-bf16")
-    if sti_over and sti_over.get("overlap_features_under_gemm_s"):
-        under = sti_over["overlap_features_under_gemm_s"][1:]
-        fe = [x for x in sti_over["launches"] if "features" in x["kernel"]][1:]
-        if under and fe:
-            cal["sti_efficiency_beside_gemm"] = round(
-                sum(x["dram_bytes"] for x in fe) / gpu.dram_bytes_per_s / sum(under), 3)
+    eff = _beside_efficiency(by.get(f"linear-overlap/{tower}-sti-{images}img-bf16"), gpu)
+    if eff is not None or "features_efficiency_beside_gemm" in cal:
+        cal["sti_efficiency_beside_gemm"] = eff if eff is not None \
+            else cal["features_efficiency_beside_gemm"]
     # the pipelined path's helper beside the GEMM (its own kernel, not the overlap's features
     # launch): the lower of its efficiencies at one image and at ``images``; and the layer
     # bytes per element row below which it keeps too few bytes in flight, read off SCI's
