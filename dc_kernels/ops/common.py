@@ -24,7 +24,7 @@ from ..spec import ConnectorSpec
 
 __all__ = ["TRITON_DTYPES", "ACTIVATIONS", "AUTOTUNE_ENV", "interpreting", "autotune_enabled",
            "interpreter_problem", "layer_entries", "strides", "span", "layout_flags", "empty",
-           "check_launchable", "MIN_CAPABILITY", "cuda_device_problem"]
+           "check_launchable", "MIN_CAPABILITY", "cuda_device_problem", "maxnreg_option"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: activation name -> the kernels' ``ACTIVATION`` constexpr
@@ -42,6 +42,13 @@ FORCE_OFF64 = False
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def maxnreg_option(cap: int) -> dict:
+    """The launch option capping a kernel's registers per thread at ``cap`` (``maxnreg``), or
+    none under the interpreter (which ignores it): what keeps two kernels' CTAs resident on
+    one SM (the pipelined path's pair, the overlap's features beside its GEMM)."""
+    return {} if interpreting() else {"maxnreg": cap}
 
 
 def autotune_enabled() -> bool:

@@ -262,10 +262,10 @@ BESIDE_GEMM_REGISTERS = 8192
 
 
 def _beside_regs(num_warps: int, beside_gemm: bool) -> dict:
-    # the beside configs' register cap (none under the interpreter, which ignores it)
-    if not beside_gemm or common.interpreting():
+    # the beside configs' register cap
+    if not beside_gemm:
         return {}
-    return {"maxnreg": BESIDE_GEMM_REGISTERS // (32 * num_warps)}
+    return common.maxnreg_option(BESIDE_GEMM_REGISTERS // (32 * num_warps))
 
 
 #: programs of the persistent grid under the interpreter (fewer than tiles: the loop is tested)

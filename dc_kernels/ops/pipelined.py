@@ -380,10 +380,6 @@ HELPER_MAXNREG_SPLIT = 80
 HELPER_MAXNREG_SPLIT_PRE = 64
 
 
-def _regs(cap: int) -> dict:
-    return {} if common.interpreting() else {"maxnreg": cap}
-
-
 def _configs():
     from .gemm_tma import GEMM_TMA_CONFIG_INTERPRET, GEMM_TMA_CONFIGS_OVERLAP
     if common.interpreting():
@@ -559,8 +555,9 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         FENCE=not interp, THREADS=32 * gcfg.num_warps, R_BLOCK=256,
         SEGMENTS=segments, PARTS=parts, WHOLE=bool(iters) and iters >= channels // g["BLOCK_K"],
         REVERSED=REVERSE_PROGRAMS, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages,
-        **_regs(GEMM_MAXNREG))
-    launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True, **_regs(GEMM_MAXNREG_PRE))
+        **common.maxnreg_option(GEMM_MAXNREG))
+    launch.gemm_meta_pre = dict(launch.gemm_meta, STORE_PRE=True,
+                                **common.maxnreg_option(GEMM_MAXNREG_PRE))
     launch.gemm_site = DirectLaunch(_gemm_ready_kernel,
                                     (programs if programs else min(sms, tiles),))
     launch.helper_args = (sb, st, sc, width, channels, t_keep, Q, pm,
@@ -569,7 +566,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
         TOK0=spec.token_offset, STARTS=starts, SIZES=sizes, UNIFORM=flags["UNIFORM"],
         OFF64=flags["OFF64"], EMULATE_RNE=flags["EMULATE_RNE"], ROWS=rows,
         BLOCK_C=hcfg_run["BLOCK_C"], BLOCK_M=g["BLOCK_M"], SPLIT=bool(iters),
-        STAGES=hcfg_run["STAGES"], num_warps=hcfg_run["num_warps"], **_regs(hcap))
-    launch.helper_meta_pre = dict(launch.helper_meta, **_regs(hcap_pre))
+        STAGES=hcfg_run["STAGES"], num_warps=hcfg_run["num_warps"], **common.maxnreg_option(hcap))
+    launch.helper_meta_pre = dict(launch.helper_meta, **common.maxnreg_option(hcap_pre))
     launch.helper_site = DirectLaunch(_features_helper_kernel, (max(1, launch.helpers),))
     return launch
