@@ -13,9 +13,12 @@ timeout, a hang, a crash) leaves what it measured.
    and matmul peak measured in the same run; cases in :data:`BUNDLE_ORDER` (first-layer rows
    at 1 and 16 images first), no row started after the table's share of the budget; a
    provider that fails (wrong result, error) is recorded and the others go on;
-3. the rest of the test suite with the time left (:data:`BUNDLE_IGNORED_TESTS` excluded: CPU
+3. the probes of the static model's assumptions (:mod:`benchmarks.probes`: SM clock, tensor
+   step, launch, DRAM latency, L2, the stream-K partial tile), CUDA only, when at least
+   :data:`PROBES_MIN_LEFT_S` of the budget is left;
+4. the rest of the test suite with the time left (:data:`BUNDLE_IGNORED_TESTS` excluded: CPU
    work that CI does, the sm_90/sm_80 builds and the distributed tests' CPU ranks);
-4. the issue-12 target checks (PASS / FAIL / MISSING each) and the measured-vs-estimated
+5. the issue-12 target checks (PASS / FAIL / MISSING each) and the measured-vs-estimated
    table, in ``<out>/<date>-<card-slug>.md`` and ``.json`` (card, torch, triton, python, date,
    each test phase's summary, the table, the checks).
 
@@ -49,7 +52,7 @@ from .runner import Row, RunResult, Selection, run, snapshot
 
 __all__ = ["BUNDLE_SELECTION", "BUNDLE_ORDER", "FIRST_TESTS", "ISSUE3_BYTES_PER_S",
            "ISSUE3_FLOP_PER_S", "TargetCheck", "run_test_suite", "target_checks", "run_bundle",
-           "check_bundle_times",
+           "check_bundle_times", "PROBES_MIN_LEFT_S",
            "REPO_ROOT", "RESULTS_DIR"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +82,9 @@ BUNDLE_IGNORED_TESTS = ("tests/test_aot_compile.py", "tests/test_distributed.py"
 #: Shares of ``budget_s``: the first tests stop by 30 % of it, no table row starts after 80 %
 FIRST_TESTS_SHARE = 0.3
 TABLE_SHARE = 0.8
+#: The probes (a few seconds of kernels, their compiles included) run only with this much of
+#: the budget left after the table
+PROBES_MIN_LEFT_S = 60.0
 #: The fixed ceilings of issue 3's floor (H100: ~3.0 TB/s copy, ~800 TFLOP/s bf16 matmul).
 ISSUE3_BYTES_PER_S = 3.0e12
 ISSUE3_FLOP_PER_S = 8.0e14
@@ -359,6 +365,8 @@ class _Reports:
         self.folder, self.tests, self.machine = folder, tests, machine
         self.result: Optional[RunResult] = None
         self.notes: List[str] = []
+        self.probes: List[dict] = []  # benchmarks.probes.ProbeResult.as_dict() of each
+        self.probes_md = ""  # their markdown section (or why they did not run)
         self.lock = threading.Lock()
         self.paths: List[str] = []
         self._static: Dict[tuple, Optional[dict]] = {}  # per (arch, card), read once
@@ -400,9 +408,10 @@ class _Reports:
         m, notes = self.machine, self._notes(complete)
         md = "\n".join([f"# dc_kernels GPU bundle: {m['device_name']}, {m['date']}", "",
                          "No table row was measured.", "",
-                         _checks_markdown(self.tests, [], [], notes)]) + "\n"
+                         _checks_markdown(self.tests, [], [], notes)]
+                        + ([self.probes_md] if self.probes_md else [])) + "\n"
         data = {"bundle": True, "complete": complete, "machine": m, "rows": [],
-                "notes": notes, "tests": self.tests}
+                "notes": notes, "tests": self.tests, "probes": self.probes}
         self._replace(m, lambda p: write_text(p, md),
                       lambda p: write_text(p, json.dumps(data, indent=2) + "\n"))
 
@@ -426,10 +435,12 @@ class _Reports:
                 "and `source`) to make the path rule use them."]
         md = markdown_report(result, title, [_checks_markdown(self.tests, checks,
                                                               result.failures, notes),
-                                             "\n".join(mve)])
+                                             "\n".join(mve)]
+                             + ([self.probes_md] if self.probes_md else []))
         extra = {"bundle": True, "complete": complete, "notes": notes, "tests": self.tests,
                  "targets": [asdict(c) for c in checks], "measured_vs_estimated": pairs,
                  "calibration_factors": factors, "failures": result.failures,
+                 "probes": self.probes,
                  "issue3_ceilings": {"bytes_per_s": ISSUE3_BYTES_PER_S,
                                      "flop_per_s": ISSUE3_FLOP_PER_S}}
         self._replace(m, lambda p: write_text(p, md), lambda p: write_json(p, result, extra))
@@ -469,6 +480,40 @@ class _Watchdog(threading.Thread):
                     self.reports.write()
                 finally:
                     os._exit(5)
+
+
+def _run_probes(reports: _Reports, device: torch.device, end: float, dog: _Watchdog,
+                log: Callable[[str], None]) -> bool:
+    # the probes (CUDA only) into the reports, under the watchdog's row timeout; True when a
+    # probe kernel computed a wrong result or failed
+    from .probes import probes_markdown, run_probes
+    left = end - time.perf_counter()
+    if device.type != "cuda":
+        reports.probes_md = ("## The static model's assumptions, measured (probes)\n\n"
+                             f"Not run: the probes time GPU kernels ({device.type} here).")
+        return False
+    if left < PROBES_MIN_LEFT_S:
+        reports.notes.append(f"the probes of the static model were not run: {left:.0f} s "
+                             f"left, they start with {PROBES_MIN_LEFT_S:.0f} s")
+        return False
+    log("[bundle] the probes of the static model's assumptions ...")
+    dog.started_row("probes")
+    arch, card = card_of_machine(reports.machine or machine_info(device))
+    try:
+        found = run_probes(device, arch, card, log=log)
+    except Exception as e:  # noqa: BLE001 -- recorded; the tests still run
+        why = f"the probes stopped on {type(e).__name__}: {str(e)[:600]}"
+        log(f"[bundle] {why}")
+        reports.notes.append(why)
+        return True
+    finally:
+        dog.row = None
+    reports.probes = [r.as_dict() for r in found]
+    reports.probes_md = probes_markdown(found)
+    reports.write()
+    for r in found:
+        log(f"[probes] {r.name}: {r.measured:.3g} {r.unit} (assumed {r.assumed:.3g})")
+    return False
 
 
 def check_bundle_times(test_timeout_s: float, budget_s: float, row_timeout_s: float) -> None:
@@ -537,7 +582,10 @@ def run_bundle(out_dir: Optional[str], test_timeout_s: float,
             reports.notes.append("the table's share of the budget ran out: the rows listed "
                                  "under 'Not run' as such were not measured")
 
-    # 3. the rest of the test suite, with the time left
+    # 3. the probes of the static model's assumptions
+    probes_failed = _run_probes(reports, device, end, dog, log)
+
+    # 4. the rest of the test suite, with the time left
     left = end - time.perf_counter() - 10.0
     if left >= 30.0:
         log(f"[bundle] the rest of the test suite (timeout {left:.0f} s) ...")
@@ -564,7 +612,7 @@ def run_bundle(out_dir: Optional[str], test_timeout_s: float,
     log("[bundle] tests: " + "; ".join(f"{t['label']}: {t['summary']}" for t in tests)
         + f"; wrote {', '.join(os.path.relpath(p) for p in reports.paths)}; "
         f"{time.perf_counter() - start:.0f} s in all")
-    failed = result is None or result.failures
+    failed = result is None or result.failures or probes_failed
     if failed or any(t["returncode"] not in (0, None) for t in tests):
         return 1
     return 0 if all(t["returncode"] == 0 for t in tests) else 4

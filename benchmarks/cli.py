@@ -7,8 +7,10 @@ Examples::
     python -m benchmarks --ops linear --filter clip336-4096/16img
     python -m benchmarks --gpu-bundle                  # tests + issue-12 table + result files
     python -m benchmarks --static                      # static cost model (no GPU needed)
+    python -m benchmarks --probes                      # the model's assumptions, measured (GPU)
 
-Exit codes: 0 success; 1 GPU bundle with a failing test or row; 2 bad arguments or no CUDA
+Exit codes: 0 success; 1 GPU bundle with a failing test or row, or a probe kernel with a
+wrong result; 2 bad arguments or no CUDA
 where CUDA is required; 3 a provider returned a wrong result (nothing of it is timed or
 written); 4 GPU bundle with nothing failed but a test phase stopped or left out for time; 5 GPU
 bundle stopped by its watchdog (a row past ``--row-timeout`` or the run past its budget; the
@@ -113,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense_connector_linear and DenseConnector.forward with the Triton "
                         "launches stubbed, beside a tiny F.linear (CPU; writes "
                         "<date>-host.{md,json} under benchmarks/results or --out)")
+    p.add_argument("--probes", action="store_true",
+                   help="CUDA only: measure the static cost model's assumptions (SM clock, "
+                        "tensor step, launch, DRAM latency, L2, the stream-K partial tile; "
+                        "benchmarks/probes.py), write <date>-<card>-probes.{md,json} under "
+                        "benchmarks/results (or --out); the GPU bundle runs them too")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="--gpu-bundle / --static / --host: folder for the result files")
+                   help="--gpu-bundle / --static / --host / --probes: folder for the result "
+                        "files")
     p.add_argument("--test-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="--gpu-bundle: stop each test phase after this long at the most "
                         "(default 300)")
@@ -214,6 +222,39 @@ def _run_host(args) -> int:
     return 0
 
 
+def _run_probes(args) -> int:
+    import json
+    from .bundle import RESULTS_DIR, card_of_machine
+    from .machine import machine_info, slug
+    from .probes import probes_markdown, run_probes
+    if not torch.cuda.is_available():
+        _log("--probes times GPU kernels: torch.cuda.is_available() is False here")
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        _log("--probes times compiled kernels: unset TRITON_INTERPRET")
+        return 2
+    device = torch.device("cuda")
+    info = machine_info(device)
+    try:
+        found = run_probes(device, *card_of_machine(info), budget_s=args.budget or 0.1,
+                           log=_log)
+    except AssertionError as e:
+        _log(f"PROBE FAILURE: {e}; nothing written")
+        return 1
+    md = "\n".join([f"# dc_kernels probes: {info['device_name']}, {info['date']}", "",
+                     f"torch {info['torch']}, triton {info['triton']}.", "",
+                     probes_markdown(found)]) + "\n"
+    print(md)
+    out = args.out or RESULTS_DIR
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"{info['date']}-{slug(info['device_name'])}-probes")
+    write_text(stem + ".md", md)
+    write_text(stem + ".json", json.dumps(dict(machine=info, probes=[r.as_dict() for r in found]),
+                                          indent=2) + "\n")
+    _log(f"written {stem}.md and {stem}.json")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, run, print the table; see the module docstring for exit codes."""
     args = build_parser().parse_args(argv)
@@ -228,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           row_timeout_s=args.row_timeout)
     if args.host:
         return _run_host(args)
+    if args.probes:
+        return _run_probes(args)
     if args.static:
         from .static import run_static
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

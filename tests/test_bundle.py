@@ -128,6 +128,8 @@ def test_the_whole_bundle_on_the_cpu(tmp_path):
     assert data["measured_vs_estimated"] == [] and data["calibration_factors"] == {}
     md = (out / files[1]).read_text()
     assert "GPU-critical tests" in md and "1 passed" in md and "MISSING" in md
+    # the probes of the static model time GPU kernels: off CUDA the report says they did not run
+    assert data["probes"] == [] and "Not run: the probes time GPU kernels (cpu here)" in md
 
 
 def test_the_bundle_reports_a_failing_test_and_a_phase_left_out(tmp_path, monkeypatch):
