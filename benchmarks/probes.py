@@ -8,29 +8,36 @@ store and to load (``path.SPLIT_PARTIAL_STEPS``: the constant that decides wheth
 image can reach issue 12's 1.3x the floor, ``docs/DESIGN.md`` §5.3). Each probe here is a
 small Triton kernel that isolates one of them:
 
-* ``tensor step``: one program per SM, a [128, 64] x [64, 256] bf16 ``tl.dot`` onto an fp32
-  accumulator ``ITERS`` times (operands in shared memory, no loads in the loop), 8 warps: the
-  tensor cores alone. The SM clock is read inside it (``%clock64`` against
-  ``%globaltimer``), i.e. under tensor-core load, the clock the model assumes.
-* ``launch``: a 132-program kernel that stores one value per program, 64 launches captured in
-  a CUDA graph and replayed (the GPU's cost per launch), and the same 64 launched eagerly (the
-  host's, through Triton's launcher).
-* ``DRAM latency``: 1, 2, 4 and 8 programs per SM reading 1 GiB once with
-  ``num_stages=1``, each with the bytes in flight its SASS's load burst says (read from the
-  kernel compiled on the GPU, as the static model reads every kernel's): at each in-flight
-  size the measured bandwidth beside the model's ``min(DRAM, SMs x in-flight / latency)``,
-  and the latency Little's law implies.
-* ``L2 read``: 8 programs per SM re-reading a 16.5 MiB buffer (``.cg``: L2, not L1).
-* ``partial store`` / ``partial load``: one program per SM (and a quarter of the SMs, where
-  L2 does not bound them) stores, or loads and adds, a 128 x 256 fp32 tile in 128 x 64
-  quarters from the wgmma accumulator's layout, as ``gemm_tma._partial_epilogue`` does.
+* ``tensor step``: one program per SM, 8 warps, [128, 64] x [64, 256] bf16 ``tl.dot`` s onto
+  one fp32 accumulator, alternating two random operand pairs held in shared memory (no loads
+  in the loop; random full-mantissa data, since the tensor cores draw less power, and clock
+  higher, on zeros or repeated small integers): the tensor cores alone. The SM clock is read
+  inside it (``%clock64`` against ``%globaltimer``), i.e. under tensor-core load.
+* ``launch``: a 132-program kernel that stores one value per program, timed as the benchmark
+  rows time a launch (``do_bench`` of one eager launch: what every estimate adds per launch);
+  beside it the GPU's spacing of 64 launches replayed from a CUDA graph, and 64 eager
+  launches back to back.
+* ``DRAM read``: 1, 2, 4 and 8 programs per SM reading 1 GiB once with ``num_stages=1``, the
+  bytes in flight read off the kernel's SASS exactly as the static model reads every kernel's
+  (``static._inflight_per_cta``, on the build the GPU compiled): at each in-flight size the
+  measured bandwidth beside the model's ``min(DRAM, SMs x in-flight / latency)``, and the
+  latency Little's law implies.
+* ``L2 read``: 8 programs per SM re-reading an 8.25 MiB buffer (``.cg``: L2, not L1).
+* ``partial tile``: one program per SM (and a quarter of the SMs, where L2 does not bound
+  them) stores, stores and releases (a CTA barrier and a ``release`` atomic after the stores,
+  as ``gemm_tma._partial_epilogue`` does before its next segment), or loads and adds a 128 x
+  256 fp32 tile in 128 x 64 quarters from the wgmma accumulator's layout; the programs' SMs
+  are read (``%smid``) to say how many distinct SMs ran them.
 
 Every time is differential: the same launch at two repeat counts, the difference over the
-extra work, so the launch, the first pass from DRAM and the timer's L2 flush cancel. Every
-kernel's result is checked against torch (exact: integer-valued data), so a probe that did not
-do its work fails instead of reporting a speed. ``run_probes`` needs CUDA; under
-``TRITON_INTERPRET=1`` the kernels run on the CPU at small sizes (the tests check their
-results), with no timing.
+extra work, so the launch, the first pass from DRAM and the timer's L2 flush cancel (the
+medians and 20th/80th percentiles of both launches are kept). Every kernel's result is
+checked against torch (exactly on integer-valued data; the tensor step within the fp32
+accumulation bound), so a probe that did not do its work fails instead of reporting a speed.
+Each probe runs on its own: one that fails is recorded (``status`` ``"wrong"`` or
+``"error"``) and the others go on, every result handed to ``on_result`` as it comes.
+``run_probes`` needs CUDA; under ``TRITON_INTERPRET=1`` the kernels run on the CPU at small
+sizes (the tests check their results), with no timing.
 """
 
 from __future__ import annotations
@@ -46,22 +53,26 @@ import triton.language as tl
 from dc_kernels.ops.gemm_tma import _column_halves
 from .timing import time_fn
 
-__all__ = ["ProbeResult", "run_probes", "probes_markdown", "TILE_M", "TILE_N", "TILE_K",
-           "tensor_step_launch", "launch_launch", "stream_launch", "partial_launch",
-           "inflight_per_program"]
+__all__ = ["ProbeResult", "run_probes", "probes_markdown", "build_problems", "TILE_M",
+           "TILE_N", "TILE_K", "tensor_step_launch", "launch_launch", "stream_launch",
+           "partial_launch", "inflight_per_program", "dram_elements"]
 
 #: The stream-K GEMM's tile and K step (``gemm_tma``'s 128 x 256 x 64 config)
 TILE_M, TILE_N, TILE_K = 128, 256, 64
-#: dots per tensor-step launch (the difference is timed)
-STEP_ITERS = (1024, 2048)
-#: repeats per L2 / partial launch (the difference is timed)
-REPEATS = (8, 16)
+#: operand pairs per tensor-step launch (two dots each; the difference is timed)
+STEP_PAIRS = (512, 1024)
+#: repeats per L2 / partial launch (the difference is timed; both divisible by 16, so one
+#: specialization serves both)
+REPEATS = (16, 64)
 #: DRAM probe: fp32 tile, warps, programs per SM (each a bytes-in-flight point)
 DRAM_BLOCK, DRAM_WARPS, DRAM_PROGRAMS_PER_SM = 1024, 4, (1, 2, 4, 8)
-#: L2 probe: fp32 tile and programs per SM (one tile each: 16.5 MiB on 132 SMs)
-L2_BLOCK, L2_PROGRAMS_PER_SM = 4096, 8
-#: eager and graph launches per timed call of the launch probe
+#: L2 probe: fp32 tile and programs per SM (8.25 MiB on 132 SMs)
+L2_BLOCK, L2_PROGRAMS_PER_SM = 2048, 8
+#: eager and graph launches per timed call of the launch probe's back-to-back figures
 LAUNCHES = 64
+#: partial-tile probe variants: (name, LOAD, RELEASE)
+PARTIAL_VARIANTS = (("store", False, False), ("store + release", False, True),
+                    ("load", True, False))
 
 
 def dram_elements(sms: int) -> int:
@@ -91,24 +102,34 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _tensor_step_kernel(a_ptr, b_ptr, out_ptr, clocks_ptr, ITERS, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CLOCK: tl.constexpr,
-                        DOT_FP32: tl.constexpr):
-    # ITERS dependent [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] dots onto one accumulator; the
-    # clocks before and after (program 0 stores its accumulator, every program its clocks)
-    pid = tl.program_id(0)
+def _operand_tiles(a_ptr, b_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # the [BLOCK_M, BLOCK_K] tile at a_ptr and the [BLOCK_K, BLOCK_N] tile at b_ptr
     om = tl.arange(0, BLOCK_M)
     on = tl.arange(0, BLOCK_N)
     ok = tl.arange(0, BLOCK_K)
-    a = tl.load(a_ptr + om[:, None] * BLOCK_K + ok[None, :])
-    b = tl.load(b_ptr + ok[:, None] * BLOCK_N + on[None, :])
+    return (tl.load(a_ptr + om[:, None] * BLOCK_K + ok[None, :]),
+            tl.load(b_ptr + ok[:, None] * BLOCK_N + on[None, :]))
+
+
+@triton.jit
+def _tensor_step_kernel(a_ptr, b_ptr, out_ptr, clocks_ptr, PAIRS, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CLOCK: tl.constexpr,
+                        DOT_FP32: tl.constexpr):
+    # 2 PAIRS dependent dots onto one accumulator, alternating two operand pairs; the clocks
+    # before and after (program 0 stores its accumulator, every program its clocks)
+    pid = tl.program_id(0)
+    a0, b0 = _operand_tiles(a_ptr, b_ptr, BLOCK_M, BLOCK_N, BLOCK_K)
+    a1, b1 = _operand_tiles(a_ptr + BLOCK_M * BLOCK_K, b_ptr + BLOCK_K * BLOCK_N, BLOCK_M,
+                            BLOCK_N, BLOCK_K)
     t0 = _read_register(pid, "globaltimer", CLOCK)
     c0 = _read_register(pid, "clock64", CLOCK)
     # the accumulator starts from c0's top bit (always 0, not known to be): no dot is moved
     # above the clock read
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + (c0 >> 63).to(tl.float32)
-    for _ in range(ITERS):
-        acc = _dot(a, b, acc, DOT_FP32)
+    for _ in range(PAIRS):
+        acc = _dot(a0, b0, acc, DOT_FP32)
+        acc = _dot(a1, b1, acc, DOT_FP32)
     done = tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int32, bitcast=True)
     c1 = _read_register(done, "clock64", CLOCK)
     t1 = _read_register(done, "globaltimer", CLOCK)
@@ -116,7 +137,7 @@ def _tensor_step_kernel(a_ptr, b_ptr, out_ptr, clocks_ptr, ITERS, BLOCK_M: tl.co
     tl.store(clocks_ptr + pid * 4 + 1, t1.to(tl.int64, bitcast=True))
     tl.store(clocks_ptr + pid * 4 + 2, c0.to(tl.int64, bitcast=True))
     tl.store(clocks_ptr + pid * 4 + 3, c1.to(tl.int64, bitcast=True))
-    o_out = om[:, None] * BLOCK_N + on[None, :]
+    o_out = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     tl.store(out_ptr + o_out, acc, mask=(o_out * 0 + pid) == 0)
 
 
@@ -130,8 +151,8 @@ def _launch_kernel(out_ptr):
 def _stream_kernel(x_ptr, out_ptr, n_per_program, REPEAT, BLOCK: tl.constexpr):
     # each program sums its n_per_program contiguous elements REPEAT times, one BLOCK tile
     # per step (.cg: from L2 or DRAM, never L1); num_stages=1: no cp.async ring, so what a
-    # program has in flight is the loads its warps issue before the first sum needs one (the
-    # SASS's load burst: ptxas unrolls the loop and issues several tiles' loads at once)
+    # program has in flight is the loads its warps issue before a sum needs one (the SASS's
+    # load bursts: ptxas unrolls the loop and issues several tiles' loads at once)
     pid = tl.program_id(0)
     base = x_ptr + pid.to(tl.int64) * n_per_program
     offs = tl.arange(0, BLOCK)
@@ -143,19 +164,18 @@ def _stream_kernel(x_ptr, out_ptr, n_per_program, REPEAT, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _partial_kernel(ws_ptr, a_ptr, b_ptr, out_ptr, REPEAT, WRAP, LOAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    DOT_FP32: tl.constexpr):
+def _partial_kernel(ws_ptr, a_ptr, b_ptr, out_ptr, flags_ptr, smid_ptr, REPEAT, WRAP,
+                    LOAD: tl.constexpr, RELEASE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                    SMID: tl.constexpr):
     # a [BLOCK_M, BLOCK_N] fp32 accumulator in the wgmma layout (one dot), split into four
     # column quarters as gemm_tma._partial_epilogue splits it; then REPEAT times either
-    # (LOAD = 0) store the quarters plus the repeat's index to the program's slot of ws, or
-    # (LOAD = 1) load the slot's quarters (.cg) and add them; program 0 stores its tile to out
+    # (LOAD = 0) store the quarters plus the repeat's index to the program's slot of ws --
+    # RELEASE: then a CTA barrier and a release add on the program's flag, as the stream-K
+    # pieces count a stored partial -- or (LOAD = 1) load the slot's quarters (.cg) and add
+    # them; program 0 stores its tile to out, every program its SM (SMID) to smid_ptr
     pid = tl.program_id(0)
-    om = tl.arange(0, BLOCK_M)
-    on = tl.arange(0, BLOCK_N)
-    ok = tl.arange(0, BLOCK_K)
-    a = tl.load(a_ptr + om[:, None] * BLOCK_K + ok[None, :])
-    b = tl.load(b_ptr + ok[:, None] * BLOCK_N + on[None, :])
+    a, b = _operand_tiles(a_ptr, b_ptr, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = _dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32)
     HALF: tl.constexpr = BLOCK_N // 2
     QUARTER: tl.constexpr = BLOCK_N // 4
@@ -179,27 +199,27 @@ def _partial_kernel(ws_ptr, a_ptr, b_ptr, out_ptr, REPEAT, WRAP, LOAD: tl.conste
             tl.store(mine + QUARTER, q1 + x, cache_modifier=".cg")
             tl.store(mine + 2 * QUARTER, q2 + x, cache_modifier=".cg")
             tl.store(mine + 3 * QUARTER, q3 + x, cache_modifier=".cg")
+            if RELEASE:
+                tl.debug_barrier()
+                tl.atomic_add(flags_ptr + pid, 1, sem="release", scope="gpu")
     first = (o_q * 0 + pid) == 0
     o_out = out_ptr + o_q
     tl.store(o_out, q0, mask=first)
     tl.store(o_out + QUARTER, q1, mask=first)
     tl.store(o_out + 2 * QUARTER, q2, mask=first)
     tl.store(o_out + 3 * QUARTER, q3, mask=first)
+    if SMID:
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid; // $1", "=r,r", [pid],
+                                       dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        sm = pid * 0 - 1
+    tl.store(smid_ptr + pid, sm)
 
 
 # --------------------------------------------------------------------------- launchers
 def _interpreting() -> bool:
     from dc_kernels.ops.common import interpreting
     return interpreting()
-
-
-def _operands(device, block_m: int = TILE_M, block_n: int = TILE_N, block_k: int = TILE_K,
-              seed: int = 0):
-    # bf16 operands with entries in {-1, 0, 1}: every product and sum is an exact integer
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randint(-1, 2, (block_m, block_k), generator=g).to(torch.bfloat16).to(device)
-    b = torch.randint(-1, 2, (block_k, block_n), generator=g).to(torch.bfloat16).to(device)
-    return a, b
 
 
 def _check_tiles(programs: int, *blocks: int) -> None:
@@ -210,29 +230,41 @@ def _check_tiles(programs: int, *blocks: int) -> None:
             raise ValueError(f"probe tiles are powers of two of at least 16, got {b}")
 
 
-def tensor_step_launch(programs: int, iters: int, device, block_m: int = TILE_M,
+def tensor_step_launch(programs: int, pairs: int, device, block_m: int = TILE_M,
                        block_n: int = TILE_N, block_k: int = TILE_K, seed: int = 0
                        ) -> Callable[[], None]:
-    """A launcher of the tensor-step probe (``programs`` programs, ``iters`` dots each) that
-    checks nothing; its attribute ``check()`` compares program 0's accumulator with
-    ``iters * (a @ b)`` (exact) and returns the clocks ``[programs, 4]`` (globaltimer start,
-    end, clock64 start, end; zeros under the interpreter)."""
+    """A launcher of the tensor-step probe: ``programs`` programs, ``2 * pairs`` dots each
+    (two random bf16 operand pairs in turn). ``check()`` compares program 0's accumulator
+    with ``pairs * (a0 @ b0 + a1 @ b1)`` (fp64) within the fp32 accumulation bound and returns
+    the clocks ``[programs, 4]`` (globaltimer start, end, clock64 start, end; zeros under the
+    interpreter)."""
     _check_tiles(programs, block_m, block_n, block_k)
-    a, b = _operands(device, block_m, block_n, block_k, seed)
+    if pairs < 1:
+        raise ValueError(f"the tensor-step probe needs at least one pair, got {pairs}")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2, block_m, block_k, generator=g).to(torch.bfloat16).to(device)
+    b = torch.randn(2, block_k, block_n, generator=g).to(torch.bfloat16).to(device)
     out = torch.full((block_m, block_n), float("nan"), device=device)
     clocks = torch.zeros(programs, 4, dtype=torch.int64, device=device)
     clock = not _interpreting()
 
     def launch():
-        _tensor_step_kernel[(programs,)](a, b, out, clocks, iters, BLOCK_M=block_m,
+        _tensor_step_kernel[(programs,)](a, b, out, clocks, pairs, BLOCK_M=block_m,
                                          BLOCK_N=block_n, BLOCK_K=block_k, CLOCK=clock,
                                          DOT_FP32=not clock, num_warps=8, num_stages=1)
 
     def check():
-        want = (a.float() @ b.float()) * iters
-        if not torch.equal(out.cpu(), want.cpu()):
+        a64, b64 = a.double().cpu(), b.double().cpu()
+        want = pairs * (a64[0] @ b64[0] + a64[1] @ b64[1])
+        # every fp32 addition of the 2 pairs dots of block_k products each rounds (tensor
+        # cores may truncate: 2^-22 per addition, 4x the unit roundoff)
+        bound = (2 * pairs + block_k) * 2.0 ** -22 * pairs * (
+            a64[0].abs() @ b64[0].abs() + a64[1].abs() @ b64[1].abs())
+        err = (out.cpu().double() - want).abs()
+        if not bool((err <= bound).all()):
             raise AssertionError("tensor-step probe: program 0's accumulator is not "
-                                 f"{iters} x (a @ b)")
+                                 f"{pairs} x (a0 @ b0 + a1 @ b1) (worst error "
+                                 f"{float((err - bound).max()):.3g} over the bound)")
         return clocks.cpu()
     launch.check, launch.out = check, out
     return launch
@@ -274,34 +306,44 @@ def stream_launch(x: torch.Tensor, programs: int, block: int, repeat: int, num_w
                                                       num_warps=num_warps, num_stages=1)
 
     def check():
-        want = x.view(programs, per).double().sum(dim=1) * repeat
-        if not torch.equal(out.cpu().double(), want.cpu()):
+        want = x.view(programs, per).sum(dim=1, dtype=torch.float64) * repeat
+        if not torch.equal(out.double().cpu(), want.cpu()):
             raise AssertionError("stream probe: a program's sum differs from torch's")
     launch.check, launch.out = check, out
     return launch
 
 
 def partial_launch(programs: int, repeat: int, load: bool, device, block_m: int = TILE_M,
-                   block_n: int = TILE_N, block_k: int = TILE_K, seed: int = 1
-                   ) -> Callable[[], None]:
-    """A launcher of the partial-tile probe: ``programs`` programs each store (``load=False``)
-    or load and add (``load=True``) its fp32 ``block_m x block_n`` slot ``repeat`` times.
-    ``check()`` compares program 0's tile with torch: ``a @ b`` plus ``repeat`` times the slot
-    (loads; the slot is filled with ``a @ b + 1`` first), or ``a @ b`` (stores), and the slot
-    stored last with ``a @ b + repeat - 1``."""
+                   block_n: int = TILE_N, block_k: int = TILE_K, seed: int = 1,
+                   release: bool = False) -> Callable[[], None]:
+    """A launcher of the partial-tile probe: ``programs`` programs each store (``load=False``;
+    ``release``: each store followed by a CTA barrier and a release add on the program's
+    flag) or load and add (``load=True``) its fp32 ``block_m x block_n`` slot ``repeat``
+    times. ``check()`` compares program 0's tile with torch: ``a @ b`` plus ``repeat`` times
+    the slot (loads; the slot is filled with ``a @ b + 1`` first), or ``a @ b`` (stores), every
+    slot stored last with ``a @ b + repeat - 1``, and with ``release`` every flag a multiple
+    of ``repeat``; it returns the number of distinct SMs the programs ran on (None under the
+    interpreter). Integer-valued operands: every sum is exact."""
     _check_tiles(programs, block_m, block_n, block_k)
     if repeat < 1:
         raise ValueError(f"the partial probe needs at least one repeat, got {repeat}")
-    a, b = _operands(device, block_m, block_n, block_k, seed)
+    if load and release:
+        raise ValueError("the partial probe releases after stores, not after loads")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-1, 2, (block_m, block_k), generator=g).to(torch.bfloat16).to(device)
+    b = torch.randint(-1, 2, (block_k, block_n), generator=g).to(torch.bfloat16).to(device)
     ab = a.float() @ b.float()
     ws = torch.empty(programs, block_m, block_n, device=device)
     ws.copy_((ab + 1).expand_as(ws))
     out = torch.full((block_m, block_n), float("nan"), device=device)
+    flags = torch.zeros(programs, dtype=torch.int32, device=device)
+    smid = torch.full((programs,), -2, dtype=torch.int32, device=device)
     interpret = _interpreting()
 
     def launch():
-        _partial_kernel[(programs,)](ws, a, b, out, repeat, 1 << 20, LOAD=load, BLOCK_M=block_m,
-                                     BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=interpret,
+        _partial_kernel[(programs,)](ws, a, b, out, flags, smid, repeat, 1 << 20, LOAD=load,
+                                     RELEASE=release, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     BLOCK_K=block_k, DOT_FP32=interpret, SMID=not interpret,
                                      num_warps=8, num_stages=1)
 
     def check():
@@ -313,6 +355,14 @@ def partial_launch(programs: int, repeat: int, load: bool, device, block_m: int 
             raise AssertionError("partial probe: program 0's tile differs from torch's")
         if not torch.equal(ws.cpu(), slot.cpu().expand_as(ws)):
             raise AssertionError("partial probe: a slot holds the wrong values")
+        f = flags.cpu()
+        if bool((f % repeat != 0).any()) or (release and not bool((f > 0).all())) or \
+                (not release and bool(f.any())):
+            raise AssertionError("partial probe: the release counts are wrong")
+        sms = smid.cpu()
+        if bool((sms == -2).any()):
+            raise AssertionError("partial probe: a program did not run")
+        return None if interpret else int(torch.unique(sms).numel())
     launch.check, launch.out, launch.ws = check, out, ws
     return launch
 
@@ -321,7 +371,9 @@ def partial_launch(programs: int, repeat: int, load: bool, device, block_m: int 
 @dataclass
 class ProbeResult:
     """One assumption: the model's value, the measured one and the ratio (measured /
-    assumed), in ``unit``; ``detail`` says how it was measured."""
+    assumed), in ``unit``; ``detail`` says how it was measured. ``status``: ``"ok"``,
+    ``"wrong"`` (the probe kernel computed a wrong result: nothing of it is timed) or
+    ``"error"`` (the probe could not run; ``detail`` says why)."""
 
     name: str
     assumption: str      # where the model holds it
@@ -330,10 +382,11 @@ class ProbeResult:
     measured: Optional[float]
     detail: str = ""
     extra: Dict[str, float] = field(default_factory=dict)
+    status: str = "ok"
 
     @property
     def ratio(self) -> Optional[float]:
-        if self.assumed and self.measured is not None:
+        if self.assumed and self.measured is not None and self.measured == self.measured:
             return self.measured / self.assumed
         return None
 
@@ -343,45 +396,52 @@ class ProbeResult:
         return d
 
 
+def _timed(fn: Callable[[], None], device, budget_s: float):
+    # one checked call, then the timing (median, p20, p80 seconds)
+    fn()
+    torch.cuda.synchronize(device)
+    fn.check()
+    t = time_fn(fn, device, budget_s)
+    return t.median_s, t.p20_s, t.p80_s
+
+
 def _differential(make: Callable[[int], Callable[[], None]], low: int, high: int, device,
-                  budget_s: float) -> float:
-    # seconds per extra unit of work between the ``low`` and ``high`` launches (each checked)
-    times = []
-    for n in (low, high):
-        fn = make(n)
-        fn()
-        torch.cuda.synchronize(device)
-        fn.check()
-        times.append(time_fn(fn, device, budget_s).median_s)
-    # (NaN where noise made the longer launch no slower: the report then says nan, not a
-    # negative speed)
-    diff = times[1] - times[0]
-    return diff / (high - low) if diff > 0 else float("nan")
+                  budget_s: float) -> tuple:
+    """``(seconds per extra unit, spread)``: the medians of the ``low`` and ``high`` launches
+    (each checked first), their difference over ``high - low``; NaN where noise made the
+    longer launch no slower. ``spread``: both launches' median / p20 / p80 in us."""
+    low_t, high_t = (_timed(make(n), device, budget_s) for n in (low, high))
+    diff = high_t[0] - low_t[0]
+    spread = {f"{tag}_{q}_us": v * 1e6 for tag, t in (("low", low_t), ("high", high_t))
+              for q, v in zip(("median", "p20", "p80"), t)}
+    return (diff / (high - low) if diff > 0 else float("nan")), spread
 
 
-def inflight_per_program(compiled, num_warps: int, fallback: int) -> tuple:
-    """``(bytes, how)``: the global-load bytes one program of ``compiled`` (a Triton
-    ``CompiledKernel``) keeps in flight, read the way the static model reads it (the load
-    burst of its main loop's SASS, ``dc_kernels.ops.sass``: what its warps issue before a
-    loaded register is needed) -- or ``fallback`` when its SASS cannot be read here."""
+def inflight_per_program(compiled, num_warps: int) -> tuple:
+    """``(bytes, loop_burst_bytes)`` of global loads one program of ``compiled`` (a Triton
+    ``CompiledKernel``) keeps in flight: ``bytes`` exactly as the static model reads it off a
+    kernel's SASS (``benchmarks.static._inflight_per_cta``: its warps times the mean load
+    burst), ``loop_burst_bytes`` its main loop's longest burst. Raises RuntimeError when the
+    SASS cannot be read here."""
     import subprocess
     import tempfile
     from dc_kernels.ops import sass, triton_aot
+    from .static import _inflight_per_cta
     try:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
             text = subprocess.run([triton_aot._tool("nvdisasm"), "-c", f.name],
                                   capture_output=True, text=True, check=True).stdout
-    except (AttributeError, KeyError, OSError, RuntimeError,
-            subprocess.CalledProcessError) as e:
-        return fallback, f"SASS not read ({type(e).__name__}): one tile assumed"
-    loops = [lp for lp in sass.analyze(text)["loops"] if lp["innermost"]]
+    except (AttributeError, KeyError, OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"the SASS of the compiled probe could not be read: "
+                           f"{type(e).__name__}: {e}") from e
+    stats = sass.analyze(text)
+    loops = [lp for lp in stats["loops"] if lp["innermost"]]
     main = max(loops, key=lambda lp: lp["load_bytes_per_lane"], default=None)
-    if main is None or not main["max_load_burst_per_lane"]:
-        return fallback, "no load loop in the SASS: one tile assumed"
-    return (main["max_load_burst_per_lane"] * 32 * num_warps,
-            f"the SASS's load burst, {main['max_load_burst_per_lane']} B per lane")
+    model = _inflight_per_cta("_stream_kernel", {"num_warps": num_warps, "num_stages": 1}, {},
+                              4, stats)
+    return model, (main["max_load_burst_per_lane"] * 32 * num_warps if main else 0)
 
 
 def _model_gpu(arch: int, card: Optional[str]):
@@ -389,132 +449,170 @@ def _model_gpu(arch: int, card: Optional[str]):
     return CARD_GPUS.get(card) if card in CARD_GPUS else GPUS.get(arch, GPUS[90])
 
 
+def _tensor_step(ctx) -> List[ProbeResult]:
+    gpu, sms, device, budget_s = ctx["gpu"], ctx["sms"], ctx["device"], ctx["budget_s"]
+    launches = {}
+
+    def make(pairs):
+        launches[pairs] = tensor_step_launch(sms, pairs, device)
+        return launches[pairs]
+    per_pair, spread = _differential(make, *STEP_PAIRS, device, budget_s)
+    step_s = per_pair / 2
+    ctx["step_s"] = step_s
+    clocks = launches[STEP_PAIRS[1]].check().double()
+    dt = (clocks[:, 1] - clocks[:, 0]).clamp(min=1)
+    clock_hz = float(((clocks[:, 3] - clocks[:, 2]) / dt).median()) * 1e9
+    ctx["clock_hz"] = clock_hz
+    return [ProbeResult(
+        "tensor step (128 x 256 x 64, bf16)",
+        f"{gpu.tensor_flop_per_s['16'] / 1e12:.0f} TFLOP/s over {gpu.sms} SMs "
+        "(static.GPU.tensor_flop_per_s)", "us", ctx["assumed_step"] * 1e6, step_s * 1e6,
+        f"{sms} programs (one per SM), 8 warps, two random bf16 operand pairs in shared "
+        f"memory in turn; {2 * STEP_PAIRS[0]} vs {2 * STEP_PAIRS[1]} dots",
+        {"tflop_per_s": 2.0 * TILE_M * TILE_N * TILE_K * sms / step_s / 1e12, **spread}),
+        ProbeResult("SM clock under tensor load", "static.GPU.clock_hz", "GHz",
+                    gpu.clock_hz / 1e9, clock_hz / 1e9,
+                    "%clock64 over %globaltimer around the tensor-step probe's loop, median "
+                    "over its programs")]
+
+
+def _launch(ctx) -> List[ProbeResult]:
+    gpu, sms, device, budget_s = ctx["gpu"], ctx["sms"], ctx["device"], ctx["budget_s"]
+    fn = launch_launch(sms, device)
+    one = _timed(fn, device, budget_s)[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(LAUNCHES):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    per_graph = time_fn(graph.replay, device, budget_s).median_s / LAUNCHES
+    per_eager = time_fn(lambda: [fn() for _ in range(LAUNCHES)], device,
+                        budget_s).median_s / LAUNCHES
+    fn.check()
+    return [ProbeResult(
+        "launch", "static.GPU.launch_fixed_s", "us", gpu.launch_fixed_s * 1e6, one * 1e6,
+        f"{sms} programs storing one int each, one eager launch timed as the benchmark rows "
+        f"time a call; {LAUNCHES} back to back: {per_eager * 1e6:.2f} us each eagerly (Triton's "
+        f"launcher), {per_graph * 1e6:.2f} us each replayed from a CUDA graph",
+        {"eager_back_to_back_us": per_eager * 1e6, "graph_back_to_back_us": per_graph * 1e6})]
+
+
+def _dram(ctx) -> List[ProbeResult]:
+    gpu, sms, device, budget_s = ctx["gpu"], ctx["sms"], ctx["device"], ctx["budget_s"]
+    total = dram_elements(sms)
+    x = torch.randint(-2, 3, (total,), device=device, dtype=torch.int32).float()
+    out = []
+    for per_sm in DRAM_PROGRAMS_PER_SM:
+        # the whole buffer against its first half: the same programs and tiles per step
+        programs = per_sm * sms
+        fns = [stream_launch(x[: total // frac], programs, DRAM_BLOCK, 1,
+                             num_warps=DRAM_WARPS) for frac in (2, 1)]
+        half, whole = (_timed(fn, device, budget_s) for fn in fns)
+        per_program, burst = inflight_per_program(fns[1].compiled, DRAM_WARPS)
+        inflight = per_sm * per_program
+        diff = whole[0] - half[0]
+        bw = (total * 4 / 2) / diff if diff > 0 else float("nan")
+        model = min(gpu.dram_bytes_per_s, sms * inflight / gpu.latency_s)
+        latency = sms * inflight / bw
+        near = bw > 0.7 * gpu.dram_bytes_per_s
+        out.append(ProbeResult(
+            f"DRAM read, {inflight / 1024:.1f} KiB in flight per SM",
+            "min(static.GPU.dram_bytes_per_s, SMs x in-flight / static.GPU.latency_s)",
+            "TB/s", model / 1e12, bw / 1e12,
+            f"{per_sm} program(s) per SM, {DRAM_WARPS} warps, num_stages=1, {DRAM_BLOCK}-"
+            f"element fp32 tiles; in flight as the model reads the SASS "
+            f"({per_program / 1024:.1f} KiB per program; the main loop's longest burst "
+            f"{burst / 1024:.1f} KiB); Little's law latency {latency * 1e6:.2f} us (model "
+            f"{gpu.latency_s * 1e6:.2f} us)" + ("; near the DRAM ceiling, so that latency "
+                                                  "is mostly queueing" if near else ""),
+            {"inflight_kib_per_sm": inflight / 1024, "loop_burst_kib_per_program":
+             burst / 1024, "implied_latency_us": latency * 1e6}))
+    del x
+    return out
+
+
+def _l2(ctx) -> List[ProbeResult]:
+    gpu, sms, device, budget_s = ctx["gpu"], ctx["sms"], ctx["device"], ctx["budget_s"]
+    programs = L2_PROGRAMS_PER_SM * sms
+    x = torch.randint(-2, 3, (programs * L2_BLOCK,), device=device, dtype=torch.int32).float()
+    per_pass, spread = _differential(lambda r: stream_launch(x, programs, L2_BLOCK, r),
+                                     *REPEATS, device, budget_s)
+    return [ProbeResult(
+        "L2 read", "static.GPU.l2_bytes_per_s", "TB/s", gpu.l2_bytes_per_s / 1e12,
+        x.numel() * 4 / per_pass / 1e12,
+        f"{programs} programs ({L2_PROGRAMS_PER_SM} per SM), a {x.numel() * 4 / 2 ** 20:.2f} "
+        f"MiB buffer re-read with .cg loads; {REPEATS[0]} vs {REPEATS[1]} passes", spread)]
+
+
+def _partials(ctx) -> List[ProbeResult]:
+    from dc_kernels.ops.path import SPLIT_PARTIAL_STEPS
+    sms, device, budget_s = ctx["sms"], ctx["device"], ctx["budget_s"]
+    step_s, clock_hz = ctx.get("step_s"), ctx.get("clock_hz")
+    out = []
+    for what, load, release in PARTIAL_VARIANTS:
+        for programs, label in ((sms, "every SM"), (max(1, sms // 4), "a quarter of the SMs")):
+            last = {}
+
+            def make(r):
+                last[r] = partial_launch(programs, r, load, device, release=release)
+                return last[r]
+            tile_s, spread = _differential(make, *REPEATS, device, budget_s)
+            on_sms = last[REPEATS[1]].check()
+            measured_step = step_s if step_s and step_s == step_s else None
+            out.append(ProbeResult(
+                f"partial tile {what}, {label}", "path.SPLIT_PARTIAL_STEPS K steps", "steps",
+                SPLIT_PARTIAL_STEPS, tile_s / measured_step if measured_step else None,
+                f"{programs} programs on {on_sms} distinct SMs, one 128 x 256 fp32 tile each "
+                f"({what}; 128 x 64 quarters from the wgmma layout, .cg); {REPEATS[0]} vs "
+                f"{REPEATS[1]} repeats; {tile_s * 1e6:.3f} us per tile, in steps of the "
+                "tensor-step probe (the model's step: "
+                f"{tile_s / ctx['assumed_step']:.2f} of its steps)",
+                {"us_per_tile": tile_s * 1e6, "model_steps": tile_s / ctx["assumed_step"],
+                 "distinct_sms": on_sms,
+                 **({"bytes_per_clock_per_sm": TILE_M * TILE_N * 4 / (tile_s * clock_hz)}
+                    if clock_hz else {}), **spread}))
+    return out
+
+
+#: The probes, in order: name, function (each returns its results; the tensor step's step
+#: time and clock serve the partial tiles)
+_PROBES = (("tensor step", _tensor_step), ("launch", _launch), ("DRAM read", _dram),
+           ("L2 read", _l2), ("partial tile", _partials))
+
+
 def run_probes(device: torch.device, arch: int = 90, card: Optional[str] = None,
-               budget_s: float = 0.1, log: Callable[[str], None] = lambda s: None
+               budget_s: float = 0.1, log: Callable[[str], None] = lambda s: None,
+               on_result: Callable[[ProbeResult], None] = lambda r: None
                ) -> List[ProbeResult]:
     """Measure every assumption on ``device`` (CUDA) against the static model's card
-    (``benchmarks.static.CARD_GPUS[card]`` or ``GPUS[arch]``). Raises AssertionError when a
-    probe kernel computes a wrong result, ValueError off CUDA."""
+    (``benchmarks.static.CARD_GPUS[card]`` or ``GPUS[arch]``), each result handed to
+    ``on_result`` as it comes. A probe whose kernel computes a wrong result is recorded with
+    status ``"wrong"``, one that raises with ``"error"``; the others go on. Raises ValueError
+    off CUDA or under the interpreter."""
     if device.type != "cuda":
         raise ValueError("the probes time GPU kernels: they need a CUDA device")
     if _interpreting():
         raise ValueError("the probes time compiled kernels: unset TRITON_INTERPRET")
-    from dc_kernels.ops.path import SPLIT_PARTIAL_STEPS
     gpu = _model_gpu(arch, card)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    ctx = dict(gpu=gpu, device=device, budget_s=budget_s,
+               sms=torch.cuda.get_device_properties(device).multi_processor_count,
+               assumed_step=2.0 * TILE_M * TILE_N * TILE_K / (gpu.tensor_flop_per_s["16"]
+                                                              / gpu.sms))
     results: List[ProbeResult] = []
-    step_flops = 2.0 * TILE_M * TILE_N * TILE_K
-    assumed_step = step_flops / (gpu.tensor_flop_per_s["16"] / gpu.sms)
-
-    # tensor step and the clock under tensor load
-    log("[probes] tensor step ...")
-    last = {}
-
-    def step(n):
-        fn = tensor_step_launch(sms, n, device)
-        last[n] = fn
-        return fn
-    step_s = _differential(step, *STEP_ITERS, device, budget_s)
-    clocks = last[STEP_ITERS[1]].check().double()
-    dt = (clocks[:, 1] - clocks[:, 0]).clamp(min=1)
-    dclk = clocks[:, 3] - clocks[:, 2]
-    clock_hz = float((dclk / dt).median()) * 1e9
-    results.append(ProbeResult(
-        "tensor step", f"{gpu.tensor_flop_per_s['16'] / 1e12:.0f} TFLOP/s over {gpu.sms} SMs "
-        "(static.GPU.tensor_flop_per_s)", "us",
-        assumed_step * 1e6, step_s * 1e6,
-        f"{sms} programs (one per SM), 8 warps, [128, 64] x [64, 256] bf16 dots onto one "
-        f"fp32 accumulator, operands in shared memory; {STEP_ITERS[0]} vs {STEP_ITERS[1]} "
-        "dots",
-        {"tflop_per_s": step_flops * sms / step_s / 1e12}))
-    results.append(ProbeResult(
-        "SM clock under tensor load", "static.GPU.clock_hz", "GHz", gpu.clock_hz / 1e9,
-        clock_hz / 1e9, "%clock64 over %globaltimer in the tensor-step probe, median over SMs"))
-
-    # launch
-    log("[probes] launch ...")
-    fn = launch_launch(sms, device)
-    fn()
-    torch.cuda.synchronize(device)
-    fn.check()
-    n = LAUNCHES
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize(device)
-    per_graph = time_fn(graph.replay, device, budget_s).median_s / n
-    per_eager = time_fn(lambda: [fn() for _ in range(n)], device, budget_s).median_s / n
-    fn.check()
-    results.append(ProbeResult(
-        "launch", "static.GPU.launch_fixed_s", "us", gpu.launch_fixed_s * 1e6, per_graph * 1e6,
-        f"{sms} programs storing one int each, {n} launches in a CUDA graph per replay; "
-        f"eager (Triton's launcher, host-bound): {per_eager * 1e6:.2f} us per launch",
-        {"eager_us": per_eager * 1e6}))
-
-    # DRAM: bytes in flight -> bandwidth, against Little's law with the model's latency
-    log("[probes] DRAM latency ...")
-    block, warps = DRAM_BLOCK, DRAM_WARPS
-    total = dram_elements(sms)
-    x = torch.randint(-2, 3, (total,), device=device, dtype=torch.int32).float()
-    for per_sm in DRAM_PROGRAMS_PER_SM:
-        programs = per_sm * sms
-        # the whole buffer against its first half: the same programs and tiles per step
-        halves, fn = {}, None
-        for frac in (2, 1):
-            fn = stream_launch(x[: total // frac], programs, block, 1, num_warps=warps)
-            fn()
-            torch.cuda.synchronize(device)
-            fn.check()
-            halves[frac] = time_fn(fn, device, budget_s).median_s
-        per_program, how = inflight_per_program(fn.compiled, warps, block * 4)
-        inflight = per_sm * per_program
-        diff = halves[1] - halves[2]
-        bw = (total * 4 / 2) / diff if diff > 0 else float("nan")
-        model = min(gpu.dram_bytes_per_s, sms * inflight / gpu.latency_s)
-        results.append(ProbeResult(
-            f"DRAM read, {inflight / 1024:.0f} KiB in flight per SM",
-            "min(static.GPU.dram_bytes_per_s, SMs x in-flight / static.GPU.latency_s)",
-            "TB/s", model / 1e12, bw / 1e12,
-            f"{per_sm} program(s) per SM, {warps} warps, num_stages=1, {block}-element fp32 "
-            f"tiles; {per_program / 1024:.0f} KiB in flight per program ({how}); "
-            f"Little's law latency {sms * inflight / bw * 1e6:.2f} us (model "
-            f"{gpu.latency_s * 1e6:.2f} us)",
-            {"inflight_kib_per_sm": inflight / 1024,
-             "implied_latency_us": sms * inflight / bw * 1e6}))
-    del x
-
-    # L2 read bandwidth
-    log("[probes] L2 read ...")
-    programs, block = L2_PROGRAMS_PER_SM * sms, L2_BLOCK
-    x = torch.randint(-2, 3, (programs * block,), device=device, dtype=torch.int32).float()
-    l2_s = _differential(lambda r: stream_launch(x, programs, block, r), *REPEATS, device,
-                         budget_s)
-    results.append(ProbeResult(
-        "L2 read", "static.GPU.l2_bytes_per_s", "TB/s", gpu.l2_bytes_per_s / 1e12,
-        x.numel() * 4 / l2_s / 1e12,
-        f"{programs} programs ({L2_PROGRAMS_PER_SM} per SM), a "
-        f"{x.numel() * 4 / 2 ** 20:.1f} MiB buffer re-read with .cg loads; {REPEATS[0]} vs "
-        f"{REPEATS[1]} passes"))
-    del x
-
-    # fp32 partial tiles, in steps of the tensor probe
-    for what, load in (("store", False), ("load", True)):
-        for programs, label in ((sms, "every SM"), (max(1, sms // 4), "a quarter of the SMs")):
-            log(f"[probes] partial {what}, {label} ...")
-            tile_s = _differential(lambda r: partial_launch(programs, r, load, device),
-                                   *REPEATS, device, budget_s)
-            results.append(ProbeResult(
-                f"partial tile {what}, {label}",
-                "path.SPLIT_PARTIAL_STEPS tensor steps", "steps", SPLIT_PARTIAL_STEPS,
-                tile_s / step_s,
-                f"{programs} programs, one 128 x 256 fp32 tile each ({what} in 128 x 64 "
-                f"quarters from the wgmma layout, .cg); {REPEATS[0]} vs {REPEATS[1]} repeats; "
-                "in measured steps "
-                f"of {step_s * 1e6:.3f} us",
-                {"us_per_tile": tile_s * 1e6,
-                 "bytes_per_clock_per_sm": TILE_M * TILE_N * 4 / (tile_s * clock_hz)}))
+    for name, probe in _PROBES:
+        log(f"[probes] {name} ...")
+        try:
+            found = probe(ctx)
+        except AssertionError as e:
+            found = [ProbeResult(name, "-", "-", None, None, f"WRONG RESULT: {e}",
+                                 status="wrong")]
+        except Exception as e:  # noqa: BLE001 -- recorded; the other probes still run
+            found = [ProbeResult(name, "-", "-", None, None,
+                                 f"error: {type(e).__name__}: {str(e)[:400]}", status="error")]
+        for r in found:
+            results.append(r)
+            on_result(r)
     return results
 
 
@@ -531,7 +629,8 @@ def probes_markdown(results: List[ProbeResult]) -> str:
         a = "-" if r.assumed is None else f"{r.assumed:.3g} {r.unit}"
         m = "-" if r.measured is None else f"{r.measured:.3g} {r.unit}"
         q = "-" if r.ratio is None else f"{r.ratio:.2f}"
-        lines.append(f"| {r.name} | {a} | {m} | {q} | {r.assumption} | {r.detail} |")
+        name = r.name if r.status == "ok" else f"{r.name} (**{r.status}**)"
+        lines.append(f"| {name} | {a} | {m} | {q} | {r.assumption} | {r.detail} |")
     return "\n".join(lines)
 
 
@@ -539,24 +638,32 @@ def probes_markdown(results: List[ProbeResult]) -> str:
 def build_problems(arch: int = 90, sms: int = 132) -> List[str]:
     """Build every probe kernel for ``sm_{arch}`` as the JIT binds it at the probes' sizes
     on ``sms`` SMs (``dc_kernels.ops.triton_aot``; no GPU) and say what would make a probe
-    measure something else than it claims: a spill, no wgmma in the tensor step's loop,
-    a ``cp.async`` ring or loads outside the stream probe's loop, a partial tile that is not
-    128 x 256 fp32 per repeat. Empty when all is well. Needs ``TRITON_INTERPRET`` unset."""
+    measure something else than it claims: a spill, no tensor-core loop or clock reads
+    outside it in the tensor step, a ``cp.async`` ring or loads that are not whole tiles in
+    the stream probe, fewer resident programs per SM than it launches, a partial tile that
+    is not one 128 x 256 fp32 tile per repeat. Empty when all is well. Needs
+    ``TRITON_INTERPRET`` unset."""
     from dc_kernels.ops import sass, triton_aot
+    from .static import GPUS, occupancy
     cpu = torch.device("cpu")
+    per_sm = {}  # stream builds: the programs per SM each must hold at once
     with triton_aot.record_launches(arch) as records:
-        tensor_step_launch(sms, STEP_ITERS[0], cpu)()
+        tensor_step_launch(sms, STEP_PAIRS[0], cpu)()
         launch_launch(sms, cpu)()
         dram = torch.empty(dram_elements(sms))
-        for per_sm in DRAM_PROGRAMS_PER_SM:
-            stream_launch(dram, per_sm * sms, DRAM_BLOCK, 1, num_warps=DRAM_WARPS)()
+        for k in DRAM_PROGRAMS_PER_SM:
+            stream_launch(dram, k * sms, DRAM_BLOCK, 1, num_warps=DRAM_WARPS)()
+            per_sm[len(records) - 1] = k
         l2 = torch.empty(L2_PROGRAMS_PER_SM * sms * L2_BLOCK)
-        stream_launch(l2, L2_PROGRAMS_PER_SM * sms, L2_BLOCK, REPEATS[0])()
-        for load in (False, True):
-            partial_launch(sms, REPEATS[0], load, cpu)()
+        for r in REPEATS:
+            stream_launch(l2, L2_PROGRAMS_PER_SM * sms, L2_BLOCK, r)()
+            per_sm[len(records) - 1] = L2_PROGRAMS_PER_SM
+        for r in REPEATS:
+            for _, load, release in PARTIAL_VARIANTS:
+                partial_launch(sms, r, load, cpu, release=release)()
     problems: List[str] = []
     tile_bytes = TILE_M * TILE_N * 4
-    for rec in records:
+    for i, rec in enumerate(records):
         b = triton_aot.build(rec.fn, rec.args, rec.kwargs, arch)
         what = f"{b.kernel} (sm_{arch}, {b.registers} registers)"
         if b.spill_stores or b.spill_loads:
@@ -573,7 +680,8 @@ def build_problems(arch: int = 90, sms: int = 132) -> List[str]:
         if b.kernel == "_tensor_step_kernel":
             if not mix.get("tensor") or mix.get("global_load"):
                 problems.append(f"{what}: its loop is not tensor-core steps alone ({mix})")
-            reads = [int(m, 16) for m in re.findall(r"/\*([0-9a-f]+)\*/[^\n]*SR_CLOCKLO", b.sass)]
+            reads = [int(m, 16) for m in re.findall(r"/\*([0-9a-f]+)\*/[^\n]*SR_CLOCKLO",
+                                                    b.sass)]
             if main is None or len(reads) != 2 or not reads[0] < main["start"] <= \
                     main["end"] < reads[1]:
                 problems.append(f"{what}: its clock reads ({[hex(r) for r in reads]}) do not "
@@ -584,6 +692,10 @@ def build_problems(arch: int = 90, sms: int = 132) -> List[str]:
             if not per_iter or per_iter % tile or mix.get("global_store"):
                 problems.append(f"{what}: its loop loads {per_iter} B per iteration, not whole "
                                 f"{tile}-byte tiles")
+            fits = occupancy(b.registers, b.shared, b.num_warps, GPUS.get(arch, GPUS[90]))
+            if fits < per_sm[i]:
+                problems.append(f"{what}: {fits} programs fit an SM, the probe runs "
+                                f"{per_sm[i]} per SM")
         elif b.kernel == "_partial_kernel":
             if rec.kwargs["LOAD"]:
                 moved = main["load_bytes_per_lane"] * threads if main else 0
@@ -605,7 +717,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     problems = build_problems(args.arch)
     print("\n".join(problems) or f"probes: every build for sm_{args.arch} measures what it "
-          "claims (no spills, no cp.async ring, the loops as stated)")
+          "claims (no spills, no cp.async ring, the loops as stated, the programs resident)")
     return 1 if problems else 0
 
 

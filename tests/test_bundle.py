@@ -281,3 +281,40 @@ def test_the_checks_say_what_speedup_the_floor_leaves():
                   "allows"].status == "MISSING"
     assert checks["clip336-4096, 64 images: dc_kernels speedup vs reference+compile"
                   ].status == "MISSING"
+
+
+def test_the_probes_are_written_as_they_come_and_a_wrong_one_fails_the_bundle(tmp_path,
+                                                                               monkeypatch):
+    # the probes time GPU kernels, so here a stand-in hands two results over as run_probes
+    # does (one fine, one whose kernel computed a wrong result); the bundle's plumbing is real
+    from benchmarks import probes
+    seen_files = []
+
+    def stand_in(device, arch, card, log, on_result):
+        assert device.type == "cuda" and arch == 90
+        on_result(probes.ProbeResult("L2 read", "static.GPU.l2_bytes_per_s", "TB/s", 10.0,
+                                     8.0, "how"))
+        seen_files.append(sorted(os.listdir(tmp_path)))  # written after the first result
+        on_result(probes.ProbeResult("partial tile", "-", "-", None, None,
+                                     "WRONG RESULT: partial probe", status="wrong"))
+        return []
+    monkeypatch.setattr(probes, "run_probes", stand_in)
+    machine = dict(bundle.machine_info(CPU), capability="9.0", device_name="NVIDIA H100")
+    reports = bundle._Reports(str(tmp_path), [bundle._not_run("GPU-critical tests", "test")],
+                              machine)
+    dog = bundle._Watchdog(reports, 600.0, time.perf_counter() + 600, _quiet)
+    failed = bundle._run_probes(reports, torch.device("cuda"), time.perf_counter() + 600, dog,
+                                _quiet)
+    assert failed is True
+    assert seen_files and any(f.endswith(".json") for f in seen_files[0])
+    assert [p["name"] for p in reports.probes] == ["L2 read", "partial tile"]
+    assert reports.probes[0]["ratio"] == pytest.approx(0.8)
+    assert reports.notes == ["probe partial tile: WRONG RESULT: partial probe"]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [p["status"] for p in data["probes"]] == ["ok", "wrong"]
+    assert "| partial tile (**wrong**) |" in next(tmp_path.glob("*.md")).read_text()
+    # with too little of the budget left they are not run, and the notes say so
+    reports.notes.clear()
+    assert bundle._run_probes(reports, torch.device("cuda"), time.perf_counter() + 10, dog,
+                              _quiet) is False
+    assert reports.notes and "were not run" in reports.notes[0]

@@ -2,7 +2,8 @@
 
 Their timings need a GPU (the bundle runs them there); here every probe kernel runs at small
 sizes on fresh random data (under the interpreter on a CPU machine, compiled on a GPU) and must
-compute exactly what torch computes, its outputs poisoned first; each probe's own check must
+compute what torch computes (exactly on integer-valued data, the tensor step within its fp32
+accumulation bound), its outputs poisoned first; each probe's own check must
 catch a wrong result; and every probe kernel, built for sm_90 and sm_80 as the JIT binds it at
 the sizes the bundle times, must measure what it claims (no spills, no cp.async ring, the loop
 as stated: ``probes.build_problems``).
@@ -33,10 +34,10 @@ def _corrupt_and_expect_failure(fn, tensor):
 
 
 @pytest.mark.parametrize("blocks", [(32, 64, 16), (16, 32, 32)])
-def test_tensor_step_probe_computes_iters_times_the_product(blocks):
+def test_tensor_step_probe_computes_pairs_times_the_two_products(blocks):
     rng = random.Random()
-    iters, programs = rng.randint(1, 5), rng.randint(1, 3)
-    fn = probes.tensor_step_launch(programs, iters, DEVICE, *blocks, seed=rng.randrange(1 << 30))
+    pairs, programs = rng.randint(1, 5), rng.randint(1, 3)
+    fn = probes.tensor_step_launch(programs, pairs, DEVICE, *blocks, seed=rng.randrange(1 << 30))
     assert torch.isnan(fn.out).all()  # poisoned before the launch
     fn()
     clocks = fn.check()
@@ -44,6 +45,8 @@ def test_tensor_step_probe_computes_iters_times_the_product(blocks):
     if DEVICE.type == "cuda":  # the clocks run forward on a GPU
         assert bool((clocks[:, 1] >= clocks[:, 0]).all() and (clocks[:, 3] > clocks[:, 2]).all())
     _corrupt_and_expect_failure(fn, fn.out)
+    with pytest.raises(ValueError, match="at least one pair"):
+        probes.tensor_step_launch(1, 0, DEVICE, *blocks)
 
 
 def test_launch_probe_stores_every_program():
@@ -79,19 +82,22 @@ def test_stream_probe_refuses_what_it_cannot_read():
         probes.stream_launch(x, 0, 64, 1)
 
 
-@pytest.mark.parametrize("load", [False, True])
-def test_partial_probe_stores_or_loads_the_tile(load):
+@pytest.mark.parametrize("what, load, release", probes.PARTIAL_VARIANTS)
+def test_partial_probe_stores_or_loads_the_tile(what, load, release):
     rng = random.Random()
     programs, repeat = rng.randint(1, 3), rng.randint(1, 4)
     fn = probes.partial_launch(programs, repeat, load, DEVICE, 32, 64, 16,
-                               seed=rng.randrange(1 << 30))
+                               seed=rng.randrange(1 << 30), release=release)
     assert torch.isnan(fn.out).all()
     fn()
-    fn.check()
+    on_sms = fn.check()
+    assert on_sms is None if DEVICE.type == "cpu" else 1 <= on_sms <= programs
     # a wrong tile in any program's slot is seen too, not only program 0's output
     _corrupt_and_expect_failure(fn, fn.ws[-1])
     with pytest.raises(ValueError, match="at least one repeat"):
         probes.partial_launch(1, 0, load, DEVICE, 32, 64, 16)
+    with pytest.raises(ValueError, match="releases after stores"):
+        probes.partial_launch(1, 1, True, DEVICE, 32, 64, 16, release=True)
 
 
 def test_run_probes_needs_a_compiled_gpu():
@@ -99,14 +105,19 @@ def test_run_probes_needs_a_compiled_gpu():
         probes.run_probes(torch.device("cpu"))
 
 
-def test_markdown_says_assumed_measured_and_ratio():
+def test_markdown_says_assumed_measured_ratio_and_status():
     found = [probes.ProbeResult("L2 read", "static.GPU.l2_bytes_per_s", "TB/s", 10.0, 7.5,
                                 "how"),
-             probes.ProbeResult("launch", "static.GPU.launch_fixed_s", "us", 2.0, None)]
-    assert found[0].ratio == pytest.approx(0.75) and found[1].ratio is None
+             probes.ProbeResult("launch", "static.GPU.launch_fixed_s", "us", 2.0, None),
+             probes.ProbeResult("DRAM read", "-", "TB/s", 3.0, float("nan")),
+             probes.ProbeResult("tensor step", "-", "-", None, None, "WRONG RESULT: x",
+                                status="wrong")]
+    assert found[0].ratio == pytest.approx(0.75)
+    assert found[1].ratio is None and found[2].ratio is None and found[3].ratio is None
     md = probes.probes_markdown(found)
     assert "| L2 read | 10 TB/s | 7.5 TB/s | 0.75 | static.GPU.l2_bytes_per_s | how |" in md
     assert "| launch | 2 us | - | - |" in md
+    assert "| tensor step (**wrong**) | - | - | - | - | WRONG RESULT: x |" in md
     assert found[0].as_dict()["ratio"] == pytest.approx(0.75)
 
 
