@@ -538,8 +538,8 @@ def run_bundle(out_dir: Optional[str], test_timeout_s: float,
                first_tests: Sequence[str] = FIRST_TESTS,
                rest_tests: Sequence[str] = ("tests",)) -> int:
     """Run the bundle within ``budget_s`` seconds (module docstring); returns the exit code:
-    0 when both test phases ran to the end and passed and no row failed, 1 when a test or a
-    row failed, 4 when nothing failed but a test phase was stopped or left out for time (the
+    0 when both test phases ran to the end and passed and no row failed, 1 when a test, a
+    row or a probe (a wrong result) failed, 4 when nothing failed but a test phase was stopped or left out for time (the
     report's notes say what), 2 without CUDA; the watchdog exits with 5.
 
     ``device``, ``dtype``, ``selection`` and the test paths are the bundle's own unless given
