@@ -424,16 +424,12 @@ def inflight_per_program(compiled, num_warps: int) -> tuple:
     burst), ``loop_burst_bytes`` its main loop's longest burst. Raises RuntimeError when the
     SASS cannot be read here."""
     import subprocess
-    import tempfile
     from dc_kernels.ops import sass, triton_aot
     from .static import _inflight_per_cta
     try:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            text = subprocess.run([triton_aot._tool("nvdisasm"), "-c", f.name],
-                                  capture_output=True, text=True, check=True).stdout
-    except (AttributeError, KeyError, OSError, subprocess.CalledProcessError) as e:
+        text = triton_aot.read_cubin(compiled.asm["cubin"])[1]
+    except (AttributeError, KeyError, OSError, RuntimeError,
+            subprocess.CalledProcessError) as e:
         raise RuntimeError(f"the SASS of the compiled probe could not be read: "
                            f"{type(e).__name__}: {e}") from e
     stats = sass.analyze(text)
@@ -506,13 +502,16 @@ def _dram(ctx) -> List[ProbeResult]:
     for per_sm in DRAM_PROGRAMS_PER_SM:
         # the whole buffer against its first half: the same programs and tiles per step
         programs = per_sm * sms
-        fns = [stream_launch(x[: total // frac], programs, DRAM_BLOCK, 1,
-                             num_warps=DRAM_WARPS) for frac in (2, 1)]
-        half, whole = (_timed(fn, device, budget_s) for fn in fns)
-        per_program, burst = inflight_per_program(fns[1].compiled, DRAM_WARPS)
+        fns = {}
+
+        def make(halves):
+            fns[halves] = stream_launch(x[: total // 2 * halves], programs, DRAM_BLOCK, 1,
+                                        num_warps=DRAM_WARPS)
+            return fns[halves]
+        per_half, spread = _differential(make, 1, 2, device, budget_s)
+        per_program, burst = inflight_per_program(fns[2].compiled, DRAM_WARPS)
         inflight = per_sm * per_program
-        diff = whole[0] - half[0]
-        bw = (total * 4 / 2) / diff if diff > 0 else float("nan")
+        bw = (total * 4 / 2) / per_half
         model = min(gpu.dram_bytes_per_s, sms * inflight / gpu.latency_s)
         latency = sms * inflight / bw
         near = bw > 0.7 * gpu.dram_bytes_per_s
@@ -527,7 +526,7 @@ def _dram(ctx) -> List[ProbeResult]:
             f"{gpu.latency_s * 1e6:.2f} us)" + ("; near the DRAM ceiling, so that latency "
                                                   "is mostly queueing" if near else ""),
             {"inflight_kib_per_sm": inflight / 1024, "loop_burst_kib_per_program":
-             burst / 1024, "implied_latency_us": latency * 1e6}))
+             burst / 1024, "implied_latency_us": latency * 1e6, **spread}))
     del x
     return out
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 __all__ = ["SHARED_LIMIT", "ARCHS", "PORTABLE_ARCHS", "SMS", "LaunchRecord", "record_launches",
-           "bind", "build",
+           "bind", "build", "read_cubin",
            "unique_builds", "aot_cases", "build_cases", "triton_version"]
 
 #: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) and B200
@@ -274,6 +274,21 @@ class BuildReport:
     ptx: str = field(repr=False, default="")
 
 
+def read_cubin(cubin: bytes) -> Tuple[str, str]:
+    """``(resource usage, SASS)`` of a cubin: ``cuobjdump -res-usage`` and ``nvdisasm -c``, the
+    tools shipped in the triton package (a build here, or a kernel the JIT compiled on a GPU).
+    Raises RuntimeError when a tool is missing, CalledProcessError when one fails."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+    return res, sass
+
+
 def build(fn, args, kwargs, arch: int, keep_text: bool = True) -> BuildReport:
     """Compile one launch for ``sm_{arch}`` exactly as the JIT would, and read the cubin."""
     import triton
@@ -284,15 +299,7 @@ def build(fn, args, kwargs, arch: int, keep_text: bool = True) -> BuildReport:
     src = ASTSource(fn, signature, constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, _WARP_SIZE),
                               options=options.__dict__)
-    cubin = compiled.asm["cubin"]
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True,
-                             text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True,
-                              check=True).stdout
+    res, sass = read_cubin(compiled.asm["cubin"])
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     local = int(re.search(r"LOCAL:(\d+)", res).group(1))
     static_shared = int(re.search(r"SHARED:(\d+)", res).group(1))
