@@ -84,7 +84,9 @@ def _switches() -> Tuple:
     common, features, linear, gemm_tma, pipelined = _SWITCH_MODULES
     return (features.USE_TMA, common.FORCE_OFF64, common.interpreting, common.empty,
             linear.OVERLAP_CHUNK_ROWS, linear.OVERLAP_CHUNK_IMAGES, gemm_tma.STREAM_K_ITERS,
-            linear.PIPELINED, pipelined.HELPER, pipelined.HELPER_ROW_TILES)
+            gemm_tma.REVERSE_PROGRAMS, linear.PIPELINED, pipelined.HELPER,
+            pipelined.HELPER_ROW_TILES, pipelined.HELPER_PROGRAMS, pipelined.STREAM_K,
+            pipelined.STREAM_K_ITERS, pipelined.STREAM_K_PROGRAMS, pipelined.REVERSE_PROGRAMS)
 
 
 def lookup(key: Hashable, build: Callable[[], Any]) -> Any:

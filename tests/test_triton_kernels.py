@@ -616,6 +616,48 @@ def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, ite
     assert torch.equal(rev, got) and _ready_counts_zero()
 
 
+@pytest.mark.parametrize("programs,helpers", ((5, 2), (18, 7), (40, 1)))
+def test_pipelined_sweep_switches(monkeypatch, programs, helpers):
+    # the sweep's switches (benchmarks.sweep): stream K over the slabs on exactly that many
+    # programs (at most one per position: 9 tiles x 2 K steps per slab here), beside that
+    # many helper programs; each value a plan of its own (a switch of the plan key, no
+    # plan.clear between them); A as two-pass's, the output within the GEMM bound of fp64
+    # into NaN-poisoned outputs, every count back to zero
+    from dc_kernels.ops import pipelined
+    from dc_kernels import plan
+    spec = ConnectorSpec.preset("clip", "dci")
+    B, T, C, N = 2, 38, 32, 72
+    hs = _hs(spec, B, T, C, torch.bfloat16, seed=70 + programs)
+    w, b = _weights(spec, C, N, torch.bfloat16, seed=71)
+    plan.clear()
+    default = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", path="pipelined")
+    dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="pipelined")
+    monkeypatch.setattr(pipelined, "STREAM_K_PROGRAMS", programs)
+    monkeypatch.setattr(pipelined, "HELPER_PROGRAMS", helpers)
+    launch = linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu", path="pipelined")
+    assert launch.pipelined.programs == min(programs, 18)
+    assert launch.pipelined.gemm_site.grid == (min(programs, 18),)
+    assert launch.pipelined.helpers == helpers
+    assert (default.pipelined.programs, default.pipelined.helpers) != (programs, helpers)
+    misses = plan.stats()["misses"]
+    dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="pipelined")
+    assert plan.stats()["misses"] == misses + 1  # not the default's plan
+    _check_linear(hs, spec, w, b, "gelu", "pipelined", torch.bfloat16)
+    assert _ready_counts_zero()
+    two = linear_ops.linear_triton_for_training(hs, spec, B, T, C, w, b, "gelu",
+                                                path="two-pass", keep_features=True)[1]
+    feats = linear_ops.linear_triton_for_training(hs, spec, B, T, C, w, b, "gelu",
+                                                  path="pipelined", keep_features=True)[1]
+    assert torch.equal(feats, two) and _ready_counts_zero()
+    for name in ("STREAM_K_PROGRAMS", "HELPER_PROGRAMS"):
+        for bad in (-1, 2.0):
+            with monkeypatch.context() as m:
+                m.setattr(pipelined, name, bad)
+                with pytest.raises(ValueError, match=f"pipelined.{name} must be an int"):
+                    linear_ops.prepare_linear(hs, spec, B, T, C, w, b, "gelu",
+                                              path="pipelined")
+
+
 def test_pipelined_stream_k_rule():
     rule = path_ops.pipelined_stream_k
     # CLIP-L/336 -> 4096 (80 tiles of 128 x 256 per image, 3 slabs of 16 K steps), 132 SMs:
@@ -646,17 +688,31 @@ def test_pipelined_stream_k_rule():
     assert programs(576, 1024, 4096, 3, 3, 2) == 0
     assert path_ops.stream_k_shape(96, 18, 128) == (14, 2, 2)
     assert path_ops.stream_k_shape(96, 18, 124) == (14, 2, 3)
-    whole, split, _ = path_ops._pipelined_makespans(576, 1024, 4096, 25, 3, 2,
-                                                    path_ops.PATH_MODEL)
+    whole, replays = path_ops.pipelined_stream_k_replays(576, 1024, 4096, 25, 3, 2)
+    split = min(replays.values())
     t = path_ops.estimate_linear_times(576, 1024, 4096, 25, 3, 2)
     assert split < whole and t["pipelined"] == split < t["two-pass"]
+    # the replays the rule chose from: the fewest programs of ceil(positions / SMs) (128
+    # for 1280 positions) up to one per SM; its pick is their fastest
+    assert sorted(replays) == list(range(128, 133)) and replays[128] == split
+    # programs and helpers given: only those replayed (none past the positions); the
+    # default helpers are split_helpers' 72 (one per 8-row unit of a slab), and another
+    # count changes when the units are ready (the path model caps no program's rate: which
+    # count is fastest is the sweep's question, measured)
+    _, some = path_ops.pipelined_stream_k_replays(576, 1024, 4096, 25, 3, 2,
+                                                  programs=(96, 128, 2000))
+    assert sorted(some) == [96, 128] and some[128] == replays[128]
+    _, own = path_ops.pipelined_stream_k_replays(576, 1024, 4096, 25, 3, 2,
+                                                 programs=(128,), helpers=72)
+    _, few = path_ops.pipelined_stream_k_replays(576, 1024, 4096, 25, 3, 2,
+                                                 programs=(128,), helpers=18)
+    assert own[128] == replays[128] != few[128]
     assert path_ops.choose_linear_path(576, 1024, 4096, 25, 3, 2, arch=90,
                                        pipelined=True) == "pipelined"
     # a group that reads only the base layer (1 distinct layer, 2 slabs) still reads a layer
     # per unit: the split's replay runs (it divided by zero when it counted none)
-    _, split, _ = path_ops._pipelined_makespans(576, 1024, 4096, 1, 2, 2,
-                                                path_ops.PATH_MODEL)
-    assert split is not None and split > 0
+    _, split = path_ops.pipelined_stream_k_replays(576, 1024, 4096, 1, 2, 2)
+    assert split and min(split.values()) > 0
     assert path_ops.choose_linear_path(576, 1024, 4096, 1, 2, 2, pipelined=True) in (
         "fused", "pipelined", "two-pass", "overlap")
 

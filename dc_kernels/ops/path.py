@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["CALIBRATION_FILE", "CALIBRATION_FILES", "CARD_CALIBRATION_FILES", "load_calibration",
            "PATH_MODEL", "TMA_MAJOR", "runs_tma_kernels", "card_key", "calibration_file",
-           "model_for", "estimate_linear_times",
+           "model_for", "estimate_linear_times", "pipelined_stream_k_replays",
            "choose_linear_path", "overlap_chunk_rows", "estimate_sti_times",
            "sti_overlap_images", "sti_chunk_row_multiple", "STI_MAX_CHUNK_IMAGES",
            "STI_OVERLAP_MARGIN",
@@ -222,8 +222,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
             overlap += max(gemm_of(r, j == chunks - 1), nxt)
     else:
         overlap = two_pass
-    whole, split, _ = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, e, m)
-    pipelined = min(whole, split) if split is not None else whole
+    whole, split = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, e, m)
+    pipelined = min([whole, *split.values()])
     # the fused kernel's N tile: its shared memory holds one A tile per group member, so
     # small groups (SCI's single layers) leave room for wider tiles than DCI's 12-layer groups
     small = num_layers_read <= 4 * num_slabs
@@ -715,12 +715,16 @@ def _beside_per_row(feats_per_row: float, layer_bytes: float, m: Dict, efficienc
 
 
 def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
-                         e: int, m: Dict, tile: Optional[Tuple[int, int, int]] = None
-                         ) -> Tuple[float, Optional[float], int]:
+                         e: int, m: Dict, tile: Optional[Tuple[int, int, int]] = None,
+                         programs: Optional[Sequence[int]] = None,
+                         helpers: Optional[int] = None
+                         ) -> Tuple[float, Dict[int, float]]:
     """The pipelined path's replayed seconds with whole tiles and, where
-    :func:`pipelined_stream_k` allows it, with stream K over the slabs (else None), and the
-    stream-K programs that replay fastest (0: none). ``tile``: the kernel's (BLOCK_M,
-    BLOCK_N, BLOCK_K) in place of the calibration's tiles, 64 deep."""
+    :func:`pipelined_stream_k` allows it (else an empty dict), with stream K over the slabs
+    on each of ``programs`` programs (default: from the fewest that run ``ceil(positions /
+    SMs)`` each up to one per SM) beside ``helpers`` helper programs (default
+    :func:`split_helpers`). ``tile``: the kernel's (BLOCK_M, BLOCK_N, BLOCK_K) in place of the
+    calibration's tiles, 64 deep."""
     K = num_slabs * C
     feats_per_row = (num_layers_read * C * e + K * e) / (
         m["dram_bytes_per_s"] * m["features_efficiency"])
@@ -737,7 +741,7 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     ks = C // tile_k if C % tile_k == 0 else 0  # K steps of a slab (stream K: whole ones)
     fewest = pipelined_stream_k(tiles, ks, num_slabs, m["sms"]) if m["gemm_split_k"] else 0
     if not fewest:
-        return whole, None, 0
+        return whole, {}
     # stream K over the slabs: units slab-major; slab 0 copies the base (a layer read and
     # written), the groups share the other layers evenly. A unit reads one slab's layers,
     # so its bytes in flight, and the helper's efficiency, scale with a group's layers (SCI:
@@ -748,19 +752,38 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
     slab_bytes = [2.0] + [per_group + 1.0] * (num_slabs - 1)
     beside_split = _beside_per_row(feats_per_row, per_group * e, m,
                                    "helper_efficiency_beside_gemm", "helper_layer_bytes")
-    helpers = split_helpers(math.ceil(M / 8), m["sms"])
+    if helpers is None:
+        helpers = split_helpers(math.ceil(M / 8), m["sms"])
     # the fewest programs that run at most ceil(steps / SMs) positions each, or more, up to
     # one per SM: which spreads the tiles' pieces best shows only in the replay (one SigLIP
     # image: 124 programs of 14 positions put some tiles over 3 programs; 128 of 13-14 put
     # every tile over 2)
-    best = None
-    for programs in range(fewest, max(fewest, m["sms"]) + 1):
-        t = pipelined_stream_k_makespan(M, N, tile_m, tile_n, 8, ks, programs,
-                                        one_tile / (num_slabs * ks), helpers, 8,
-                                        feats_per_row, beside_split, slab_bytes)
-        if best is None or t < best[0]:
-            best = (t, programs)
-    return whole, best[0] + m["launch_s"], best[1]
+    if programs is None:
+        programs = range(fewest, max(fewest, m["sms"]) + 1)
+    return whole, {p: pipelined_stream_k_makespan(
+        M, N, tile_m, tile_n, 8, ks, p, one_tile / (num_slabs * ks), helpers, 8,
+        feats_per_row, beside_split, slab_bytes) + m["launch_s"]
+        for p in programs if 1 <= p <= tiles * ks}
+
+
+def pipelined_stream_k_replays(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,
+                               element_size: int, model: Optional[Dict] = None,
+                               sms: Optional[int] = None,
+                               tile: Optional[Tuple[int, int, int]] = None,
+                               programs: Optional[Sequence[int]] = None,
+                               helpers: Optional[int] = None
+                               ) -> Tuple[float, Dict[int, float]]:
+    """``(whole tiles' seconds, {programs: seconds})``: the path model's replays of the
+    pipelined path (launch included; *estimates*) with whole tiles and with stream K over
+    the slabs on each of ``programs`` programs beside ``helpers`` helper programs (defaults:
+    the range and the helpers :func:`pipelined_stream_k_programs` chooses from; an empty dict
+    where :func:`pipelined_stream_k` rules stream K out). What the sweep
+    (``python -m benchmarks --sweep``) sets beside each measured variant."""
+    m = model or PATH_MODEL
+    if sms is not None:
+        m = dict(m, sms=sms)
+    return _pipelined_makespans(M, C, N, num_layers_read, num_slabs, element_size, m, tile,
+                                programs, helpers)
 
 
 def pipelined_stream_k_programs(M: int, C: int, N: int, num_layers_read: int,
@@ -778,9 +801,12 @@ def pipelined_stream_k_programs(M: int, C: int, N: int, num_layers_read: int,
     m = model or PATH_MODEL
     if sms is not None:
         m = dict(m, sms=sms)
-    whole, split, programs = _pipelined_makespans(M, C, N, num_layers_read, num_slabs,
-                                                  element_size, m, tile)
-    return programs if split is not None and split < whole else 0
+    whole, split = _pipelined_makespans(M, C, N, num_layers_read, num_slabs, element_size,
+                                        m, tile)
+    if not split:
+        return 0
+    programs = min(split, key=lambda p: (split[p], p))  # the fastest, the fewest on a tie
+    return programs if split[programs] < whole else 0
 
 
 def choose_linear_path(M: int, C: int, N: int, num_layers_read: int, num_slabs: int,

@@ -337,6 +337,13 @@ HELPER_ROW_TILES = 0
 #: whole K steps (tests), 0: the path rule's choice
 STREAM_K = True
 STREAM_K_ITERS = 0
+#: Sweeps (``python -m benchmarks --sweep``) and tests: ``STREAM_K_PROGRAMS`` > 0 runs stream K
+#: over the slabs on that many programs (at most one per position) wherever a slab is whole K
+#: steps, ahead of ``STREAM_K_ITERS``; ``HELPER_PROGRAMS`` > 0 launches that many helper
+#: programs. 0: the path rule's choices (:func:`.path.pipelined_stream_k_programs`, one
+#: helper per SM or :func:`.path.split_helpers`)
+STREAM_K_PROGRAMS = 0
+HELPER_PROGRAMS = 0
 #: Tests: stream K's programs take their work last to first (see gemm_tma.REVERSE_PROGRAMS)
 REVERSE_PROGRAMS = False
 #: Helper programs, one beside every GEMM CTA: 2 warps over 8-row x 128-channel steps of a
@@ -505,6 +512,11 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     pm = triton.cdiv(M, g["BLOCK_M"])
     tiles = pm * triton.cdiv(N, g["BLOCK_N"])
     slabs = spec.num_groups + 1
+    for name, value in (("STREAM_K_PROGRAMS", STREAM_K_PROGRAMS),
+                        ("HELPER_PROGRAMS", HELPER_PROGRAMS)):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"pipelined.{name} must be an int >= 0 (0: the path rule's "
+                             f"choice), got {value!r}")
     # stream K over the slabs where whole tiles would leave SMs idle and the replays say so
     # (path.pipelined_stream_k_programs, which picks the programs; whole tiles e.g. for SCI's
     # one CLIP image; a slab must be whole K steps): units (slab, row tile), a ready count per
@@ -512,13 +524,16 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     programs, iters, segments, parts = 0, 0, 0, 1
     if STREAM_K and channels % g["BLOCK_K"] == 0:
         ks = channels // g["BLOCK_K"]
-        programs = triton.cdiv(tiles * ks, STREAM_K_ITERS) if STREAM_K_ITERS \
-            else pipelined_stream_k_programs(M, channels, N, len(spec.used_layers), slabs,
-                                             base.element_size(),
-                                             model_for(None, None) if interp else
-                                             model_for(arch_of(base), card_of(base),
-                                                       sms),
-                                             sms, (g["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"]))
+        if STREAM_K_PROGRAMS:
+            programs = min(STREAM_K_PROGRAMS, tiles * ks)
+        elif STREAM_K_ITERS:
+            programs = triton.cdiv(tiles * ks, STREAM_K_ITERS)
+        else:
+            programs = pipelined_stream_k_programs(
+                M, channels, N, len(spec.used_layers), slabs, base.element_size(),
+                model_for(None, None) if interp else model_for(arch_of(base), card_of(base),
+                                                               sms),
+                sms, (g["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"]))
         if programs:
             iters, segments, parts = stream_k_shape(tiles, ks, programs)
             if tiles * parts * g["BLOCK_M"] * g["BLOCK_N"] >= 2 ** 31 \
@@ -543,7 +558,7 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     helpers, hcfg_run, hcap, hcap_pre = _helper_launch(bool(iters), interp, Q, sms,
                                                        max(sizes), base.element_size())
     assert hcfg_run["ROWS"] == rows  # the GEMM programs' own units are the helper's
-    launch.helpers = helpers if HELPER else 0
+    launch.helpers = (HELPER_PROGRAMS or helpers) if HELPER else 0
     launch.gemm_tail = (sb, st, sc, width, M, N, width, channels, t_keep, Q, launch.helpers)
     launch.gemm_meta = dict(
         HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATIONS[activation], STORE_PRE=False,
