@@ -8,13 +8,14 @@ Examples::
     python -m benchmarks --gpu-bundle                  # tests + issue-12 table + result files
     python -m benchmarks --static                      # static cost model (no GPU needed)
     python -m benchmarks --probes                      # the model's assumptions, measured (GPU)
+    python -m benchmarks --sweep                       # the rule's launch choices, measured (GPU)
 
-Exit codes: 0 success; 1 GPU bundle with a failing test or row, or a probe kernel with a
-wrong result; 2 bad arguments or no CUDA
-where CUDA is required; 3 a provider returned a wrong result (nothing of it is timed or
-written); 4 GPU bundle with nothing failed but a test phase stopped or left out for time; 5 GPU
-bundle stopped by its watchdog (a row past ``--row-timeout`` or the run past its budget; the
-files say where).
+Exit codes: 0 success; 1 GPU bundle with a failing test or row, a sweep with a failing
+variant, or a probe kernel with a wrong result; 2 bad arguments or no CUDA where CUDA is
+required; 3 a provider returned a wrong result (nothing of it is timed or written); 4 GPU
+bundle with nothing failed but a test phase stopped or left out for time, or a sweep whose
+budget ran out before its last variant; 5 GPU bundle or sweep stopped by its watchdog (a row
+past ``--row-timeout`` or the run past its budget; the files say where).
 """
 
 from __future__ import annotations
@@ -120,9 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor step, launch, DRAM latency, L2, the stream-K partial tile; "
                         "benchmarks/probes.py), write <date>-<card>-probes.{md,json} under "
                         "benchmarks/results (or --out); the GPU bundle runs them too")
+    p.add_argument("--sweep", action="store_true",
+                   help="CUDA only, within --sweep-budget: the path rule's launch choices "
+                        "(stream-K programs, helper programs, whole tiles) measured side by "
+                        "side beside the model's estimates at 1 and 16 images "
+                        "(benchmarks/sweep.py); writes <date>-<card>-sweep.{md,json} under "
+                        "benchmarks/results (or --out) after every row")
+    p.add_argument("--sweep-budget", type=float, default=540.0, metavar="SECONDS",
+                   help="--sweep: the whole run's time (default 540: a 600 s device call); "
+                        "no row starts after it")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="--gpu-bundle / --static / --host / --probes: folder for the result "
-                        "files")
+                   help="--gpu-bundle / --sweep / --static / --host / --probes: folder for "
+                        "the result files")
     p.add_argument("--test-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="--gpu-bundle: stop each test phase after this long at the most "
                         "(default 300)")
@@ -130,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--gpu-bundle: the whole run's time (default 540: a 600 s device "
                         "call with room to write); the first tests take at most 30%%, no "
                         "table row starts after 80%%, the rest of the suite gets what is left")
-    p.add_argument("--row-timeout", type=float, default=240.0, metavar="SECONDS",
-                   help="--gpu-bundle: a table row running longer ends the bundle (exit 5) "
-                        "after writing what it measured (default 240)")
+    p.add_argument("--row-timeout", type=float, default=None, metavar="SECONDS",
+                   help="--gpu-bundle / --sweep: a row running longer ends the run (exit "
+                        "5) after writing what it measured (default 240 for the bundle, "
+                        "whose rows compile torch.compile's; 90 for the sweep)")
     return p
 
 
@@ -258,13 +269,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.gpu_bundle:
         from .bundle import check_bundle_times, run_bundle
+        row_timeout = 240.0 if args.row_timeout is None else args.row_timeout
         try:
-            check_bundle_times(args.test_timeout, args.bundle_budget, args.row_timeout)
+            check_bundle_times(args.test_timeout, args.bundle_budget, row_timeout)
         except ValueError as e:
             _log(str(e))
             return 2
         return run_bundle(args.out, args.test_timeout, _log, budget_s=args.bundle_budget,
-                          row_timeout_s=args.row_timeout)
+                          row_timeout_s=row_timeout)
+    if args.sweep:
+        from .sweep import run_sweep
+        row_timeout = 90.0 if args.row_timeout is None else args.row_timeout
+        for flag, v in (("--sweep-budget", args.sweep_budget), ("--row-timeout", row_timeout)):
+            if not v > 0:
+                _log(f"{flag} must be a positive number of seconds, got {v}")
+                return 2
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            _log("--sweep times compiled kernels: unset TRITON_INTERPRET")
+            return 2
+        return run_sweep(args.out, _log, budget_s=args.sweep_budget, row_timeout_s=row_timeout)
     if args.host:
         return _run_host(args)
     if args.probes:

@@ -16,6 +16,11 @@
   ``dc_kernels-two-pass`` it measures what stream K (chosen by an estimated rule,
   ``path.gemm_stream_k``) gains where it applies (1 image); elsewhere the two rows run the same
   kernels.
+* ``<provider>@<switch>=<int>[,<switch>=<int>...]`` (CUDA only): a path provider with launcher
+  switches set around each of its calls (:data:`SWITCHES`; the sweep's variants,
+  :mod:`benchmarks.sweep`), e.g. ``dc_kernels-pipelined@programs=120,helpers=36``: stream K
+  over the slabs on 120 programs beside 36 helper programs. Each switch is in the launch
+  plans' key, so the variant's calls take plans of their own.
 * ``dc_kernels+cublas`` (CUDA only, ops with a first layer): dc_kernels' features, then the
   vendor GEMM: ``torch.addmm(b1, A, W1^T)`` + ``F.gelu`` -- where our GEMM stands against
   cuBLAS on the same A.
@@ -44,7 +49,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +60,9 @@ from dc_kernels.functional import resolve_backend
 
 from .cases import OPS, Inputs
 
-__all__ = ["PROVIDERS", "QUICK_PROVIDERS", "Prepared", "unavailable_reason", "prepare",
-           "reference_features", "triton_has_autograd", "compile_mode"]
+__all__ = ["PROVIDERS", "QUICK_PROVIDERS", "SWITCHES", "Prepared", "unavailable_reason",
+           "prepare", "split_provider", "variant_name", "reference_features",
+           "triton_has_autograd", "compile_mode"]
 
 PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
              "dc_kernels-two-pass", "dc_kernels-two-pass-nosplit", "dc_kernels-overlap",
@@ -72,6 +78,89 @@ _GRAPH = "dc_kernels+graph"
 _FORWARD_OPS = ("features", "linear", "connector")
 
 Outputs = Tuple[torch.Tensor, ...]
+
+#: Launcher switches a path provider may set around its calls (``<provider>@<switch>=<int>``):
+#: switch -> (module of ``dc_kernels.ops``, its attribute, the provider whose path reads it,
+#: the smallest and largest value allowed (None: no largest))
+SWITCHES = {
+    # stream K over the slabs on exactly this many programs (pipelined.STREAM_K_PROGRAMS)
+    "programs": ("pipelined", "STREAM_K_PROGRAMS", "dc_kernels-pipelined", 1, None),
+    # this many helper programs beside the GEMM (pipelined.HELPER_PROGRAMS)
+    "helpers": ("pipelined", "HELPER_PROGRAMS", "dc_kernels-pipelined", 1, None),
+    # 0: whole output tiles only, no stream K over the slabs (pipelined.STREAM_K)
+    "stream_k": ("pipelined", "STREAM_K", "dc_kernels-pipelined", 0, 1),
+    # the TMA GEMM's stream K: -1 never, n > 0 at most n K steps per program
+    # (gemm_tma.STREAM_K_ITERS)
+    "split_iters": ("gemm_tma", "STREAM_K_ITERS", "dc_kernels-two-pass", -1, None),
+}
+
+
+def split_provider(name: str) -> Tuple[str, Dict[str, int]]:
+    """``(provider, switches)`` of a provider name, ``"dc_kernels-pipelined@programs=120"`` ->
+    ``("dc_kernels-pipelined", {"programs": 120})``; raises ValueError for an unknown
+    provider or switch, a switch of another path, a value that is not an integer in its
+    range (:data:`SWITCHES`), or a switch given twice."""
+    if not isinstance(name, str):
+        raise TypeError(f"a provider is a str, got {type(name).__name__}")
+    base, sep, rest = name.partition("@")
+    if base not in PROVIDERS:
+        raise ValueError(f"unknown provider {base!r}; choose from {list(PROVIDERS)}")
+    switches: Dict[str, int] = {}
+    if not sep:
+        return base, switches
+    for item in rest.split(","):
+        key, _, value = item.partition("=")
+        if key not in SWITCHES:
+            raise ValueError(f"{name}: unknown switch {key!r}; choose from {list(SWITCHES)}")
+        _, _, owner, lo, hi = SWITCHES[key]
+        if base != owner:
+            raise ValueError(f"{name}: switch {key!r} is read by {owner}'s path, not {base}'s")
+        if key in switches:
+            raise ValueError(f"{name}: switch {key!r} given twice")
+        try:
+            v = int(value)
+        except ValueError:
+            v = None
+        if v is None or v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name}: switch {key!r} needs an integer >= {lo}"
+                             + (f" and <= {hi}" if hi is not None else "")
+                             + f", got {value!r}")
+        switches[key] = v
+    return base, switches
+
+
+def variant_name(provider: str, **switches: int) -> str:
+    """The provider name of ``provider`` with ``switches`` (:func:`split_provider`'s
+    inverse; checked by it)."""
+    name = provider + ("@" + ",".join(f"{k}={v}" for k, v in switches.items())
+                       if switches else "")
+    split_provider(name)
+    return name
+
+
+def _with_switches(unit: Callable[[], Outputs], switches: Dict[str, int]
+                   ) -> Callable[[], Outputs]:
+    # ``unit`` with the launcher switches set around each call (each is in the launch plans'
+    # key: dc_kernels.plan._switches), restored after it
+    if not switches:
+        return unit
+    import importlib
+    targets = []
+    for key, v in switches.items():
+        module, attr = SWITCHES[key][:2]
+        mod = importlib.import_module(f"dc_kernels.ops.{module}")
+        targets.append((mod, attr, type(getattr(mod, attr))(v)))
+
+    def run():
+        old = [getattr(m, a) for m, a, _ in targets]
+        for m, a, v in targets:
+            setattr(m, a, v)
+        try:
+            return unit()
+        finally:
+            for (m, a, _), o in zip(targets, old):
+                setattr(m, a, o)
+    return run
 
 
 @dataclass
@@ -95,9 +184,9 @@ def compile_mode(device: torch.device) -> Optional[str]:
 
 
 def unavailable_reason(provider: str, op: str, device: torch.device) -> Optional[str]:
-    """Why ``provider`` cannot run ``op`` on ``device``, or None when it can."""
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    """Why ``provider`` (a name of :data:`PROVIDERS`, or one with switches:
+    :func:`split_provider`) cannot run ``op`` on ``device``, or None when it can."""
+    provider = split_provider(provider)[0]
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if provider == "dc_kernels-inline" and device.type != "cpu":
@@ -287,16 +376,14 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
                 else:
                     os.environ[CHUNK_POOL_ENV] = old
         return Prepared(inline, "backend=torch, chunk pool off (DC_KERNELS_CHUNK_POOL=0)")
-    path = _PATHS[provider]
+    base, switches = split_provider(provider)
+    path = _PATHS[base]
     unit = _timed_unit(op, _dc_forward(op, inputs, "triton", path), inputs)
-    if provider == _NOSPLIT:
-        def nosplit():
-            from dc_kernels.ops import gemm_tma
-            old = gemm_tma.STREAM_K_ITERS
-            gemm_tma.STREAM_K_ITERS = -1  # a launch-plan switch: these calls get own plans
-            try:
-                return unit()
-            finally:
-                gemm_tma.STREAM_K_ITERS = old
-        return Prepared(nosplit, f"backend=triton, path={path}, no stream K")
-    return Prepared(unit, f"backend=triton, path={path}")
+    if base == _NOSPLIT:
+        return Prepared(_with_switches(unit, {"split_iters": -1}),
+                        f"backend=triton, path={path}, no stream K")
+    note = f"backend=triton, path={path}"
+    if switches:
+        note += ", " + ", ".join(f"{SWITCHES[k][0]}.{SWITCHES[k][1]}={v}"
+                                 for k, v in switches.items())
+    return Prepared(_with_switches(unit, switches), note)

@@ -23,7 +23,7 @@ from .costs import floor_cost, floor_seconds
 from .machine import machine_info
 from .memory import METHOD as MEMORY_METHOD
 from .memory import peak_memory_bytes
-from .providers import PROVIDERS, prepare, unavailable_reason
+from .providers import PROVIDERS, prepare, split_provider, unavailable_reason
 from .timing import synchronize, time_fn
 
 __all__ = ["Selection", "Row", "RunResult", "row_name", "plan", "run", "snapshot"]
@@ -51,7 +51,8 @@ class Selection:
         """Raise ValueError on unknown names, non-positive image counts, or an ``order``
         case outside the selection or given twice."""
         for kind, names, known in (("shape", self.shapes, SHAPES), ("op", self.ops, OPS),
-                                   ("provider", self.providers, PROVIDERS)):
+                                   ("provider", [split_provider(p)[0] for p in self.providers],
+                                    PROVIDERS)):
             bad = [n for n in names if n not in known]
             if bad:
                 raise ValueError(f"unknown {kind}(s) {bad}; choose from {list(known)}")
