@@ -192,12 +192,28 @@ def _launch_choices(inputs: Inputs, sms: int) -> List[Variant]:
     return out
 
 
+def _priority(v: Variant) -> int:
+    # the order variants run in, most telling first (a short lease may end the sweep early):
+    # the anchors and each path's rule, the helper counts (which the path model does not
+    # rank: it caps no helper program's rate), whole tiles, then the program counts, then the
+    # two-pass GEMM's
+    base, sw = split_provider(v.provider)
+    if not sw and base != "dc_kernels-two-pass-nosplit":
+        return 0
+    if "helpers" in sw:
+        return 1
+    if "stream_k" in sw or base == "dc_kernels-two-pass-nosplit":
+        return 2
+    return 3 if "programs" in sw else 4
+
+
 def variants(inputs: Inputs) -> List[Variant]:
-    """The launch choices of ``inputs``' case (op ``linear``) to measure side by side: the
-    auto path and cuBLAS on our features (anchors), the two-pass GEMM's stream K at the rule's
-    programs, fewer and none, the pipelined path's stream-K programs and helper programs
-    around the rule's and its whole tiles (:mod:`benchmarks.sweep`). Off CUDA the same list
-    from the interpreter's configs and SMs (the tests)."""
+    """The launch choices of ``inputs``' case (op ``linear``) to measure side by side, most
+    telling first: the auto path and cuBLAS on our features (anchors) and each path's rule,
+    the pipelined path's helper programs around the rule's, whole tiles (both paths), the
+    pipelined path's stream-K programs around the rule's, the two-pass GEMM's stream K on
+    fewer programs (:func:`pipelined_variants`, :func:`two_pass_variants`). Off CUDA the same
+    list from the interpreter's configs and SMs (the tests)."""
     from dc_kernels.ops import common
     device = inputs.hidden_states[0].device
     sms = _sms(device)
@@ -206,6 +222,7 @@ def variants(inputs: Inputs) -> List[Variant]:
     if device.type != "cuda" and not common.interpreting():
         return out  # no Triton launch can be prepared here
     out += _launch_choices(inputs, sms)
+    out.sort(key=_priority)  # (stable: each group in its own order)
     names = [v.provider for v in out]
     assert len(set(names)) == len(names), names  # (a variant is a row name)
     return out

@@ -135,8 +135,13 @@ def test_variants_from_the_launchers_set_those_launches():
     inputs = make_inputs(Case(SHAPES["clip336-4096"], 1), torch.bfloat16, CPU)
     vs = sweep.variants(inputs)
     names = _names(vs)
-    assert names[:3] == ["dc_kernels", "dc_kernels+cublas", "dc_kernels-pipelined"]
-    assert "dc_kernels-two-pass" in names and "dc_kernels-two-pass-nosplit" in names
+    # most telling first: the anchors and each path's rule, then helpers, whole tiles,
+    # programs, the two-pass GEMM's stream K
+    assert names[:4] == ["dc_kernels", "dc_kernels+cublas", "dc_kernels-pipelined",
+                         "dc_kernels-two-pass"]
+    kinds = [("helpers" in n) * 1 + ("stream_k" in n or "nosplit" in n) * 2
+             + ("programs" in n) * 3 + ("split_iters" in n) * 4 for n in names[4:]]
+    assert kinds == sorted(kinds) and "dc_kernels-two-pass-nosplit" in names
     hs, spec = inputs.hidden_states, inputs.spec
     B, T, C = hs[spec.final_layer].shape
     switched = [n for n in names if n.startswith("dc_kernels-pipelined@")]
