@@ -32,13 +32,13 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .cases import SHAPES, Case, Inputs, make_inputs
 from .machine import machine_info, slug
-from .providers import SWITCHES, split_provider, variant_name
+from .providers import split_provider, variant_name
 from .report import markdown_report, write_json, write_text
 from .runner import Row, RunResult, Selection, run, snapshot
 

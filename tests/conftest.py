@@ -250,6 +250,29 @@ def run_gemm_launch_twice(launch, a, w, b):
 #   tests/test_fuzz.py`).
 # Tests that pass their own ``@settings(max_examples=...)`` keep their count; test_fuzz.py scales
 # its counts with FUZZ_SCALE.
+def wrong_dc_kernels(monkeypatch) -> None:
+    """Make the benchmarks' ``dc_kernels`` provider return one output element off by 1.0 (its
+    kernels untouched): the runner's check must catch it and record the provider as failed."""
+    from dataclasses import replace
+    from benchmarks import runner
+    real = runner.prepare
+
+    def prepare(provider, op, inputs):
+        prepared = real(provider, op, inputs)
+        if provider != "dc_kernels":
+            return prepared
+        fn = prepared.fn
+
+        def wrong():
+            out = fn()
+            out = out if isinstance(out, tuple) else (out,)
+            bad = tuple(o.clone() for o in out)
+            bad[0].view(-1)[0] += 1.0  # one element off
+            return bad if len(bad) > 1 else bad[0]
+        return replace(prepared, fn=wrong)
+    monkeypatch.setattr(runner, "prepare", prepare)
+
+
 from hypothesis import HealthCheck, settings as _hyp_settings  # noqa: E402
 
 _HYP_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -11,10 +11,10 @@ import json
 import os
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 import torch
+from conftest import wrong_dc_kernels
 
 from benchmarks import bundle, runner
 from benchmarks.accuracy import CorrectnessError
@@ -66,27 +66,8 @@ def test_no_row_starts_after_the_deadline():
     assert all("time budget" in s for s in result.skipped)
 
 
-def _wrong_dc_kernels(monkeypatch):
-    real = runner.prepare
-
-    def prepare(provider, op, inputs):
-        prepared = real(provider, op, inputs)
-        if provider != "dc_kernels":
-            return prepared
-        fn = prepared.fn
-
-        def wrong():
-            out = fn()
-            out = out if isinstance(out, tuple) else (out,)
-            bad = tuple(o.clone() for o in out)
-            bad[0].view(-1)[0] += 1.0  # one element off
-            return bad if len(bad) > 1 else bad[0]
-        return replace(prepared, fn=wrong)
-    monkeypatch.setattr(runner, "prepare", prepare)
-
-
 def test_a_wrong_provider_is_recorded_and_the_others_go_on(monkeypatch):
-    _wrong_dc_kernels(monkeypatch)
+    wrong_dc_kernels(monkeypatch)
     seen = []
     result = runner.run(SMALL, CPU, torch.float32, keep_going=True,
                         on_row=lambda r, rows: seen.append(len(runner.snapshot(r, rows).rows)))

@@ -14,8 +14,9 @@ import os
 
 import pytest
 import torch
+from conftest import wrong_dc_kernels
 
-from benchmarks import providers, runner, sweep
+from benchmarks import providers, sweep
 from benchmarks.cases import SHAPES, Case, make_inputs
 from benchmarks.cli import main as cli_main
 from benchmarks.runner import Selection
@@ -199,15 +200,7 @@ def test_sweep_budget_and_a_failing_variant(tmp_path, monkeypatch):
     notes = json.loads((tmp_path / "a" / js).read_text())["notes"]
     assert any("not run, the time budget" in n for n in notes)
 
-    real = runner.prepare
-
-    def prepare(provider, op, inputs):
-        prepared = real(provider, op, inputs)
-        if provider != "dc_kernels":
-            return prepared
-        fn = prepared.fn
-        return providers.Prepared(lambda: tuple(t + 1.0 for t in fn()), prepared.note)
-    monkeypatch.setattr(runner, "prepare", prepare)
+    wrong_dc_kernels(monkeypatch)
     two = [sweep.Variant("dc_kernels", "wrong on purpose"),
            sweep.Variant("dc_kernels-inline", "the torch path inline")]
     rc = sweep.run_sweep(str(tmp_path / "b"), lambda s: None, budget_s=120, device=CPU,
