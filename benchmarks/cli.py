@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for sm_90 and sm_80, estimate GPU times from the SASS (static cost "
                         "model), write <date>-static-sm<arch>.{md,json} under "
                         "benchmarks/results (or --out) and the path model's calibration")
+    p.add_argument("--constants", metavar="JSON", default=None,
+                   help="--static: estimate with the constants a GPU run measured (a --probes "
+                        "or --gpu-bundle JSON): only its card's architecture, written as "
+                        "<date>-static-<card>-measured-constants.{md,json}, no calibration")
     p.add_argument("--host", action="store_true",
                    help="host overhead per call of dense_connector_features, "
                         "dense_connector_linear and DenseConnector.forward with the Triton "
@@ -277,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return run_bundle(args.out, args.test_timeout, _log, budget_s=args.bundle_budget,
                           row_timeout_s=row_timeout)
+    if args.constants and not args.static:
+        _log("--constants goes with --static (it re-estimates the static model)")
+        return 2
     if args.sweep:
         from .sweep import run_sweep
         row_timeout = 90.0 if args.row_timeout is None else args.row_timeout
@@ -299,7 +306,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         out = args.out or os.path.join(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__))), "benchmarks", "results")
-        for path in run_static(out, log=_log):
+        if args.constants and not os.path.isfile(args.constants):
+            _log(f"--constants: no such file {args.constants!r}")
+            return 2
+        try:
+            paths = run_static(out, log=_log, constants=args.constants)
+        except ValueError as e:  # a constants file without probes, or of an unknown card
+            _log(str(e))
+            return 2
+        for path in paths:
             _log(f"written {path}")
         return 0
     device = _resolve_device(args.device)

@@ -55,7 +55,8 @@ from .timing import time_fn
 
 __all__ = ["ProbeResult", "run_probes", "probes_markdown", "build_problems", "TILE_M",
            "TILE_N", "TILE_K", "tensor_step_launch", "launch_launch", "stream_launch",
-           "partial_launch", "inflight_per_program", "dram_elements"]
+           "partial_launch", "inflight_per_program", "dram_elements", "TENSOR_STEP", "SM_CLOCK",
+           "LAUNCH", "DRAM_READ", "L2_READ", "EVERY_SM", "QUARTER_SMS", "partial_name"]
 
 #: The stream-K GEMM's tile and K step (``gemm_tma``'s 128 x 256 x 64 config)
 TILE_M, TILE_N, TILE_K = 128, 256, 64
@@ -73,6 +74,19 @@ LAUNCHES = 64
 #: partial-tile probe variants: (name, LOAD, RELEASE)
 PARTIAL_VARIANTS = (("store", False, False), ("store + release", False, True),
                     ("load", True, False))
+#: The results' names, as ``benchmarks.static.gpu_from_constants`` reads them back (a DRAM
+#: point's name continues with its bytes in flight; :func:`partial_name` names a partial tile's)
+TENSOR_STEP, SM_CLOCK, LAUNCH, DRAM_READ, L2_READ = (
+    "tensor step (128 x 256 x 64, bf16)", "SM clock under tensor load", "launch", "DRAM read",
+    "L2 read")
+#: the partial-tile probe's SM sets
+EVERY_SM, QUARTER_SMS = "every SM", "a quarter of the SMs"
+
+
+def partial_name(what: str, label: str) -> str:
+    """The name of a partial-tile result: variant ``what`` (:data:`PARTIAL_VARIANTS`) on SM
+    set ``label`` (:data:`EVERY_SM`, :data:`QUARTER_SMS`)."""
+    return f"partial tile {what}, {label}"
 
 
 def dram_elements(sms: int) -> int:
@@ -460,13 +474,13 @@ def _tensor_step(ctx) -> List[ProbeResult]:
     clock_hz = float(((clocks[:, 3] - clocks[:, 2]) / dt).median()) * 1e9
     ctx["clock_hz"] = clock_hz
     return [ProbeResult(
-        "tensor step (128 x 256 x 64, bf16)",
+        TENSOR_STEP,
         f"{gpu.tensor_flop_per_s['16'] / 1e12:.0f} TFLOP/s over {gpu.sms} SMs "
         "(static.GPU.tensor_flop_per_s)", "us", ctx["assumed_step"] * 1e6, step_s * 1e6,
         f"{sms} programs (one per SM), 8 warps, two random bf16 operand pairs in shared "
         f"memory in turn; {2 * STEP_PAIRS[0]} vs {2 * STEP_PAIRS[1]} dots",
         {"tflop_per_s": 2.0 * TILE_M * TILE_N * TILE_K * sms / step_s / 1e12, **spread}),
-        ProbeResult("SM clock under tensor load", "static.GPU.clock_hz", "GHz",
+        ProbeResult(SM_CLOCK, "static.GPU.clock_hz", "GHz",
                     gpu.clock_hz / 1e9, clock_hz / 1e9,
                     "%clock64 over %globaltimer around the tensor-step probe's loop, median "
                     "over its programs")]
@@ -487,7 +501,7 @@ def _launch(ctx) -> List[ProbeResult]:
                         budget_s).median_s / LAUNCHES
     fn.check()
     return [ProbeResult(
-        "launch", "static.GPU.launch_fixed_s", "us", gpu.launch_fixed_s * 1e6, one * 1e6,
+        LAUNCH, "static.GPU.launch_fixed_s", "us", gpu.launch_fixed_s * 1e6, one * 1e6,
         f"{sms} programs storing one int each, one eager launch timed as the benchmark rows "
         f"time a call; {LAUNCHES} back to back: {per_eager * 1e6:.2f} us each eagerly (Triton's "
         f"launcher), {per_graph * 1e6:.2f} us each replayed from a CUDA graph",
@@ -516,7 +530,7 @@ def _dram(ctx) -> List[ProbeResult]:
         latency = sms * inflight / bw
         near = bw > 0.7 * gpu.dram_bytes_per_s
         out.append(ProbeResult(
-            f"DRAM read, {inflight / 1024:.1f} KiB in flight per SM",
+            f"{DRAM_READ}, {inflight / 1024:.1f} KiB in flight per SM",
             "min(static.GPU.dram_bytes_per_s, SMs x in-flight / static.GPU.latency_s)",
             "TB/s", model / 1e12, bw / 1e12,
             f"{per_sm} program(s) per SM, {DRAM_WARPS} warps, num_stages=1, {DRAM_BLOCK}-"
@@ -538,7 +552,7 @@ def _l2(ctx) -> List[ProbeResult]:
     per_pass, spread = _differential(lambda r: stream_launch(x, programs, L2_BLOCK, r),
                                      *REPEATS, device, budget_s)
     return [ProbeResult(
-        "L2 read", "static.GPU.l2_bytes_per_s", "TB/s", gpu.l2_bytes_per_s / 1e12,
+        L2_READ, "static.GPU.l2_bytes_per_s", "TB/s", gpu.l2_bytes_per_s / 1e12,
         x.numel() * 4 / per_pass / 1e12,
         f"{programs} programs ({L2_PROGRAMS_PER_SM} per SM), a {x.numel() * 4 / 2 ** 20:.2f} "
         f"MiB buffer re-read with .cg loads; {REPEATS[0]} vs {REPEATS[1]} passes", spread)]
@@ -550,7 +564,7 @@ def _partials(ctx) -> List[ProbeResult]:
     step_s, clock_hz = ctx.get("step_s"), ctx.get("clock_hz")
     out = []
     for what, load, release in PARTIAL_VARIANTS:
-        for programs, label in ((sms, "every SM"), (max(1, sms // 4), "a quarter of the SMs")):
+        for programs, label in ((sms, EVERY_SM), (max(1, sms // 4), QUARTER_SMS)):
             last = {}
 
             def make(r):
@@ -560,7 +574,7 @@ def _partials(ctx) -> List[ProbeResult]:
             on_sms = last[REPEATS[1]].check()
             measured_step = step_s if step_s and step_s == step_s else None
             out.append(ProbeResult(
-                f"partial tile {what}, {label}", "path.SPLIT_PARTIAL_STEPS K steps", "steps",
+                partial_name(what, label), "path.SPLIT_PARTIAL_STEPS K steps", "steps",
                 SPLIT_PARTIAL_STEPS, tile_s / measured_step if measured_step else None,
                 f"{programs} programs on {on_sms} distinct SMs, one 128 x 256 fp32 tile each "
                 f"({what}; 128 x 64 quarters from the wgmma layout, .cg); {REPEATS[0]} vs "

@@ -36,15 +36,15 @@ import math
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dc_kernels.ops.path import (SLAB_FILL_STEPS, pipelined_makespan,
+from dc_kernels.ops.path import (SLAB_FILL_STEPS, SPLIT_PARTIAL_STEPS, pipelined_makespan,
                                  pipelined_stream_k_makespan, pipelined_stream_k_steps,
                                  stream_k_partials, stream_k_program_steps)
 
-__all__ = ["GPU", "GPUS", "CARD_GPUS", "estimate_launch", "estimate_rows", "run_static",
-           "markdown", "pipelined_residency_problems", "overlap_residency_problems"]
+__all__ = ["GPU", "GPUS", "CARD_GPUS", "gpu_from_constants", "estimate_launch", "estimate_rows",
+           "run_static", "markdown", "pipelined_residency_problems", "overlap_residency_problems"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class GPU:
     max_warps_per_sm: int = 64
     max_ctas_per_sm: int = 32
     launch_fixed_s: float = 2.0e-6
+    #: one fp32 partial tile of a stream-K GEMM (stored or loaded), in its K steps
+    partial_steps: float = SPLIT_PARTIAL_STEPS
 
 
 GPUS = {
@@ -87,6 +89,74 @@ CARD_GPUS = {
 }
 
 _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def gpu_from_constants(base: GPU, data: dict) -> Tuple[GPU, List[str]]:
+    """``base`` with the constants a GPU run measured, and one line per constant saying what
+    replaced what (or why it was kept). ``data``: a probes file (``python -m benchmarks
+    --probes``: ``machine``, ``probes``) or a GPU bundle's (which also holds the measured copy
+    ``ceilings``). Taken, where the probe ran (status ``ok``):
+
+    * the 16-bit tensor rate from the tensor-step probe, per SM, times ``base``'s SMs (the
+      builds' launches are recorded for its SM count); TF32 scaled alike;
+    * the SM clock under tensor load; the fixed cost of one eager launch; the L2 read rate;
+    * the loaded DRAM latency: the median of the DRAM probe's Little's-law latencies at its
+      points below 70 % of the copy bandwidth (above it the figure is mostly queueing);
+    * the copy bandwidth, from a bundle's measured ceilings;
+    * the partial tile: the mean of "store + release" and "load" on every SM, in K steps of
+      the measured tensor step (every SM stores or loads its partials about at once in a
+      balanced stream-K launch; a stored partial is followed by its release).
+
+    Everything else (DRAM from a probes file, the ring refill, issue rates) stays ``base``'s."""
+    from .probes import (DRAM_READ, EVERY_SM, L2_READ, LAUNCH, SM_CLOCK, TENSOR_STEP,
+                         partial_name)
+    ok = {p["name"]: p for p in data.get("probes", [])
+          if p.get("status") == "ok" and p.get("measured") is not None}
+    notes = [f"not used: {p['name']} ({p.get('status')}: {p.get('detail', '')[:120]})"
+             for p in data.get("probes", []) if p["name"] not in ok]
+    sms = (data.get("machine") or {}).get("sm_count") or base.sms
+    kw: Dict[str, Any] = {}
+
+    def took(field: str, value: float, old: float, unit: str, scale: float, source: str):
+        kw[field] = value
+        notes.append(f"{field}: {old * scale:.4g} -> {value * scale:.4g} {unit} ({source})")
+    if TENSOR_STEP in ok and ok[TENSOR_STEP]["extra"].get("tflop_per_s"):
+        rate = ok[TENSOR_STEP]["extra"]["tflop_per_s"] * 1e12 / sms * base.sms
+        f = rate / base.tensor_flop_per_s["16"]
+        kw["tensor_flop_per_s"] = {k: v * f for k, v in base.tensor_flop_per_s.items()}
+        notes.append(f"tensor_flop_per_s: 16-bit {base.tensor_flop_per_s['16'] / 1e12:.0f} -> "
+                     f"{rate / 1e12:.0f} TFLOP/s over {base.sms} SMs (TF32 alike; "
+                     f"{TENSOR_STEP}, {sms} SMs measured)")
+    if SM_CLOCK in ok:
+        took("clock_hz", ok[SM_CLOCK]["measured"] * 1e9, base.clock_hz, "GHz", 1e-9, SM_CLOCK)
+    if LAUNCH in ok:
+        took("launch_fixed_s", ok[LAUNCH]["measured"] * 1e-6, base.launch_fixed_s, "us", 1e6,
+             LAUNCH)
+    if L2_READ in ok:
+        took("l2_bytes_per_s", ok[L2_READ]["measured"] * 1e12, base.l2_bytes_per_s, "TB/s",
+             1e-12, L2_READ)
+    copy = (data.get("ceilings") or {}).get("copy_bytes_per_s")
+    if copy:
+        took("dram_bytes_per_s", copy, base.dram_bytes_per_s, "TB/s", 1e-12,
+             "the bundle's measured copy ceiling")
+    dram = kw.get("dram_bytes_per_s", base.dram_bytes_per_s)
+    lat = sorted(p["extra"]["implied_latency_us"] for name, p in ok.items()
+                 if name.startswith(DRAM_READ + ",") and "implied_latency_us" in p["extra"]
+                 and p["measured"] * 1e12 < 0.7 * dram)
+    if lat:
+        took("latency_s", lat[len(lat) // 2] * 1e-6 if len(lat) % 2 else
+             (lat[len(lat) // 2 - 1] + lat[len(lat) // 2]) / 2 * 1e-6, base.latency_s, "us",
+             1e6, f"median of {len(lat)} DRAM point(s) below 70 % of the copy bandwidth")
+    else:
+        notes.append("latency_s: kept (no DRAM point below 70 % of the copy bandwidth)")
+    parts = [ok[n]["measured"] for n in (partial_name("store + release", EVERY_SM),
+                                         partial_name("load", EVERY_SM)) if n in ok]
+    if parts:
+        took("partial_steps", sum(parts) / len(parts), base.partial_steps, "K steps", 1.0,
+             f"mean of {len(parts)} partial-tile probe(s) on every SM")
+    m = data.get("machine") or {}
+    name = f"{m.get('device_name', base.name)} (constants measured {m.get('date', '?')})"
+    return replace(base, name=name, **kw), notes
 
 
 # --------------------------------------------------------------------------- one launch
@@ -286,8 +356,10 @@ def _inflight_per_cta(kernel: str, build: dict, c: dict, e: int, stats: dict) ->
     return build["num_warps"] * 32 * stats["mean_load_burst_per_lane"]
 
 
-def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str, float]:
-    """DRAM bytes, L2 bytes and tensor FLOPs of one launch (the tiling's traffic)."""
+def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid,
+          partial_steps: float = SPLIT_PARTIAL_STEPS) -> Dict[str, float]:
+    """DRAM bytes, L2 bytes and tensor FLOPs of one launch (the tiling's traffic; a stream-K
+    GEMM's busiest program with ``partial_steps`` K steps per partial tile)."""
     sizes = c.get("SIZES", ())
     entries = 1 + sum(sizes)
     L = facts.get("layers", entries)
@@ -350,9 +422,11 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid) -> Dict[str,
         iters = _stream_k_iters(kernel, c, a, P)
         tile_bytes = c["BLOCK_M"] * c["BLOCK_N"] * 4
         if pipelined:  # its steps of every slab, ring refills
-            steps = pipelined_stream_k_steps(iters, len(sizes) + 1, c["SEGMENTS"], busiest)
+            steps = pipelined_stream_k_steps(iters, len(sizes) + 1, c["SEGMENTS"], busiest,
+                                             partial_steps)
         else:
-            steps = stream_k_program_steps(iters, busiest) + c["SEGMENTS"] * refills
+            steps = stream_k_program_steps(iters, busiest, partial_steps) \
+                + c["SEGMENTS"] * refills
         return dict(dram=dram + stored * tile_bytes,
                     l2=l2 + (stored + loaded) * tile_bytes, flops=2.0 * M * K * N,
                     program_flops=steps * step)
@@ -408,7 +482,7 @@ def estimate_launch(build: dict, use: dict, gpu: GPU, dtype: str,
     # and barrier latency): an SM issues min(4, resident warps / 2) instructions per cycle
     ipc = min(4.0, 0.5 * resident * warps)
     issue_s = per_sm * warps * instr / (ipc * gpu.clock_hz)
-    w = _work(kernel, c, a, use["facts"], e, grid)
+    w = _work(kernel, c, a, use["facts"], e, grid, gpu.partial_steps)
     # bytes in flight per SM (Little's law)
     per_cta = _inflight_per_cta(kernel, build, c, e, stats)
     inflight = resident * per_cta
@@ -593,7 +667,8 @@ def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> 
         steps = pipelined_stream_k_steps(
             _stream_k_iters("_gemm_ready_kernel", c, a, P), len(sizes) + 1, c["SEGMENTS"],
             stream_k_partials(math.ceil(M / c["BLOCK_M"]) * math.ceil(N / c["BLOCK_N"]),
-                              a["C"] // c["BLOCK_K"], P, longer_first=True)[0])
+                              a["C"] // c["BLOCK_K"], P, longer_first=True)[0],
+            gpu.partial_steps)
         step_s = (gemm["seconds"] - gpu.launch_fixed_s) / steps
         slab_bytes = [2.0] + [size + 1.0 for size in sizes]
         row["pipelined_ramp_s"] = alone * M * slab_bytes[0] / sum(slab_bytes)
@@ -601,7 +676,7 @@ def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> 
             M, N, c["BLOCK_M"], c["BLOCK_N"], c["GROUP_M"], a["C"] // c["BLOCK_K"], P,
             step_s, helper["programs"] if helper is not None else gpu.sms,
             helper["_build"]["constexprs"]["ROWS"] if helper is not None else 8, alone,
-            beside, slab_bytes) + gpu.launch_fixed_s
+            beside, slab_bytes, gpu.partial_steps) + gpu.launch_fixed_s
     row["pipelined_ramp_s"] = alone * min(M, math.ceil(gpu.sms / math.ceil(N / c["BLOCK_N"]))
                                           * c["BLOCK_M"])
     return pipelined_makespan(M, N, c["BLOCK_M"], c["BLOCK_N"], c["GROUP_M"], gemm["programs"],
@@ -614,27 +689,34 @@ def _us(s: Optional[float]) -> str:
 
 
 def markdown(rows: Sequence[dict], reports: Sequence[dict], meta: dict, arch: int,
-             gpu: Optional[GPU] = None) -> str:
+             gpu: Optional[GPU] = None, constants: Sequence[str] = ()) -> str:
     """The committed markdown report of one architecture's builds on ``gpu`` (default: its
-    card, ``GPUS[arch]``)."""
+    card, ``GPUS[arch]``); ``constants``: the lines of :func:`gpu_from_constants` when some of
+    its constants were measured (``meta["constants"]`` names the file)."""
     gpu = gpu or GPUS[arch]
     lines = [f"# Static cost model, sm_{arch} ({gpu.name}) — every number is an ESTIMATE",
              "",
              f"triton {meta['triton']}, torch {meta['torch']}, {meta['date']}; built on a CPU "
              "machine with Triton's own binder (the kernels the JIT runs), no GPU involved. "
              "Model and assumptions: `benchmarks/static.py`, `docs/DESIGN.md` §5.",
-             "",
-             f"Assumed ceilings: DRAM {gpu.dram_bytes_per_s / 1e12:.2f} TB/s, L2 "
-             f"{gpu.l2_bytes_per_s / 1e12:.1f} TB/s, 16-bit tensor "
-             f"{gpu.tensor_flop_per_s['16'] / 1e12:.0f} TFLOP/s, TF32 "
-             f"{gpu.tensor_flop_per_s['tf32'] / 1e12:.0f}, fp32 FFMA "
-             f"{gpu.fp32_flop_per_s / 1e12:.1f}, {gpu.sms} SMs at "
-             f"{gpu.clock_hz / 1e9:.2f} GHz, loaded latency {gpu.latency_s * 1e6:.1f} us, "
-             f"{gpu.launch_fixed_s * 1e6:.0f} us fixed per launch.", "",
-             "| case | est. us | bound (per launch) | floor us | est. / floor | "
-             "compile(ref) est. us | est. speedup vs compile(ref) | launches: kernel cfg "
-             "regs smem CTAs/SM waves in-flight KiB/SM |",
-             "|---|---|---|---|---|---|---|---|"]
+             ""]
+    if constants:
+        lines += [f"The model with the constants a GPU run measured (`{meta['constants']}`), "
+                  "the others assumed; still estimates of the kernels' time:", ""]
+        lines += [f"- {c}" for c in constants] + [""]
+    lines += [f"{'Ceilings' if constants else 'Assumed ceilings'}: DRAM "
+              f"{gpu.dram_bytes_per_s / 1e12:.2f} TB/s, L2 "
+              f"{gpu.l2_bytes_per_s / 1e12:.1f} TB/s, 16-bit tensor "
+              f"{gpu.tensor_flop_per_s['16'] / 1e12:.0f} TFLOP/s, TF32 "
+              f"{gpu.tensor_flop_per_s['tf32'] / 1e12:.0f}, fp32 FFMA "
+              f"{gpu.fp32_flop_per_s / 1e12:.1f}, {gpu.sms} SMs at "
+              f"{gpu.clock_hz / 1e9:.2f} GHz, loaded latency {gpu.latency_s * 1e6:.2f} us, "
+              f"{gpu.launch_fixed_s * 1e6:.1f} us fixed per launch, "
+              f"{gpu.partial_steps:.2f} K steps per stream-K partial tile.", "",
+              "| case | est. us | bound (per launch) | floor us | est. / floor | "
+              "compile(ref) est. us | est. speedup vs compile(ref) | launches: kernel cfg "
+              "regs smem CTAs/SM waves in-flight KiB/SM |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         launches = "; ".join(
             f"{x['kernel'].strip('_')} c{x['config'] if x['config'] is not None else '-'} "
@@ -772,18 +854,48 @@ def write_calibration(cal: Dict[str, Any], source: str, path: Optional[str] = No
     return target
 
 
+def _constants_run(path: str, log) -> Tuple[int, Optional[str], GPU, List[str]]:
+    # (arch, card, GPU, notes) of a probes or bundle file: its machine's card with the
+    # constants it measured (gpu_from_constants)
+    from .bundle import card_of_machine
+    with open(path) as f:
+        data = json.load(f)
+    if not data.get("probes"):
+        raise ValueError(f"{path}: no probe results in it (a `python -m benchmarks --probes` "
+                         "or GPU bundle JSON has them)")
+    arch, card = card_of_machine(data.get("machine") or {})
+    base = CARD_GPUS.get(card) if card in CARD_GPUS else GPUS.get(arch)
+    if base is None:
+        raise ValueError(f"{path}: its card is sm_{arch}; the static model has "
+                         f"{sorted(GPUS)} and {sorted(CARD_GPUS)}")
+    gpu, notes = gpu_from_constants(base, data)
+    for n in notes:
+        log(f"  {n}")
+    return arch, (card if card in CARD_GPUS else None), gpu, notes
+
+
 def run_static(out_dir: str, archs: Sequence[int] = (90, 80), dtypes=("bf16", "fp16", "fp32"),
-               log=print, calibrate: bool = True) -> List[str]:
+               log=print, calibrate: bool = True, constants: Optional[str] = None) -> List[str]:
     """Build, estimate, write ``<date>-static-sm<arch>.{md,json}`` (and
     ``<date>-static-<card>.{md,json}`` for :data:`CARD_GPUS` of those architectures) and, with
-    ``calibrate``, the path rule's calibration files; returns the paths written."""
+    ``calibrate``, the path rule's calibration files; returns the paths written.
+
+    ``constants``: a probes or GPU bundle JSON: only its card's architecture is built, and
+    estimated with the constants it measured (:func:`gpu_from_constants`), into
+    ``<date>-static-<card>-measured-constants.{md,json}``, beside the assumed model's reports;
+    no calibration is written (which constants the path rule should take is for whoever reads
+    both)."""
     import torch
     from dc_kernels.ops import triton_aot
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: --static builds the real kernels")
+    measured = _constants_run(constants, log) if constants else None
+    if measured:
+        archs, calibrate = (measured[0],), False
     log(f"building every benchmark kernel for sm_{','.join(map(str, archs))} ...")
     cases = [c for c in triton_aot.aot_cases(dtypes)]
-    cards = [(g.arch, card) for card, g in CARD_GPUS.items() if g.arch in archs]
+    cards = [(g.arch, card) for card, g in CARD_GPUS.items() if g.arch in archs
+             and (measured is None or card == measured[1])]
     reports = triton_aot.build_cases(cases, archs, cards=cards)
     log(triton_aot.summarize(reports))
     meta = dict(triton=triton_aot.triton_version(), torch=torch.__version__,
@@ -794,11 +906,17 @@ def run_static(out_dir: str, archs: Sequence[int] = (90, 80), dtypes=("bf16", "f
     # each architecture's card, then the cards estimated from its builds
     runs = [(arch, None, GPUS[arch]) for arch in archs]
     runs += [(arch, card, CARD_GPUS[card]) for arch, card in cards]
+    suffix, notes = "", []
+    if measured:
+        arch, card, gpu, notes = measured
+        runs, suffix = [(arch, card, gpu)], "-measured-constants"
+        meta["constants"] = os.path.basename(constants)
+        meta["constants_notes"] = notes
     for arch, card, gpu in runs:
         rows = estimate_rows(reports, arch, gpu, card)
-        base = os.path.join(out_dir, f"{meta['date']}-static-{card or f'sm{arch}'}")
+        base = os.path.join(out_dir, f"{meta['date']}-static-{card or f'sm{arch}'}{suffix}")
         with open(base + ".md", "w") as f:
-            f.write(markdown(rows, reports, meta, arch, gpu))
+            f.write(markdown(rows, reports, meta, arch, gpu, notes))
         with open(base + ".json", "w") as f:
             json.dump(dict(meta=meta, gpu=asdict(gpu), rows=rows,
                            builds=[{k: v for k, v in r.items() if k != "uses"}

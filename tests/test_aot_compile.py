@@ -117,6 +117,31 @@ def test_one_image_gemm_runs_stream_k_on_hopper(reports):
     assert {s[0] for s in shapes["linear-two-pass/clip336-dci-16img-bf16"]} == {0}
 
 
+def test_measured_constants_move_the_estimates_that_use_them(reports):
+    # benchmarks.static with a card's measured constants (gpu_from_constants): a costlier
+    # stream-K partial tile slows exactly the rows whose GEMM splits tiles (one image), a
+    # costlier launch every row by its launches
+    from dataclasses import replace
+    from benchmarks import static
+    base = static.GPUS[90]
+
+    def rows(gpu):
+        return {r["case"]: r for r in static.estimate_rows(reports, 90, gpu)}
+    r0 = rows(base)
+    r1 = rows(replace(base, partial_steps=2 * base.partial_steps))
+    for case in ("linear-two-pass/clip336-dci-1img-bf16",
+                 "linear-pipelined/clip336-dci-1img-bf16",
+                 "linear-pipelined/siglip384-dci-1img-bf16"):
+        assert r1[case]["est_s"] > r0[case]["est_s"] * 1.02, case
+    for case in ("linear-two-pass/clip336-dci-16img-bf16",
+                 "linear-pipelined/clip336-dci-16img-bf16", "features/clip336-dci-1img-bf16"):
+        assert r1[case]["est_s"] == r0[case]["est_s"], case
+    r2 = rows(replace(base, launch_fixed_s=base.launch_fixed_s + 1e-6))
+    for case in ("features/clip336-dci-16img-bf16", "linear-two-pass/clip336-dci-16img-bf16"):
+        launches = len(r0[case]["launches"])
+        assert r2[case]["est_s"] - r0[case]["est_s"] >= 0.99e-6 * launches, case
+
+
 def test_pipelined_helper_fits_beside_its_gemm_on_hopper(reports):
     # the pipelined path's two launches share every SM: 8 GEMM warps and 2 helper warps within
     # the register file (allocated per warp in 256-register units) and shared memory (1 KiB

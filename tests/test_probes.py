@@ -121,6 +121,84 @@ def test_markdown_says_assumed_measured_ratio_and_status():
     assert found[0].as_dict()["ratio"] == pytest.approx(0.75)
 
 
+def _measured(sm_count=132, copy=2.9e12):
+    # a probes file as the bundle writes it (ProbeResult.as_dict), made of results a GPU
+    # could give: two DRAM points below 70 % of the copy bandwidth, one near it, a partial
+    # variant the model does not read, a probe that failed
+    P, E = probes.ProbeResult, probes.EVERY_SM
+    found = [P(probes.TENSOR_STEP, "-", "us", 0.71, 0.8, extra={"tflop_per_s": 700.0}),
+             P(probes.SM_CLOCK, "-", "GHz", 1.755, 1.83),
+             P(probes.LAUNCH, "-", "us", 2.0, 3.1),
+             P(f"{probes.DRAM_READ}, 8.0 KiB in flight per SM", "-", "TB/s", 0.8, 0.9,
+               extra={"implied_latency_us": 1.2}),
+             P(f"{probes.DRAM_READ}, 16.0 KiB in flight per SM", "-", "TB/s", 1.6, 1.5,
+               extra={"implied_latency_us": 1.4}),
+             P(f"{probes.DRAM_READ}, 64.0 KiB in flight per SM", "-", "TB/s", 3.0, 2.8,
+               extra={"implied_latency_us": 3.0}),
+             P(probes.L2_READ, "-", "TB/s", 10.0, 7.5),
+             P(probes.partial_name("store + release", E), "-", "steps", 1.7, 2.4),
+             P(probes.partial_name("load", E), "-", "steps", 1.7, 1.6),
+             P(probes.partial_name("store", E), "-", "steps", 1.7, 9.9),
+             P(probes.partial_name("load", probes.QUARTER_SMS), "-", "steps", 1.7, 0.5),
+             P("partial tile", "-", "-", None, None, "error: boom", status="error")]
+    data = {"machine": {"device_name": "NVIDIA H100 80GB HBM3", "sm_count": sm_count,
+                        "capability": "9.0", "date": "2026-12-08"},
+            "probes": [r.as_dict() for r in found]}
+    if copy:
+        data["ceilings"] = {"copy_bytes_per_s": copy}
+    return data
+
+
+def test_static_model_takes_the_measured_constants():
+    from benchmarks.static import GPUS, gpu_from_constants
+    base = GPUS[90]
+    gpu, notes = gpu_from_constants(base, _measured())
+    assert gpu.tensor_flop_per_s["16"] == pytest.approx(700e12)
+    assert gpu.tensor_flop_per_s["tf32"] == pytest.approx(base.tensor_flop_per_s["tf32"] * 7 / 8)
+    assert gpu.clock_hz == pytest.approx(1.83e9) and gpu.launch_fixed_s == pytest.approx(3.1e-6)
+    assert gpu.l2_bytes_per_s == pytest.approx(7.5e12)
+    assert gpu.dram_bytes_per_s == pytest.approx(2.9e12)
+    # the median of the DRAM points below 70 % of 2.9 TB/s (the 2.8 TB/s one is queueing)
+    assert gpu.latency_s == pytest.approx(1.3e-6)
+    # store + release and load, on every SM
+    assert gpu.partial_steps == pytest.approx(2.0)
+    assert gpu.sms == base.sms and gpu.fp32_flop_per_s == base.fp32_flop_per_s
+    assert "2026-12-08" in gpu.name
+    assert any(n.startswith("not used: partial tile (error") for n in notes)
+    assert any(n.startswith("partial_steps: 1.7 -> 2 K steps") for n in notes)
+    # a card with fewer SMs: the rate per SM times the model's SMs; a probes file (no
+    # ceilings): the copy bandwidth stays assumed (3.0 TB/s, of which 70 % is 2.1)
+    gpu, notes = gpu_from_constants(base, _measured(sm_count=114, copy=None))
+    assert gpu.tensor_flop_per_s["16"] == pytest.approx(700e12 / 114 * 132)
+    assert gpu.dram_bytes_per_s == base.dram_bytes_per_s
+    assert gpu.latency_s == pytest.approx(1.3e-6)  # 0.9 and 1.5 TB/s, under 2.1
+    # nothing measured: the model unchanged but its name, every constant said to be kept
+    gpu, notes = gpu_from_constants(base, {"probes": []})
+    assert gpu.clock_hz == base.clock_hz and gpu.partial_steps == base.partial_steps
+    assert notes == ["latency_s: kept (no DRAM point below 70 % of the copy bandwidth)"]
+
+
+def test_static_constants_file_is_checked_before_any_build(tmp_path, monkeypatch, capsys):
+    import json
+    from benchmarks import static
+    from benchmarks.cli import main
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    empty = tmp_path / "none.json"
+    empty.write_text(json.dumps({"machine": {}, "rows": []}))
+    with pytest.raises(ValueError, match="no probe results"):
+        static.run_static(str(tmp_path), constants=str(empty))
+    odd = tmp_path / "sm75.json"
+    odd.write_text(json.dumps(dict(_measured(), machine={"capability": "7.5"})))
+    with pytest.raises(ValueError, match="sm_75"):
+        static.run_static(str(tmp_path), constants=str(odd))
+    assert main(["--static", "--constants", str(empty)]) == 2
+    assert main(["--static", "--constants", str(tmp_path / "missing.json")]) == 2
+    assert main(["--constants", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "goes with --static" in err
+    assert not list(tmp_path.glob("*static*"))  # nothing built, nothing written
+
+
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_probe_build_measures_what_it_claims(arch):
     res = subprocess.run([sys.executable, "-m", "benchmarks.probes", "--check-builds",

@@ -426,12 +426,14 @@ def stream_k_partials(tiles: int, k_tiles: int, programs: int, longer_first: boo
     return max(cost), stored, loaded
 
 
-def stream_k_program_steps(iters: int, partials: int) -> float:
+def stream_k_program_steps(iters: int, partials: int,
+                           partial_steps: Optional[float] = None) -> float:
     """Main-loop step-equivalents of the busiest program of a stream-K launch: its ``iters``
     steps and the ``partials`` fp32 partial tiles it stores and loads
-    (:func:`stream_k_partials`; :data:`SPLIT_PARTIAL_STEPS` each; the static cost model counts
-    the same)."""
-    return iters + partials * SPLIT_PARTIAL_STEPS
+    (:func:`stream_k_partials`; ``partial_steps`` each, default :data:`SPLIT_PARTIAL_STEPS`;
+    the static cost model counts the same, with its card's measured value where a GPU run
+    gave one)."""
+    return iters + partials * (SPLIT_PARTIAL_STEPS if partial_steps is None else partial_steps)
 
 
 def _stream_k_steps(tiles: int, k_tiles: int, programs: int) -> float:
@@ -466,13 +468,14 @@ def gemm_stream_k(tiles: int, k_tiles: int, sms: int) -> int:
 SLAB_FILL_STEPS = 0.5
 
 
-def pipelined_stream_k_steps(iters: int, slabs: int, segments: int, partials: int) -> float:
+def pipelined_stream_k_steps(iters: int, slabs: int, segments: int, partials: int,
+                             partial_steps: Optional[float] = None) -> float:
     """Main-loop step-equivalents of the busiest program of the pipelined path's stream-K GEMM:
     ``iters`` steps of each of ``slabs`` slabs, ``partials`` fp32 partial tiles
-    (:func:`stream_k_partials` with ``longer_first``; :func:`stream_k_program_steps`), and a
-    ring refill (:data:`SLAB_FILL_STEPS`) per slab after the first of every segment (the
-    static cost model counts the same)."""
-    return (stream_k_program_steps(slabs * iters, partials)
+    (:func:`stream_k_partials` with ``longer_first``; :func:`stream_k_program_steps`, with
+    ``partial_steps``), and a ring refill (:data:`SLAB_FILL_STEPS`) per slab after the first
+    of every segment (the static cost model counts the same)."""
+    return (stream_k_program_steps(slabs * iters, partials, partial_steps)
             + segments * (slabs - 1) * SLAB_FILL_STEPS)
 
 
@@ -528,7 +531,8 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
                                 ks: int, programs: int, step_s: float, sms: int,
                                 unit_rows: int,
                                 alone_s_per_row: float, beside_s_per_row: float,
-                                slab_bytes: Sequence[float]) -> float:
+                                slab_bytes: Sequence[float],
+                                partial_steps: Optional[float] = None) -> float:
     """Seconds of the pipelined path's stream-K GEMM launch, both launches' schedule replayed
     (events in time order; every cost deterministic).
 
@@ -544,7 +548,8 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
       the tile's row block is produced, producing the next unit itself while some it needs are
       unclaimed; after a shared tile's range the program takes the tile's ticket (in time
       order): the last one waits for the others' partials and sums them in place, onto its
-      registers; the others store theirs (:data:`SPLIT_PARTIAL_STEPS` each; ``gemm_tma._partial_epilogue``).
+      registers; the others store theirs (``partial_steps`` each, default
+      :data:`SPLIT_PARTIAL_STEPS`; ``gemm_tma._partial_epilogue``).
     """
     import heapq
     slabs = len(slab_bytes)
@@ -584,7 +589,7 @@ def pipelined_stream_k_makespan(M: int, N: int, tile_m: int, tile_n: int, group_
     ends = [0.0] * len(runs)
     ticket = [False] * len(runs)  # the program is at a shared tile's ticket (its K loop done)
     arrivals: Dict[int, list] = {}  # tile -> the seconds its pieces' partials are stored by
-    part_s = SPLIT_PARTIAL_STEPS * step_s
+    part_s = (SPLIT_PARTIAL_STEPS if partial_steps is None else partial_steps) * step_s
     while events:
         t, kind, i = heapq.heappop(events)
         if kind == 0:  # a helper program: the next unit, if any
