@@ -209,8 +209,6 @@ def _selection(args, device: torch.device) -> Selection:
 
 def _run_host(args) -> int:
     import datetime
-    import json
-    import os
     import platform
     import triton
     from .host import host_markdown, measure_host
@@ -225,21 +223,28 @@ def _run_host(args) -> int:
                 machine=info.get("device_name", "cpu"))
     md = host_markdown(res, meta)
     print(md)
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   "benchmarks", "results")
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"{meta['date']}-host")
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, results=res), f, indent=1)
-    _log(f"written {stem}.md and {stem}.json")
+    _write_pair(args, f"{meta['date']}-host", md, dict(meta=meta, results=res))
     return 0
 
 
-def _run_probes(args) -> int:
+def _results_dir(args) -> str:
+    # --out, or the committed results folder
+    from .bundle import RESULTS_DIR
+    return args.out or RESULTS_DIR
+
+
+def _write_pair(args, name: str, md: str, data: dict) -> str:
+    # <results>/<name>.md and .json; returns their stem
     import json
-    from .bundle import RESULTS_DIR, card_of_machine
+    stem = os.path.join(_results_dir(args), name)
+    write_text(stem + ".md", md)
+    write_text(stem + ".json", json.dumps(data, indent=2) + "\n")
+    _log(f"written {stem}.md and {stem}.json")
+    return stem
+
+
+def _run_probes(args) -> int:
+    from .bundle import card_of_machine
     from .machine import machine_info, slug
     from .probes import probes_markdown, run_probes
     if not torch.cuda.is_available():
@@ -255,13 +260,8 @@ def _run_probes(args) -> int:
                      f"torch {info['torch']}, triton {info['triton']}.", "",
                      probes_markdown(found)]) + "\n"
     print(md)
-    out = args.out or RESULTS_DIR
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"{info['date']}-{slug(info['device_name'])}-probes")
-    write_text(stem + ".md", md)
-    write_text(stem + ".json", json.dumps(dict(machine=info, probes=[r.as_dict() for r in found]),
-                                          indent=2) + "\n")
-    _log(f"written {stem}.md and {stem}.json")
+    _write_pair(args, f"{info['date']}-{slug(info['device_name'])}-probes", md,
+                dict(machine=info, probes=[r.as_dict() for r in found]))
     for r in found:
         if r.status != "ok":
             _log(f"PROBE {r.status.upper()}: {r.name}: {r.detail}")
@@ -304,8 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             _log("--static builds the real kernels: unset TRITON_INTERPRET")
             return 2
-        out = args.out or os.path.join(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), "benchmarks", "results")
+        out = _results_dir(args)
         if args.constants and not os.path.isfile(args.constants):
             _log(f"--constants: no such file {args.constants!r}")
             return 2
