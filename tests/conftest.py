@@ -219,8 +219,36 @@ def fp32_gemm_close(a: torch.Tensor, b: torch.Tensor) -> bool:
     ``tl.dot``) may round a row or column by its place in the block, FMA or not (seen: OpenBLAS
     and torch on an AVX-512 AMD EPYC), so a chunk or a column shard need not reproduce the
     unchunked bits. 16-bit products are exact in fp32: there, and on a GPU, callers keep
-    ``torch.equal``."""
+    ``torch.equal``. Where the K-sum itself may run in another order (the interpreter's
+    ``tl.dot`` on a chunk), no relative tolerance holds near zero: :func:`gemm_order_close`."""
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=5e-7, atol=1e-7))
+
+
+# the steepest slope of exact GELU, x * Phi(x): 1.1289 at x = sqrt(2)
+GELU_SLOPE = 1.13
+
+
+def gemm_order_close(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+                     slope: float = 1.0) -> bool:
+    """Two results of the same GEMM ``a @ w.T`` (+ bias, then an activation of slope at most
+    ``slope``: 1.13 bounds exact GELU's) whose fp32 K-sums may run in different orders: under
+    the interpreter ``tl.dot`` is numpy's BLAS, which may sum a row in another order by its place
+    in the tile (seen: OpenBLAS 0.3.31 on an AMD EPYC, a chunk's rows against the same rows of
+    the unchunked GEMM). Each order is within ``K * u * sum_k |a_k w_k|`` of the exact sum
+    (u = 2**-24), so two orders are within twice that, and after the activation within ``slope``
+    times it; a 16-bit result may then round to the neighbouring value (one ulp of ``y``'s
+    dtype, at most ``eps * |y|``). A bound, not a fitted tolerance: near-zero outputs of large
+    terms get the room their terms need, exact ones none. On a GPU, callers keep
+    ``torch.equal``."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    k = a.shape[-1]
+    mag = a.reshape(-1, k).double().abs() @ w.double().abs().t()
+    bound = 2 * k * UNIT_ROUNDOFF[torch.float32] * slope * mag.reshape(y.shape)
+    if y.dtype != torch.float32:
+        fi = torch.finfo(y.dtype)
+        bound = bound + fi.eps * y.double().abs() + fi.smallest_normal
+    return bool(((x.double() - y.double()).abs() <= bound).all())
 
 
 def run_gemm_launch_twice(launch, a, w, b):
