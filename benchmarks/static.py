@@ -831,6 +831,16 @@ def calibration_from_rows(rows: Sequence[dict], arch: int = 90,
     sci_bytes = 2 * len(ConnectorSpec.preset(enc, "sci").used_layers)
     cal["helper_layer_bytes"] = round(sci_bytes * eff / sci) if sci and sci < eff \
         else sci_bytes
+    # one stream-K helper program's DRAM rate at the bytes it keeps in flight (Little's law,
+    # as estimate_launch bounds every launch), read off the 1-image row's helper launch (the
+    # split config): the path model's cap for helper counts below its own (the sweep's
+    # @helpers=N), where fewer programs share the bandwidth but each keeps no more in flight
+    row = by.get(f"linear-pipelined/{shape}-1img-bf16")
+    h = [x for x in row["launches"] if x["kernel"] == "_features_helper_kernel"] if row else []
+    if h and h[0].get("inflight_kib_per_sm"):
+        resident = max(1, min(h[0]["ctas_per_sm"], math.ceil(h[0]["programs"] / gpu.sms)))
+        cal["helper_program_bytes_per_s"] = float(
+            f"{h[0]['inflight_kib_per_sm'] * 1024 / resident / gpu.latency_s:.4g}")
     return cal
 
 

@@ -194,9 +194,9 @@ def _launch_choices(inputs: Inputs, sms: int) -> List[Variant]:
 
 def _priority(v: Variant) -> int:
     # the order variants run in, most telling first (a short lease may end the sweep early):
-    # the anchors and each path's rule, the helper counts (which the path model does not
-    # rank: it caps no helper program's rate), whole tiles, then the program counts, then the
-    # two-pass GEMM's
+    # the anchors and each path's rule, the helper counts (where the path model is least
+    # sure: it caps fewer helpers at one program's bytes in flight, nothing more), whole
+    # tiles, then the program counts, then the two-pass GEMM's
     base, sw = split_provider(v.provider)
     if not sw and base != "dc_kernels-two-pass-nosplit":
         return 0

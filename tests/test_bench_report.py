@@ -87,3 +87,20 @@ def test_cli_refuses_a_bad_busy_core_count_before_running(capsys):
     from benchmarks.cli import main
     assert main(["--quick", "--device", "cpu", "--busy-cores", str((os.cpu_count() or 1) + 1)]) == 2
     assert "--busy-cores must be between 0 and" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, card", [(90, None), (90, "h200"), (80, None)])
+def test_committed_calibrations_are_their_static_reports_own(arch, card):
+    # every constant the static model derives (benchmarks.static.calibration_from_rows) is,
+    # in the committed calibration the path rule reads, what that model gives on the report
+    # the calibration names as its source: no constant edited by hand or left stale
+    from benchmarks import static
+    from dc_kernels.ops import path
+    cal = json.loads(Path(path.calibration_file(arch, card)).read_text())
+    name = re.search(r"[\w.-]+-static-[\w-]+\.json", cal["source"])
+    assert name, cal["source"]
+    rows = json.loads((RESULTS / name.group(0)).read_text())["rows"]
+    gpu = static.CARD_GPUS[card] if card else static.GPUS[arch]
+    derived = static.calibration_from_rows(rows, arch, gpu=gpu)
+    assert {k: cal.get(k) for k in derived} == derived
+    assert ("helper_program_bytes_per_s" in derived) == (arch == 90)

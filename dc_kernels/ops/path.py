@@ -181,7 +181,8 @@ def estimate_linear_times(M: int, C: int, N: int, num_layers_read: int, num_slab
       scaled down as above below ``helper_layer_bytes`` per element row) or, where
       :func:`pipelined_stream_k` splits the slabs' K steps (few tiles) and its replay
       (:func:`pipelined_stream_k_makespan`) is faster (:func:`pipelined_stream_k_programs`), by
-      that; + a launch;
+      that (its helpers together no faster than ``helper_program_bytes_per_s`` each, where the
+      calibration has it: one program's bytes in flight over the DRAM latency); + a launch;
     * ``fused``: DRAM floor ``(L*M*C + K*N + M*N) e``, the layer tiles re-read from L2 once per
       N tile (``fused_block_n`` wide; ``fused_block_n_small_groups`` when the slabs average
       at most 4 layers) and W once per 64-row tile, the FLOPs, and the issue cost of
@@ -759,6 +760,13 @@ def _pipelined_makespans(M: int, C: int, N: int, num_layers_read: int, num_slabs
                                    "helper_efficiency_beside_gemm", "helper_layer_bytes")
     if helpers is None:
         helpers = split_helpers(math.ceil(M / 8), m["sms"])
+    # the helpers together read no faster than each keeps bytes in flight for (key
+    # ``helper_program_bytes_per_s``, where calibrated: the split helper's in-flight over the
+    # loaded DRAM latency): binds only below the default count (one CLIP image: 72 x 42.5
+    # GB/s is just over the 3 TB/s; 18 would read at a quarter of it)
+    rate = m.get("helper_program_bytes_per_s")
+    if rate:
+        beside_split = max(beside_split, sum(slab_bytes) * C * e / (helpers * rate))
     # the fewest programs that run at most ceil(steps / SMs) positions each, or more, up to
     # one per SM: which spreads the tiles' pieces best shows only in the replay (one SigLIP
     # image: 124 programs of 14 positions put some tiles over 3 programs; 128 of 13-14 put
