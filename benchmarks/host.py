@@ -95,7 +95,7 @@ def _measure(out, budget_s, hs, spec, conn, w1, b1, x, lw) -> None:
     from dc_kernels.ops import triton_aot
     with torch.no_grad():
         out["F.linear (tiny, unit)"] = _per_call_us(lambda: F.linear(x, lw), budget_s)
-        from dc_kernels.ops import common, linear
+        from dc_kernels.ops import common, linear, overlap
         real_empty, real_choose = common.empty, linear.choose_linear_path
         second = conn.get_submodule("2")
         x2 = torch.zeros(hs[0].shape[0] * spec.tokens_kept(hs[0].shape[1]), second.in_features,
@@ -120,8 +120,8 @@ def _measure(out, budget_s, hs, spec, conn, w1, b1, x, lw) -> None:
         hs4 = triton_aot._hidden_states(spec, 4, 33, hs[0].shape[-1], torch.bfloat16)
         calls[OVERLAP_ROW] = lambda: dc_kernels.dense_connector_linear(
             hs4, spec, w1, b1, "gelu", backend="triton", path="overlap")
-        real_chunk = linear.OVERLAP_CHUNK_ROWS
-        linear.OVERLAP_CHUNK_ROWS = 32
+        real_chunk = overlap.OVERLAP_CHUNK_ROWS
+        overlap.OVERLAP_CHUNK_ROWS = 32
         try:
             with triton_aot.record_launches(90, record=False):
                 for name, fn in calls.items():
@@ -140,7 +140,7 @@ def _measure(out, budget_s, hs, spec, conn, w1, b1, x, lw) -> None:
                 _binder_of(records), budget_s)
         finally:
             common.empty, linear.choose_linear_path = real_empty, real_choose
-            linear.OVERLAP_CHUNK_ROWS = real_chunk
+            overlap.OVERLAP_CHUNK_ROWS = real_chunk
 
 
 class _StandIn:

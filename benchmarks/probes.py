@@ -4,7 +4,7 @@ The static model (:mod:`benchmarks.static`) and the path rule (:mod:`dc_kernels.
 rest on constants that no CPU run can check: the SM clock, the time of one 128 x 256 x 64
 tensor-core step, the fixed cost of a launch, the loaded DRAM latency behind every bytes-in-
 flight bound, the L2 bandwidth, and what one fp32 partial tile of the stream-K GEMM costs to
-store and to load (``path.SPLIT_PARTIAL_STEPS``: the constant that decides whether one CLIP
+store and to load (``schedule.SPLIT_PARTIAL_STEPS``: the constant that decides whether one CLIP
 image can reach issue 12's 1.3x the floor, ``docs/DESIGN.md`` §5.3). Each probe here is a
 small Triton kernel that isolates one of them:
 
@@ -559,7 +559,7 @@ def _l2(ctx) -> List[ProbeResult]:
 
 
 def _partials(ctx) -> List[ProbeResult]:
-    from dc_kernels.ops.path import SPLIT_PARTIAL_STEPS
+    from dc_kernels.ops.schedule import SPLIT_PARTIAL_STEPS
     sms, device, budget_s = ctx["sms"], ctx["device"], ctx["budget_s"]
     step_s, clock_hz = ctx.get("step_s"), ctx.get("clock_hz")
     out = []
@@ -574,7 +574,7 @@ def _partials(ctx) -> List[ProbeResult]:
             on_sms = last[REPEATS[1]].check()
             measured_step = step_s if step_s and step_s == step_s else None
             out.append(ProbeResult(
-                partial_name(what, label), "path.SPLIT_PARTIAL_STEPS K steps", "steps",
+                partial_name(what, label), "schedule.SPLIT_PARTIAL_STEPS K steps", "steps",
                 SPLIT_PARTIAL_STEPS, tile_s / measured_step if measured_step else None,
                 f"{programs} programs on {on_sms} distinct SMs, one 128 x 256 fp32 tile each "
                 f"({what}; 128 x 64 quarters from the wgmma layout, .cg); {REPEATS[0]} vs "

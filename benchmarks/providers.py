@@ -14,7 +14,7 @@
 * ``dc_kernels-two-pass-nosplit`` (CUDA only, ops with a first layer): the two-pass path with
   the TMA GEMM's stream K turned off (``gemm_tma.STREAM_K_ITERS = -1``): beside
   ``dc_kernels-two-pass`` it measures what stream K (chosen by an estimated rule,
-  ``path.gemm_stream_k``) gains where it applies (1 image); elsewhere the two rows run the same
+  ``schedule.gemm_stream_k``) gains where it applies (1 image); elsewhere the two rows run the same
   kernels.
 * ``<provider>@<switch>=<int>[,<switch>=<int>...]`` (CUDA only): a path provider with launcher
   switches set around each of its calls (:data:`SWITCHES`; the sweep's variants,

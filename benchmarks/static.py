@@ -39,9 +39,9 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dc_kernels.ops.path import (SLAB_FILL_STEPS, SPLIT_PARTIAL_STEPS, pipelined_makespan,
-                                 pipelined_stream_k_makespan, pipelined_stream_k_steps,
-                                 stream_k_partials, stream_k_program_steps)
+from dc_kernels.ops.schedule import (SLAB_FILL_STEPS, SPLIT_PARTIAL_STEPS, pipelined_makespan,
+                                     pipelined_stream_k_makespan, pipelined_stream_k_steps,
+                                     stream_k_partials, stream_k_program_steps)
 
 __all__ = ["GPU", "GPUS", "CARD_GPUS", "gpu_from_constants", "estimate_launch", "estimate_rows",
            "run_static", "markdown", "pipelined_residency_problems", "overlap_residency_problems"]
@@ -263,7 +263,7 @@ def _stream_k_tiles(kernel: str, c: dict, a: dict) -> Tuple[int, int]:
 
 def _stream_k_iters(kernel: str, c: dict, a: dict, programs: int) -> int:
     """The most steps of the (tile, K step) sequence one of ``programs`` stream-K programs
-    runs (path.stream_k_bounds: equal shares to one step)."""
+    runs (schedule.stream_k_bounds: equal shares to one step)."""
     tiles, ks = _stream_k_tiles(kernel, c, a)
     return -(-(tiles * ks) // programs)
 
@@ -413,8 +413,8 @@ def _work(kernel: str, c: dict, a: dict, facts: dict, e: int, grid,
         # stream K: the pieces of a shared tile that do not reduce it write fp32 partial
         # tiles, its reducer reads them back (through L2; the stores counted once more
         # through DRAM, as written back); the busiest program runs its steps plus the
-        # partials it stores and loads (the path rule's own cost, path.stream_k_partials and
-        # path.stream_k_program_steps)
+        # partials it stores and loads (the path rule's own cost, schedule.stream_k_partials and
+        # schedule.stream_k_program_steps)
         pipelined = kernel == "_gemm_ready_kernel"
         ks = a["C"] // c["BLOCK_K"] if pipelined else k_tiles  # a slab's K steps, or K's
         busiest, stored, loaded = stream_k_partials(tiles_m * tiles_n, ks, P,
@@ -624,9 +624,10 @@ def estimate_rows(reports: Sequence[dict], arch: int, gpu: Optional[GPU] = None,
 
 def _pipelined_total(row: dict, chosen: list, rows: dict, gpu: GPU, f: dict) -> float:
     """The pipelined path (``dc_kernels.ops.pipelined``): the helper's features launch beside
-    the one persistent GEMM launch, whose schedule :func:`dc_kernels.ops.path.pipelined_makespan`
-    replays (the path rule's own; stream K over the slabs:
-    :func:`dc_kernels.ops.path.pipelined_stream_k_makespan`): the tiles of the GEMM's estimate
+    the one persistent GEMM launch, whose schedule
+    :func:`dc_kernels.ops.schedule.pipelined_makespan` replays (the path rule's own; stream K
+    over the slabs:
+    :func:`dc_kernels.ops.schedule.pipelined_stream_k_makespan`): the tiles of the GEMM's estimate
     (whole tiles, claimed in grouped order), each waiting for its row block -- the first wave's
     rows produced at this case's ``features/`` row rate (every waiting GEMM program helps), the
     rest at the helper's estimate beside the GEMM (what one GEMM CTA leaves on every SM), no

@@ -75,15 +75,15 @@ def _switches() -> Tuple:
     # module-level switches of the launchers that change what a plan holds (tests flip them)
     if not _SWITCH_MODULES:
         try:
-            from .ops import common, features, gemm_tma, linear, pipelined
-            _SWITCH_MODULES.extend((common, features, linear, gemm_tma, pipelined))
+            from .ops import common, features, gemm_tma, linear, overlap, pipelined
+            _SWITCH_MODULES.extend((common, features, linear, overlap, gemm_tma, pipelined))
         except ImportError:  # no triton: the torch backend has no switches
             _SWITCH_MODULES.append(None)
     if _SWITCH_MODULES[0] is None:
         return ()
-    common, features, linear, gemm_tma, pipelined = _SWITCH_MODULES
+    common, features, linear, overlap, gemm_tma, pipelined = _SWITCH_MODULES
     return (features.USE_TMA, common.FORCE_OFF64, common.interpreting, common.empty,
-            linear.OVERLAP_CHUNK_ROWS, linear.OVERLAP_CHUNK_IMAGES, gemm_tma.STREAM_K_ITERS,
+            overlap.OVERLAP_CHUNK_ROWS, overlap.OVERLAP_CHUNK_IMAGES, gemm_tma.STREAM_K_ITERS,
             gemm_tma.REVERSE_PROGRAMS, linear.PIPELINED, pipelined.HELPER,
             pipelined.HELPER_ROW_TILES, pipelined.HELPER_PROGRAMS, pipelined.STREAM_K,
             pipelined.STREAM_K_ITERS, pipelined.STREAM_K_PROGRAMS, pipelined.REVERSE_PROGRAMS)

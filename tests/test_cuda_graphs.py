@@ -49,8 +49,8 @@ def test_first_layer_replays_in_a_cuda_graph(path, monkeypatch):
     # (overlap-sti: STI's image chunks, 2 images each: batch slices of the layers, side stream)
     spec = ConnectorSpec.preset("clip", "dci")
     if path == "overlap-sti":
-        from dc_kernels.ops import linear as linear_ops
-        monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_IMAGES", 2)
+        from dc_kernels.ops import overlap as overlap_ops
+        monkeypatch.setattr(overlap_ops, "OVERLAP_CHUNK_IMAGES", 2)
         spec, path = ConnectorSpec.preset("clip", "sti"), "overlap"
     static = _inputs(spec, 4, 577, 64, seed=0)
     w = torch.randn(96, spec.out_channels(64), device="cuda", dtype=torch.bfloat16) / 14

@@ -20,7 +20,7 @@ from benchmarks import providers, sweep
 from benchmarks.cases import SHAPES, Case, make_inputs
 from benchmarks.cli import main as cli_main
 from benchmarks.runner import Selection
-from dc_kernels.ops import path
+from dc_kernels.ops import path, schedule
 
 CPU = torch.device("cpu")
 H100 = (132, (128, 256, 64))  # SMs, the pipelined and stream-K GEMMs' tile
@@ -89,7 +89,7 @@ def test_variants_on_an_h100():
     sms, tile = H100
     for M, C, layers, row_tiles in ((576, 1024, 25, 72), (729, 1152, 27, 92)):
         rule = path.pipelined_stream_k_programs(M, C, 4096, layers, 3, 2, m, sms, tile)
-        helpers = path.split_helpers(row_tiles, sms)
+        helpers = schedule.split_helpers(row_tiles, sms)
         assert rule and helpers < sms
         vs = sweep.pipelined_variants(M, C, 4096, layers, 3, 2, m, sms, tile, rule, helpers)
         names = _names(vs)
@@ -115,7 +115,7 @@ def test_variants_on_an_h100():
         K = 3 * C
         tv = sweep.two_pass_variants(M, K, 4096, sms, tile)
         tiles, ks = math.ceil(M / 128) * 16, K // 64
-        g = path.gemm_stream_k(tiles, ks, sms)
+        g = schedule.gemm_stream_k(tiles, ks, sms)
         assert _names(tv)[:2] == ["dc_kernels-two-pass", "dc_kernels-two-pass-nosplit"]
         assert tv[1].model_steps == ks and tv[0].model_steps < ks
         its = [providers.split_provider(n)[1]["split_iters"] for n in _names(tv)[2:]]

@@ -31,6 +31,7 @@ import reference
 from conftest import CUSTOM_SPECS, make_hidden_states, poison_outputs
 from dc_kernels import BACKEND_ENV, ConnectorSpec, DenseConnector, dense_connector_linear
 from dc_kernels.ops import common, features as features_ops, linear as linear_ops
+from dc_kernels.ops import overlap as overlap_ops
 from test_modules import TOL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -334,7 +335,7 @@ def test_training_launch_returns_the_inference_launch_values(dtype, off64, path,
     # features kernel's output; the GELU output is unchanged by storing Z. Overlap: 3 ragged
     # row chunks of 16 (M = 40)
     monkeypatch.setattr(common, "FORCE_OFF64", off64)
-    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 16)
+    monkeypatch.setattr(overlap_ops, "OVERLAP_CHUNK_ROWS", 16)
     spec = ConnectorSpec("dci", final_layer=5, groups=((0, 3), (3, 6)), drop_cls=True)
     hs = make_hidden_states(6, 2, 21, 18, dtype, 11, device=DEVICE)
     g = torch.Generator().manual_seed(12)

@@ -27,6 +27,7 @@ from conftest import (CUSTOM_SPECS, GELU_SLOPE, LAYOUTS, UNIT_ROUNDOFF, accumula
                       run_gemm_launch_twice, poison_outputs, strided_layer)
 from dc_kernels import ConnectorSpec, dense_connector_features, dense_connector_linear
 from dc_kernels.ops import common, linear as linear_ops, path as path_ops
+from dc_kernels.ops import overlap as overlap_ops, schedule as schedule_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -410,8 +411,8 @@ def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel
     # row chunks of any size (ragged last chunk; one chunk when chunk >= M) give the two-pass
     # result bit for bit: the same A, and every output row from the same GEMM arithmetic (no
     # GEMM here runs stream K: 2 x 2 tiles of 5 K steps)
-    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", chunk)
-    assert path_ops.gemm_stream_k(4, 5, 3) == 0
+    monkeypatch.setattr(overlap_ops, "OVERLAP_CHUNK_ROWS", chunk)
+    assert schedule_ops.gemm_stream_k(4, 5, 3) == 0
     spec = ConnectorSpec.preset("siglip", "dci")
     hs = _hs(spec, 3, 19, 24, dtype, seed=34)
     w, b = _weights(spec, 24, 40, dtype, seed=35)
@@ -429,8 +430,8 @@ def test_overlap_path_equals_two_pass(monkeypatch, dtype, chunk, features_kernel
 def test_overlap_launch_is_prepared_once_per_chunk_size(monkeypatch):
     # the overlapped path's chunks, features launches and GEMMs are prepared on the first call
     # of a signature and reused; a new chunk size prepares them again
-    calls = _count_calls(monkeypatch, linear_ops, "prepare_overlap")
-    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 16)
+    calls = _count_calls(monkeypatch, overlap_ops, "prepare_overlap")
+    monkeypatch.setattr(overlap_ops, "OVERLAP_CHUNK_ROWS", 16)
     spec = ConnectorSpec.preset("clip", "dci")
     dtype = torch.bfloat16
     hs = _hs(spec, 2, 27, 40, dtype, seed=40)  # 52 rows, a shape no other test uses
@@ -438,7 +439,7 @@ def test_overlap_launch_is_prepared_once_per_chunk_size(monkeypatch):
     first = _check_linear(hs, spec, w, b, "gelu", "overlap", dtype)
     again = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="overlap")
     assert len(calls) == 1 and torch.equal(first, again)
-    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 24)
+    monkeypatch.setattr(overlap_ops, "OVERLAP_CHUNK_ROWS", 24)
     other = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton", path="overlap")
     assert len(calls) == 2 and torch.equal(first, other)
 
@@ -447,7 +448,7 @@ def test_overlap_last_chunk_gemm_may_run_stream_k(monkeypatch):
     # the chunks' GEMMs leave room for the next chunk's features and never run stream K; the
     # last one runs alone and follows the rule (under the interpreter: 1 tile, 18 K steps)
     from dc_kernels.ops import gemm_tma
-    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_ROWS", 32)
+    monkeypatch.setattr(overlap_ops, "OVERLAP_CHUNK_ROWS", 32)
     dtype = torch.bfloat16
     spec = ConnectorSpec.preset("clip", "dci")
     hs = _hs(spec, 2, 21, 96, dtype, seed=42)  # 40 rows, K = 288
@@ -471,7 +472,7 @@ def test_overlap_on_sti_runs_image_chunks(monkeypatch, dtype, images):
     # writes the two-pass A bit for bit, and every output row comes from the same GEMM
     # arithmetic (no GEMM here runs stream K), outputs poisoned (conftest); keep_features and
     # keep_pre hand back the same A and Z
-    monkeypatch.setattr(linear_ops, "OVERLAP_CHUNK_IMAGES", images)
+    monkeypatch.setattr(overlap_ops, "OVERLAP_CHUNK_IMAGES", images)
     spec = ConnectorSpec.preset("clip", "sti")
     B, T, C, N = 5, 33, 16, 24  # 32 kept tokens, 4 pooled per group: 40 rows per image
     hs = _hs(spec, B, T, C, dtype, seed=36 + images)
@@ -510,7 +511,7 @@ def test_overlap_on_sti_needs_aligned_image_chunks():
     # T = 33, C = 20 bf16: a batch stride of 1320 bytes
     odd = _hs(spec, 3, 33, 20, dtype, seed=40)
     w2, b2 = _weights(spec, 20, 24, dtype, seed=41)
-    assert not linear_ops.sti_overlap_serves(odd, spec, 3, 33)
+    assert not overlap_ops.sti_overlap_serves(odd, spec, 3, 33)
     assert linear_ops.prepare_linear(odd, spec, 3, 33, 20, w2, b2, "gelu", "overlap").path \
         == "two-pass"
     _check_linear(odd, spec, w2, b2, "gelu", "overlap", dtype)
@@ -519,7 +520,7 @@ def test_overlap_on_sti_needs_aligned_image_chunks():
     with pytest.raises(ValueError, match="outside the batch"):
         features_ops.prepare_sti_chunk(one, spec, 1, 33, 16, images=(0, 2))
     with pytest.raises(ValueError, match="image chunks"):
-        linear_ops.prepare_overlap(one, spec, 1, 33, 16, w, "gelu")
+        overlap_ops.prepare_overlap(one, spec, 1, 33, 16, w, "gelu")
 
 
 # --------------------------------------------------------------------------- pipelined path
@@ -547,7 +548,7 @@ def test_pipelined_path_equals_two_pass(monkeypatch, dtype, helper, encoder, B, 
     hs = _hs(spec, B, T, C, dtype, seed=50 + B)
     w, b = _weights(spec, C, N, dtype, seed=51)
     M, K = B * spec.out_tokens(T), spec.out_channels(C)
-    assert path_ops.gemm_stream_k(math.ceil(M / 32) * math.ceil(N / 32), math.ceil(K / 16),
+    assert schedule_ops.gemm_stream_k(math.ceil(M / 32) * math.ceil(N / 32), math.ceil(K / 16),
                                   3) == 0
     got = _check_linear(hs, spec, w, b, "gelu", "pipelined", dtype)
     assert calls, "the pipelined path did not run"
@@ -593,7 +594,7 @@ def test_pipelined_stream_k(monkeypatch, dtype, helper, encoder, B, T, C, N, ite
     # the split launch's helper: split_helpers' count, its wider steps (masked where C < 64)
     rows = pipelined.HELPER_CONFIG_SPLIT_INTERPRET["ROWS"]
     if helper != "none":
-        assert launch.pipelined.helpers == path_ops.split_helpers(
+        assert launch.pipelined.helpers == schedule_ops.split_helpers(
             B * math.ceil(spec.tokens_kept(T) / rows), features.INTERPRET_PROGRAMS)
     assert launch.pipelined.helper_meta["BLOCK_C"] == 64
     got = _check_linear(hs, spec, w, b, "gelu", "pipelined", dtype)
@@ -662,7 +663,7 @@ def test_pipelined_sweep_switches(monkeypatch, programs, helpers):
 
 
 def test_pipelined_stream_k_rule():
-    rule = path_ops.pipelined_stream_k
+    rule = schedule_ops.pipelined_stream_k
     # CLIP-L/336 -> 4096 (80 tiles of 128 x 256 per image, 3 slabs of 16 K steps), 132 SMs:
     # 1 image: 128 programs of 10 steps of every slab (30 + partials against 48 whole); 2
     # images (144 tiles: two whole tiles on 12 SMs): 128 of 18; 16 images (1152 tiles):
@@ -675,7 +676,7 @@ def test_pipelined_stream_k_rule():
     # features there): one SigLIP image, 96 tiles of 18 K steps per slab, 124 programs of
     # at most 14: 49.1 step-equivalents against 54
     assert rule(96, 18, 3, 132) == 124
-    assert path_ops._pipelined_split_steps(96, 18, 3, 124) == pytest.approx(49.1)
+    assert schedule_ops._pipelined_split_steps(96, 18, 3, 124) == pytest.approx(49.1)
     assert rule(96, 18, 1, 132) == 0  # one slab: 14 + partials against 18, no margin
     # ... and the launcher takes it only where the replayed schedule beats whole tiles (the
     # committed sm_90 calibration), on the programs whose replay is fastest: 1 and 2 CLIP
@@ -689,8 +690,8 @@ def test_pipelined_stream_k_rule():
     assert programs(729, 1152, 4096, 27, 3, 2) == 128
     assert programs(9216, 1024, 4096, 25, 3, 2) == 0
     assert programs(576, 1024, 4096, 3, 3, 2) == 0
-    assert path_ops.stream_k_shape(96, 18, 128) == (14, 2, 2)
-    assert path_ops.stream_k_shape(96, 18, 124) == (14, 2, 3)
+    assert schedule_ops.stream_k_shape(96, 18, 128) == (14, 2, 2)
+    assert schedule_ops.stream_k_shape(96, 18, 124) == (14, 2, 3)
     whole, replays = path_ops.pipelined_stream_k_replays(576, 1024, 4096, 25, 3, 2)
     split = min(replays.values())
     t = path_ops.estimate_linear_times(576, 1024, 4096, 25, 3, 2)
@@ -729,7 +730,7 @@ def test_pipelined_stream_k_rule():
 
 def test_split_helpers():
     # as few helper programs as take the same number of rounds per slab as one per SM
-    split = path_ops.split_helpers
+    split = schedule_ops.split_helpers
     assert split(72, 132) == 72  # one CLIP image: one round per slab
     assert split(144, 132) == 72  # two: two rounds either way, of 72 units each
     assert split(133, 132) == 67 and split(264, 132) == 132 and split(265, 132) == 89
@@ -739,8 +740,8 @@ def test_split_helpers():
     args = (576, 4096, 128, 256, 8, 16, 128, 0.69e-6)
     rows = dict(unit_rows=8, alone_s_per_row=1.8e-8, beside_s_per_row=1.97e-8,
                 slab_bytes=(2.0, 13.0, 13.0))
-    few = path_ops.pipelined_stream_k_makespan(*args, sms=72, **rows)
-    many = path_ops.pipelined_stream_k_makespan(*args, sms=132, **rows)
+    few = schedule_ops.pipelined_stream_k_makespan(*args, sms=72, **rows)
+    many = schedule_ops.pipelined_stream_k_makespan(*args, sms=132, **rows)
     assert few < 0.85 * many
     # the launcher's split helper (sm_90 builds): 8 x 256 steps where a step of the largest
     # group fits what triton 3.6's stream-K GEMM leaves of shared memory (CLIP's 12-layer
@@ -783,7 +784,7 @@ def test_pipelined_falls_back_where_it_is_not_built():
 def test_pipelined_makespan():
     # the schedule replay of the pipelined GEMM: no ramp -> whole tiles over the programs;
     # a ramp delays it by less than the ramp (programs that start early take more tiles)
-    span = path_ops.pipelined_makespan
+    span = schedule_ops.pipelined_makespan
     assert span(1024, 4096, 128, 256, 8, 132, 1.0, 0.0, 0.0) == 1.0  # 128 tiles, 132 programs
     assert span(9216, 4096, 128, 256, 8, 132, 1.0, 0.0, 0.0) == 9.0  # 1152 tiles: 8.7 waves
     ramp = 1e-3 * 9 * 128  # the first wave's 9 row blocks
@@ -796,14 +797,14 @@ def test_pipelined_makespan():
 
 # --------------------------------------------------------------------------- stream-K GEMM
 def test_stream_k_partials():
-    count = path_ops.stream_k_partials
+    count = schedule_ops.stream_k_partials
     # 1 CLIP image (80 tiles x 48 K steps, 128 programs of 30 steps; tiles over 2-3
     # programs): the piece ending a program (a tile's slot 0) or filling one (slot 1)
     # finishes last and reduces in place, so a program stores its first segment's partial
     # and loads the partials of the tile it ends: at most 2 (the first protocol: 5)
     busiest, stored, loaded = count(80, 48, 128)
     assert busiest == 2 and stored == loaded
-    shape = path_ops.stream_k_shape(80, 48, 128)
+    shape = schedule_ops.stream_k_shape(80, 48, 128)
     assert shape == (30, 2, 3)
     # every shared tile's pieces but its reducer store: stored = pieces - shared tiles
     pieces = sum((((t + 1) * 48 - 1) // 30 - (t * 48) // 30 + 1) for t in range(80))
@@ -820,13 +821,13 @@ def test_stream_k_partials():
     # no split: nothing stored
     assert count(4, 48, 4) == (0, 0, 0) and count(0, 48, 30) == (0, 0, 0)
     # the rule's cost follows: steps + partials x SPLIT_PARTIAL_STEPS
-    assert path_ops.stream_k_program_steps(30, 2) == 30 + 2 * path_ops.SPLIT_PARTIAL_STEPS
+    assert schedule_ops.stream_k_program_steps(30, 2) == 30 + 2 * schedule_ops.SPLIT_PARTIAL_STEPS
 
 
 def test_stream_k_bounds():
     # equal shares to one step, the kernels' own formulas: program p of P starts at
     # p S // P; the owner of a step is the last program starting at or before it
-    bounds, owner = path_ops.stream_k_bounds, path_ops.stream_k_owner
+    bounds, owner = schedule_ops.stream_k_bounds, schedule_ops.stream_k_owner
     for total, programs in ((1728, 128), (1728, 124), (3840, 128), (7, 3), (5, 5), (9, 1)):
         b = bounds(total, programs)
         assert b[0] == 0 and b[-1] == total and len(b) == programs + 1
@@ -836,16 +837,16 @@ def test_stream_k_bounds():
             p for p in range(programs) for _ in range(sizes[p])]
     # SigLIP, 1 image (96 tiles of 18 positions): 128 programs of 13-14 put every tile over
     # 2 programs, 124 of at most 14 put some over 3
-    assert path_ops.stream_k_shape(96, 18, 128)[2] == 2
-    assert path_ops.stream_k_shape(96, 18, 124)[2] == 3
+    assert schedule_ops.stream_k_shape(96, 18, 128)[2] == 2
+    assert schedule_ops.stream_k_shape(96, 18, 124)[2] == 3
     with pytest.raises(ValueError, match="programs"):
-        path_ops.stream_k_shape(2, 3, 7)
+        schedule_ops.stream_k_shape(2, 3, 7)
     with pytest.raises(ValueError, match="programs"):
-        path_ops.stream_k_shape(2, 3, 0)
+        schedule_ops.stream_k_shape(2, 3, 0)
 
 
 def test_stream_k_rule():
-    rule, shape = path_ops.gemm_stream_k, path_ops.stream_k_shape
+    rule, shape = schedule_ops.gemm_stream_k, schedule_ops.stream_k_shape
     # CLIP-L/336, 1 image -> 4096: 80 tiles of 128 x 256 for 132 SMs, 48 K steps each: 128
     # programs of 30 steps; a program touches 2 tiles, a tile spans 3 programs
     assert rule(80, 48, 132) == 128 and shape(80, 48, 128) == (30, 2, 3)
@@ -1287,7 +1288,7 @@ def test_the_path_rule_counts_the_cards_sms(monkeypatch):
     seen = _spy_on_the_rule(monkeypatch, "sms")
     _as_cuda_card(monkeypatch, sms=114)
     assert linear_ops.auto_path(hs, spec, w) == "two-pass" and seen == [114]
-    launch = linear_ops.prepare_overlap(hs, spec, 16, 577, 64, w, "gelu")
+    launch = overlap_ops.prepare_overlap(hs, spec, 16, 577, 64, w, "gelu")
     rows = launch.chunks[0][1] - launch.chunks[0][0]
     assert rows == path_ops.overlap_chunk_rows(16 * 576, 4096, pcie) != \
         path_ops.overlap_chunk_rows(16 * 576, 4096, h100)

@@ -24,7 +24,8 @@ from ..spec import ConnectorSpec
 
 __all__ = ["TRITON_DTYPES", "ACTIVATIONS", "AUTOTUNE_ENV", "interpreting", "autotune_enabled",
            "interpreter_problem", "layer_entries", "strides", "span", "layout_flags", "empty",
-           "check_launchable", "MIN_CAPABILITY", "cuda_device_problem", "maxnreg_option"]
+           "check_launchable", "MIN_CAPABILITY", "cuda_device_problem", "maxnreg_option",
+           "side_stream"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: activation name -> the kernels' ``ACTIVATION`` constexpr
@@ -183,6 +184,19 @@ class StandIn:
 def empty(shape, dtype, device) -> torch.Tensor:
     """Every kernel output of dc_kernels is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+_SIDE_STREAMS = {}
+
+
+def side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream per CUDA device on which the overlapped path's chunk features
+    (:mod:`.overlap`) and the pipelined path's helper (:mod:`.pipelined`) run beside the GEMM
+    on the current stream; created on first use."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
 
 
 @triton.jit

@@ -8,7 +8,7 @@ epilogue adds the bias, applies exact-erf GELU, rounds once and stores the tile 
 (``STORE_PRE``, training: it also stores the pre-activation, rounded once, through a second
 descriptor).
 
-Stream K (``SEGMENTS`` > 0, 16-bit operands, chosen by :func:`dc_kernels.ops.path.gemm_stream_k`
+Stream K (``SEGMENTS`` > 0, 16-bit operands, chosen by :func:`dc_kernels.ops.schedule.gemm_stream_k`
 when whole tiles leave SMs idle, e.g. 576 or 1152 rows): program p of P runs the steps
 ``[p S // P, (p + 1) S // P)`` of the S-step (tile, K step) sequence (equal shares, to one
 step), crossing tiles where it must; a range of a shared tile
@@ -40,7 +40,8 @@ from . import common
 from .common import _round
 from . import direct
 from .direct import DirectLaunch
-from .path import gemm_stream_k, runs_tma_kernels, stream_k_shape
+from .path import runs_tma_kernels
+from .schedule import gemm_stream_k, stream_k_shape
 
 __all__ = ["arch_of", "card_of", "sms_of", "gemm_tma", "gemm_tma_eligible", "prepare_gemm_tma",
            "direct_slabs", "slab_views",
@@ -242,7 +243,7 @@ def _partial_epilogue(b_acc, ws, arrivals, tile, slot, parts, o_desc, p_desc, bi
 @triton.jit
 def _stream_k_owner(step, total, programs):
     # the program whose range [p total // programs, (p + 1) total // programs) holds ``step``
-    # (path.stream_k_owner: the largest p with p total // programs <= step)
+    # (schedule.stream_k_owner: the largest p with p total // programs <= step)
     return ((step + 1) * programs - 1) // total
 
 
@@ -481,7 +482,7 @@ def _clone_desc(template, base):
     return desc
 
 
-#: Stream K: 0 = :func:`dc_kernels.ops.path.gemm_stream_k`'s choice, -1 = never, n > 0 = at
+#: Stream K: 0 = :func:`dc_kernels.ops.schedule.gemm_stream_k`'s choice, -1 = never, n > 0 = at
 #: most n K steps per program, on ``ceil(steps / n)`` programs, wherever stream K may run
 #: (tests force it)
 STREAM_K_ITERS = 0

@@ -7,7 +7,8 @@ program order. With no groups and a single 2-D "layer" it is a plain GEMM: the s
 the two-pass path. ``STORE_PRE`` (training) also stores the pre-activation ``Z = A W^T + b``,
 rounded to the input dtype, for the backward's GELU'.
 
-:func:`linear_triton` dispatches between the paths (rule in :mod:`.path`);
+:func:`linear_triton` dispatches between the paths (rule in :mod:`.path`; the overlapped
+path's chunks in :mod:`.overlap`, the pipelined path in :mod:`.pipelined`);
 :func:`linear_triton_for_training` is the same launch that also hands back what the backward
 keeps (the features the two-pass and overlapped paths write, and ``Z``).
 """
@@ -22,22 +23,19 @@ import triton
 import triton.language as tl
 
 from ..spec import ConnectorSpec
-from . import common
+from . import common, overlap
 from .common import _group_sum, _round, _tile_offsets
 from .direct import DirectLaunch
-from .features import features_triton, prepare_features, prepare_sti_chunk, sti_chunks_aligned
+from .features import prepare_features
 from .gemm_tma import (arch_of, card_of, direct_slabs, gemm_tma_eligible, prepare_gemm_tma,
                        slab_views, sms_of)
-from .path import (choose_linear_path, model_for, overlap_chunk_rows, sti_chunk_row_multiple,
-                   sti_overlap_images)
+from .path import choose_linear_path
 from .pipelined import pipelined_eligible, prepare_pipelined
 
 __all__ = ["linear_triton", "linear_triton_for_training", "prepare_linear", "LinearLaunch",
            "gemm", "prepare_gemm", "prepare_kernel", "KernelLaunch", "CONFIG_LISTS",
-           "pipelined_serves", "direct_serves", "auto_path", "DIRECT_A",
-           "LINEAR_CONFIG_INTERPRET", "PATHS",
-           "prune_configs", "shared_bytes_bound", "overlap_chunks", "prepare_overlap",
-           "OverlapLaunch", "sti_overlap_serves", "sti_chunk_images", "OVERLAP_CHUNK_IMAGES"]
+           "pipelined_serves", "direct_serves", "auto_path", "DIRECT_A", "PIPELINED",
+           "LINEAR_CONFIG_INTERPRET", "PATHS", "prune_configs", "shared_bytes_bound"]
 
 
 @triton.jit
@@ -390,12 +388,6 @@ def gemm(a: torch.Tensor, weight: torch.Tensor, bias, activation, out: torch.Ten
     prepare_gemm(a, weight, bias, activation, out, leave_room)(a, weight, bias, out, pre)
 
 
-#: Overlapped path: rows per chunk; 0 = :func:`dc_kernels.ops.path.overlap_chunk_rows`
-#: (whole GEMM waves per chunk). Tests set it to exercise small and ragged chunks.
-OVERLAP_CHUNK_ROWS = 0
-#: Overlapped path, STI: images per chunk; 0 = :func:`dc_kernels.ops.path.sti_overlap_images`.
-#: Tests set it (a plan switch).
-OVERLAP_CHUNK_IMAGES = 0
 #: False: the path rule never picks the pipelined path and ``path="pipelined"`` runs two-pass
 #: (a plan switch, like every launcher switch)
 PIPELINED = True
@@ -418,160 +410,6 @@ def pipelined_serves(entries, spec: ConnectorSpec, weight: torch.Tensor, n_out: 
     :func:`.pipelined.pipelined_eligible` (output rows 16-byte aligned for TMA)."""
     return PIPELINED and pipelined_eligible(entries, spec, weight,
                                             (n_out * entries[0].element_size()) % 16 == 0)
-_SIDE_STREAMS = {}
-
-
-def sti_overlap_serves(hidden_states, spec: ConnectorSpec, batch: int, tokens: int) -> bool:
-    """Whether the overlapped path can run STI in image chunks: at least two images, kept
-    tokens, and chunk slices that keep the layers' and A's alignment
-    (:func:`.features.sti_chunks_aligned`)."""
-    return spec.connector_type == "sti" and batch >= 2 and spec.tokens_kept(tokens) > 0 and \
-        sti_chunks_aligned(hidden_states, spec, tokens, hidden_states[spec.final_layer].shape[2])
-
-
-def sti_chunk_images(hidden_states, spec: ConnectorSpec, batch: int, tokens: int,
-                     weight: torch.Tensor) -> int:
-    """Images per chunk of the overlapped path for these (validated) STI inputs:
-    :data:`OVERLAP_CHUNK_IMAGES`, else :func:`dc_kernels.ops.path.sti_overlap_images` on the
-    card's calibration and its GEMM's row multiple; at most ``batch``."""
-    if OVERLAP_CHUNK_IMAGES:
-        return max(1, min(batch, OVERLAP_CHUNK_IMAGES))
-    base = hidden_states[spec.final_layer]
-    arch = arch_of(base)
-    return sti_overlap_images(batch, spec.tokens_kept(tokens), spec.out_tokens(tokens),
-                              base.shape[2], weight.shape[0], len(spec.used_layers),
-                              base.element_size(), model_for(arch, card_of(base), sms_of(base)),
-                              sti_chunk_row_multiple(arch))
-
-
-def overlap_chunks(M: int, chunk_rows: int) -> list:
-    """Row ranges of the overlapped path with the LDG features kernel: ``chunk_rows`` each,
-    the last one ragged."""
-    return [(r, min(M, r + chunk_rows)) for r in range(0, M, chunk_rows)]
-
-
-def _tile_chunks(spec, batch, tokens, chunk_rows: int) -> list:
-    # the same in row tiles of the TMA features kernel: [((q0, q1), (r0, r1)), ...]
-    from .features import _tma_config, row_of_tile, row_tiles
-    Q = row_tiles(spec, batch, tokens)
-    step = max(1, chunk_rows // _tma_config()["ROWS"])
-    return [((q, min(Q, q + step)), (row_of_tile(spec, tokens, q),
-                                     row_of_tile(spec, tokens, min(Q, q + step))))
-            for q in range(0, Q, step)]
-
-
-def _side_stream(device: torch.device):
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
-    return _SIDE_STREAMS[key]
-
-
-class OverlapLaunch:
-    """The overlapped path prepared for one input signature and chunk size: the row chunks,
-    one prepared features launch per chunk (:func:`~dc_kernels.ops.features.prepare_features_chunk`)
-    and one prepared GEMM per chunk (:func:`prepare_gemm`, from the first call's operands: a
-    chunk's views keep their alignment from call to call), and the chunks' events.
-
-    ``launch(hidden_states, weight, bias, out2d, pre2d=None)`` allocates A and returns it. The
-    features of row chunk j + 1 are written (side stream) while the GEMM of chunk j runs
-    (current stream): the memory-bound pass hides under the compute-bound one. Each GEMM chunk
-    waits on its features chunk's event only. A is the two-pass A bit for bit; so is every
-    output row where neither path's GEMM runs stream K (a chunk's GEMM leaves room for the next
-    chunk's features and never does, except the last chunk's, which runs alone; the two-pass
-    GEMM does when whole tiles leave SMs idle): stream K changes only the fp32 summation
-    order, within the same bound. The TMA features kernel
-    (sm_90) keeps its bytes in flight in shared memory, so it still draws bandwidth beside the
-    GEMM's CTAs; chunks are then whole row tiles of it. STI's chunks are whole images (the
-    STI kernel on batch slices of the layers, :func:`~dc_kernels.ops.features.prepare_sti_chunk`).
-    Off CUDA (the interpreter) the chunks run in order."""
-
-    __slots__ = ("chunks", "features", "gemms", "shape", "dtype", "device", "activation",
-                 "events")
-
-    def __call__(self, hidden_states, weight, bias, out2d, pre2d=None):
-        feats = common.empty(self.shape, self.dtype, self.device)
-        a2 = feats.view(-1, self.shape[-1])
-        if self.gemms is None:  # the first call prepares the GEMMs on its real operands
-            # every chunk's GEMM but the last leaves room for the next chunk's features; the
-            # last runs alone (its features are done) and may run stream K (gemm_stream_k)
-            last = len(self.chunks) - 1
-            self.gemms = [prepare_gemm(a2[r0:r1], weight, bias, self.activation,
-                                       out2d[r0:r1], leave_room=j < last)
-                          for j, (r0, r1) in enumerate(self.chunks)]
-
-        def gemm_chunk(j):
-            r0, r1 = self.chunks[j]
-            self.gemms[j](a2[r0:r1], weight, bias, out2d[r0:r1],
-                          None if pre2d is None else pre2d[r0:r1])
-
-        if self.device.type != "cuda":
-            for j, produce in enumerate(self.features):
-                produce(hidden_states, feats)
-                gemm_chunk(j)
-            return feats
-        if self.events is None:
-            self.events = [torch.cuda.Event() for _ in self.chunks]
-        main = torch.cuda.current_stream(self.device)
-        side = _side_stream(self.device)
-        side.wait_stream(main)  # the hidden states are ready
-        with torch.cuda.stream(side):
-            for produce, ev in zip(self.features, self.events):
-                produce(hidden_states, feats)
-                ev.record(side)
-        # (an event recorded again by a later call: a wait already enqueued keeps the record
-        # it was enqueued after)
-        for j, ev in enumerate(self.events):
-            main.wait_event(ev)
-            gemm_chunk(j)
-        # feats was allocated on ``main``, which waits for every side-stream write above
-        # before its last GEMM: freeing it after return (or handing it to autograd) is safe
-        # without record_stream
-        return feats
-
-
-def prepare_overlap(hidden_states, spec, batch, tokens, channels, weight, activation,
-                    chunk_rows: int = 0) -> OverlapLaunch:
-    """The :class:`OverlapLaunch` of these (validated) inputs; ``chunk_rows`` 0:
-    :data:`OVERLAP_CHUNK_ROWS`, else :func:`dc_kernels.ops.path.overlap_chunk_rows`. STI
-    (:func:`sti_overlap_serves`) runs in chunks of whole images instead
-    (:func:`sti_chunk_images`; ``chunk_rows`` unused)."""
-    from .features import features_tma_eligible, prepare_features_chunk
-    base = hidden_states[spec.final_layer]
-    t_keep = spec.tokens_kept(tokens)
-    M = batch * t_keep
-    launch = OverlapLaunch()
-    launch.shape = (batch, spec.out_tokens(tokens), spec.out_channels(channels))
-    launch.dtype, launch.device, launch.activation = base.dtype, base.device, activation
-    launch.gemms = launch.events = None
-    if spec.connector_type == "sti":
-        if not sti_overlap_serves(hidden_states, spec, batch, tokens):
-            raise ValueError("the overlapped path runs STI in image chunks: it needs 2+ images "
-                             "and 16-byte aligned chunks (sti_overlap_serves)")
-        k = sti_chunk_images(hidden_states, spec, batch, tokens, weight)
-        t_out = launch.shape[1]
-        images = [(b, min(batch, b + k)) for b in range(0, batch, k)]
-        launch.chunks = [(b0 * t_out, b1 * t_out) for b0, b1 in images]
-        # chunk 0 runs alone; the later chunks share the SMs with the GEMM
-        launch.features = [prepare_sti_chunk(hidden_states, spec, batch, tokens, channels,
-                                             images=im, beside_gemm=im[0] > 0)
-                           for im in images]
-        return launch
-    chunk_rows = chunk_rows or OVERLAP_CHUNK_ROWS or overlap_chunk_rows(
-        M, weight.shape[0], model_for(arch_of(base), card_of(base), sms_of(base)))
-    entries, _, _ = common.layer_entries(hidden_states, spec)
-    if features_tma_eligible(entries, base.device):
-        tiled = _tile_chunks(spec, batch, tokens, chunk_rows)
-        launch.chunks = [r for _, r in tiled]
-        # chunk 0 runs alone; the later chunks share the SMs with the GEMM
-        launch.features = [prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
-                                                  tiles=q, beside_gemm=q[0] > 0)
-                           for q, _ in tiled]
-    else:
-        launch.chunks = overlap_chunks(M, chunk_rows)
-        launch.features = [prepare_features_chunk(hidden_states, spec, batch, tokens, channels,
-                                                  rows=r) for r in launch.chunks]
-    return launch
 
 
 PATHS = ("auto", "fused", "two-pass", "overlap", "pipelined")
@@ -665,8 +503,8 @@ class LinearLaunch:
             M, N = self.mn
             launch = self.overlap
             if launch is None:  # (OVERLAP_CHUNK_ROWS is a plan switch: a new one, a new plan)
-                launch = self.overlap = prepare_overlap(hidden_states, self.spec, *self.dims,
-                                                        weight, self.activation)
+                launch = self.overlap = overlap.prepare_overlap(
+                    hidden_states, self.spec, *self.dims, weight, self.activation)
             feats = launch(hidden_states, weight, bias, out.view(M, N),
                            None if pre is None else pre.view(M, N))
             return out, (feats if keep_features else None), pre
@@ -717,7 +555,7 @@ def auto_path(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, weight
     off64 = flags["OFF64"] or N * weight.shape[1] >= 2 ** 31 - 1  # the unsharded weight
     sti = spec.connector_type == "sti"
     sti_rows = (spec.tokens_kept(T), spec.out_tokens(T)) \
-        if sti and sti_overlap_serves(hidden_states, spec, B, T) else None
+        if sti and overlap.sti_overlap_serves(hidden_states, spec, B, T) else None
     return choose_linear_path(M, C, N, len(spec.used_layers), spec.num_groups + 1,
                               base.element_size(), flags["UNIFORM"], off64,
                               sti=sti, sti_rows=sti_rows,
@@ -762,7 +600,8 @@ def prepare_linear(hidden_states: Sequence[torch.Tensor], spec: ConnectorSpec, b
         path = auto_path(hidden_states, spec, weight)
     elif path == "fused" and not fusable:
         path = "two-pass"
-    elif path == "overlap" and sti and not sti_overlap_serves(hidden_states, spec, batch, tokens):
+    elif path == "overlap" and sti and not overlap.sti_overlap_serves(hidden_states, spec,
+                                                                      batch, tokens):
         path = "two-pass"
     elif path == "pipelined" and not pipelinable:
         path = "two-pass"

@@ -1,12 +1,12 @@
 """The pipelined first layer: one features launch and one GEMM launch running at once, the
 GEMM's tiles waiting on per-row-block ready counts instead of on a stream boundary.
 
-The overlapped path (:class:`.linear.OverlapLaunch`) hides the features pass under the GEMM in
+The overlapped path (:class:`.overlap.OverlapLaunch`) hides the features pass under the GEMM in
 row chunks, but pays the first chunk's features alone and one GEMM launch per chunk (a whole
 wave each, its tail, its fixed cost). Here the whole GEMM is one persistent launch:
 
 * ``_features_helper_kernel`` (side stream, one program per SM beside the GEMM's CTAs; beside
-  the stream-K GEMM below, :func:`.path.split_helpers` programs, one per unit of a slab at one
+  the stream-K GEMM below, :func:`.schedule.split_helpers` programs, one per unit of a slab at one
   CLIP image, with wider steps): each program claims *units* of A by ticket (an atomic
   counter: units are produced in ticket order), writes the unit with the features kernel's pointer-load body (``_produce_unit``;
   Triton's pipeliner keeps the next channel step's loads in flight as ``cp.async`` copies)
@@ -19,7 +19,7 @@ wave each, its tail, its fixed cost). Here the whole GEMM is one persistent laun
   number of row tiles overlapping it (an ``acquire`` load), then issues
   ``fence.proxy.async.global`` (A was written by generic stores of other SMs and is read by
   TMA, the async proxy) and runs the tile. Where whole tiles would leave SMs idle (e.g. one
-  CLIP image: 80 tiles of 128 x 256 for 132 SMs; :func:`.path.pipelined_stream_k`) and the
+  CLIP image: 80 tiles of 128 x 256 for 132 SMs; :func:`.schedule.pipelined_stream_k`) and the
   replayed schedule says so (:func:`.path.pipelined_stream_k_programs`, which also picks
   the programs), it runs *stream K over the slabs*: units are (slab, row tile), slab-major,
   with a ready count per slab and row block; program p of P runs the same positions
@@ -341,7 +341,7 @@ STREAM_K_ITERS = 0
 #: over the slabs on that many programs (at most one per position) wherever a slab is whole K
 #: steps, ahead of ``STREAM_K_ITERS``; ``HELPER_PROGRAMS`` > 0 launches that many helper
 #: programs. 0: the path rule's choices (:func:`.path.pipelined_stream_k_programs`, one
-#: helper per SM or :func:`.path.split_helpers`)
+#: helper per SM or :func:`.schedule.split_helpers`)
 STREAM_K_PROGRAMS = 0
 HELPER_PROGRAMS = 0
 #: Tests: stream K's programs take their work last to first (see gemm_tma.REVERSE_PROGRAMS)
@@ -353,7 +353,7 @@ REVERSE_PROGRAMS = False
 #: unit of the GEMM programs' own production. The interpreter's: small tiles, so blocks span
 #: several units
 HELPER_CONFIG = {"ROWS": 8, "BLOCK_C": 128, "num_warps": 2, "STAGES": 2}
-#: The stream-K launch's helper: fewer programs (:func:`.path.split_helpers`, one per unit of
+#: The stream-K launch's helper: fewer programs (:func:`.schedule.split_helpers`, one per unit of
 #: a slab at one CLIP image), each with twice the bytes in flight and the issue rate of the
 #: one above: 4 warps over 8 x 256 steps (48 registers, 48 KiB of shared memory for a
 #: 12-layer group, sm_90, triton 3.9). Same ``ROWS``: the GEMM programs' own units are the
@@ -398,13 +398,13 @@ def _helper_launch(split: bool, interp: bool, row_tiles: int, sms: int,
                    group_layers: int = 1, element_size: int = 2):
     """(programs, config, register cap, training register cap) of the helper launch: one
     program per SM (``sms``) over :data:`HELPER_CONFIG` steps, or, beside the stream-K GEMM
-    (``split``), :func:`.path.split_helpers` programs over :data:`HELPER_CONFIG_SPLIT` steps,
+    (``split``), :func:`.schedule.split_helpers` programs over :data:`HELPER_CONFIG_SPLIT` steps,
     128 channels wide where one step of the largest group (``group_layers`` layers) would not
     fit :data:`SPLIT_HELPER_SHARED`. The interpreter makes the same choice over
     ``INTERPRET_PROGRAMS`` programs, with its own configs (the split one's wider steps leave
     masked channels where ``C`` < 64)."""
     from .features import INTERPRET_PROGRAMS
-    from .path import split_helpers
+    from .schedule import split_helpers
     if interp:
         if split:
             return (split_helpers(row_tiles, INTERPRET_PROGRAMS), HELPER_CONFIG_SPLIT_INTERPRET,
@@ -468,10 +468,9 @@ class PipelinedLaunch:
                 self.helper_site(helper_args, helper_meta)
             self.gemm_site(gemm_args, meta)
             return feats
-        from .linear import _side_stream
         main = torch.cuda.current_stream(self.device)
         if self.helpers:
-            side = _side_stream(self.device)
+            side = common.side_stream(self.device)
             side.wait_stream(main)  # the hidden states and the zeroed counts are ready
             with torch.cuda.stream(side):
                 self.helper_site(helper_args, helper_meta)
@@ -490,7 +489,8 @@ def prepare_pipelined(hidden_states, spec, batch: int, tokens: int, channels: in
     from triton.tools.tensor_descriptor import TensorDescriptor
     from .gemm_tma import (INTERPRET_SMS, STREAM_K_PIECES, _num_sms, _set_blocks, arch_of,
                            card_of)
-    from .path import model_for, pipelined_stream_k_programs, stream_k_shape
+    from .path import model_for, pipelined_stream_k_programs
+    from .schedule import stream_k_shape
     base = hidden_states[spec.final_layer]
     interp = common.interpreting()
     gcfg, hcfg, produce_c = _configs()
