@@ -67,7 +67,6 @@ def _per_call_us(fn: Callable[[], object], budget_s: float, inner: int = 50) -> 
 def measure_host(budget_s: float = 1.0, images: int = 1, tokens: int = 5, channels: int = 64,
                  hidden: int = 8) -> Dict[str, Dict[str, float]]:
     """Per-call host microseconds of each call (launches stubbed) and of a tiny ``F.linear``."""
-    import dc_kernels
     from dc_kernels import ConnectorSpec, DenseConnector
     from dc_kernels.ops import triton_aot
 

@@ -654,9 +654,10 @@ def build_problems(arch: int = 90, sms: int = 132) -> List[str]:
     measure something else than it claims: a spill, no tensor-core loop or clock reads
     outside it in the tensor step, a ``cp.async`` ring or loads that are not whole tiles in
     the stream probe, fewer resident programs per SM than it launches, a partial tile that
-    is not one 128 x 256 fp32 tile per repeat. Empty when all is well. Needs
+    is not one 128 x 256 fp32 tile per repeat, a release that does not follow a CTA
+    barrier after the stores (:mod:`dc_kernels.ops.ordering`). Empty when all is well. Needs
     ``TRITON_INTERPRET`` unset."""
-    from dc_kernels.ops import sass, triton_aot
+    from dc_kernels.ops import ordering, sass, triton_aot
     from .static import GPUS, occupancy
     cpu = torch.device("cpu")
     per_sm = {}  # stream builds: the programs per SM each must hold at once
@@ -716,6 +717,14 @@ def build_problems(arch: int = 90, sms: int = 132) -> List[str]:
                     problems.append(f"{what}: its loop loads {moved} B, not one fp32 tile")
             elif not mix.get("global_store") or mix.get("global_load"):
                 problems.append(f"{what}: its loop does not store the tile ({mix})")
+            # the release variant times what a stream-K piece pays to publish its partial:
+            # the CTA barrier after the stores, then the GPU-scope release
+            facts = ordering.audit(b.ptx)
+            problems += [f"{what}: {p}" for p in
+                         ordering.protocol_problems(b.kernel, {}, facts)]
+            if rec.kwargs["RELEASE"] and not (facts["counts"]["release"]
+                                              and facts["counts"]["barrier"]):
+                problems.append(f"{what}: no barrier and release after its stores")
     return problems
 
 

@@ -23,7 +23,6 @@ import contextlib
 import io
 import math
 import operator
-import os
 from unittest import mock
 
 import numpy as np

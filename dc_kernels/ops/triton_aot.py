@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 __all__ = ["SHARED_LIMIT", "ARCHS", "PORTABLE_ARCHS", "SMS", "LaunchRecord", "record_launches",
-           "bind", "build", "read_cubin",
+           "bind", "build", "read_cubin", "build_problem",
            "unique_builds", "aot_cases", "build_cases", "triton_version"]
 
 #: Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) and B200
@@ -622,14 +622,33 @@ def _build_one(b: Build) -> Dict[str, Any]:
     except Exception as e:  # reported per build by the tests
         return dict(key=b.key, arch=b.arch, kernel=b.record.name, config=b.config,
                     uses=b.uses, error=f"{type(e).__name__}: {e}")
+    from . import ordering
     from . import sass as sass_mod
+    constexprs = {k: v for k, v in b.kwargs.items() if k.isupper() and
+                  isinstance(v, (int, bool, str, tuple))}
+    facts = ordering.audit(r.ptx)
     return dict(key=b.key, arch=b.arch, kernel=r.kernel, config=b.config, uses=b.uses,
                 registers=r.registers, shared=r.shared, shared_limit=SHARED_LIMIT[b.arch],
                 local=r.local, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                 num_warps=r.num_warps, num_stages=r.num_stages, maxnreg=b.kwargs.get("maxnreg"),
-                constexprs={k: v for k, v in b.kwargs.items() if k.isupper() and
-                            isinstance(v, (int, bool, str, tuple))},
-                has_wgmma="wgmma" in r.ptx, sass_stats=sass_mod.analyze(r.sass))
+                constexprs=constexprs, has_wgmma="wgmma" in r.ptx,
+                sass_stats=sass_mod.analyze(r.sass), ordering=facts,
+                ordering_problems=ordering.protocol_problems(r.kernel, constexprs, facts))
+
+
+def build_problem(report: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with one :func:`build_cases` report (None: nothing): the build failed,
+    spilled, exceeds its architecture's shared memory, or its PTX breaks the memory ordering
+    its cross-program protocol needs (:func:`dc_kernels.ops.ordering.protocol_problems`)."""
+    if "error" in report:
+        return report["error"]
+    if report["spill_stores"] or report["spill_loads"]:
+        return f"spills {report['spill_stores']} STL / {report['spill_loads']} LDL"
+    if report["shared"] > report["shared_limit"]:
+        return f"shared {report['shared']} > {report['shared_limit']}"
+    if report.get("ordering_problems"):
+        return "; ".join(report["ordering_problems"])
+    return None
 
 
 def build_cases(cases: Optional[Sequence[Case]] = None, archs: Sequence[int] = ARCHS,
@@ -669,8 +688,7 @@ def _build_index(i: int) -> Dict[str, Any]:
 def summarize(reports: Sequence[Dict[str, Any]]) -> str:
     """A short human summary of :func:`build_cases` reports."""
     lines = [f"triton {triton_version()}: {len(reports)} unique builds"]
-    bad = [r for r in reports if "error" in r or r["spill_stores"] or r["spill_loads"]
-           or r["shared"] > r["shared_limit"]]
+    bad = [r for r in reports if build_problem(r)]
     by_kernel: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
     for r in reports:
         by_kernel.setdefault((r["kernel"], r["arch"]), []).append(r)
@@ -684,13 +702,15 @@ def summarize(reports: Sequence[Dict[str, Any]]) -> str:
     if bad:
         lines.append(f"PROBLEMS in {len(bad)} builds:")
         for r in bad[:20]:
-            what = r.get("error") or (f"spills {r['spill_stores']} STL / {r['spill_loads']} LDL"
-                                      if r["spill_stores"] or r["spill_loads"]
-                                      else f"shared {r['shared']} > {r['shared_limit']}")
+            what = build_problem(r)
             lines.append(f"  {r['kernel']} sm_{r['arch']} cfg {r['config']} "
                          f"({r['uses'][0]['case']}): {what}")
     else:
-        lines.append("no spills, every build within its architecture's shared memory")
+        protocols = sum(1 for r in reports if r.get("ordering", {}).get("counts", {}).get(
+            "acquire") or r.get("ordering", {}).get("counts", {}).get("release"))
+        lines.append("no spills, every build within its architecture's shared memory; the "
+                     f"{protocols} builds with cross-program protocols keep the memory "
+                     "ordering they need")
     return "\n".join(lines)
 
 
@@ -712,7 +732,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "training; default: every case)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--check", action="store_true",
-                   help="exit 1 if any build fails, spills or exceeds its shared memory")
+                   help="exit 1 if any build fails, spills, exceeds its shared memory or "
+                        "breaks the memory ordering of its cross-program protocol")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time builds need the real compiler",
@@ -736,11 +757,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 json.dump(reports, f, indent=1, default=str)
         print(summarize(reports))
     if a.check:
-        bad = [r for r in reports if "error" in r or r["spill_stores"] or r["spill_loads"]
-               or r["shared"] > r["shared_limit"]]
+        bad = [r for r in reports if build_problem(r)]
         if bad:
-            print(f"--check: {len(bad)} of {len(reports)} builds fail, spill or exceed shared "
-                  f"memory (triton {triton_version()})", file=sys.stderr)
+            print(f"--check: {len(bad)} of {len(reports)} builds fail, spill, exceed shared "
+                  f"memory or break their memory ordering (triton {triton_version()})",
+                  file=sys.stderr)
             return 1
     return 0
 
