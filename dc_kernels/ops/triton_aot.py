@@ -626,14 +626,18 @@ def _build_one(b: Build) -> Dict[str, Any]:
     from . import sass as sass_mod
     constexprs = {k: v for k, v in b.kwargs.items() if k.isupper() and
                   isinstance(v, (int, bool, str, tuple))}
-    facts = ordering.audit(r.ptx)
+    try:
+        facts = ordering.audit(r.ptx)
+        problems = ordering.protocol_problems(r.kernel, constexprs, facts)
+    except ValueError as e:  # PTX the audit cannot read: a failed check, reported per build
+        facts, problems = {}, [f"{r.kernel}: memory ordering not read from the PTX: {e}"]
     return dict(key=b.key, arch=b.arch, kernel=r.kernel, config=b.config, uses=b.uses,
                 registers=r.registers, shared=r.shared, shared_limit=SHARED_LIMIT[b.arch],
                 local=r.local, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                 num_warps=r.num_warps, num_stages=r.num_stages, maxnreg=b.kwargs.get("maxnreg"),
                 constexprs=constexprs, has_wgmma="wgmma" in r.ptx,
                 sass_stats=sass_mod.analyze(r.sass), ordering=facts,
-                ordering_problems=ordering.protocol_problems(r.kernel, constexprs, facts))
+                ordering_problems=problems)
 
 
 def build_problem(report: Dict[str, Any]) -> Optional[str]:
