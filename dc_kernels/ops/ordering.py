@@ -57,7 +57,7 @@ def classify(op: str) -> List[str]:
     ``cp.async`` to shared memory), ``nc_load`` too where it takes the non-coherent path
     (``.nc``); ``weak_scope``: a strong operation at CTA or cluster scope.
     """
-    opcode = op.split()[0] if op.split() else ""
+    opcode = (op.split() or [""])[0]
     parts = opcode.split(".")
     base = parts[0]
     ev: List[str] = []
@@ -93,12 +93,8 @@ def classify(op: str) -> List[str]:
 
 def _body(ptx: str, entry: Optional[str]) -> Tuple[str, List[str]]:
     # the lines of one ``.entry`` body (the first, or the one named ``entry``), and its name
-    m = None
-    for m in re.finditer(r"\.entry\s+([A-Za-z_$][A-Za-z0-9_$]*)\s*\(", ptx):
-        if entry is None or m.group(1) == entry:
-            break
-    else:
-        m = None
+    m = next((m for m in re.finditer(r"\.entry\s+([A-Za-z_$][A-Za-z0-9_$]*)\s*\(", ptx)
+              if entry is None or m.group(1) == entry), None)
     if m is None:
         raise ValueError("no .entry in the PTX" if entry is None else
                          f"no .entry {entry} in the PTX")
@@ -133,7 +129,7 @@ def statements(ptx: str, entry: Optional[str] = None) -> Tuple[str, List[Tuple[s
     # first pass: the statements with their scope stacks, and which labels each scope defines
     n_scopes = 0
     defined: Dict[int, Set[str]] = {0: set()}
-    pending: List[Tuple[Tuple[int, ...], str]] = []
+    pending: List[Tuple[Tuple[int, ...], bool, str]] = []  # (scopes, is a label, text)
     stack = [0]
     for line in lines:
         text = line.split("//")[0].strip()
@@ -153,10 +149,10 @@ def statements(ptx: str, entry: Optional[str] = None) -> Tuple[str, List[Tuple[s
                 lm = _LABEL.match(stmt)
                 if lm and not stmt.startswith("."):
                     defined[stack[-1]].add(lm.group(1))
-                    pending.append((tuple(stack), f"{lm.group(1)}:"))
+                    pending.append((tuple(stack), True, lm.group(1)))
                     stmt = lm.group(2).strip()
                     continue
-                pending.append((tuple(stack), stmt))
+                pending.append((tuple(stack), False, stmt))
                 break
 
     def resolve(stack_t, label):
@@ -166,9 +162,9 @@ def statements(ptx: str, entry: Optional[str] = None) -> Tuple[str, List[Tuple[s
         raise ValueError(f"{name}: branch to an undefined label {label}")
 
     out: List[Tuple[str, str]] = []
-    for stack_t, stmt in pending:
-        if stmt.endswith(":") and _LABEL.match(stmt):
-            out.append(("label", resolve(stack_t, stmt[:-1])))
+    for stack_t, is_label, stmt in pending:
+        if is_label:
+            out.append(("label", resolve(stack_t, stmt)))
             continue
         if stmt.startswith("."):
             continue  # directives: .reg, .loc, .pragma, ...
@@ -208,6 +204,16 @@ def _transfer(facts: FrozenSet[str], events: Sequence[str]) -> FrozenSet[str]:
     if "store" in events:
         f.update((_NEED_BARRIER_BEFORE_RELEASE, _NEED_FENCE, _NEED_BARRIER_FOR_TMA))
     return frozenset(f)
+
+
+#: what :func:`audit` reports: (key, the event checked, the facts of which any one on some
+#: path to it is a break)
+_CHECKS = (
+    ("unbarriered_releases", "release", frozenset((_NEED_BARRIER_BEFORE_RELEASE,))),
+    ("unfenced_tma_loads", "tma_load", frozenset((_NEED_FENCE, _NEED_BARRIER_FOR_TMA))),
+    ("unbarriered_loads", "load", frozenset((_NEED_BARRIER_FOR_LOAD,))),
+    ("nc_loads_after_acquire", "nc_load", frozenset((_ACQUIRED,))),
+)
 
 
 def audit(ptx: str, entry: Optional[str] = None) -> Dict:
@@ -268,42 +274,28 @@ def audit(ptx: str, entry: Optional[str] = None) -> Dict:
                 if f not in entry_facts[s]:
                     entry_facts[s].add(f)
                     work.append(s)
-    unbarriered, unfenced, unbarriered_loads, nc_loads = [], [], [], []
+    found: Dict[str, Set[int]] = {key: set() for key, _, _ in _CHECKS}
     for b, idx in enumerate(blocks):
-        for facts in entry_facts[b]:
-            f = facts
+        for f in entry_facts[b]:
             for i in idx:
-                ev = events[i]
-                where = f"#{i} {stmts[i][1]}"
-                if "release" in ev and _NEED_BARRIER_BEFORE_RELEASE in f \
-                        and where not in unbarriered:
-                    unbarriered.append(where)
-                if "tma_load" in ev and (_NEED_FENCE in f or _NEED_BARRIER_FOR_TMA in f) \
-                        and where not in unfenced:
-                    unfenced.append(where)
-                if "load" in ev and _NEED_BARRIER_FOR_LOAD in f and where not in \
-                        unbarriered_loads:
-                    unbarriered_loads.append(where)
-                if "nc_load" in ev and _ACQUIRED in f and where not in nc_loads:
-                    nc_loads.append(where)
-                f = _transfer(f, ev)
+                for key, event, owed in _CHECKS:
+                    if event in events[i] and not owed.isdisjoint(f):
+                        found[key].add(i)
+                f = _transfer(f, events[i])
     counts = {e: sum(e in ev for ev in events) for e in EVENTS}
-    weak = [f"#{i} {stmts[i][1]}" for i, ev in enumerate(events) if "weak_scope" in ev]
-
-    def in_order(found):
-        return sorted(found, key=lambda w: int(w[1:].split(" ", 1)[0]))
-    return dict(kernel=name, counts=counts, unbarriered_releases=in_order(unbarriered),
-                unfenced_tma_loads=in_order(unfenced),
-                unbarriered_loads=in_order(unbarriered_loads),
-                nc_loads_after_acquire=in_order(nc_loads), weak_scope=weak)
+    weak = [i for i, ev in enumerate(events) if "weak_scope" in ev]
+    sites = {key: [f"#{i} {stmts[i][1]}" for i in sorted(at)] for key, at in found.items()}
+    return dict(kernel=name, counts=counts, **sites,
+                weak_scope=[f"#{i} {stmts[i][1]}" for i in weak])
 
 
 #: The kernels whose programs synchronize through global memory, and what each build must
 #: show: ``acquire`` / ``release`` (at least one of each in the PTX), ``tma_reads_published``
 #: (its TMA loads read A, which other programs, or its own threads, wrote: every one needs the
 #: proxy fence), ``loads_read_published`` (its generic loads read what other programs
-#: published: the stream-K partial tiles; each after a barrier, none non-coherent) and ``when`` (the constexprs a build needs for the protocol to be compiled in:
-#: the two-pass GEMM synchronizes only in its stream-K builds).
+#: published, the stream-K partial tiles: each after a barrier, none non-coherent) and
+#: ``when`` (the constexpr a build needs for the protocol to be compiled in: the two-pass GEMM
+#: synchronizes only in its stream-K builds).
 PROTOCOLS: Dict[str, Dict] = {
     "_features_helper_kernel": dict(acquire=False, release=True, tma_reads_published=False,
                                     loads_read_published=False, when=None),

@@ -710,8 +710,8 @@ def summarize(reports: Sequence[Dict[str, Any]]) -> str:
             lines.append(f"  {r['kernel']} sm_{r['arch']} cfg {r['config']} "
                          f"({r['uses'][0]['case']}): {what}")
     else:
-        protocols = sum(1 for r in reports if r.get("ordering", {}).get("counts", {}).get(
-            "acquire") or r.get("ordering", {}).get("counts", {}).get("release"))
+        protocols = sum(1 for r in reports if r["ordering"]["counts"]["acquire"]
+                        or r["ordering"]["counts"]["release"])
         lines.append("no spills, every build within its architecture's shared memory; the "
                      f"{protocols} builds with cross-program protocols keep the memory "
                      "ordering they need")
