@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -56,6 +55,7 @@ import reference
 from benchmarks.machine import machine_info
 from benchmarks.memory import METHOD as MEMORY_METHOD, peak_memory_bytes
 from benchmarks.providers import compile_mode
+from benchmarks.report import write_outputs
 from benchmarks.timing import time_fn
 from dc_kernels.ops.torch_ops import features_torch
 
@@ -402,13 +402,8 @@ def main(argv=None) -> None:
     saved = saved_for_backward(DTYPES[args.saved_dtype], images)
     md = _markdown(info, args, steps, saved)
     print(md)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "step": steps, "saved": saved}, f,
-                      indent=1, default=str)
+    write_outputs(args.markdown, md, args.json,
+                  {"machine": info, "args": vars(args), "step": steps, "saved": saved})
 
 
 if __name__ == "__main__":

@@ -312,3 +312,15 @@ def plot_speedups(result: RunResult, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"plot written to {path}"
+
+
+def write_outputs(markdown_path: Optional[str], text: str, json_path: Optional[str],
+                  payload: dict) -> None:
+    """A side script's result files: ``text`` to ``markdown_path`` and ``payload`` as indented
+    JSON (``str`` for what JSON cannot hold) to ``json_path``; a path that is None is skipped."""
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=1, default=str)

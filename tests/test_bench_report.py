@@ -104,3 +104,26 @@ def test_committed_calibrations_are_their_static_reports_own(arch, card):
     derived = static.calibration_from_rows(rows, arch, gpu=gpu)
     assert {k: cal.get(k) for k in derived} == derived
     assert ("helper_program_bytes_per_s" in derived) == (arch == 90)
+
+
+def test_cpu_chunks_ab_times_every_setting_on_the_same_bits_and_restores_them(tmp_path):
+    # benchmarks.cpu_chunks, the A/B of the torch path's chunk settings in one process: a
+    # short real run (SCI: one-layer groups, so the smallest features), its table and JSON,
+    # and the module settings it changes put back afterwards
+    import os
+    from benchmarks import cpu_chunks
+    from dc_kernels.ops import torch_ops
+    before = (os.environ.get(torch_ops.CHUNK_POOL_ENV), torch_ops.POOL_CHUNKS_PER_WORKER)
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    assert cpu_chunks.main(["--kind", "sci", "--images", "1", "--dtypes", "bf16", "--rounds",
+                            "2", "--sets", "1", "--budget", "0.01", "--per-worker", "3", "1",
+                            "--markdown", str(md), "--json", str(js)]) == 0
+    assert (os.environ.get(torch_ops.CHUNK_POOL_ENV), torch_ops.POOL_CHUNKS_PER_WORKER) == before
+    rows = json.loads(js.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["same_bits"] is True
+    assert all(rows[0][k] > 0 for k in ("pool3", "pool1", "inline"))
+    table = md.read_text().splitlines()
+    assert table[-1].startswith("| bf16 | 1 | ") and table[-1].endswith("| yes |")
+    assert len({line.count("|") for line in table if line.startswith("|")}) == 1
+    with pytest.raises(SystemExit):
+        cpu_chunks.main(["--per-worker", "0"])

@@ -457,15 +457,72 @@ def test_chunk_pool_gives_the_inline_bits(monkeypatch, kind, dtype):
                         lambda fn, chunks, workers: (calls.append(workers),
                                                      real(fn, chunks, workers))[1])
     pooled = dense_connector_features(hs, spec, backend="torch")
-    assert max(calls) > 1, "the pool was not used"
+    if kind == "sti":  # STI's few large window sums run inline by design (torch_ops.window_sums)
+        assert max(calls, default=1) == 1, "STI's window sums went to the pool"
+    else:
+        assert max(calls) > 1, "the pool was not used"
     monkeypatch.setenv(torch_ops.CHUNK_POOL_ENV, "0")
     calls.clear()
     inline = dense_connector_features(hs, spec, backend="torch")
-    assert max(calls) == 1
+    assert max(calls, default=1) == 1
     assert torch.equal(pooled, inline)
     assert torch.equal(pooled, torch_ops.features_torch(hs, spec, 3, 97, 256))
     assert_close_to_fp64(pooled, reference.features_fp64(hs, spec), dtype,
                          terms=accumulation_terms(spec), magnitude=max_abs(hs))
+
+
+@pytest.mark.parametrize("tokens,batch,channels", [(576, 1, 1024), (576, 2, 1024), (729, 4, 1152),
+                                                    (72, 1, 8192), (97, 3, 256), (3, 1, 8),
+                                                    (1, 1, 8), (5, 1, 1 << 19)])
+@pytest.mark.parametrize("workers", (1, 2, 3, 4))
+def test_token_chunks_cover_the_tokens_in_near_equal_cache_sized_shares(tokens, batch, channels,
+                                                                         workers):
+    from dc_kernels.ops import torch_ops
+    chunks = torch_ops._token_chunks(tokens, batch, channels, torch.device("cpu"), workers)
+    assert chunks[0][0] == 0 and chunks[-1][1] == tokens
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), "gaps or overlaps"
+    sizes = [t1 - t0 for t0, t1 in chunks]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    per_token = 4 * batch * channels
+    assert max(sizes) * per_token <= max(torch_ops.CPU_CHUNK_BYTES, per_token)
+    if workers > 1 and len(chunks) < tokens:
+        assert len(chunks) % workers == 0
+        assert len(chunks) >= workers * torch_ops.POOL_CHUNKS_PER_WORKER
+        # no more rounds than the cache bound or the per-worker minimum asks for
+        fewer = len(chunks) - workers
+        assert fewer < workers * torch_ops.POOL_CHUNKS_PER_WORKER or \
+            -(-tokens // fewer) * per_token > torch_ops.CPU_CHUNK_BYTES
+    elif workers > 1:  # fewer tokens than the chunks asked for: one token each
+        assert len(chunks) == tokens
+    else:
+        assert len(chunks) == -(-tokens // max(1, torch_ops.CPU_CHUNK_BYTES // per_token))
+    assert torch_ops._token_chunks(0, batch, channels, torch.device("cpu"), workers) == []
+    assert torch_ops._token_chunks(tokens, batch, channels, torch.device("meta"),
+                                   workers) == [(0, tokens)]
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+def test_window_sums_in_chunks_give_the_whole_ops_bits(monkeypatch, dtype):
+    # STI's window sums convert a narrow input in window chunks (WINDOW_CHUNK_BYTES); a
+    # budget of two windows forces the chunked loop, ragged (61 tokens: 15 windows of 4,
+    # one token dropped) on a strided view; the sums must equal one whole op's and fp64's
+    from dc_kernels.ops import torch_ops
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(3, 62, 80, generator=g) * 3).to(dtype)[:, 1:, ::2]
+    whole = torch_ops.window_sums(x, 4, torch.float32)
+    monkeypatch.setattr(torch_ops, "WINDOW_CHUNK_BYTES", 2 * 4 * 3 * 40 * 4)
+    calls = []
+    real = x.__class__.to
+    monkeypatch.setattr(x.__class__, "to", lambda t, *a, **k: (calls.append(t.shape),
+                                                               real(t, *a, **k))[1])
+    chunked = torch_ops.window_sums(x, 4, torch.float32)
+    monkeypatch.undo()
+    if dtype != torch.float32:
+        assert [c[1] for c in calls] == [2] * 7 + [1], calls  # 7 chunks of 2 windows, 1 of 1
+    assert chunked.dtype == torch.float32 and chunked.shape == (3, 15, 40)
+    assert torch.equal(chunked, whole)
+    exact = x.double()[:, :60].unflatten(1, (15, 4)).sum(2)
+    assert_close_to_fp64(chunked, exact, torch.float32, terms=4, magnitude=max_abs([x]))
 
 
 def test_chunk_pool_is_not_used_while_recording_autograd():

@@ -11,6 +11,7 @@ running its ops on one intra-op thread (:func:`chunk_workers`): a chunk is a few
 ops, and an op split over all cores waits at an OpenMP barrier for the slowest core -- on a
 machine where another process holds a core, every op then waits for a time slice. Workers that
 take the next free chunk have no such barrier: a preempted worker just does fewer chunks.
+STI's window sums are a few large ops per layer and run inline (:func:`window_sums`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from ..spec import ConnectorSpec
 
 __all__ = ["features_torch", "accumulation_dtype", "window_sums", "link_unread_groups",
-           "chunk_workers", "CPU_CHUNK_BYTES", "PARALLEL_MIN_BYTES", "CHUNK_POOL_ENV"]
+           "chunk_workers", "CPU_CHUNK_BYTES", "POOL_CHUNKS_PER_WORKER", "WINDOW_CHUNK_BYTES",
+           "PARALLEL_MIN_BYTES", "CHUNK_POOL_ENV"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,6 +39,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 #: so the accumulator stays in cache across a group's layers (one pass over memory per layer,
 #: not a read-modify-write of a whole [B, T', C] buffer per layer).
 CPU_CHUNK_BYTES = 1 << 20
+#: CPU: STI's window sums convert a narrower input to the accumulator dtype in chunks of at
+#: most this many converted bytes (one whole-layer conversion was ~8x slower at 16 images,
+#: chunks of 1 MiB 1.2-2x slower than 4-8 MiB: docs/DESIGN.md §8).
+WINDOW_CHUNK_BYTES = 8 << 20
 #: Below this many accumulator bytes a call runs inline (a pool round trip costs more).
 PARALLEL_MIN_BYTES = 256 << 10
 #: ``DC_KERNELS_CHUNK_POOL=0`` turns the chunk pool off (every chunk inline, the ops on all
@@ -129,15 +135,31 @@ def _run_chunks(fn: Callable[[int, int], None], chunks: List[Tuple[int, int]],
         f.result()  # re-raises a worker's exception
 
 
+#: On the pool, every worker gets at least this many chunks, so that the others make up for
+#: one that another process preempts. More is slower: each chunk is ~30 ops of ~5 us dispatch
+#: each, and 4 per worker made one CLIP or SigLIP image 1.45-1.8x slower than 2 on a quiet
+#: machine, 1.1-1.3x with a core busy (docs/DESIGN.md §8, benchmarks/results/
+#: 2026-12-07-cpu-chunks-*.md).
+POOL_CHUNKS_PER_WORKER = 2
+
+
 def _token_chunks(tokens: int, batch: int, channels: int, device: torch.device,
-                  workers: int = 1):
+                  workers: int = 1) -> List[Tuple[int, int]]:
+    """``(t0, t1)`` token ranges covering ``[0, tokens)``: one on accelerators; on CPU
+    near-equal chunks of at most :data:`CPU_CHUNK_BYTES` of fp32 accumulator (``4 * batch *
+    channels`` bytes a token; one token where a token is more). With ``workers > 1`` their number is a multiple of
+    ``workers`` and at least :data:`POOL_CHUNKS_PER_WORKER` per worker (while there are tokens
+    for it), so no worker is left a short last round."""
     if device.type != "cpu":
         return [(0, tokens)]  # one launch per op on accelerators
+    if tokens <= 0:
+        return []
     per_token = max(1, 4 * batch * channels)
-    step = max(1, CPU_CHUNK_BYTES // per_token)
-    if workers > 1:  # at least ~4 chunks per worker, so that a preempted one is made up for
-        step = max(1, min(step, -(-tokens // (4 * workers))))
-    return [(t, min(tokens, t + step)) for t in range(0, tokens, step)]
+    n = -(-tokens // max(1, CPU_CHUNK_BYTES // per_token))
+    if workers > 1:
+        n = workers * max(-(-n // workers), POOL_CHUNKS_PER_WORKER)
+    n = min(n, tokens)
+    return [(c * tokens // n, (c + 1) * tokens // n) for c in range(n)]
 
 
 def _scratch(shape, dtype) -> torch.Tensor:
@@ -197,22 +219,28 @@ def _channel_features(hs, spec, tok0, out):
 def window_sums(x: torch.Tensor, pool: int, acc_dtype: torch.dtype) -> torch.Tensor:
     """``[B, T // pool, C]`` sums of ``pool`` consecutive tokens of ``x = [B, T, C]``.
 
-    The remainder is dropped. Windows are summed in ``acc_dtype`` in cache-sized token chunks:
-    each chunk is converted once (a narrow-dtype reduction with a wider ``dtype=`` is several
-    times slower on CPU) and the temporary stays about ``CPU_CHUNK_BYTES``.
+    The remainder is dropped. Windows are summed in ``acc_dtype`` by a reduction over the
+    window axis. An ``x`` already in ``acc_dtype`` is one op; a narrower one is converted and
+    summed in window chunks of at most :data:`WINDOW_CHUNK_BYTES` of converted tokens (a
+    narrow-dtype reduction with a wider ``dtype=``, or one conversion of a whole 16-image
+    layer, was ~8x slower on CPU). Inline, never on the chunk pool: these are a few large ops,
+    and on the pool they were up to 2.5x slower on a quiet machine and no faster with a core
+    busy (docs/DESIGN.md §8).
     """
     B, T, C = x.shape
     tp = T // pool
+    if x.dtype == acc_dtype or x.device.type != "cpu":
+        step = max(1, tp)
+    else:
+        per_window = torch.finfo(acc_dtype).bits // 8 * B * C * pool
+        step = max(1, WINDOW_CHUNK_BYTES // max(1, per_window))
+    if step >= tp:
+        return x[:, :tp * pool].unflatten(1, (tp, pool)).to(acc_dtype).sum(2)
     out = torch.empty((B, tp, C), dtype=acc_dtype, device=x.device)
-    workers = 1
-    if 4 * B * tp * pool * C >= PARALLEL_MIN_BYTES:
-        workers = chunk_workers(x.device, [x])
-
-    def chunk(j0: int, j1: int) -> None:
+    for j0 in range(0, tp, step):
+        j1 = min(tp, j0 + step)
         win = x[:, j0 * pool:j1 * pool].unflatten(1, (j1 - j0, pool))
         out[:, j0:j1].copy_(win.to(acc_dtype).sum(2))  # copy_, not out=: keeps autograd
-
-    _run_chunks(chunk, _token_chunks(tp, B, C * pool, x.device, workers), workers)
     return out
 
 
