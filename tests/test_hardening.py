@@ -599,6 +599,23 @@ def test_interpreter_probe_passes_where_the_interpreter_runs(fresh_probe):
     assert fresh_probe.interpreter_problem() is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="probes the CPU interpreter")
+def test_interpreter_probe_under_a_fake_tensor_mode_is_real(fresh_probe):
+    # a shape-only trace (benchmarks.module_fwd_bwd's saved-tensor table) may make the first
+    # Triton call of a process: the probe must still launch on real tensors (a fake one failed
+    # and was cached), and the call then reaches the op's fake kernel
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    spec = ConnectorSpec.preset("clip", "dci")
+    with FakeTensorMode():
+        hs = tuple(torch.empty(2, 577, 1024, dtype=torch.bfloat16) for _ in range(25))
+        w = torch.empty(4096, spec.out_channels(1024), dtype=torch.bfloat16)
+        b = torch.empty(4096, dtype=torch.bfloat16)
+        y = dense_connector_linear(hs, spec, w, b, "gelu", backend="triton")
+    assert isinstance(y, FakeTensor) and y.shape == (2, 576, 4096) and y.dtype == torch.bfloat16
+    assert fresh_probe.interpreter_problem.cache_info().currsize == 1
+    assert fresh_probe.interpreter_problem() is None
+
+
 class _ProbeStandIn:
     """Stands in for the probe kernel: ``[grid](out, n, STEP=...)`` raises or writes zeros.
     The real failure (triton 3.6 with numpy 2.4) is run by .ci/interp36."""

@@ -218,13 +218,17 @@ def interpreter_problem() -> Optional[str]:
     Known case: triton 3.6's interpreter turns 1-element numpy arrays into Python ints (a
     program id used as a ``range`` bound), which numpy 2.4 and newer refuse."""
     import numpy as np
-    out = torch.full((12,), float("nan"))
-    try:
-        _interpreter_probe_kernel[(2,)](out, 3, STEP=2)
-        bad = None if torch.equal(out, torch.arange(12, dtype=torch.float32)) else \
-            f"wrong result {out.tolist()}"
-    except Exception as e:  # noqa: BLE001 -- any failure is reported, whatever its kind
-        bad = repr(e)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    # real tensors even when the first launch comes under a FakeTensorMode (a shape-only trace
+    # reaches the ops' fake kernels after this check): a fake probe would fail, and be cached
+    with unset_fake_temporarily():
+        out = torch.full((12,), float("nan"))
+        try:
+            _interpreter_probe_kernel[(2,)](out, 3, STEP=2)
+            bad = None if torch.equal(out, torch.arange(12, dtype=torch.float32)) else \
+                f"wrong result {out.tolist()}"
+        except Exception as e:  # noqa: BLE001 -- any failure is reported, whatever its kind
+            bad = repr(e)
     if bad is None:
         return None
     msg = (f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run "
