@@ -40,8 +40,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 #: not a read-modify-write of a whole [B, T', C] buffer per layer).
 CPU_CHUNK_BYTES = 1 << 20
 #: CPU: STI's window sums convert a narrower input to the accumulator dtype in chunks of at
-#: most this many converted bytes (one whole-layer conversion was ~8x slower at 16 images,
-#: chunks of 1 MiB 1.2-2x slower than 4-8 MiB: docs/DESIGN.md §8).
+#: most this many converted bytes (bf16: one whole-layer conversion was ~8x slower at 16
+#: images, chunks of 1 MiB 1.4-1.6x slower than 8 MiB at 1-16: docs/DESIGN.md §8).
 WINDOW_CHUNK_BYTES = 8 << 20
 #: Below this many accumulator bytes a call runs inline (a pool round trip costs more).
 PARALLEL_MIN_BYTES = 256 << 10
@@ -147,9 +147,9 @@ def _token_chunks(tokens: int, batch: int, channels: int, device: torch.device,
                   workers: int = 1) -> List[Tuple[int, int]]:
     """``(t0, t1)`` token ranges covering ``[0, tokens)``: one on accelerators; on CPU
     near-equal chunks of at most :data:`CPU_CHUNK_BYTES` of fp32 accumulator (``4 * batch *
-    channels`` bytes a token; one token where a token is more). With ``workers > 1`` their number is a multiple of
-    ``workers`` and at least :data:`POOL_CHUNKS_PER_WORKER` per worker (while there are tokens
-    for it), so no worker is left a short last round."""
+    channels`` bytes a token; one token where a token is more). With ``workers > 1`` their
+    number is a multiple of ``workers`` and at least :data:`POOL_CHUNKS_PER_WORKER` per worker
+    (while there are tokens for it), so no worker is left a short last round."""
     if device.type != "cpu":
         return [(0, tokens)]  # one launch per op on accelerators
     if tokens <= 0:
