@@ -122,9 +122,9 @@ def main(argv=None) -> int:
             f"interleaved turns\n\n{m['cpu_model']}, {m['cpu_cores']} cores, "
             f"{m['torch_threads']} intra-op threads, torch {m['torch']}, {m['date']}; "
             f"--busy-cores {a.busy_cores}; `python -m benchmarks.cpu_chunks "
-            f"{_measured_args(argv if argv is not None else sys.argv[1:])}`\n\n| dtype | images | " + " | ".join(names)
-            + f" | pool{a.per_worker[0]} / " + " / ".join(names[1:]) + " | same bits |\n|"
-            + "---|" * (len(names) + 4))
+            f"{_measured_args(argv if argv is not None else sys.argv[1:])}`\n\n"
+            "| dtype | images | " + " | ".join(names) + f" | pool{a.per_worker[0]} / "
+            + " / ".join(names[1:]) + " | same bits |\n|" + "---|" * (len(names) + 4))
     lines = [head]
     for r in rows:
         ratio = " / ".join(f"{r[names[0]] / r[k]:.2f}x" for k in names[1:])
