@@ -144,18 +144,20 @@ POOL_CHUNKS_PER_WORKER = 2
 
 
 def _token_chunks(tokens: int, batch: int, channels: int, device: torch.device,
-                  workers: int = 1) -> List[Tuple[int, int]]:
+                  workers: int = 1, chunk_bytes: Optional[int] = None) -> List[Tuple[int, int]]:
     """``(t0, t1)`` token ranges covering ``[0, tokens)``: one on accelerators; on CPU
-    near-equal chunks of at most :data:`CPU_CHUNK_BYTES` of fp32 accumulator (``4 * batch *
-    channels`` bytes a token; one token where a token is more). With ``workers > 1`` their
-    number is a multiple of ``workers`` and at least :data:`POOL_CHUNKS_PER_WORKER` per worker
-    (while there are tokens for it), so no worker is left a short last round."""
+    near-equal chunks of at most ``chunk_bytes`` (default :data:`CPU_CHUNK_BYTES`) of fp32
+    (``4 * batch * channels`` bytes a token; one token where a token is more). With
+    ``workers > 1`` their number is a multiple of ``workers`` and at least
+    :data:`POOL_CHUNKS_PER_WORKER` per worker (while there are tokens for it), so no worker is
+    left a short last round."""
     if device.type != "cpu":
         return [(0, tokens)]  # one launch per op on accelerators
     if tokens <= 0:
         return []
     per_token = max(1, 4 * batch * channels)
-    n = -(-tokens // max(1, CPU_CHUNK_BYTES // per_token))
+    limit = CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    n = -(-tokens // max(1, limit // per_token))
     if workers > 1:
         n = workers * max(-(-n // workers), POOL_CHUNKS_PER_WORKER)
     n = min(n, tokens)
@@ -229,16 +231,12 @@ def window_sums(x: torch.Tensor, pool: int, acc_dtype: torch.dtype) -> torch.Ten
     """
     B, T, C = x.shape
     tp = T // pool
-    if x.dtype == acc_dtype or x.device.type != "cpu":
-        step = max(1, tp)
-    else:
-        per_window = torch.finfo(acc_dtype).bits // 8 * B * C * pool
-        step = max(1, WINDOW_CHUNK_BYTES // max(1, per_window))
-    if step >= tp:
+    chunks = [(0, tp)] if x.dtype == acc_dtype else \
+        _token_chunks(tp, B, C * pool, x.device, chunk_bytes=WINDOW_CHUNK_BYTES)
+    if len(chunks) <= 1:
         return x[:, :tp * pool].unflatten(1, (tp, pool)).to(acc_dtype).sum(2)
     out = torch.empty((B, tp, C), dtype=acc_dtype, device=x.device)
-    for j0 in range(0, tp, step):
-        j1 = min(tp, j0 + step)
+    for j0, j1 in chunks:
         win = x[:, j0 * pool:j1 * pool].unflatten(1, (j1 - j0, pool))
         out[:, j0:j1].copy_(win.to(acc_dtype).sum(2))  # copy_, not out=: keeps autograd
     return out
