@@ -122,7 +122,8 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
     Args:
         hidden_states: tuple/list of ``[B, T, C]`` tensors (Hugging Face's
             ``output_hidden_states``), one dtype (fp16, bf16, fp32 or fp64), one device. Views
-            with arbitrary strides are read in place.
+            with arbitrary strides are read in place. Meta tensors give a meta output (every
+            backend; nothing is launched).
         spec: a :class:`ConnectorSpec`, e.g. ``ConnectorSpec.preset("clip", "dci")``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
@@ -161,6 +162,10 @@ def _features_plan(hidden_states, spec: ConnectorSpec, backend: str):
             return features_torch(hs, spec, info.batch, info.tokens, info.channels)
         return run_torch
     _triton_ops().check_launchable(info.device, info.dtype)
+    if info.device.type == "meta":  # no data to launch on: the custom op's fake kernel
+        def run_fake(hs):
+            return features_op(_op_inputs(hs, spec), *spec_args(spec))
+        return run_fake
     from .autograd import FeaturesFunction
     from .ops.features import prepare_features
     launch = prepare_features(hidden_states, spec, info.batch, info.tokens, info.channels)
@@ -353,6 +358,11 @@ def _linear_plan(hidden_states, spec: ConnectorSpec, weight, bias, activation, b
             return _linear_torch(hs, spec, info, w, b, activation)
         return run_torch
     _triton_ops().check_launchable(info.device, info.dtype)
+    if info.device.type == "meta":  # no data to launch on: the custom op's fake kernel
+        def run_fake(hs, w, b):
+            return linear_op(_op_inputs(hs, spec), *spec_args(spec), w, b, activation or "none",
+                             path)
+        return run_fake
     from .autograd import LinearFunction
     from .ops.linear import prepare_linear
     launch = prepare_linear(hidden_states, spec, info.batch, info.tokens, info.channels, weight,

@@ -324,6 +324,47 @@ def test_dense_connector_accepts_integer_scalars():
     assert (m.vision_hidden_size, m.hidden_size) == (4, 6) and type(m.hidden_size) is int
 
 
+@pytest.mark.parametrize("interpret", ("1", "0"))
+@pytest.mark.parametrize("backend", ("torch", "triton", "auto"))
+@pytest.mark.parametrize("kind", ("dci", "sti"))
+def test_meta_tensors_give_meta_outputs_on_every_backend(monkeypatch, interpret, backend, kind):
+    """Meta inputs (no data: shape inference, a model built on ``torch.device("meta")``) give
+    meta outputs shaped as real inputs' outputs, with autograd, on every backend and whether or
+    not the interpreter is on. Before 2026-12-07 the Triton backend launched a kernel on them
+    (NotImplementedError from inside Triton's interpreter) or refused them as not CUDA."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    spec = ConnectorSpec.preset("clip", kind)
+    B, T, C, N = 2, 10, 8, 12
+    real = make_hidden_states(25, B, T, C, seed=0)
+    w_real = torch.randn(N, spec.out_channels(C))
+    feats_shape = dense_connector_features(real, spec, backend="torch").shape
+    lin_shape = dense_connector_linear(real, spec, w_real, None, "gelu", backend="torch").shape
+    hs = [torch.empty(B, T, C, device="meta", requires_grad=True) for _ in range(25)]
+    w = torch.empty(N, spec.out_channels(C), device="meta", requires_grad=True)
+    b = torch.empty(N, device="meta", requires_grad=True)
+    feats = dense_connector_features(hs, spec, backend=backend)
+    assert (feats.device.type, feats.shape, feats.dtype) == ("meta", feats_shape, torch.float32)
+    assert feats.requires_grad
+    for bias in (None, b):
+        y = dense_connector_linear(hs, spec, w, bias, "gelu", backend=backend)
+        assert (y.device.type, y.shape, y.requires_grad) == ("meta", lin_shape, True)
+        y.sum().backward()
+        assert w.grad is not None and w.grad.device.type == "meta" and w.grad.shape == w.shape
+        for i in spec.used_layers:
+            assert hs[i].grad is not None and hs[i].grad.shape == (B, T, C), i
+        w.grad = None
+    with torch.no_grad():  # the plan routes (no autograd) as well
+        assert dense_connector_features(hs, spec, backend=backend).shape == feats_shape
+        assert dense_connector_linear(hs, spec, w, b, None, backend=backend).shape == lin_shape
+    if backend != "torch":  # the dtype check still applies (fp64 has no Triton path)
+        hs64 = [h.detach().double() for h in hs]
+        if backend == "triton":
+            with pytest.raises(ValueError, match="Triton backend supports"):
+                dense_connector_features(hs64, spec, backend=backend)
+        else:
+            assert dense_connector_features(hs64, spec, backend=backend).dtype == torch.float64
+
+
 # --------------------------------------------------------------------------- 6. agreement
 @pytest.mark.parametrize("case", ("sti_no_window", "only_cls", "unread_layer_only"))
 @pytest.mark.parametrize("op", ("features", "linear"))

@@ -272,10 +272,21 @@ def cuda_device_problem(device: torch.device) -> Optional[str]:
     return None
 
 
+def _check_triton_dtype(dtype: torch.dtype) -> None:
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"the Triton backend supports {', '.join(map(str, TRITON_DTYPES))}; got {dtype} "
+            "(use backend='torch')")
+
+
 def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
     """Raise ValueError unless the Triton kernels can run on this device and dtype (a CUDA
     device: :func:`cuda_device_problem`); on the CPU interpreter, RuntimeError when it cannot
-    run here (:func:`interpreter_problem`)."""
+    run here (:func:`interpreter_problem`). Meta tensors (no data) pass with a supported dtype:
+    the custom ops' fake kernels give their outputs, on a GPU machine or not."""
+    if device.type == "meta":
+        _check_triton_dtype(dtype)
+        return
     if device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the Triton backend needs CUDA tensors (got {device}); use backend='torch', or "
@@ -284,10 +295,7 @@ def check_launchable(device: torch.device, dtype: torch.dtype) -> None:
         problem = cuda_device_problem(device)
         if problem is not None:
             raise ValueError(problem)
-    if dtype not in TRITON_DTYPES:
-        raise ValueError(
-            f"the Triton backend supports {', '.join(map(str, TRITON_DTYPES))}; got {dtype} "
-            "(use backend='torch')")
+    _check_triton_dtype(dtype)
     # (not while torch.compile traces: the probe is a launch; an eager call has run it)
     if device.type != "cuda" and not torch.compiler.is_compiling():
         problem = interpreter_problem()
