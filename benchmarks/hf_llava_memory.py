@@ -167,7 +167,7 @@ def measure(case, mode, op, images, args) -> dict:
 
 
 def markdown(results, args, info) -> str:
-    lines = [f"# LLaVA family, stock transformers vs dc_kernels.patch_llava (no spec): peak memory",
+    lines = ["# LLaVA family, stock transformers vs dc_kernels.patch_llava (no spec): peak memory",
              "",
              f"- machine: {info['cpu_model']}, {info['cpu_cores']} usable cores, torch threads "
              f"{results[0]['threads']}; torch {info['torch']}, transformers "
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
     from benchmarks.machine import machine_info
+    from benchmarks.report import write_outputs
     info = machine_info(torch.device("cpu"))
     info["transformers"] = transformers.__version__
     results = []
@@ -239,10 +240,7 @@ def main(argv=None) -> int:
                           f"{r['seconds']:.1f} s", file=sys.stderr, flush=True)
     table = markdown(results, args, info)
     print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=info, results=results), indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    write_outputs(args.markdown, table, args.json, dict(machine=info, results=results))
     return 0
 
 
