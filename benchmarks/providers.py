@@ -28,6 +28,11 @@
   once in a CUDA graph after a warm-up call (autotuning and launch plans done), timed as
   ``graph.replay()``: the GPU-bound time, without the host's launch overhead; compare it with
   the eager ``dc_kernels`` row of the same case (at one image the difference is the host path).
+* ``dc_kernels+compile`` (CPU only): ``torch.compile`` of the ``dc_kernels`` callable, as
+  ``reference+compile`` compiles the reference (default mode, static shapes, fresh caches):
+  what a user who compiles the module gets from the torch path (traced as whole-tensor ops,
+  ``torch_ops._features_traced``). Not run on CUDA, where the Triton ops are opaque custom ops
+  to inductor and a lent GPU's minutes go to the paths.
 * ``dc_kernels-inline`` (CPU only): ``dc_kernels`` with ``DC_KERNELS_CHUNK_POOL=0``: the torch
   path's chunks run inline, every op on all intra-op threads (the path before the chunk pool;
   compare the two under load with ``--busy-cores``).
@@ -67,7 +72,7 @@ __all__ = ["PROVIDERS", "QUICK_PROVIDERS", "SWITCHES", "Prepared", "unavailable_
 PROVIDERS = ("reference", "reference+compile", "dc_kernels", "dc_kernels-fused",
              "dc_kernels-two-pass", "dc_kernels-two-pass-nosplit", "dc_kernels-overlap",
              "dc_kernels-pipelined", "dc_kernels+cublas",
-             "dc_kernels+graph", "dc_kernels-inline")
+             "dc_kernels+graph", "dc_kernels+compile", "dc_kernels-inline")
 QUICK_PROVIDERS = ("reference", "reference+compile", "dc_kernels")
 _PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
           "dc_kernels-two-pass-nosplit": "two-pass", "dc_kernels-overlap": "overlap",
@@ -75,6 +80,7 @@ _PATHS = {"dc_kernels-fused": "fused", "dc_kernels-two-pass": "two-pass",
 _NOSPLIT = "dc_kernels-two-pass-nosplit"
 _CUBLAS = "dc_kernels+cublas"
 _GRAPH = "dc_kernels+graph"
+_COMPILE = "dc_kernels+compile"
 _FORWARD_OPS = ("features", "linear", "connector")
 
 Outputs = Tuple[torch.Tensor, ...]
@@ -189,6 +195,9 @@ def unavailable_reason(provider: str, op: str, device: torch.device) -> Optional
     provider = split_provider(provider)[0]
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if provider == _COMPILE and device.type != "cpu":
+        return ("CPU only: on CUDA the Triton ops are opaque custom ops to inductor (the GPU "
+                "bundle's time goes to the paths)")
     if provider == "dc_kernels-inline" and device.type != "cpu":
         return "the chunk pool it turns off is a CPU feature of the torch path"
     if provider == _GRAPH:
@@ -355,6 +364,12 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
     if provider == "dc_kernels":
         backend, note = _dc_note(op, inputs, device)
         return Prepared(_timed_unit(op, _dc_forward(op, inputs, backend, "auto"), inputs), note)
+    if provider == _COMPILE:
+        torch._dynamo.reset()
+        compiled = torch.compile(_dc_forward(op, inputs, "torch", "auto"),
+                                 mode=compile_mode(device), dynamic=False)
+        return Prepared(_timed_unit(op, compiled, inputs), "backend=torch, mode=default",
+                        compiles=True)
     if provider == _CUBLAS:
         return Prepared(_timed_unit(op, _cublas_forward(op, inputs), inputs),
                         "dc_kernels features (Triton) + torch.addmm (cuBLAS) + F.gelu")
