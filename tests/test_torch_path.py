@@ -383,3 +383,94 @@ def test_no_grad_output_when_inputs_do_not_require_grad():
     leaves = make_hidden_states(25, 1, 17, 4, torch.float32, seed=2, requires_grad=True)
     with torch.no_grad():
         assert not dense_connector_features(leaves, spec).requires_grad
+
+
+# --------------------------------------------------------------------------- torch.compile
+def _traced_cases():
+    for encoder in ("clip", "siglip"):
+        for connector in ("dci", "sci", "sti"):
+            yield f"{encoder}-{connector}", ConnectorSpec.preset(encoder, connector)
+    for name, (spec, _) in CUSTOM_SPECS.items():
+        yield name, spec
+
+
+@pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("name, spec", list(_traced_cases()), ids=[n for n, _ in _traced_cases()])
+@pytest.mark.parametrize("T", (1, 7, 29), ids=lambda t: f"T{t}")
+def test_traced_formulation_gives_the_eager_bits(name, spec, dtype, T):
+    """What torch.compile traces (whole-tensor ops and one cat, torch_ops._features_traced)
+    does the eager path's arithmetic in its order: bit-equal to it, evaluated eagerly, on
+    strided views, ragged tokens (T=29), only CLS (T=1) and STI with fewer tokens than a window
+    (T=7). The compiled graph is checked in the next tests."""
+    from dc_kernels.ops import torch_ops
+    g = torch.Generator().manual_seed(T)
+    n = spec.num_hidden_states or spec.min_hidden_states
+    hs = tuple(strided_layer(LAYOUTS[i % len(LAYOUTS)], 2, T, 5, dtype, g) for i in range(n))
+    eager = dense_connector_features(hs, spec, backend="torch")
+    traced = torch_ops._features_traced(hs, spec)
+    assert traced.shape == eager.shape and traced.dtype == eager.dtype
+    assert torch.equal(traced, eager)
+
+
+def _count_graph_nodes(fn, *args):
+    nodes = []
+
+    def backend(gm, example_inputs):
+        nodes.append(len(gm.graph.nodes))
+        return gm.forward
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return out, sum(nodes)
+
+
+@pytest.mark.parametrize("connector", ("dci", "sti"))
+def test_compile_traces_whole_tensor_ops_not_token_chunks(monkeypatch, connector):
+    """Traced, the eager path's token chunks were in-place writes into slices of the output,
+    each a functional scatter into the whole output: one CLIP image compiled in ~50 s and ran
+    35x slower than eager (docs/DESIGN.md §8). The traced graph is the same size whatever the
+    chunking would be: here 1-token chunks (CPU_CHUNK_BYTES and WINDOW_CHUNK_BYTES set to one
+    token's fp32) on 33 tokens."""
+    from dc_kernels.ops import torch_ops
+    spec = ConnectorSpec.preset("clip", connector)
+    hs = make_hidden_states(25, 2, 33, 8, torch.bfloat16, seed=3)
+    sizes = []
+    for chunk in (1 << 20, 2 * 8 * 4):
+        monkeypatch.setattr(torch_ops, "CPU_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(torch_ops, "WINDOW_CHUNK_BYTES", chunk)
+        with torch.no_grad():
+            out, nodes = _count_graph_nodes(
+                lambda h: dense_connector_features(h, spec, backend="torch"), hs)
+        assert torch.equal(out, dense_connector_features(hs, spec, backend="torch"))
+        sizes.append(nodes)
+    assert sizes[0] == sizes[1], sizes
+    # inputs, one slice, one conversion and one add per layer read, a division and a
+    # rounding per group, one cat, the output
+    assert sizes[0] <= 4 * len(spec.used_layers) + 3 * len(spec.groups) + 30, sizes
+
+
+@pytest.mark.parametrize("encoder, connector, dtype", [
+    ("clip", "dci", torch.bfloat16), ("siglip", "sci", torch.float16),
+    ("clip", "sti", torch.float32), ("siglip", "sti", torch.bfloat16)], ids=str)
+def test_inductor_compiled_torch_path(encoder, connector, dtype):
+    """torch.compile (inductor, fullgraph) of the torch path: DCI/SCI give the eager bits (the
+    same elementwise adds in the same order); STI's window sums are reductions whose order
+    inductor picks, so STI is held to the fp64 single-rounding bound (and must not be a
+    different formula: that bound is a few units in the last place)."""
+    spec = ConnectorSpec.preset(encoder, connector)
+    g = torch.Generator().manual_seed(11)
+    T = ENCODER_TOKENS[encoder]
+    hs = tuple(strided_layer(LAYOUTS[i % len(LAYOUTS)], 2, T, C, dtype, g)
+               for i in range(spec.num_hidden_states))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(lambda h: dense_connector_features(h, spec, backend="torch"),
+                                 fullgraph=True, dynamic=False)(hs)
+    torch._dynamo.reset()
+    eager = dense_connector_features(hs, spec, backend="torch")
+    assert compiled.shape == eager.shape and compiled.dtype == dtype
+    if connector == "sti":
+        assert_close_to_fp64(compiled, reference.features_fp64(hs, spec), dtype,
+                             terms=accumulation_terms(spec), magnitude=max_abs(hs))
+    else:
+        assert torch.equal(compiled, eager)
