@@ -88,6 +88,18 @@ def _op_inputs(hidden_states, spec: ConnectorSpec):
     return [h if i in read else stand_in for i, h in enumerate(hidden_states)]
 
 
+def _features_custom_op(hidden_states, spec: ConnectorSpec) -> torch.Tensor:
+    """The ``dc_kernels::features`` custom op on validated inputs (what torch.compile traces)."""
+    return features_op(_op_inputs(hidden_states, spec), *spec_args(spec))
+
+
+def _linear_custom_op(hidden_states, spec: ConnectorSpec, weight, bias, activation, path
+                      ) -> torch.Tensor:
+    """The ``dc_kernels::linear`` custom op on validated inputs (what torch.compile traces)."""
+    return linear_op(_op_inputs(hidden_states, spec), *spec_args(spec), weight, bias,
+                     activation or "none", path)
+
+
 def _gelu(y: torch.Tensor) -> torch.Tensor:
     """Exact-erf GELU of the first Linear's fresh output ``y``, with ``gelu(+inf) = +inf``.
 
@@ -149,7 +161,7 @@ def dense_connector_features(hidden_states: Sequence[torch.Tensor], spec: Connec
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
-        return features_op(_op_inputs(hidden_states, spec), *spec_args(spec))
+        return _features_custom_op(hidden_states, spec)
     return features_torch(hidden_states, spec, info.batch, info.tokens, info.channels)
 
 
@@ -164,7 +176,7 @@ def _features_plan(hidden_states, spec: ConnectorSpec, backend: str):
     _triton_ops().check_launchable(info.device, info.dtype)
     if info.device.type == "meta":  # no data to launch on: the custom op's fake kernel
         def run_fake(hs):
-            return features_op(_op_inputs(hs, spec), *spec_args(spec))
+            return _features_custom_op(hs, spec)
         return run_fake
     from .autograd import FeaturesFunction
     from .ops.features import prepare_features
@@ -317,8 +329,7 @@ def dense_connector_linear(hidden_states: Sequence[torch.Tensor], spec: Connecto
     chosen = _auto_fallback(resolve_backend(backend, info.device), backend, info.dtype)
     if chosen == "triton":
         _triton_ops().check_launchable(info.device, info.dtype)
-        return linear_op(_op_inputs(hidden_states, spec), *spec_args(spec), weight, bias,
-                         activation or "none", path)
+        return _linear_custom_op(hidden_states, spec, weight, bias, activation, path)
     return _linear_torch(hidden_states, spec, info, weight, bias, activation)
 
 
@@ -360,8 +371,7 @@ def _linear_plan(hidden_states, spec: ConnectorSpec, weight, bias, activation, b
     _triton_ops().check_launchable(info.device, info.dtype)
     if info.device.type == "meta":  # no data to launch on: the custom op's fake kernel
         def run_fake(hs, w, b):
-            return linear_op(_op_inputs(hs, spec), *spec_args(spec), w, b, activation or "none",
-                             path)
+            return _linear_custom_op(hs, spec, w, b, activation, path)
         return run_fake
     from .autograd import LinearFunction
     from .ops.linear import prepare_linear
