@@ -347,6 +347,17 @@ def _dc_note(op: str, inputs: Inputs, device: torch.device) -> Tuple[str, str]:
     return "auto", f"backend=triton, auto path={path}"
 
 
+def _compiled(op: str, forward: Callable[[], torch.Tensor], inputs: Inputs, note: str
+              ) -> Prepared:
+    # torch.compile of ``forward`` as the compile providers run it: static shapes, dynamo's
+    # caches reset first (no recompile limit, no automatic dynamic shapes), the first call apart
+    torch._dynamo.reset()
+    mode = compile_mode(inputs.hidden_states[0].device)
+    compiled = torch.compile(forward, mode=mode, dynamic=False)
+    return Prepared(_timed_unit(op, compiled, inputs), f"{note}mode={mode or 'default'}",
+                    compiles=True)
+
+
 def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
     """The timed unit of ``provider`` running ``op`` on ``inputs`` (not yet called)."""
     device = inputs.hidden_states[0].device
@@ -356,20 +367,12 @@ def prepare(provider: str, op: str, inputs: Inputs) -> Prepared:
     if provider == "reference":
         return Prepared(_timed_unit(op, _reference_forward(op, inputs), inputs))
     if provider == "reference+compile":
-        torch._dynamo.reset()  # fresh caches: no recompile limit, no automatic dynamic shapes
-        mode = compile_mode(device)
-        compiled = torch.compile(_reference_forward(op, inputs), mode=mode, dynamic=False)
-        return Prepared(_timed_unit(op, compiled, inputs), f"mode={mode or 'default'}",
-                        compiles=True)
+        return _compiled(op, _reference_forward(op, inputs), inputs, "")
     if provider == "dc_kernels":
         backend, note = _dc_note(op, inputs, device)
         return Prepared(_timed_unit(op, _dc_forward(op, inputs, backend, "auto"), inputs), note)
     if provider == _COMPILE:
-        torch._dynamo.reset()
-        compiled = torch.compile(_dc_forward(op, inputs, "torch", "auto"),
-                                 mode=compile_mode(device), dynamic=False)
-        return Prepared(_timed_unit(op, compiled, inputs), "backend=torch, mode=default",
-                        compiles=True)
+        return _compiled(op, _dc_forward(op, inputs, "torch", "auto"), inputs, "backend=torch, ")
     if provider == _CUBLAS:
         return Prepared(_timed_unit(op, _cublas_forward(op, inputs), inputs),
                         "dc_kernels features (Triton) + torch.addmm (cuBLAS) + F.gelu")
